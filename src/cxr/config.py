@@ -1,0 +1,74 @@
+"""Every option of a training run, with the seed script's defaults.
+
+One flat dataclass, like nanoGPT's config: the CLI builds it from flags, `summary.json` stores it whole, and
+tests build it directly with small values.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from cxr.errors import UserError
+
+BACKBONES = ("efficientnetb0", "efficientnet-lite0")
+
+
+@dataclass
+class Config:
+    data_dir: Path = Path("data")
+    output_dir: Path = Path("outputs")
+    img_size: int = 224
+    batch_size: int = 32
+    epochs: int = 30  # per phase
+    val_split: float = 0.15
+    test_split: float = 0.15
+    patience: int = 6
+    seed: int = 42
+    lr: float = 1e-3
+    finetune_lr: float = 1e-5
+    # None: the backbone's own default (B0: the seed's 200; Lite0: the same blocks, up to block 6c).
+    frozen_layers: Optional[int] = None
+    dropout: float = 0.25
+    backbone: str = "efficientnetb0"
+    weights: str = "imagenet"  # imagenet | none | path to a weights file
+    port: Optional[int] = None
+    mixed_precision: bool = False
+    class_weight: str = "none"  # none | balanced
+    deterministic: bool = False
+    strict: bool = False
+    # None: decide from the data (on when the val folder has fewer than MIN_VAL_IMAGES images).
+    val_from_train: Optional[bool] = None
+    group_pattern: Optional[str] = None
+    feature_cache: bool = True
+    feature_views: int = 2
+
+    def validate(self):
+        """Raise UserError for option values no run could use."""
+        checks = [
+            (self.img_size >= 32, f"--img-size must be at least 32, got {self.img_size}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (0 < self.val_split < 1, f"--val-split must be between 0 and 1, got {self.val_split}"),
+            (0 < self.test_split < 1, f"--test-split must be between 0 and 1, got {self.test_split}"),
+            (self.val_split + self.test_split < 1,
+             f"--val-split + --test-split must leave images for training, got {self.val_split + self.test_split}"),
+            (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
+            (self.lr > 0 and self.finetune_lr > 0, "--lr and --finetune-lr must be positive"),
+            (self.frozen_layers is None or self.frozen_layers >= 0,
+             f"--frozen-layers must be 0 or more, got {self.frozen_layers}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.backbone in BACKBONES, f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}"),
+            (self.class_weight in ("none", "balanced"), f"--class-weight must be none or balanced, got {self.class_weight!r}"),
+            (self.port is None or 1 <= self.port <= 65535, f"--port must be between 1 and 65535, got {self.port}"),
+            (self.feature_views >= 1, f"--feature-views must be at least 1, got {self.feature_views}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+            raise UserError(f"--weights {self.weights}: no such file; give imagenet, none or the path to a weights file")
+        return self
+
+    def to_dict(self):
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

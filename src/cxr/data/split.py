@@ -1,0 +1,272 @@
+"""Find the images and decide which split each one belongs to.
+
+Two layouts are accepted under the data folder:
+
+- ``train/<Class>/`` (with ``val/`` and ``test/`` if present): used as they are; a missing ``test/`` or a
+  ``val/`` with fewer than ``MIN_VAL_IMAGES`` images is carved out of ``train/`` instead;
+- ``raw/<Class>/`` only: copied (never moved) into ``train/``, ``val/`` and ``test/``.
+
+Splits are made by group, never by image: a group joins every image of one patient (read from the file name)
+and every byte-identical copy of a file, so neither a patient nor a duplicate ends up in two splits.
+"""
+
+import hashlib
+import os
+import re
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxr.atomic import write_json
+from cxr.errors import UserError, warn
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
+SPLITS = ("train", "val", "test")
+MIN_VAL_IMAGES = 50
+MANIFEST = "split.json"  # written by split_raw: the split is cxr's own, so its val/ is used as it is
+# Patient ids in the Kermany chest X-ray file names: person1234_bacteria_1.jpeg, IM-0115-0001.jpeg,
+# NORMAL2-IM-0246-0001-0002.jpeg. The NORMAL2 series numbers its patients on its own, so it keeps its prefix.
+DEFAULT_GROUP_PATTERN = r"^(person\d+|(?:NORMAL2-)?IM-\d+)"
+
+
+@dataclass
+class Splits:
+    """Image files and integer labels per split; labels index `class_names`."""
+
+    class_names: list
+    files: dict = field(default_factory=dict)  # split -> [Path]
+    labels: dict = field(default_factory=dict)  # split -> [int]
+
+    def counts(self):
+        return {
+            split: {name: int(sum(1 for y in self.labels[split] if y == i)) for i, name in enumerate(self.class_names)}
+            for split in SPLITS
+        }
+
+
+def is_image_file(path):
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_class_folders(folder):
+    """Class folders of `folder`, sorted by name (the model's output order)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; point --data-dir at a folder with train/<Class>/ or raw/<Class>/")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{folder}: no class folders inside; put each class's images in {folder}/<ClassName>/")
+    return classes
+
+
+def list_images(folder, class_names, strict=False):
+    """Return {class: [image paths]} for `folder`/<class>/, warning about (or, if strict, refusing) other files."""
+    folder = Path(folder)
+    images, others = {}, []
+    for name in class_names:
+        class_dir = folder / name
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")) if class_dir.is_dir() else []
+        images[name] = [p for p in files if is_image_file(p)]
+        others += [p for p in files if not is_image_file(p)]
+    if others:
+        listed = ", ".join(str(p) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        message = f"not images (need {'/'.join(sorted(IMAGE_EXTENSIONS))}), skipped: {listed}"
+        if strict:
+            raise UserError(message + "; remove them or run without --strict")
+        warn(message)
+    return images
+
+
+def check_classes(folder, images):
+    empty = [name for name, files in images.items() if not files]
+    if empty:
+        raise UserError(f"{Path(folder) / empty[0]}: class folder has no images; add images or remove the folder")
+    if len(images) < 2:
+        raise UserError(f"{folder}: only one class ({next(iter(images))}); a classifier needs at least two class folders")
+
+
+def group_key(pattern):
+    """A function from file name to patient key (None when the name carries no patient id)."""
+    regex = re.compile(pattern or DEFAULT_GROUP_PATTERN)
+
+    def key(path):
+        match = regex.search(Path(path).name)
+        if not match:
+            return None
+        return match.group(1) if regex.groups else match.group(0)
+
+    return key
+
+
+def file_digests(paths):
+    """Content hash per path, computed only for files that share their size with another file."""
+    sizes = {p: os.path.getsize(p) for p in paths}
+    size_counts = Counter(sizes.values())
+    digests = {}
+    for p in paths:
+        if size_counts[sizes[p]] > 1:
+            digests[p] = hashlib.sha1(Path(p).read_bytes()).hexdigest()
+    return digests
+
+
+def make_groups(paths, pattern=None):
+    """Union-find over paths: two files share a group when they share a patient key or their bytes."""
+    parent = list(range(len(paths)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_seen = {}
+    key = group_key(pattern)
+    digests = file_digests(paths)
+    for i, p in enumerate(paths):
+        for k in (("patient", key(p)), ("bytes", digests.get(p))):
+            if k[1] is None:
+                continue
+            if k in first_seen:
+                parent[find(i)] = find(first_seen[k])
+            else:
+                first_seen[k] = i
+    groups = defaultdict(list)
+    for i in range(len(paths)):
+        groups[find(i)].append(i)
+    return list(groups.values())
+
+
+def assign_splits(paths, labels, fractions, seed, pattern=None):
+    """Assign every image to a split named in `fractions` (e.g. {"val": .15, "test": .15}) or to "train".
+
+    Groups are shuffled with `seed` within each class (a group counts for its most common label) and dealt to
+    the held-out splits until each holds its fraction of the class. Returns {split: [indices into paths]}.
+    """
+    groups = make_groups(paths, pattern)
+    by_class = defaultdict(list)
+    for members in groups:
+        label = Counter(labels[i] for i in members).most_common(1)[0][0]
+        by_class[label].append(sorted(members))
+    rng = np.random.default_rng(seed)
+    assigned = {name: [] for name in ["train", *fractions]}
+    for label in sorted(by_class):
+        class_groups = sorted(by_class[label])
+        order = rng.permutation(len(class_groups))
+        class_size = sum(len(g) for g in class_groups)
+        targets = {name: round(frac * class_size) for name, frac in fractions.items()}
+        filled = dict.fromkeys(fractions, 0)
+        for g in order:
+            members = class_groups[g]
+            split = next((name for name in fractions if filled[name] < targets[name]), "train")
+            if split != "train":
+                filled[split] += len(members)
+            assigned[split] += members
+    return {name: sorted(idx) for name, idx in assigned.items()}
+
+
+def count_images(folder, class_names):
+    folder = Path(folder)
+    return sum(1 for c in class_names if (folder / c).is_dir() for p in (folder / c).rglob("*") if is_image_file(p))
+
+
+def split_raw(data_dir, config):
+    """Copy data_dir/raw/<Class>/ into data_dir/{train,val,test}/<Class>/, by group, without touching raw/."""
+    raw = Path(data_dir) / "raw"
+    class_names = list_class_folders(raw)
+    images = list_images(raw, class_names, strict=config.strict)
+    check_classes(raw, images)
+    paths = [p for name in class_names for p in images[name]]
+    labels = [i for i, name in enumerate(class_names) for _ in images[name]]
+    fractions = {"val": config.val_split, "test": config.test_split}
+    assigned = assign_splits(paths, labels, fractions, config.seed, config.group_pattern)
+    # Copy into a staging folder and rename it into place, so an interrupted copy never looks like a split.
+    staging = Path(data_dir) / ".cxr-split-partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    for split, indices in assigned.items():
+        for name in class_names:
+            (staging / split / name).mkdir(parents=True, exist_ok=True)
+        for i in indices:
+            relative = paths[i].relative_to(raw / class_names[labels[i]])
+            target = staging / split / class_names[labels[i]] / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(paths[i], target)
+    for split in SPLITS:
+        os.replace(staging / split, Path(data_dir) / split)
+    staging.rmdir()
+    write_json(Path(data_dir) / MANIFEST, {
+        "source": "raw", "seed": config.seed, "val_split": config.val_split, "test_split": config.test_split,
+        "group_pattern": config.group_pattern or DEFAULT_GROUP_PATTERN,
+        "files": {split: sorted(str(paths[i].relative_to(raw)) for i in idx) for split, idx in assigned.items()},
+    })
+    print(f"Split {raw} into train/val/test under {data_dir} (seed {config.seed}, by patient and duplicate)")
+
+
+def prepare_splits(config):
+    """Resolve the data folder into train/val/test file lists, splitting or carving as the layout needs."""
+    data_dir = Path(config.data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: no such folder; point --data-dir at a folder with train/<Class>/ or raw/<Class>/")
+    train_dir = data_dir / "train"
+    has_train = train_dir.is_dir() and any(is_image_file(p) for p in train_dir.rglob("*"))
+    if not has_train:
+        if (data_dir / "raw").is_dir():
+            split_raw(data_dir, config)
+        else:
+            raise UserError(f"{data_dir}: found neither train/<Class>/ nor raw/<Class>/ with images; "
+                            "put your class folders in one of them")
+
+    class_names = list_class_folders(train_dir)
+    splits = Splits(class_names=class_names)
+    train_images = list_images(train_dir, class_names, strict=config.strict)
+    check_classes(train_dir, train_images)
+    train_paths = [p for name in class_names for p in train_images[name]]
+    train_labels = [i for i, name in enumerate(class_names) for _ in train_images[name]]
+
+    carve = {}
+    for split, fraction in (("val", config.val_split), ("test", config.test_split)):
+        folder = data_dir / split
+        n = count_images(folder, class_names) if folder.is_dir() else 0
+        if split == "val":
+            too_small = n < MIN_VAL_IMAGES and not (data_dir / MANIFEST).is_file()
+            use_train = config.val_from_train if config.val_from_train is not None else too_small
+            if too_small and use_train:
+                warn(f"{folder} has {n} images, too few to early-stop on; carving validation from train "
+                     f"({fraction:.0%} per class). Use --no-val-from-train to keep it.")
+        else:
+            use_train = n == 0
+            if use_train:
+                warn(f"{folder} has no images; carving the test set from train ({fraction:.0%} per class)")
+        if use_train:
+            carve[split] = fraction
+        else:
+            split_classes = list_class_folders(folder)
+            if split_classes != class_names:
+                raise UserError(f"{folder}: class folders {split_classes} differ from train's {class_names}; "
+                                "give every split the same class folders")
+            images = list_images(folder, class_names, strict=config.strict)
+            splits.files[split] = [p for name in class_names for p in images[name]]
+            splits.labels[split] = [i for i, name in enumerate(class_names) for _ in images[name]]
+
+    # Carved fractions are of the whole folder, as for a raw split.
+    assigned = assign_splits(train_paths, train_labels, carve, config.seed, config.group_pattern)
+    for split, indices in assigned.items():
+        splits.files[split] = [train_paths[i] for i in indices]
+        splits.labels[split] = [train_labels[i] for i in indices]
+    for split in SPLITS:
+        if not splits.files[split]:
+            raise UserError(f"{data_dir}: the {split} split is empty; add images (each class needs a few per split)")
+    return splits
+
+
+def describe(splits):
+    """Lines that show the class names and how many images of each class each split holds."""
+    counts = splits.counts()
+    width = max(len(n) for n in splits.class_names)
+    lines = [f"Classes (model output order): {', '.join(splits.class_names)}"]
+    lines.append(f"{'':{width}}  " + "  ".join(f"{s:>6}" for s in SPLITS))
+    for name in splits.class_names:
+        lines.append(f"{name:{width}}  " + "  ".join(f"{counts[s][name]:>6}" for s in SPLITS))
+    return "\n".join(lines)
