@@ -3,9 +3,13 @@
 Each phase has EarlyStopping on val_accuracy (best weights restored), ReduceLROnPlateau on val_loss,
 ModelCheckpoint of the best full image model and TensorBoard logs.
 
-By default phase 1 never runs the frozen backbone in its epochs: the backbone's pooled features are computed
-once per training image and augmented view (`feature_views`) and once per validation image, and the head
-trains on those. The head layers are shared with the image model, so its checkpoint is a full image model.
+By default no epoch runs the frozen part of the network. The backbone layers that stay frozen in both phases
+(the first `--frozen-layers`, up to the start of their block) are run once per training image and augmented
+view (`--feature-views`) and once per validation image; phase 1 trains the head on the pooled features of
+those outputs and phase 2 trains the upper blocks and head on the outputs themselves. Frozen layers are
+deterministic (BatchNormalization in inference mode), so this is the same computation as running them every
+epoch, minus the repeated work; only the augmentation differs: K fixed views instead of a fresh one per epoch.
+All sub-models share the image model's layers, so every checkpoint is a full image model.
 """
 
 import math
@@ -23,8 +27,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from cxr.data.pipeline import make_dataset
 from cxr.errors import warn
-from cxr.models import (compile_model, feature_extractor, freeze_backbone, head_on_features,
-                         unfreeze_backbone)
+from cxr.models import backbone_layers, compile_model, freeze_backbone, head_on_features, unfreeze_backbone
 
 PHASE1_CHECKPOINT = "best_feature_extractor.keras"
 PHASE2_CHECKPOINT = "best_finetuned.keras"
@@ -96,30 +99,43 @@ def _one_hot(labels, num_classes):
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
-def compute_features(extractor, images, rows, labels, num_classes, config, augment, seed):
-    ds = make_dataset(images, rows, labels, num_classes, config.batch_size, augment=augment, seed=seed)
-    return extractor.predict(ds.map(lambda x, y: x), verbose=0)
+def split_at_frozen_prefix(model, frozen_layers):
+    """(prefix, tail, pooled) models cut at the input of the backbone block that holds the first fine-tuned layer.
+
+    Everything in the prefix stays frozen in both phases (BatchNormalization in inference mode), so its output
+    for an image never changes and can be computed once. Returns None when the cut would fall in the stem.
+    """
+    layers = backbone_layers(model)
+    if frozen_layers >= len(layers) or not layers[frozen_layers].name.startswith("block"):
+        return None
+    block = layers[frozen_layers].name.split("_")[0] + "_"
+    cut = next(layer for layer in layers if layer.name.startswith(block)).input
+    return (keras.Model(model.input, cut, name="frozen_prefix"), keras.Model(cut, model.output, name="tail"),
+            keras.Model(cut, model.get_layer("avg_pool").output, name="tail_features"))
 
 
-def train_head_on_features(model, images, data, num_classes, config, staging_dir, log_dir):
-    """Phase 1 on cached pooled features: one backbone pass per training view and per validation image."""
-    extractor = feature_extractor(model)
-    rows, labels = data["train"]
-    views = [compute_features(extractor, images, rows, labels, num_classes, config, augment=True, seed=config.seed + v)
-             for v in range(config.feature_views)]
-    val_rows, val_labels = data["val"]
-    val_features = compute_features(extractor, images, val_rows, val_labels, num_classes, config, False, config.seed)
+def frozen_outputs(prefix, images, data, num_classes, config):
+    """The prefix's output for `feature_views` augmented views of each training image and for each val image."""
+    def run(rows, labels, augment, seed):
+        ds = make_dataset(images, rows, labels, num_classes, config.batch_size, augment=augment, seed=seed)
+        return prefix.predict(ds.map(lambda x, y: x), verbose=0)
 
-    train_ds = (tf.data.Dataset.from_tensor_slices((np.concatenate(views), np.tile(_one_hot(labels, num_classes),
-                                                                                  (len(views), 1))))
-                .shuffle(len(labels) * len(views), seed=config.seed).repeat().batch(config.batch_size))
-    head = compile_model(head_on_features(model), config.lr)
-    return head.fit(
-        train_ds, steps_per_epoch=math.ceil(len(labels) / config.batch_size), epochs=config.epochs,
-        validation_data=(val_features, _one_hot(val_labels, num_classes)),
+    views = [run(*data["train"], True, config.seed + v) for v in range(config.feature_views)]
+    return views, run(*data["val"], False, config.seed)
+
+
+def fit_arrays(trainable, views, labels, val_x, val_labels, num_classes, config, learning_rate, checkpoint_path,
+               log_dir, checkpoint_target):
+    """One phase on precomputed inputs: each epoch draws one pass over the training set from all views."""
+    x = np.concatenate(views)
+    y = np.tile(_one_hot(labels, num_classes), (len(views), 1))
+    train_ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=config.seed).repeat()
+    compile_model(trainable, learning_rate)
+    return trainable.fit(
+        train_ds.batch(config.batch_size), steps_per_epoch=math.ceil(len(labels) / config.batch_size),
+        epochs=config.epochs, validation_data=(val_x, _one_hot(val_labels, num_classes)),
         class_weight=class_weights(labels, num_classes, config.class_weight),
-        callbacks=phase_callbacks(config, Path(staging_dir) / PHASE1_CHECKPOINT, Path(log_dir) / "phase1",
-                                  checkpoint_target=model),
+        callbacks=phase_callbacks(config, checkpoint_path, log_dir, checkpoint_target=checkpoint_target),
         shuffle=False, verbose=2,
     )
 
@@ -138,29 +154,43 @@ def fit_images(model, images, data, num_classes, config, checkpoint_path, log_di
 def train(model, images, data, num_classes, config, frozen_layers, staging_dir, log_dir):
     """Run both phases on `model` in place; the model ends with the better phase's best weights."""
     result = TrainResult()
-
-    print(f"Phase 1: training the head on a frozen {config.backbone} "
-          f"({'cached features, ' + str(config.feature_views) + ' augmented views' if config.feature_cache else 'plain Keras'})",
-          flush=True)
-    start = time.perf_counter()
+    staging_dir, log_dir = Path(staging_dir), Path(log_dir)
+    split = split_at_frozen_prefix(model, frozen_layers) if config.feature_cache else None
+    labels, val_labels = data["train"][1], data["val"][1]
     freeze_backbone(model)
-    if config.feature_cache:
-        history = train_head_on_features(model, images, data, num_classes, config, staging_dir, log_dir)
+
+    start = time.perf_counter()
+    if split:
+        print(f"Computing the frozen layers once: {config.feature_views} augmented views of "
+              f"{len(labels)} training images and {len(val_labels)} validation images", flush=True)
+        prefix, tail, pooled = split
+        views, val_x = frozen_outputs(prefix, images, data, num_classes, config)
+        features = [pooled.predict(v, batch_size=256, verbose=0) for v in views]
+        val_features = pooled.predict(val_x, batch_size=256, verbose=0)
+        print(f"Phase 1: training the head on cached {config.backbone} features", flush=True)
+        history = fit_arrays(head_on_features(model), features, labels, val_features, val_labels, num_classes,
+                             config, config.lr, staging_dir / PHASE1_CHECKPOINT, log_dir / "phase1", model)
     else:
+        print(f"Phase 1: training the head on a frozen {config.backbone} (plain Keras)", flush=True)
         compile_model(model, config.lr)
-        history = fit_images(model, images, data, num_classes, config, Path(staging_dir) / PHASE1_CHECKPOINT,
-                             Path(log_dir) / "phase1")
+        history = fit_images(model, images, data, num_classes, config, staging_dir / PHASE1_CHECKPOINT,
+                             log_dir / "phase1")
     result.seconds["phase1_seconds"] = time.perf_counter() - start
     result.history += _epochs(history, 1)
     phase1_best = max(history.history["val_accuracy"])
     phase1_weights = model.get_weights()
 
-    print(f"Phase 2: fine-tuning all but the first {frozen_layers} backbone layers at lr {config.finetune_lr}", flush=True)
+    print(f"Phase 2: fine-tuning all but the first {frozen_layers} backbone layers at lr {config.finetune_lr}",
+          flush=True)
     start = time.perf_counter()
     unfreeze_backbone(model, frozen_layers)
-    compile_model(model, config.finetune_lr)
-    history = fit_images(model, images, data, num_classes, config, Path(staging_dir) / PHASE2_CHECKPOINT,
-                         Path(log_dir) / "phase2")
+    if split:
+        history = fit_arrays(tail, views, labels, val_x, val_labels, num_classes, config, config.finetune_lr,
+                             staging_dir / PHASE2_CHECKPOINT, log_dir / "phase2", model)
+    else:
+        compile_model(model, config.finetune_lr)
+        history = fit_images(model, images, data, num_classes, config, staging_dir / PHASE2_CHECKPOINT,
+                             log_dir / "phase2")
     result.seconds["phase2_seconds"] = time.perf_counter() - start
     result.history += _epochs(history, 2)
     if max(history.history["val_accuracy"]) < phase1_best:

@@ -1,0 +1,71 @@
+import keras
+import numpy as np
+import pytest
+
+from cxr import lite0
+from cxr.errors import UserError
+from cxr.models import (DEFAULT_FROZEN_LAYERS, backbone_layers, build_classifier, check_frozen_layers,
+                        freeze_backbone, head_on_features, unfreeze_backbone)
+
+
+def trainable_backbone_layers(model):
+    return [i for i, layer in enumerate(backbone_layers(model)) if layer.trainable and layer.weights]
+
+
+@pytest.mark.parametrize("backbone, total", [("efficientnetb0", 237), ("efficientnet-lite0", 157)])
+def test_phases_freeze_the_right_layers(backbone, total):
+    model = build_classifier(backbone, 3, weights="none", img_size=32)
+    layers = backbone_layers(model)
+    assert len(layers) == total
+    freeze_backbone(model)
+    assert trainable_backbone_layers(model) == []
+    assert [w.name for w in model.trainable_weights] == ["kernel", "bias"]  # the Dense head only
+
+    frozen = DEFAULT_FROZEN_LAYERS[backbone]
+    unfreeze_backbone(model, frozen)
+    trainable = trainable_backbone_layers(model)
+    assert trainable and min(trainable) >= frozen
+    assert not any(isinstance(layers[i], keras.layers.BatchNormalization) for i in trainable)
+    # both defaults stop at the same place: the first trainable layer is block 6c's projection
+    assert layers[min(trainable)].name.startswith(("block6c_se_expand", "block6c_project_conv"))
+
+
+def test_head_is_gap_dropout_dense_softmax():
+    model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=32, dropout=0.25)
+    head = model.layers[-3:]
+    assert [type(layer).__name__ for layer in head] == ["GlobalAveragePooling2D", "Dropout", "Dense"]
+    assert head[1].rate == 0.25 and head[2].units == 2
+    probabilities = model.predict(np.full((2, 32, 32, 3), 128.0, "float32"), verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    # the features head shares the image model's weights
+    features = keras.Model(model.input, model.get_layer("avg_pool").output).predict(np.zeros((1, 32, 32, 3)), verbose=0)
+    np.testing.assert_allclose(head_on_features(model).predict(features, verbose=0),
+                               model.predict(np.zeros((1, 32, 32, 3)), verbose=0), rtol=1e-4, atol=1e-6)
+
+
+def test_freezing_everything_is_refused():
+    model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=32)
+    check_frozen_layers(model, 132)
+    with pytest.raises(UserError, match="leaves nothing to fine-tune"):
+        check_frozen_layers(model, 200)
+
+
+def test_lite0_imagenet_weights_put_the_cat_at_class_285(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    skimage_data = pytest.importorskip("skimage.data")
+    cat = keras.ops.convert_to_numpy(
+        keras.ops.image.resize(skimage_data.chelsea()[None].astype("float32"), (224, 224)))
+    for attempt in ("converted from the .pth", "read from the cache"):
+        model = lite0.load_imagenet_weights(lite0.build(include_top=True))
+        probabilities = model.predict(cat, verbose=0)[0]
+        assert probabilities.argmax() == 285, attempt
+        assert probabilities[285] > 0.7, attempt
+        assert lite0.cached_weights_path().is_file()
+
+
+def test_saved_h5_keeps_the_preprocessing_inside(tmp_path):
+    model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=32)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    model.save(tmp_path / "model.h5")
+    restored = keras.models.load_model(tmp_path / "model.h5", compile=False)
+    np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-6)

@@ -1,0 +1,71 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.config import Config
+from cxr.data.pipeline import decode_all, decode_splits, load_image, make_dataset
+from cxr.data.split import prepare_splits
+from cxr.errors import UserError
+from tests.conftest import write_image
+
+
+def test_every_supported_format_loads_as_rgb_uint8(tmp_path):
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65535, (50, 30), dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 4), dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    write_image(tmp_path / "grey.jpg", mode="L")
+    write_image(tmp_path / "rgb.bmp")
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8), "L").convert("P").save(tmp_path / "palette.png")
+    for path in tmp_path.iterdir():
+        image = load_image(path, 32)
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8, path.name
+    # 16-bit values are scaled to 0-255, not clipped
+    assert load_image(tmp_path / "grey16.png", 32).max() > 200
+
+
+def test_decode_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
+    paths = [write_image(tmp_path / "img" / f"{i}.png", seed=i) for i in range(3)]
+    first, bad = decode_all(paths, 16, tmp_path / "cache")
+    assert bad == [] and first.shape == (3, 16, 16, 3)
+    assert np.array_equal(first[1], load_image(paths[1], 16))
+    cache_files = sorted((tmp_path / "cache").iterdir())
+    again, _ = decode_all(paths, 16, tmp_path / "cache")
+    assert sorted((tmp_path / "cache").iterdir()) == cache_files  # reused, not rewritten
+    write_image(paths[1], seed=99)
+    os.utime(paths[1], ns=(1, 1))  # a different mtime, as an edit would give
+    changed, _ = decode_all(paths, 16, tmp_path / "cache")
+    assert np.array_equal(changed[1], load_image(paths[1], 16))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # the stale array is gone
+
+
+def test_corrupt_images_are_skipped_with_a_warning_or_refused_when_strict(tmp_path, capsys):
+    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
+        for i in range(10):
+            write_image(tmp_path / "data" / "raw" / name / f"{name}{i}.png", seed=c * 50 + i)
+    bad = tmp_path / "data" / "raw" / "NORMAL" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    splits = prepare_splits(Config(data_dir=tmp_path / "data"))
+    _, data = decode_splits(splits, 16, tmp_path / "cache")
+    assert "broken.png" in capsys.readouterr().err
+    assert sum(len(rows) for rows, _ in data.values()) == 20
+    with pytest.raises(UserError, match="broken.png"):
+        decode_splits(splits, 16, tmp_path / "cache", strict=True)
+
+
+def test_dataset_yields_one_hot_batches_and_augments_only_when_asked(tmp_path):
+    paths = [write_image(tmp_path / f"{i}.png", seed=i, size=32) for i in range(6)]
+    images, _ = decode_all(paths, 32, tmp_path / "cache")
+    rows, labels = np.arange(6), np.array([0, 1, 0, 1, 1, 0])
+    plain = make_dataset(images, rows, labels, 2, batch_size=4)
+    x, y = next(iter(plain))
+    assert x.shape == (4, 32, 32, 3) and x.dtype.name == "float32"
+    np.testing.assert_array_equal(y.numpy(), np.eye(2)[labels[:4]])
+    np.testing.assert_array_equal(x.numpy(), images[:4].astype("float32"))  # eval data is the image itself
+    augmented = make_dataset(images, rows, labels, 2, batch_size=6, augment=True, seed=1)
+    xa, ya = next(iter(augmented))
+    np.testing.assert_array_equal(ya.numpy(), np.eye(2)[labels])
+    assert not np.allclose(xa.numpy(), images.astype("float32"))
+    assert 0 <= xa.numpy().min() and xa.numpy().max() <= 255
