@@ -165,3 +165,16 @@ def test_user_error_from_the_command_line_has_no_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"cxr: error: {tmp_path / 'none'}: no such folder; point --data-dir at a folder " \
                                     "with train/<Class>/ or raw/<Class>/"
+
+
+@pytest.mark.parametrize("options", [["--no-feature-cache"], ["--mixed-precision", "--class-weight", "balanced"]])
+def test_other_training_paths_run_end_to_end(xray_raw, tmp_path, options):
+    assert main(["train", "--data-dir", str(xray_raw), "--output-dir", str(tmp_path / "out"), *TINY, *options]) == 0
+    summary = json.loads((tmp_path / "out/reports/summary.json").read_text())
+    assert [e["phase"] for e in summary["history"]] == [1, 2]
+    assert summary["metrics"]["auc"] is not None
+    import keras
+
+    probabilities = keras.models.load_model(tmp_path / "out/models/model.h5").predict(np.zeros((1, 32, 32, 3)),
+                                                                                       verbose=0)
+    assert probabilities.dtype == np.float32 and probabilities.sum() == pytest.approx(1, abs=1e-3)

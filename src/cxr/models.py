@@ -61,11 +61,6 @@ def backbone_layers(model):
     return model.layers[:model.layers.index(model.get_layer("avg_pool"))]
 
 
-def feature_extractor(model):
-    """The image model up to the pooled features (shares its layers)."""
-    return keras.Model(model.input, model.get_layer("avg_pool").output, name="features")
-
-
 def head_on_features(model):
     """A model from pooled features to class probabilities, sharing the image model's head layers."""
     features = keras.Input(shape=model.get_layer("avg_pool").output.shape[1:], name="features")
