@@ -10,7 +10,6 @@ process so that peak RSS is its own. Prints images/s and wall time per phase, pe
 
 import argparse
 import json
-import math
 import os
 import random
 import resource

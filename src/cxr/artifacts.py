@@ -102,7 +102,7 @@ def summary(class_names, counts, test_metrics, seconds, config, history, final_p
         "class_names": list(class_names),
         "counts": counts,
         "metrics": test_metrics,
-        "timings": {**{k: round(v, 2) for k, v in seconds.items()}},
+        "timings": {k: round(v, 2) for k, v in seconds.items()},
         "config": config.to_dict(),
         "versions": versions(),
         "final_phase": final_phase,
