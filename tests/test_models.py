@@ -69,3 +69,15 @@ def test_saved_h5_keeps_the_preprocessing_inside(tmp_path):
     model.save(tmp_path / "model.h5")
     restored = keras.models.load_model(tmp_path / "model.h5", compile=False)
     np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+
+
+def test_offline_b0_imagenet_names_the_ways_out(monkeypatch):
+    from keras.src.applications import efficientnet
+
+    def no_network(*args, **kwargs):
+        raise Exception("URL fetch failure on https://example.invalid/efficientnetb0_notop.h5")
+
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", no_network)
+    with pytest.raises(UserError) as error:
+        build_classifier("efficientnetb0", 2, weights="imagenet", img_size=32)
+    assert "--backbone efficientnet-lite0" in str(error.value) and "--weights PATH" in str(error.value)

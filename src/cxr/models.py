@@ -28,7 +28,7 @@ def build_backbone(name, weights="imagenet", img_size=224, input_tensor=None):
                 input_tensor=input_tensor)
         except Exception as error:  # Keras reports a failed download as a bare Exception
             raise UserError(
-                f"could not get EfficientNetB0 ImageNet weights ({str(error).splitlines()[0][:120]}); offline, use "
+                f"could not download EfficientNetB0 ImageNet weights ({str(error).splitlines()[0]}); offline, use "
                 "--backbone efficientnet-lite0 (weights ship with cxr) or --weights PATH to a local weights file"
             ) from None
     elif name == "efficientnet-lite0":
