@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cxr.evaluate import auc_score, metrics, report_rows
+from cxr.evaluate import auc_score, metrics, report, report_rows
 
 
 def test_binary_metrics_match_hand_counts():
@@ -17,8 +17,9 @@ def test_binary_metrics_match_hand_counts():
     assert m["balanced_accuracy"] == pytest.approx((4 / 5 + 2 / 3) / 2)
     # 15 positive-negative pairs, 13 ranked right (0.7 beats 0.6 and 0.4)
     assert m["auc"] == pytest.approx(13 / 15)
-    rows = report_rows(y, probabilities, ["NORMAL", "PNEUMONIA"])
+    rows = report_rows(report(y, probabilities, ["NORMAL", "PNEUMONIA"]))
     assert rows[2] == ["PNEUMONIA", "0.8000", "0.8000", "0.8000", "5"]
+    assert rows[3] == ["accuracy", "", "", "0.7500", "8"]
 
 
 def test_auc_is_none_not_nan_for_a_single_class_test_set(capsys):

@@ -65,12 +65,13 @@ def train_command(config):
     test_rows, y_test = data["test"]
     test_ds = make_dataset(images, test_rows, y_test, num_classes, config.batch_size)
     probabilities = evaluate.predict_probabilities(model, test_ds)
-    test_metrics = evaluate.metrics(y_test, probabilities, splits.class_names)
+    classification = evaluate.report(y_test, probabilities, splits.class_names)
+    test_metrics = evaluate.metrics(y_test, probabilities, splits.class_names, classification)
 
     artifacts.save_model(model, outputs.models / "model.h5")
     artifacts.publish_staged(outputs)
     artifacts.write_model_info(outputs.models, splits.class_names, img_size=config.img_size, backbone=config.backbone)
-    artifacts.write_csv(evaluate.report_rows(y_test, probabilities, splits.class_names),
+    artifacts.write_csv(evaluate.report_rows(classification),
                         outputs.reports / "classification_report.csv")
     artifacts.save_figure(evaluate.confusion_matrix_figure(y_test, probabilities, splits.class_names),
                           outputs.plots / "confusion_matrix.png")

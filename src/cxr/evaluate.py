@@ -30,30 +30,34 @@ def auc_score(y_true, probabilities, num_classes):
     return float(roc_auc_score(y_true, probabilities, multi_class="ovr", average="macro"))
 
 
-def metrics(y_true, probabilities, class_names):
+def report(y_true, probabilities, class_names):
+    """scikit-learn's classification report (as a dict) at argmax."""
+    return classification_report(y_true, probabilities.argmax(axis=1), labels=list(range(len(class_names))),
+                                 target_names=class_names, output_dict=True, zero_division=0)
+
+
+def metrics(y_true, probabilities, class_names, classification=None):
     """Test metrics at argmax: accuracy, balanced accuracy, AUC and per-class precision/recall/F1."""
     y_pred = probabilities.argmax(axis=1)
     labels = list(range(len(class_names)))
-    report = classification_report(y_true, y_pred, labels=labels, target_names=class_names, output_dict=True,
-                                   zero_division=0)
+    classification = classification or report(y_true, probabilities, class_names)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "auc": auc_score(y_true, probabilities, len(class_names)),
-        "per_class": {name: {k: float(v) for k, v in report[name].items()} for name in class_names},
+        "per_class": {name: {k: float(v) for k, v in classification[name].items()} for name in class_names},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "n_images": int(len(y_true)),
     }
 
 
-def report_rows(y_true, probabilities, class_names):
-    """scikit-learn's classification report as CSV rows (header first)."""
-    report = classification_report(y_true, probabilities.argmax(axis=1), labels=list(range(len(class_names))),
-                                   target_names=class_names, output_dict=True, zero_division=0)
+def report_rows(classification):
+    """A classification report dict as CSV rows (header first)."""
+    total = int(classification["macro avg"]["support"])
     rows = [["class", "precision", "recall", "f1-score", "support"]]
-    for name, values in report.items():
+    for name, values in classification.items():
         if name == "accuracy":
-            rows.append(["accuracy", "", "", f"{values:.4f}", str(len(y_true))])
+            rows.append(["accuracy", "", "", f"{values:.4f}", str(total)])
         else:
             rows.append([name, *(f"{values[k]:.4f}" for k in ("precision", "recall", "f1-score")),
                          str(int(values["support"]))])

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr.atomic import atomic_path
+
 # Lite0 takes (x - 127) / 128; the builder's Rescaling(1/255) + Normalization does this with these statistics.
 INPUT_MEAN = 127.0 / 255.0
 INPUT_STD = 128.0 / 255.0
@@ -133,8 +135,6 @@ def imagenet_weights():
         arrays[f"{i}_n"] = np.array(len(layer_weights))
         arrays.update({f"{i}_{j}": w for j, w in enumerate(layer_weights)})
     try:
-        from cxr.atomic import atomic_path
-
         with atomic_path(cache) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
