@@ -11,7 +11,7 @@ import numpy as np
 from cxr.artifacts import read_model_info
 from cxr.data.pipeline import load_image
 from cxr.data.split import is_image_file
-from cxr.errors import UserError, warn
+from cxr.errors import UserError, list_paths, warn
 
 
 def list_inputs(paths):
@@ -65,7 +65,7 @@ def predict_files(model, files, batch_size=64):
             if batch:
                 probabilities.append(np.asarray(model.predict_on_batch(np.stack(batch).astype("float32"))))
     if unreadable:
-        warn(f"skipped {len(unreadable)} unreadable images: " + ", ".join(map(str, unreadable[:5])))
+        warn(f"skipped {len(unreadable)} unreadable images: {list_paths(unreadable)}")
     return readable, (np.concatenate(probabilities) if probabilities else np.zeros((0, model.output_shape[-1])))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cxr.atomic import atomic_path, write_json
-from cxr.errors import UserError, warn
+from cxr.errors import UserError, list_paths, warn
 
 AUTOTUNE = -1  # tf.data.AUTOTUNE, without importing TensorFlow at module import
 
@@ -51,7 +51,7 @@ def cache_key(paths, size):
     return digest.hexdigest()[:20]
 
 
-def decode_all(paths, size, cache_dir, workers=None):
+def decode_all(paths, size, cache_dir):
     """Decoded images for `paths` as a read-only (N, size, size, 3) uint8 memmap, plus the unreadable paths.
 
     Unreadable files leave a zero image in their row; callers drop them using the returned list.
@@ -70,8 +70,8 @@ def decode_all(paths, size, cache_dir, workers=None):
     bad = []
     with atomic_path(array_path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-        with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-            for i, image in enumerate(pool.map(lambda p: _try_load(p, size), paths, chunksize=16)):
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL releases the GIL while decoding
+            for i, image in enumerate(pool.map(lambda p: _try_load(p, size), paths)):
                 if image is None:
                     bad.append(paths[i])
                 else:
@@ -90,10 +90,10 @@ def decode_splits(splits, size, cache_dir, strict=False):
     all_paths = sorted({p for files in splits.files.values() for p in files})
     images, bad = decode_all(all_paths, size, cache_dir)
     if bad:
-        listed = ", ".join(str(p) for p in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         if strict:
-            raise UserError(f"unreadable or corrupt images: {listed}; remove or replace them, or run without --strict")
-        warn(f"skipped {len(bad)} unreadable or corrupt images: {listed}")
+            raise UserError(f"unreadable or corrupt images: {list_paths(bad)}; remove or replace them, "
+                            "or run without --strict")
+        warn(f"skipped {len(bad)} unreadable or corrupt images: {list_paths(bad)}")
     row = {p: i for i, p in enumerate(all_paths)}
     bad_set = set(bad)
     indexed = {}

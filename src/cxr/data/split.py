@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.atomic import write_json
-from cxr.errors import UserError, warn
+from cxr.errors import UserError, list_paths, warn
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
 SPLITS = ("train", "val", "test")
@@ -72,8 +72,7 @@ def list_images(folder, class_names, strict=False):
         images[name] = [p for p in files if is_image_file(p)]
         others += [p for p in files if not is_image_file(p)]
     if others:
-        listed = ", ".join(str(p) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        message = f"not images (need {'/'.join(sorted(IMAGE_EXTENSIONS))}), skipped: {listed}"
+        message = f"not images (need {'/'.join(sorted(IMAGE_EXTENSIONS))}), skipped: {list_paths(others)}"
         if strict:
             raise UserError(message + "; remove them or run without --strict")
         warn(message)
