@@ -115,21 +115,24 @@ def split_at_frozen_prefix(model, frozen_layers):
 
 
 def frozen_outputs(prefix, images, data, num_classes, config):
-    """The prefix's output for `feature_views` augmented views of each training image and for each val image."""
+    """The prefix's outputs for `feature_views` augmented views of the training images, stacked view after view,
+    and for the validation images (unaugmented)."""
     def run(rows, labels, augment, seed):
         ds = make_dataset(images, rows, labels, num_classes, config.batch_size, augment=augment, seed=seed)
         return prefix.predict(ds.map(lambda x, y: x), verbose=0)
 
-    views = [run(*data["train"], True, config.seed + v) for v in range(config.feature_views)]
+    views = np.concatenate([run(*data["train"], True, config.seed + v) for v in range(config.feature_views)])
     return views, run(*data["val"], False, config.seed)
 
 
 def fit_arrays(trainable, views, labels, val_x, val_labels, num_classes, config, learning_rate, checkpoint_path,
                log_dir, checkpoint_target):
-    """One phase on precomputed inputs: each epoch draws one pass over the training set from all views."""
-    x = np.concatenate(views)
-    y = np.tile(_one_hot(labels, num_classes), (len(views), 1))
-    train_ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=config.seed).repeat()
+    """One phase on precomputed inputs (`views`: K views of each training image, stacked view after view).
+
+    An epoch is one training set's worth of steps, drawn from all views.
+    """
+    y = np.tile(_one_hot(labels, num_classes), (len(views) // len(labels), 1))
+    train_ds = tf.data.Dataset.from_tensor_slices((views, y)).shuffle(len(views), seed=config.seed).repeat()
     compile_model(trainable, learning_rate)
     return trainable.fit(
         train_ds.batch(config.batch_size), steps_per_epoch=math.ceil(len(labels) / config.batch_size),
@@ -165,7 +168,7 @@ def train(model, images, data, num_classes, config, frozen_layers, staging_dir, 
               f"{len(labels)} training images and {len(val_labels)} validation images", flush=True)
         prefix, tail, pooled = split
         views, val_x = frozen_outputs(prefix, images, data, num_classes, config)
-        features = [pooled.predict(v, batch_size=256, verbose=0) for v in views]
+        features = pooled.predict(views, batch_size=256, verbose=0)
         val_features = pooled.predict(val_x, batch_size=256, verbose=0)
         print(f"Phase 1: training the head on cached {config.backbone} features", flush=True)
         history = fit_arrays(head_on_features(model), features, labels, val_features, val_labels, num_classes,
