@@ -44,7 +44,9 @@ def test_training_writes_every_artifact(trained):
     out = root / "outputs"
     for name in ("models/model.h5", "models/best_feature_extractor.keras", "models/best_finetuned.keras",
                  "models/class_names.json", "reports/classification_report.csv", "reports/summary.json",
-                 "plots/confusion_matrix.png", "plots/training_curves.png"):
+                 "reports/metrics.csv", "reports/report.html", "plots/confusion_matrix.png",
+                 "plots/training_curves.png", "plots/roc.png", "plots/pr.png", "plots/reliability.png",
+                 "plots/gradcam_gallery.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     summary = json.loads((out / "reports/summary.json").read_text())
     assert summary["class_names"] == ["NORMAL", "PNEUMONIA"]
@@ -56,12 +58,21 @@ def test_training_writes_every_artifact(trained):
     rows = list(csv.reader((out / "reports/classification_report.csv").open()))
     assert rows[0] == ["class", "precision", "recall", "f1-score", "support"]
     assert {r[0] for r in rows} >= {"NORMAL", "PNEUMONIA", "accuracy"}
-    assert json.loads((out / "models/class_names.json").read_text())["class_names"] == ["NORMAL", "PNEUMONIA"]
+    info = json.loads((out / "models/class_names.json").read_text())
+    assert info["class_names"] == ["NORMAL", "PNEUMONIA"] and info["positive_class"] == "PNEUMONIA"
+    assert 0 <= info["threshold"] <= 1 and info["temperature"] > 0 and info["method"] == "youden"
+    assert summary["operating_point"] == {k: info[k] for k in summary["operating_point"]}
+    assert set(summary["calibration"]) == {"temperature", "ece_before", "ece_after"}
+    for name in ("sensitivity", "specificity", "ppv", "npv", "f1", "auc_pr", "brier", "ece"):
+        assert name in summary["metrics"] and name in summary["confidence_intervals"], name
+    metric_rows = list(csv.reader((out / "reports/metrics.csv").open()))
+    assert metric_rows[0] == ["metric", "value", "ci_low", "ci_high"]
+    assert {r[0] for r in metric_rows} >= {"sensitivity", "specificity", "auc_roc", "auc_pr", "brier", "ece"}
     assert not list(out.rglob("*.partial*")) and not (out / "models/.staging").exists()
     assert list((out / "logs").rglob("events.out.tfevents*"))
     # the port was taken: a warning, and training went on
     assert "in use" in result.stderr and "Traceback" not in result.stderr
-    assert "NORMAL" in result.stdout and "Test: accuracy" in result.stdout
+    assert "NORMAL" in result.stdout and "Test at threshold" in result.stdout
 
 
 def test_seed_inference_snippet_runs_on_model_h5(trained):
@@ -87,15 +98,101 @@ def test_predict_reports_label_and_probability_per_image(trained, capsys):
     assert main(["predict", str(folder), "--model", model, "--format", "json"]) == 0
     records = json.loads(capsys.readouterr().out)
     assert len(records) == len(list(folder.iterdir()))
+    threshold = json.loads((root / "outputs/models/class_names.json").read_text())["threshold"]
     for r in records:
-        assert r["label"] in ("NORMAL", "PNEUMONIA")
-        assert r["probability"] == pytest.approx(max(r["p_NORMAL"], r["p_PNEUMONIA"]))
+        assert r["label"] == ("PNEUMONIA" if r["p_PNEUMONIA"] >= threshold else "NORMAL")
+        assert r["probability"] == r[f"p_{r['label']}"]
     one = next(folder.iterdir())
-    assert main(["predict", str(one), "--model", model, "--format", "csv"]) == 0
+    assert main(["predict", str(one), "--model", model, "--format", "csv", "--tta"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("path,label,probability") and len(lines) == 2
     assert main(["predict", str(one), "--model", model]) == 0
     assert str(one) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("threshold, label", [(0.0, "PNEUMONIA"), (1.01, "NORMAL")])
+def test_predict_applies_the_saved_threshold(trained, tmp_path, capsys, threshold, label):
+    root, _ = trained
+    (tmp_path / "model.h5").symlink_to(root / "outputs/models/model.h5")
+    info = json.loads((root / "outputs/models/class_names.json").read_text())
+    (tmp_path / "class_names.json").write_text(json.dumps(info | {"threshold": threshold}))
+    assert main(["predict", str(root / "data/test"), "--model", str(tmp_path / "model.h5"), "--format", "json"]) == 0
+    assert {r["label"] for r in json.loads(capsys.readouterr().out)} == {label}
+
+
+def test_evaluate_command_reproduces_the_test_metrics_of_training(trained, tmp_path, capsys):
+    root, _ = trained
+    trained_summary = json.loads((root / "outputs/reports/summary.json").read_text())
+    assert main(["evaluate", "--model", str(root / "outputs/models/model.h5"), "--data-dir", str(root / "data"),
+                 "--output-dir", str(tmp_path / "eval"), "--bootstrap", "100"]) == 0
+    summary = json.loads((tmp_path / "eval/reports/summary.json").read_text())
+    assert summary["operating_point"] == trained_summary["operating_point"]
+    assert summary["metrics"]["confusion_matrix"] == trained_summary["metrics"]["confusion_matrix"]
+    for name in ("accuracy", "sensitivity", "specificity", "auc_roc", "auc_pr", "brier", "ece"):
+        assert summary["metrics"][name] == pytest.approx(trained_summary["metrics"][name], abs=1e-5), name
+    for name in ("report.html", "metrics.csv", "classification_report.csv"):
+        assert (tmp_path / "eval/reports" / name).is_file()
+    assert {p.name for p in (tmp_path / "eval/plots").iterdir()} == {
+        "roc.png", "pr.png", "reliability.png", "confusion_matrix.png", "gradcam_gallery.png"}
+
+
+def test_evaluate_refuses_class_folders_the_model_does_not_know(trained, tmp_path, capsys):
+    root, _ = trained
+    write_image(tmp_path / "other" / "NORMAL" / "a.png")
+    write_image(tmp_path / "other" / "COVID" / "b.png")
+    assert main(["evaluate", "--model", str(root / "outputs/models/model.h5"), "--data-dir",
+                 str(tmp_path / "other"), "--output-dir", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "cxr: error:" in err and "COVID" in err and "NORMAL, PNEUMONIA" in err
+
+
+def test_explain_writes_one_overlay_per_image(trained, tmp_path, capsys):
+    root, _ = trained
+    images = sorted((root / "data/test/NORMAL").iterdir())[:2]
+    assert main(["explain", *map(str, images), "--model", str(root / "outputs/models/model.h5"), "--output-dir",
+                 str(tmp_path / "cams"), "--class", "PNEUMONIA"]) == 0
+    written = sorted((tmp_path / "cams").iterdir())
+    assert [p.name for p in written] == sorted(f"{p.stem}.gradcam.png" for p in images)
+    from PIL import Image
+
+    with Image.open(written[0]) as picture:
+        assert picture.size[0] >= 400 and np.asarray(picture.convert("RGB")).std() > 10
+
+
+def chromium():
+    import os
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CXR_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is not installed (CI installs the Debian package chromium)")
+        pytest.skip("chromium is not installed; apt-get install chromium")
+    return found
+
+
+def test_html_report_renders_in_headless_chromium(trained, tmp_path):
+    root, _ = trained
+    report = root / "outputs/reports/report.html"
+    summary = json.loads((root / "outputs/reports/summary.json").read_text())
+    flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = dom.stdout
+    assert "Limits of use" in page and "not a substitute for the judgement" in page
+    assert f"{summary['metrics']['sensitivity']:.3f}" in page and "95% CI" in page
+    assert page.count("data:image/png;base64,") == 6 and "src='http" not in page and 'src="http' not in page
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", report.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    from PIL import Image
+
+    with Image.open(shot) as picture:
+        pixels = np.asarray(picture.convert("RGB")).astype(int)
+    assert picture.size == (1200, 2400)
+    colourful = (pixels.max(axis=-1) - pixels.min(axis=-1) > 80).mean()  # plot lines, matrices, heatmaps
+    assert colourful > 0.0005 and pixels.std() > 20  # grey text alone scores ~0
 
 
 def test_deterministic_runs_give_the_same_numbers(xray_raw, tmp_path):

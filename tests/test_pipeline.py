@@ -48,7 +48,7 @@ def test_corrupt_images_are_skipped_with_a_warning_or_refused_when_strict(tmp_pa
     bad = tmp_path / "data" / "raw" / "NORMAL" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     splits = prepare_splits(Config(data_dir=tmp_path / "data"))
-    _, data = decode_splits(splits, 16, tmp_path / "cache")
+    _, data, _ = decode_splits(splits, 16, tmp_path / "cache")
     assert "broken.png" in capsys.readouterr().err
     assert sum(len(rows) for rows, _ in data.values()) == 20
     with pytest.raises(UserError, match="broken.png"):

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cxr.atomic import atomic_path, write_json, write_text
+from cxr.atomic import atomic_path, write_bytes, write_json, write_text
 from cxr.errors import UserError
 
 CLASS_NAMES_FILE = "class_names.json"
@@ -30,17 +30,20 @@ class Outputs:
         self.cache = self.root / "cache"
         self.staging = self.models / ".staging"
 
-    def prepare(self):
-        """Create the folders, or raise UserError when the output folder can't be written."""
+    def prepare(self, training=True):
+        """Create the folders (models/ and logs/ only for training), or raise UserError if they can't be written."""
+        folders = (self.models, self.reports, self.plots, self.logs, self.cache) if training else (
+            self.reports, self.plots, self.cache)
         try:
-            for folder in (self.models, self.reports, self.plots, self.logs, self.cache):
+            for folder in folders:
                 folder.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=self.root).close()
         except OSError as error:
             raise UserError(f"{self.root}: output folder is not writable ({error.strerror}); "
                             "choose another with --output-dir") from None
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir()
+        if training:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir()
         return self
 
 
@@ -56,12 +59,24 @@ def publish_staged(outputs):
     shutil.rmtree(outputs.staging, ignore_errors=True)
 
 
-def save_figure(figure, path):
-    import matplotlib.pyplot as plt
+def write_evaluation(outputs, evaluation, title, subtitle, counts, operating_point, config, extra_figures=()):
+    """reports/{metrics.csv, classification_report.csv, report.html} and every figure as plots/<name>.png."""
+    from cxr.evaluate.report import classification_rows, metric_rows, render_html
 
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=120)
-    plt.close(figure)
+    figures = {**evaluation.figures, **dict(extra_figures)}
+    for name, png in figures.items():
+        write_bytes(outputs.plots / f"{name}.png", png)
+    write_csv(metric_rows(_headline(evaluation.metrics), evaluation.confidence_intervals),
+              outputs.reports / "metrics.csv")
+    write_csv(classification_rows(evaluation.classification), outputs.reports / "classification_report.csv")
+    write_text(outputs.reports / "report.html",
+               render_html(title, subtitle, counts, operating_point, evaluation.calibration,
+                           _headline(evaluation.metrics), evaluation.confidence_intervals, config, figures))
+
+
+def _headline(metrics):
+    """The scalar metrics that have intervals ("auc" stays in summary.json for scripts; it equals auc_roc)."""
+    return {k: v for k, v in metrics.items() if k not in ("auc", "per_class", "confusion_matrix", "n_images")}
 
 
 def write_csv(rows, path):
@@ -85,6 +100,15 @@ def read_model_info(model_path):
     return info if isinstance(info, dict) else {"class_names": info}
 
 
+def saved_operating_point(info):
+    """The operating point stored in class_names.json; models saved without one use argmax, uncalibrated."""
+    from cxr.evaluate.metrics import positive_class
+
+    defaults = {"positive_class": positive_class(info["class_names"]), "temperature": 1.0, "threshold": None,
+                "method": "argmax"}
+    return defaults | {k: v for k, v in info.items() if k not in ("class_names", "img_size", "backbone")}
+
+
 def versions():
     import keras
     import numpy
@@ -97,14 +121,16 @@ def versions():
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
 
 
-def summary(class_names, counts, test_metrics, seconds, config, history, final_phase):
+def summary(class_names, counts, evaluation, operating_point, config, **extra):
+    """summary.json: the keys of the artifact contract (ARCHITECTURE.md) first, then `extra` (timings, history)."""
     return {
         "class_names": list(class_names),
         "counts": counts,
-        "metrics": test_metrics,
-        "timings": {k: round(v, 2) for k, v in seconds.items()},
-        "config": config.to_dict(),
+        "metrics": evaluation.metrics,
+        "confidence_intervals": evaluation.confidence_intervals,
+        "operating_point": operating_point,
+        "calibration": evaluation.calibration,
+        "config": config,
         "versions": versions(),
-        "final_phase": final_phase,
-        "history": history,
+        **extra,
     }

@@ -38,6 +38,11 @@ def write_text(path, text):
         Path(tmp).write_text(text, encoding="utf-8")
 
 
+def write_bytes(path, data):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

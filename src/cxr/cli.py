@@ -1,4 +1,4 @@
-"""The `cxr` command (and `train_cnn.py`): train, predict.
+"""The `cxr` command (and `train_cnn.py`): train, evaluate, predict, explain.
 
 `train_command` is one run read top to bottom: config -> split -> pipeline -> model -> train -> evaluate ->
 artifacts. TensorFlow is imported only once a command needs it, so option and data errors answer at once.
@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from cxr.atomic import write_json
 from cxr.config import BACKBONES, Config
-from cxr.errors import UserError
+from cxr.errors import UserError, list_paths, warn
 
 
 def setup_runtime(config):
@@ -40,52 +42,123 @@ def train_command(config):
     outputs = Outputs(config.output_dir).prepare()
     splits = prepare_splits(config)
     print(describe(splits), flush=True)
+    from cxr.evaluate.metrics import fit_operating_point, positive_class
+
+    positive = positive_class(splits.class_names, config.positive_class)
 
     setup_runtime(config)
-    from cxr import artifacts, evaluate, models, train
-    from cxr.data.pipeline import decode_splits, make_dataset
+    from cxr import artifacts, models, train
+    from cxr.data.pipeline import decode_splits
+    from cxr.evaluate import evaluate_model, plots, predict_probabilities
 
-    images, data = decode_splits(splits, config.img_size, outputs.cache, strict=config.strict)
-    num_classes = len(splits.class_names)
-    counts = {split: {name: int((labels == i).sum()) for i, name in enumerate(splits.class_names)}
-              for split, (_, labels) in data.items()}
+    images, data, paths = decode_splits(splits, config.img_size, outputs.cache, strict=config.strict)
+    class_names = splits.class_names
+    counts = {split: {name: int((data[split][1] == i).sum()) for i, name in enumerate(class_names)}
+              for split in ("train", "val", "test")}
 
-    model = models.build_classifier(config.backbone, num_classes, config.weights, config.img_size, config.dropout)
+    model = models.build_classifier(config.backbone, len(class_names), config.weights, config.img_size, config.dropout)
     frozen_layers = (config.frozen_layers if config.frozen_layers is not None
                      else models.DEFAULT_FROZEN_LAYERS[config.backbone])
     models.check_frozen_layers(model, frozen_layers)
 
     server = train.start_tensorboard(outputs.logs, config.port) if config.port else None
     try:
-        result = train.train(model, images, data, num_classes, config, frozen_layers, outputs.staging, outputs.logs)
+        result = train.train(model, images, data, len(class_names), config, frozen_layers, outputs.staging,
+                             outputs.logs)
     finally:
         if server is not None:
             server.terminate()
 
+    print("Fitting the calibration and the operating point on validation; evaluating on test", flush=True)
+    val_rows, y_val = data["val"]
+    point = fit_operating_point(y_val, predict_probabilities(model, images, val_rows, config.batch_size),
+                                class_names, positive, config.target_sensitivity)
     test_rows, y_test = data["test"]
-    test_ds = make_dataset(images, test_rows, y_test, num_classes, config.batch_size)
-    probabilities = evaluate.predict_probabilities(model, test_ds)
-    classification = evaluate.report(y_test, probabilities, splits.class_names)
-    test_metrics = evaluate.metrics(y_test, probabilities, splits.class_names, classification)
+    evaluation = evaluate_model(model, images, test_rows, y_test, class_names, point, config.bootstrap, config.seed,
+                                names=[paths[r].name for r in test_rows], batch_size=config.batch_size)
 
     artifacts.save_model(model, outputs.models / "model.h5")
     artifacts.publish_staged(outputs)
-    artifacts.write_model_info(outputs.models, splits.class_names, img_size=config.img_size, backbone=config.backbone)
-    artifacts.write_csv(evaluate.report_rows(classification),
-                        outputs.reports / "classification_report.csv")
-    artifacts.save_figure(evaluate.confusion_matrix_figure(y_test, probabilities, splits.class_names),
-                          outputs.plots / "confusion_matrix.png")
-    artifacts.save_figure(evaluate.training_curves_figure(result.history), outputs.plots / "training_curves.png")
+    artifacts.write_model_info(outputs.models, class_names, img_size=config.img_size, backbone=config.backbone,
+                               **point)
     result.seconds["total_seconds"] = time.perf_counter() - started
-    summary = artifacts.summary(splits.class_names, counts, test_metrics, result.seconds, config, result.history,
-                                result.final_phase)
+    artifacts.write_evaluation(
+        outputs, evaluation, "cxr: test-set evaluation",
+        f"{config.backbone} trained on {config.data_dir}; evaluated on its held-out test split.",
+        counts, point, config.to_dict(),
+        extra_figures={"training_curves": plots.figure_png(plots.training_curves_figure(result.history))})
+    summary = artifacts.summary(class_names, counts, evaluation, point, config.to_dict(),
+                                timings={k: round(v, 2) for k, v in result.seconds.items()},
+                                final_phase=result.final_phase, history=result.history)
     write_json(outputs.reports / "summary.json", summary)
-
-    auc = test_metrics["auc"]
-    print(f"Test: accuracy {test_metrics['accuracy']:.4f}, AUC {'n/a' if auc is None else f'{auc:.4f}'}, "
-          + ", ".join(f"recall {n} {v['recall']:.3f}" for n, v in test_metrics["per_class"].items()))
-    print(f"Outputs in {outputs.root}/ (models/model.h5, reports/summary.json, plots/)")
+    print_headline(evaluation, point)
+    print(f"Outputs in {outputs.root}/ (models/model.h5, reports/report.html, reports/summary.json, plots/)")
     return summary
+
+
+def evaluate_command(args):
+    """Evaluate a saved model on a folder of class subfolders (or its test/ subfolder) without retraining."""
+    from cxr.artifacts import Outputs, read_model_info, saved_operating_point, summary, write_evaluation
+    from cxr.data.pipeline import decode_all
+    from cxr.data.split import list_class_folders, list_images
+    from cxr.predict import load_model
+
+    info = read_model_info(args.model)
+    class_names = info["class_names"]
+    folder = args.data_dir / "test" if (args.data_dir / "test").is_dir() else args.data_dir
+    found = list_class_folders(folder)
+    unknown = [c for c in found if c not in class_names]
+    if unknown:
+        raise UserError(f"{folder}: class folders {', '.join(unknown)} are not classes of the model "
+                        f"({', '.join(class_names)}); rename the folders to the model's class names")
+    missing = [c for c in class_names if c not in found]
+    if missing:
+        warn(f"{folder}: no folder for class {', '.join(missing)}; metrics that need it are reported as null")
+    files = list_images(folder, found)
+    paths = [p for c in found for p in files[c]]
+    if not paths:
+        raise UserError(f"{folder}: no images in its class folders; add .jpg, .jpeg, .png or .bmp files")
+    labels = [class_names.index(c) for c in found for _ in files[c]]
+
+    outputs = Outputs(args.output_dir).prepare(training=False)
+    setup_runtime(Config(seed=args.seed))
+    from cxr.evaluate import evaluate_model
+
+    model = load_model(args.model)
+    images, bad = decode_all(paths, model.input_shape[1], outputs.cache)
+    if bad:
+        warn(f"skipped {len(bad)} unreadable images: {list_paths(bad)}")
+    rows = np.flatnonzero([p not in set(bad) for p in paths])
+    if not len(rows):
+        raise UserError(f"{folder}: none of its images could be read; check the image files")
+    y = np.array(labels)[rows]
+    point = saved_operating_point(info)
+    evaluation = evaluate_model(model, images, rows, y, class_names, point, args.bootstrap, args.seed, args.tta,
+                                names=[paths[r].name for r in rows], batch_size=args.batch_size)
+    counts = {"evaluated": {name: int((y == i).sum()) for i, name in enumerate(class_names)}}
+    settings = {"model": str(args.model), "data_dir": str(folder), "tta": args.tta, "bootstrap": args.bootstrap,
+                "seed": args.seed}
+    write_evaluation(outputs, evaluation, "cxr: evaluation of a saved model",
+                     f"{args.model} on {folder} ({len(rows)} images){', with flip TTA' if args.tta else ''}.",
+                     counts, point, settings)
+    write_json(outputs.reports / "summary.json", summary(class_names, counts, evaluation, point, settings))
+    print_headline(evaluation, point)
+    print(f"Outputs in {outputs.root}/ (reports/report.html, reports/metrics.csv, reports/summary.json, plots/)")
+
+
+def print_headline(evaluation, point):
+    m, ci = evaluation.metrics, evaluation.confidence_intervals
+
+    def show(name):
+        value, interval = m.get(name), ci.get(name)
+        if value is None:
+            return f"{name} n/a"
+        return f"{name} {value:.3f}" + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval and interval[0] is not None else "")
+
+    names = (["sensitivity", "specificity", "auc_roc"] if "sensitivity" in m else
+             ["macro sensitivity", "macro specificity", "macro auc_roc"]) + ["accuracy", "balanced_accuracy"]
+    where = f" at threshold {point['threshold']:.3f} for {point['positive_class']}" if point["threshold"] is not None else ""
+    print(f"Test{where}: " + ", ".join(show(n) for n in names))
 
 
 def _add_train_options(parser):
@@ -119,6 +192,11 @@ def _add_train_options(parser):
     add("--feature-cache", action=argparse.BooleanOptionalAction, default=d.feature_cache,
         help="phase 1 on backbone features computed once (default); --no-feature-cache runs plain Keras")
     add("--feature-views", type=int, default=d.feature_views, help="augmented views per image in the feature cache")
+    add("--positive-class", default=d.positive_class,
+        help="class the threshold and sensitivity refer to (default: PNEUMONIA if present, else the second class)")
+    add("--target-sensitivity", type=float, default=d.target_sensitivity,
+        help="pick the highest threshold reaching this sensitivity on validation (default: maximise Youden's J)")
+    add("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the confidence intervals")
 
 
 def build_parser():
@@ -131,6 +209,24 @@ def build_parser():
     predict.add_argument("--model", default="outputs/models/model.h5")
     predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
     predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved model on a folder of class subfolders")
+    evaluate.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
+    evaluate.add_argument("--data-dir", type=Path, required=True,
+                          help="folder of <Class>/ subfolders (or with a test/ subfolder of them)")
+    evaluate.add_argument("--output-dir", type=Path, default=Path("outputs/evaluation"))
+    evaluate.add_argument("--bootstrap", type=int, default=2000, help="resamples for the confidence intervals")
+    evaluate.add_argument("--seed", type=int, default=42)
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+
+    explain = commands.add_parser("explain", help="Grad-CAM overlays showing where the model looked")
+    explain.add_argument("paths", nargs="+", help="image files or folders of images")
+    explain.add_argument("--model", default="outputs/models/model.h5")
+    explain.add_argument("--output-dir", type=Path, default=Path("outputs/explain"))
+    explain.add_argument("--class", dest="class_name", help="class to explain (default: the predicted one)")
+    explain.add_argument("--tta", action="store_true", help="predict with flip TTA (the map is of the image as is)")
     return parser
 
 
@@ -148,7 +244,15 @@ def main(argv=None):
             setup_runtime(Config())
             from cxr.predict import run_predict
 
-            print(run_predict(args.paths, args.model, args.format, args.batch_size))
+            print(run_predict(args.paths, args.model, args.format, args.batch_size, args.tta))
+        elif args.command == "evaluate":
+            evaluate_command(args)
+        elif args.command == "explain":
+            setup_runtime(Config())
+            from cxr.predict import run_explain
+
+            for path in run_explain(args.paths, args.model, args.output_dir, args.class_name, args.tta):
+                print(path)
     except UserError as error:
         print(f"cxr: error: {error}", file=sys.stderr)
         return 2

@@ -42,6 +42,10 @@ class Config:
     group_pattern: Optional[str] = None
     feature_cache: bool = True
     feature_views: int = 2
+    # Evaluation: None = PNEUMONIA if there is such a class, else the second class.
+    positive_class: Optional[str] = None
+    target_sensitivity: Optional[float] = None  # None: the threshold maximising Youden's J on validation
+    bootstrap: int = 2000  # resamples for the confidence intervals; 0 turns them off
 
     def validate(self):
         """Raise UserError for option values no run could use."""
@@ -62,6 +66,9 @@ class Config:
             (self.class_weight in ("none", "balanced"), f"--class-weight must be none or balanced, got {self.class_weight!r}"),
             (self.port is None or 1 <= self.port <= 65535, f"--port must be between 1 and 65535, got {self.port}"),
             (self.feature_views >= 1, f"--feature-views must be at least 1, got {self.feature_views}"),
+            (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
+             f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}"),
+            (self.bootstrap >= 0, f"--bootstrap must be 0 or more, got {self.bootstrap}"),
         ]
         for ok, message in checks:
             if not ok:

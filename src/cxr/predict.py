@@ -1,4 +1,4 @@
-"""Class probabilities for image files from a saved model and the class names saved beside it."""
+"""Labels and calibrated probabilities for image files, from a saved model and the operating point beside it."""
 
 import csv
 import io
@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.artifacts import read_model_info
+from cxr.artifacts import read_model_info, saved_operating_point
 from cxr.data.pipeline import load_image
 from cxr.data.split import is_image_file
 from cxr.errors import UserError, list_paths, warn
+from cxr.evaluate import predict_probabilities
+from cxr.evaluate.metrics import apply_temperature, decide
 
 
 def list_inputs(paths):
@@ -44,8 +46,8 @@ def load_model(model_path):
         raise UserError(f"{model_path}: could not load the model ({str(error).splitlines()[0][:160]})") from None
 
 
-def predict_files(model, files, batch_size=64):
-    """Probabilities (N, classes) for readable files, in order, and the list of unreadable files."""
+def predict_files(model, files, batch_size=64, tta=False):
+    """The readable files, in order, and the model's raw softmax outputs (N, classes) for them."""
     size = model.input_shape[1]
 
     def load(path):
@@ -63,14 +65,14 @@ def predict_files(model, files, batch_size=64):
             readable += [p for p, img in zip(chunk, images) if img is not None]
             unreadable += [p for p, img in zip(chunk, images) if img is None]
             if batch:
-                probabilities.append(np.asarray(model.predict_on_batch(np.stack(batch).astype("float32"))))
+                probabilities.append(predict_probabilities(model, np.stack(batch), batch_size=len(batch), tta=tta))
     if unreadable:
         warn(f"skipped {len(unreadable)} unreadable images: {list_paths(unreadable)}")
     return readable, (np.concatenate(probabilities) if probabilities else np.zeros((0, model.output_shape[-1])))
 
 
-def format_predictions(files, probabilities, class_names, fmt="table"):
-    labels = probabilities.argmax(axis=1)
+def format_predictions(files, probabilities, labels, class_names, fmt="table"):
+    """One record per file: the label, its probability and every class's probability."""
     records = [{"path": str(p), "label": class_names[k], "probability": float(prob[k]),
                 **{f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}}
                for p, k, prob in zip(files, labels, probabilities)]
@@ -88,9 +90,45 @@ def format_predictions(files, probabilities, class_names, fmt="table"):
     return "\n".join(lines)
 
 
-def run_predict(paths, model_path, fmt="table", batch_size=64):
+def classify(raw, point, class_names):
+    """Calibrated probabilities and labels at the saved operating point (the threshold for binary models)."""
+    probabilities = apply_temperature(raw, point["temperature"])
+    return probabilities, decide(probabilities, class_names.index(point["positive_class"]), point["threshold"])
+
+
+def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False):
     files = list_inputs(paths)
-    class_names = read_model_info(model_path)["class_names"]
+    info = read_model_info(model_path)
     model = load_model(model_path)
-    readable, probabilities = predict_files(model, files, batch_size)
-    return format_predictions(readable, probabilities, class_names, fmt)
+    readable, raw = predict_files(model, files, batch_size, tta)
+    probabilities, labels = classify(raw, saved_operating_point(info), info["class_names"])
+    return format_predictions(readable, probabilities, labels, info["class_names"], fmt)
+
+
+def run_explain(paths, model_path, output_dir, class_name=None, tta=False):
+    """Write one Grad-CAM overlay PNG per image into `output_dir`; returns the written paths."""
+    from cxr.atomic import write_bytes
+    from cxr.evaluate import gradcam, plots
+
+    files = list_inputs(paths)
+    info = read_model_info(model_path)
+    class_names = info["class_names"]
+    if class_name is not None and class_name not in class_names:
+        raise UserError(f"--class {class_name!r} is not one of the model's classes ({', '.join(class_names)})")
+    model = load_model(model_path)
+    readable, raw = predict_files(model, files, tta=tta)
+    point = saved_operating_point(info)
+    probabilities, labels = classify(raw, point, class_names)
+    targets = labels if class_name is None else np.full(len(readable), class_names.index(class_name))
+    size = model.input_shape[1]
+    written = []
+    for path, prob, label, target in zip(readable, probabilities, labels, targets):
+        heatmap = gradcam.heatmaps(model, load_image(path, size)[None], [target])[0]
+        shown = load_image(path, max(size, 512))  # overlay on a sharper copy than the model's input
+        title = f"{path.name}\npredicted {class_names[label]} (p = {prob[label]:.3f})"
+        if target != label:
+            title += f"; map for {class_names[target]}"
+        out = Path(output_dir) / f"{path.stem}.gradcam.png"
+        write_bytes(out, plots.figure_png(plots.explanation_figure(gradcam.overlay(shown, heatmap), title)))
+        written.append(out)
+    return written

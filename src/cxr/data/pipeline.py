@@ -85,7 +85,7 @@ def decode_all(paths, size, cache_dir):
 def decode_splits(splits, size, cache_dir, strict=False):
     """Decode every split's images once; drop (or, if strict, refuse) unreadable ones.
 
-    Returns (images memmap, {split: (row indices into images, labels)}).
+    Returns (images memmap, {split: (row indices into images, labels)}, the path of each row).
     """
     all_paths = sorted({p for files in splits.files.values() for p in files})
     images, bad = decode_all(all_paths, size, cache_dir)
@@ -103,7 +103,7 @@ def decode_splits(splits, size, cache_dir, strict=False):
             raise UserError(f"the {split} split has no readable images; check the image files")
         rows, labels = zip(*keep)
         indexed[split] = (np.array(rows, dtype=np.int64), np.array(labels, dtype=np.int64))
-    return images, indexed
+    return images, indexed, all_paths
 
 
 def augmentation(seed):

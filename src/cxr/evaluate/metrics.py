@@ -1,0 +1,217 @@
+"""Probabilities -> calibration, an operating point and test metrics with bootstrap confidence intervals.
+
+Everything is plain numpy in and out: `probabilities` are (N, classes) softmax outputs, `y_true` class indices.
+Calibration and the operating point are fitted on validation and only applied to test.
+"""
+
+import warnings
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, brier_score_loss,
+                             classification_report, confusion_matrix, roc_auc_score, roc_curve)
+
+from cxr.errors import UserError, warn
+
+ECE_BINS = 15
+_TINY = 1e-12
+
+
+def positive_class(class_names, requested=None):
+    """`requested` if it is a class; by default PNEUMONIA if there is one, else the second class."""
+    if requested is None:
+        return "PNEUMONIA" if "PNEUMONIA" in class_names else class_names[1]
+    if requested not in class_names:
+        raise UserError(f"--positive-class {requested!r} is not one of the classes ({', '.join(class_names)}); "
+                        "give one of those names")
+    return requested
+
+
+# --- calibration -------------------------------------------------------------------------------------------
+
+def apply_temperature(probabilities, temperature):
+    """softmax(log p / T): the model's logits up to a constant, so this is temperature scaling on its output."""
+    logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), _TINY, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(y_true, probabilities):
+    """The temperature minimising the negative log-likelihood of `y_true` (Guo et al., 2017)."""
+    def nll(log_t):
+        p = apply_temperature(probabilities, np.exp(log_t))
+        return -np.mean(np.log(np.clip(p[np.arange(len(y_true)), y_true], _TINY, 1.0)))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
+def expected_calibration_error(y_true, probabilities, bins=ECE_BINS):
+    """Top-label ECE: |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    gaps = [abs(correct[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b)
+            for b in range(bins) if np.any(which == b)]
+    return float(np.sum(gaps))
+
+
+def reliability_bins(y_true, probabilities, bins=ECE_BINS):
+    """(mean confidence, accuracy, count) per non-empty bin, for the reliability diagram."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    used = [b for b in range(bins) if np.any(which == b)]
+    return (np.array([confidence[which == b].mean() for b in used]), np.array([correct[which == b].mean() for b in used]),
+            np.array([np.sum(which == b) for b in used]))
+
+
+# --- operating point ---------------------------------------------------------------------------------------
+
+def choose_threshold(is_positive, scores, target_sensitivity=None):
+    """The decision threshold on `scores` (positive when score >= threshold), chosen on validation.
+
+    Default: the threshold maximising Youden's J (sensitivity + specificity - 1). With `target_sensitivity`: the
+    highest threshold whose sensitivity reaches the target. Returns (threshold, sensitivity, specificity).
+    """
+    fpr, tpr, thresholds = roc_curve(is_positive, scores, drop_intermediate=False)
+    finite = np.isfinite(thresholds)
+    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    if target_sensitivity is None:
+        best = int(np.argmax(tpr - fpr))  # first maximum = highest threshold among ties
+    else:
+        best = int(np.flatnonzero(tpr >= target_sensitivity - 1e-12)[0])  # thresholds decrease, tpr rises
+    return float(thresholds[best]), float(tpr[best]), float(1 - fpr[best])
+
+
+def decide(probabilities, positive_index=None, threshold=None):
+    """Predicted class per row: the positive class when its probability >= threshold (binary), else argmax."""
+    if threshold is None or probabilities.shape[1] != 2:
+        return probabilities.argmax(axis=1)
+    negative_index = 1 - positive_index
+    return np.where(probabilities[:, positive_index] >= threshold, positive_index, negative_index)
+
+
+def fit_operating_point(y_val, probabilities_val, class_names, positive_class, target_sensitivity=None):
+    """Temperature and (binary) threshold fitted on validation, as stored beside the model."""
+    positive_index = class_names.index(positive_class)
+    temperature = fit_temperature(y_val, probabilities_val)
+    point = {"positive_class": positive_class, "temperature": temperature, "threshold": None,
+             "method": "argmax", "target_sensitivity": target_sensitivity}
+    if len(class_names) != 2:
+        return point
+    is_positive = y_val == positive_index
+    if is_positive.all() or not is_positive.any():
+        warn("the validation set holds a single class, so no threshold can be chosen; using 0.5")
+        return point | {"threshold": 0.5, "method": "default 0.5"}
+    calibrated = apply_temperature(probabilities_val, temperature)[:, positive_index]
+    threshold, sensitivity, specificity = choose_threshold(is_positive, calibrated, target_sensitivity)
+    method = "youden" if target_sensitivity is None else f"sensitivity >= {target_sensitivity:g}"
+    return point | {"threshold": threshold, "method": method, "val_sensitivity": sensitivity,
+                    "val_specificity": specificity}
+
+
+# --- metrics -----------------------------------------------------------------------------------------------
+
+def _ratio(num, den):
+    return float(num / den) if den else float("nan")
+
+
+def one_vs_rest(is_positive, predicted_positive, scores):
+    """Sensitivity, specificity, PPV, NPV, F1, AUC-ROC, AUC-PR and Brier for one class against the rest."""
+    tp = np.sum(predicted_positive & is_positive)
+    fp = np.sum(predicted_positive & ~is_positive)
+    fn = np.sum(~predicted_positive & is_positive)
+    tn = np.sum(~predicted_positive & ~is_positive)
+    both = 0 < is_positive.sum() < len(is_positive)
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "auc_roc": float(roc_auc_score(is_positive, scores)) if both else float("nan"),
+        "auc_pr": float(average_precision_score(is_positive, scores)) if is_positive.any() else float("nan"),
+        "brier": float(brier_score_loss(is_positive, scores)),
+    }
+
+
+def headline_metrics(y_true, probabilities, class_names, positive_index, threshold=None):
+    """Every headline number as a flat {name: value} dict (NaN where undefined).
+
+    Binary: the positive class's one-vs-rest numbers at the threshold, plus accuracy, balanced accuracy and ECE.
+    Multi-class: each class's one-vs-rest numbers at argmax as "CLASS sensitivity" etc., and their macro means.
+    """
+    y_pred = decide(probabilities, positive_index, threshold)
+    overall = {"accuracy": float(accuracy_score(y_true, y_pred)),
+               "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(np.unique(y_true)) > 1
+               else float(np.mean(y_pred == y_true)),
+               "ece": expected_calibration_error(y_true, probabilities)}
+    if len(class_names) == 2:
+        return one_vs_rest(y_true == positive_index, y_pred == positive_index, probabilities[:, positive_index]) | overall
+    per_class = {c: one_vs_rest(y_true == c, y_pred == c, probabilities[:, c]) for c in range(len(class_names))}
+    flat = {f"{class_names[c]} {k}": v for c, values in per_class.items() for k, v in values.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from a resample: its mean is NaN
+        macro = {f"macro {k}": float(np.nanmean([per_class[c][k] for c in per_class])) for k in per_class[0]}
+    return macro | overall | flat
+
+
+def stratified_resamples(y_true, n_resamples, seed):
+    """Row indices of `n_resamples` bootstrap samples that keep each class's count (seeded)."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
+    for _ in range(n_resamples):
+        yield np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+
+
+def confidence_intervals(y_true, probabilities, class_names, positive_index, threshold=None, n_resamples=2000,
+                         seed=0, level=0.95):
+    """{name: [low, high]}: percentile intervals of `headline_metrics` over stratified bootstrap resamples."""
+    if n_resamples <= 0:
+        return {}
+    samples = [headline_metrics(y_true[rows], probabilities[rows], class_names, positive_index, threshold)
+               for rows in stratified_resamples(y_true, n_resamples, seed)]
+    tail = (1 - level) / 2 * 100
+    intervals = {}
+    for name in samples[0]:
+        values = np.array([s[name] for s in samples])
+        values = values[np.isfinite(values)]
+        intervals[name] = ([float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+                           if len(values) else [None, None])
+    return intervals
+
+
+def roc_band(is_positive, scores, n_resamples=2000, seed=0, level=0.95, grid=101):
+    """(fpr grid, lower tpr, upper tpr): a pointwise bootstrap band around the ROC curve."""
+    fpr_grid = np.linspace(0, 1, grid)
+    curves = []
+    for rows in stratified_resamples(is_positive.astype(int), n_resamples, seed):
+        fpr, tpr, _ = roc_curve(is_positive[rows], scores[rows])
+        curves.append(np.interp(fpr_grid, fpr, tpr))
+    tail = (1 - level) / 2 * 100
+    return fpr_grid, np.percentile(curves, tail, axis=0), np.percentile(curves, 100 - tail, axis=0)
+
+
+def classification(y_true, y_pred, class_names):
+    """scikit-learn's classification report as a dict, for the predictions at the operating point."""
+    return classification_report(y_true, y_pred, labels=list(range(len(class_names))), target_names=class_names,
+                                 output_dict=True, zero_division=0)
+
+
+def auc_score(y_true, probabilities, num_classes):
+    """ROC AUC: binary for two classes, macro one-vs-rest for more; None when the labels hold one class."""
+    present = np.unique(y_true)
+    if len(present) < 2:
+        warn("the test set holds a single class, so AUC is undefined and reported as null")
+        return None
+    if num_classes == 2:
+        return float(roc_auc_score(y_true, probabilities[:, 1]))
+    if len(present) < num_classes:
+        warn("some classes are missing from the test set; AUC is the macro one-vs-rest over the present ones")
+        return float(np.mean([roc_auc_score(y_true == c, probabilities[:, c]) for c in present]))
+    return float(roc_auc_score(y_true, probabilities, multi_class="ovr", average="macro"))
+
+
+def confusion(y_true, y_pred, num_classes):
+    return confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))

@@ -1,0 +1,156 @@
+"""The evaluation's figures as matplotlib figures (saved by `artifacts`, embedded in the HTML report)."""
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen on servers; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve  # noqa: E402
+
+
+def figure_png(figure, dpi=110):
+    """The figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def roc_figure(curves, operating_point=None, title="ROC curve (test set)"):
+    """One ROC curve per entry of `curves` (name, is_positive, scores, auc, auc_ci, band), with its CI band.
+
+    `operating_point` = (false positive rate, sensitivity, label) is marked on the curve.
+    """
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for curve in curves:
+        fpr, tpr, _ = roc_curve(curve["is_positive"], curve["scores"])
+        ax.plot(fpr, tpr, label=f"{curve['name']}: AUC {_with_ci(curve['auc'], curve.get('auc_ci'))}")
+        if curve.get("band") is not None:
+            grid, low, high = curve["band"]
+            ax.fill_between(grid, low, high, alpha=0.2, label=f"{curve['name']}: 95% bootstrap band")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    if operating_point is not None:
+        fpr, tpr, label = operating_point
+        ax.plot([fpr], [tpr], "o", color="crimson", markersize=9, label=label)
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("Sensitivity (true positive rate)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def pr_figure(curves, title="Precision-recall curve (test set)"):
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for curve in curves:
+        precision, recall, _ = precision_recall_curve(curve["is_positive"], curve["scores"])
+        line, = ax.step(recall, precision, where="post",
+                        label=f"{curve['name']}: average precision {_with_ci(curve['ap'], curve.get('ap_ci'))}")
+        prevalence = np.mean(curve["is_positive"])
+        ax.axhline(prevalence, linestyle="--", color=line.get_color(), alpha=0.6,
+                   label=f"{curve['name']}: chance (prevalence {prevalence:.2f})")
+    ax.set_xlabel("Recall (sensitivity)")
+    ax.set_ylabel("Precision (PPV)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(before, after, title="Reliability diagram (test set)"):
+    """Accuracy against confidence per bin, before and after temperature scaling.
+
+    `before` / `after` = (label, mean confidence per bin, accuracy per bin, count per bin).
+    """
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    for (label, confidence, accuracy, counts), marker in zip((before, after), ("s", "o")):
+        ax.plot(confidence, accuracy, marker=marker, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("Confidence (probability of the predicted class)")
+    ax.set_ylabel("Observed accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix_figure(matrix, class_names, title="Confusion matrix (test set)"):
+    """Counts and row-normalised rates (each row: how the images of one true class were classified)."""
+    matrix = np.asarray(matrix)
+    fig, axes = plt.subplots(1, 2, figsize=(5.5 + 1.2 * len(class_names), 3.2 + 0.5 * len(class_names)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = np.nan_to_num(matrix / matrix.sum(axis=1, keepdims=True))
+    for ax, values, fmt, subtitle in ((axes[0], matrix, "d", "counts"), (axes[1], rates, ".2f", "row-normalised")):
+        ConfusionMatrixDisplay(values, display_labels=class_names).plot(ax=ax, cmap="Blues", values_format=fmt,
+                                                                       colorbar=False)
+        ax.set_title(subtitle)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves_figure(history):
+    """Loss and accuracy per epoch over both phases, with the phase boundary marked."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    steps = np.arange(1, len(history) + 1)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.plot(steps, [e[metric] for e in history], marker=".", label=f"train {metric}")
+        ax.plot(steps, [e[f"val_{metric}"] for e in history], marker=".", label=f"val {metric}")
+        boundary = sum(1 for e in history if e["phase"] == 1)
+        if 0 < boundary < len(history):
+            ax.axvline(boundary + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
+        ax.set_xlabel("epoch (both phases)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric.capitalize()} per epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def explanation_figure(overlay, title):
+    """One Grad-CAM overlay, titled with the label and probability."""
+    fig, ax = plt.subplots(figsize=(5, 5.3))
+    ax.imshow(overlay)
+    ax.set_title(title, fontsize=11)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def gallery_figure(rows, title):
+    """A grid of Grad-CAM overlays: `rows` = [(row title, [(overlay, caption), ...]), ...]; empty rows say so."""
+    columns = max([len(items) for _, items in rows] + [1])
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.6 * columns, 2.9 * len(rows)), squeeze=False)
+    for r, (row_title, items) in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(items):
+                ax.imshow(items[c][0])
+                ax.set_title(items[c][1], fontsize=8)
+        if not items:
+            axes[r, 0].text(0, 0.5, f"{row_title}: none in the test set", fontsize=10, transform=axes[r, 0].transAxes)
+        else:
+            axes[r, 0].text(-0.08, 0.5, row_title, rotation=90, va="center", ha="right", fontsize=10,
+                            transform=axes[r, 0].transAxes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _with_ci(value, ci):
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    if ci and ci[0] is not None:
+        return f"{value:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
+    return f"{value:.3f}"

@@ -1,0 +1,114 @@
+"""The evaluation as tables: metrics.csv rows, the classification report rows and one self-contained HTML page."""
+
+import base64
+import html
+import math
+
+LIMITS_OF_USE = [
+    "This is a research tool, not a medical device. Its output is not a substitute for the judgement of a "
+    "qualified clinician and must not be used on its own to diagnose or treat anyone.",
+    "These numbers describe the test images listed above only. Validate the model on external data (another "
+    "hospital, device or period) with `cxr evaluate` before trusting it anywhere else.",
+    "Performance can differ by age (children and adults), sex, X-ray device, view (PA, AP, portable) and "
+    "acquisition protocol; check subgroups before use, and watch for shortcut features such as text markers.",
+    "The operating point and the calibration were fitted on the validation split; a new population may need "
+    "them refitted.",
+]
+
+FIGURE_CAPTIONS = {
+    "roc": "ROC curve with its 95% bootstrap band; the dot is the operating point chosen on validation.",
+    "pr": "Precision-recall curve.",
+    "reliability": "Reliability diagram before and after temperature scaling.",
+    "confusion_matrix": "Confusion matrix at the operating point: counts and row-normalised rates.",
+    "gradcam_gallery": "Grad-CAM: where the model found evidence, for its most confident true positives, "
+                       "false positives and false negatives.",
+    "training_curves": "Loss and accuracy per epoch, both training phases.",
+}
+
+
+def metric_rows(values, intervals):
+    """metrics.csv: one row per headline metric with its 95% bootstrap interval (blank where undefined)."""
+    rows = [["metric", "value", "ci_low", "ci_high"]]
+    for name, value in values.items():
+        low, high = intervals.get(name, [None, None])
+        rows.append([name, *(_number(v) for v in (value, low, high))])
+    return rows
+
+
+def classification_rows(classification):
+    """A scikit-learn classification report dict as CSV rows (header first)."""
+    total = int(classification["macro avg"]["support"])
+    rows = [["class", "precision", "recall", "f1-score", "support"]]
+    for name, values in classification.items():
+        if name == "accuracy":
+            rows.append(["accuracy", "", "", f"{values:.4f}", str(total)])
+        else:
+            rows.append([name, *(f"{values[k]:.4f}" for k in ("precision", "recall", "f1-score")),
+                         str(int(values["support"]))])
+    return rows
+
+
+def render_html(title, subtitle, counts, operating_point, calibration, headline, intervals, config, figures):
+    """One HTML page with every figure embedded as a data URI, so the file can be mailed or archived alone.
+
+    `headline`: {metric: value}; `intervals`: {metric: [low, high]}; `figures`: {name: PNG bytes}.
+    """
+    e = html.escape
+    classes = list(next(iter(counts.values())))
+    count_rows = "".join(
+        f"<tr><th>{e(split)}</th>{''.join(f'<td>{n}</td>' for n in per_class.values())}"
+        f"<td>{sum(per_class.values())}</td></tr>" for split, per_class in counts.items())
+    metric_rows_html = "".join(
+        f"<tr><th>{e(name)}</th><td>{_number(value, 3) or 'n/a'}</td><td>{_interval(intervals.get(name))}</td></tr>"
+        for name, value in headline.items())
+    threshold = operating_point.get("threshold")
+    point = (f"Positive class <b>{e(operating_point['positive_class'])}</b>; "
+             + (f"threshold <b>{threshold:.4f}</b> on the calibrated probability ({e(operating_point['method'])}, "
+                "chosen on validation)" if threshold is not None else "multi-class: the most probable class")
+             + f". Temperature {calibration['temperature']:.3f}: expected calibration error "
+             f"{calibration['ece_before']:.3f} before, {calibration['ece_after']:.3f} after.")
+    figure_html = "".join(
+        f"<figure><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        f"<figcaption>{e(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>"
+        for name, png in figures.items())
+    config_rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in config.items())
+    limits = "".join(f"<li>{e(text)}</li>" for text in LIMITS_OF_USE)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th {{ background: #f3f3f3; text-align: left; }}
+figure {{ display: inline-block; margin: 0.5em; vertical-align: top; max-width: 100%; }}
+figure img {{ max-width: 100%; max-height: 520px; border: 1px solid #ddd; }}
+figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
+.limits {{ background: #fff6e0; border-left: 4px solid #e0a000; padding: 0.5em 1.5em; }}
+</style></head><body>
+<h1>{e(title)}</h1>
+<p>{e(subtitle)}</p>
+<section class="limits"><h2>Limits of use</h2><ul>{limits}</ul></section>
+<h2>Images</h2>
+<table><tr><th>split</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}<th>total</th></tr>{count_rows}</table>
+<h2>Operating point and calibration</h2>
+<p>{point}</p>
+<h2>Test metrics (95% stratified bootstrap confidence intervals)</h2>
+<table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metric_rows_html}</table>
+<h2>Figures</h2>
+{figure_html}
+<h2>Configuration</h2>
+<table>{config_rows}</table>
+</body></html>
+"""
+
+
+def _number(value, digits=6):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.{digits}f}"
+
+
+def _interval(ci):
+    if not ci or ci[0] is None:
+        return "n/a"
+    return f"{ci[0]:.3f} to {ci[1]:.3f}"
