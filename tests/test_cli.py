@@ -275,3 +275,15 @@ def test_other_training_paths_run_end_to_end(xray_raw, tmp_path, options):
     probabilities = keras.models.load_model(tmp_path / "out/models/model.h5").predict(np.zeros((1, 32, 32, 3)),
                                                                                        verbose=0)
     assert probabilities.dtype == np.float32 and probabilities.sum() == pytest.approx(1, abs=1e-3)
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu sse avx2 avx512f avx512_bf16", True),
+                                             ("fpu sse avx2 amx_bf16 amx_tile", True),
+                                             ("fpu sse avx2 avx512f avx512_vnni", False)])
+def test_bfloat16_is_detected_from_cpu_flags(tmp_path, flags, expected):
+    from cxr.cli import cpu_has_bfloat16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\n")
+    assert cpu_has_bfloat16(cpuinfo) is expected
+    assert cpu_has_bfloat16(tmp_path / "missing") is False

@@ -25,11 +25,22 @@ def setup_runtime(config):
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy(
-            "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16")
-    else:
-        keras.mixed_precision.set_global_policy("float32")
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    mixed = config.mixed_precision
+    if mixed is None:  # auto: only where bfloat16 has hardware support; emulated it was slower than float32
+        mixed = not gpu and cpu_has_bfloat16()
+        if mixed:
+            print("Mixed precision: bfloat16 (this CPU has bfloat16 instructions; --no-mixed-precision turns it off)")
+    keras.mixed_precision.set_global_policy(("mixed_float16" if gpu else "mixed_bfloat16") if mixed else "float32")
+
+
+def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo"):
+    """True when the CPU flags list AVX-512 BF16 or AMX BF16 (Linux; False where unknown)."""
+    try:
+        flags = next((line for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def train_command(config):
@@ -47,6 +58,8 @@ def train_command(config):
     positive = positive_class(splits.class_names, config.positive_class)
 
     setup_runtime(config)
+    import keras
+
     from cxr import artifacts, models, train
     from cxr.data.pipeline import decode_splits
     from cxr.evaluate import evaluate_model, plots, predict_probabilities
@@ -89,7 +102,8 @@ def train_command(config):
         extra_figures={"training_curves": plots.figure_png(plots.training_curves_figure(result.history))})
     summary = artifacts.summary(class_names, counts, evaluation, point, config.to_dict(),
                                 timings={k: round(v, 2) for k, v in result.seconds.items()},
-                                final_phase=result.final_phase, history=result.history)
+                                final_phase=result.final_phase, history=result.history,
+                                precision=keras.mixed_precision.global_policy().name)
     write_json(outputs.reports / "summary.json", summary)
     print_headline(evaluation, point)
     print(f"Outputs in {outputs.root}/ (models/model.h5, reports/report.html, reports/summary.json, plots/)")
@@ -181,7 +195,8 @@ def _add_train_options(parser):
     add("--backbone", choices=BACKBONES, default=d.backbone)
     add("--weights", default=d.weights, help="imagenet, none, or the path to a backbone weights file")
     add("--port", type=int, default=d.port, help="serve TensorBoard on this port while training")
-    add("--mixed-precision", action="store_true", help="bfloat16 on CPU, float16 on GPU (float32 outputs)")
+    add("--mixed-precision", action=argparse.BooleanOptionalAction, default=d.mixed_precision,
+        help="bfloat16 on CPU, float16 on GPU, float32 outputs (default: on for CPUs with bfloat16 instructions)")
     add("--class-weight", choices=("none", "balanced"), default=d.class_weight)
     add("--deterministic", action="store_true", help="deterministic TensorFlow ops: same numbers run to run")
     add("--strict", action="store_true", help="fail on unreadable or non-image files instead of skipping them")

@@ -33,7 +33,7 @@ class Config:
     backbone: str = "efficientnetb0"
     weights: str = "imagenet"  # imagenet | none | path to a weights file
     port: Optional[int] = None
-    mixed_precision: bool = False
+    mixed_precision: Optional[bool] = None  # None: on where the CPU has bfloat16 instructions (no GPU)
     class_weight: str = "none"  # none | balanced
     deterministic: bool = False
     strict: bool = False

@@ -46,24 +46,20 @@ def fit_temperature(y_true, probabilities):
     return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
 
 
-def expected_calibration_error(y_true, probabilities, bins=ECE_BINS):
-    """Top-label ECE: |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == y_true
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    gaps = [abs(correct[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b)
-            for b in range(bins) if np.any(which == b)]
-    return float(np.sum(gaps))
-
-
 def reliability_bins(y_true, probabilities, bins=ECE_BINS):
-    """(mean confidence, accuracy, count) per non-empty bin, for the reliability diagram."""
+    """(mean confidence, accuracy, count) per non-empty equal-width bin of top-label confidence."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == y_true
     which = np.minimum((confidence * bins).astype(int), bins - 1)
     used = [b for b in range(bins) if np.any(which == b)]
     return (np.array([confidence[which == b].mean() for b in used]), np.array([correct[which == b].mean() for b in used]),
             np.array([np.sum(which == b) for b in used]))
+
+
+def expected_calibration_error(y_true, probabilities, bins=ECE_BINS):
+    """Top-label ECE: |accuracy - confidence| per confidence bin, weighted by the bin's share of images."""
+    confidence, accuracy, counts = reliability_bins(y_true, probabilities, bins)
+    return float(np.sum(np.abs(accuracy - confidence) * counts) / np.sum(counts))
 
 
 # --- operating point ---------------------------------------------------------------------------------------
