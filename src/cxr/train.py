@@ -22,7 +22,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from cxr.data.pipeline import make_dataset
@@ -95,10 +94,6 @@ def _epochs(history, phase):
             for i in range(len(history.history[keys[0]]))]
 
 
-def _one_hot(labels, num_classes):
-    return np.eye(num_classes, dtype=np.float32)[labels]
-
-
 def split_at_frozen_prefix(model, frozen_layers):
     """(prefix, tail, pooled) models cut at the input of the backbone block that holds the first fine-tuned layer.
 
@@ -114,15 +109,34 @@ def split_at_frozen_prefix(model, frozen_layers):
             keras.Model(cut, model.get_layer("avg_pool").output, name="tail_features"))
 
 
-def frozen_outputs(prefix, images, data, num_classes, config):
+def frozen_outputs(prefix, images, data, num_classes, config, folder):
     """The prefix's outputs for `feature_views` augmented views of the training images, stacked view after view,
-    and for the validation images (unaugmented)."""
-    def run(rows, labels, augment, seed):
-        ds = make_dataset(images, rows, labels, num_classes, config.batch_size, augment=augment, seed=seed)
-        return prefix.predict(ds.map(lambda x, y: x), verbose=0)
+    and for the validation images (unaugmented).
 
-    views = np.concatenate([run(*data["train"], True, config.seed + v) for v in range(config.feature_views)])
-    return views, run(*data["val"], False, config.seed)
+    They go into arrays memory-mapped from `folder` (7x7x192 float32, 38 KB per image and view at 224 px), so
+    memory stays flat however many images there are; the operating system keeps them cached when RAM allows.
+    """
+    def run(name, rows, labels, views, augment):
+        out = np.lib.format.open_memmap(Path(folder) / f"{name}.npy", mode="w+", dtype=np.float32,
+                                        shape=(views * len(rows), *prefix.output.shape[1:]))
+        done = 0
+        for view in range(views):
+            ds = make_dataset(images, rows, labels, num_classes, config.batch_size, augment=augment,
+                              seed=config.seed + view)
+            for x, _ in ds:
+                out[done:done + len(x)] = prefix.predict_on_batch(x)
+                done += len(x)
+        out.flush()
+        return out
+
+    return (run("frozen-train", *data["train"], config.feature_views, True),
+            run("frozen-val", *data["val"], 1, False))
+
+
+def pool(pooled, arrays, labels, num_classes, config):
+    """Pooled features of cached prefix outputs (small: 1280 floats per image and view), in memory."""
+    ds = make_dataset(arrays, np.arange(len(arrays)), labels, num_classes, config.batch_size)
+    return pooled.predict(ds.map(lambda x, y: x), verbose=0)
 
 
 def fit_arrays(trainable, views, labels, val_x, val_labels, num_classes, config, learning_rate, checkpoint_path,
@@ -131,12 +145,14 @@ def fit_arrays(trainable, views, labels, val_x, val_labels, num_classes, config,
 
     An epoch is one training set's worth of steps, drawn from all views.
     """
-    y = np.tile(_one_hot(labels, num_classes), (len(views) // len(labels), 1))
-    train_ds = tf.data.Dataset.from_tensor_slices((views, y)).shuffle(len(views), seed=config.seed).repeat()
+    view_labels = np.tile(labels, len(views) // len(labels))
+    train_ds = make_dataset(views, np.arange(len(views)), view_labels, num_classes, config.batch_size, shuffle=True,
+                            seed=config.seed).repeat()
+    val_ds = make_dataset(val_x, np.arange(len(val_x)), val_labels, num_classes, config.batch_size)
     compile_model(trainable, learning_rate)
     return trainable.fit(
-        train_ds.batch(config.batch_size), steps_per_epoch=math.ceil(len(labels) / config.batch_size),
-        epochs=config.epochs, validation_data=(val_x, _one_hot(val_labels, num_classes)),
+        train_ds, steps_per_epoch=math.ceil(len(labels) / config.batch_size),
+        epochs=config.epochs, validation_data=val_ds,
         class_weight=class_weights(labels, num_classes, config.class_weight),
         callbacks=phase_callbacks(config, checkpoint_path, log_dir, checkpoint_target=checkpoint_target),
         shuffle=False, verbose=2,
@@ -167,9 +183,9 @@ def train(model, images, data, num_classes, config, frozen_layers, staging_dir, 
         print(f"Computing the frozen layers once: {config.feature_views} augmented views of "
               f"{len(labels)} training images and {len(val_labels)} validation images", flush=True)
         prefix, tail, pooled = split
-        views, val_x = frozen_outputs(prefix, images, data, num_classes, config)
-        features = pooled.predict(views, batch_size=256, verbose=0)
-        val_features = pooled.predict(val_x, batch_size=256, verbose=0)
+        views, val_x = frozen_outputs(prefix, images, data, num_classes, config, staging_dir)
+        features = pool(pooled, views, np.tile(labels, config.feature_views), num_classes, config)
+        val_features = pool(pooled, val_x, val_labels, num_classes, config)
         print(f"Phase 1: training the head on cached {config.backbone} features", flush=True)
         history = fit_arrays(head_on_features(model), features, labels, val_features, val_labels, num_classes,
                              config, config.lr, staging_dir / PHASE1_CHECKPOINT, log_dir / "phase1", model)

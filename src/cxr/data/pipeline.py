@@ -119,10 +119,13 @@ def augmentation(seed):
 
 
 def make_dataset(images, rows, labels, num_classes, batch_size, shuffle=False, augment=False, seed=0):
-    """A tf.data pipeline of (float32 image batch, one-hot label batch) read from the decoded images."""
+    """A tf.data pipeline of (float32 image batch, one-hot label batch) read from `images[rows]`.
+
+    `images` is any array indexable by a batch of rows (the decode cache, or cached layer outputs); only the
+    batches in flight are in memory.
+    """
     import tensorflow as tf
 
-    size = images.shape[1]
     one_hot = np.eye(num_classes, dtype=np.float32)[labels]
     ds = tf.data.Dataset.from_tensor_slices((rows, one_hot))
     if shuffle:
@@ -130,8 +133,8 @@ def make_dataset(images, rows, labels, num_classes, batch_size, shuffle=False, a
     ds = ds.batch(batch_size)
 
     def read(batch_rows, y):
-        x = tf.numpy_function(lambda r: images[r], [batch_rows], tf.uint8, stateful=False)
-        x.set_shape([None, size, size, 3])
+        x = tf.numpy_function(lambda r: images[r], [batch_rows], tf.as_dtype(images.dtype), stateful=False)
+        x.set_shape([None, *images.shape[1:]])
         return tf.cast(x, tf.float32), y
 
     ds = ds.map(read, num_parallel_calls=AUTOTUNE, deterministic=True)
