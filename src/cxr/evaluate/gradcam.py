@@ -17,7 +17,7 @@ def _feature_map_and_head(model):
     return keras.Model(model.inputs, pool.input), dense
 
 
-def heatmaps(model, images, class_indices, batch_size=16):
+def heatmaps(model, images, class_indices, batch_size=4):
     """(N, h, w) Grad-CAM maps in [0, 1] for `images` (N, H, W, 3, 0-255), each for its own class index.
 
     The score explained is the class logit minus the mean logit: with a softmax head only differences between
