@@ -34,13 +34,8 @@ def roc_figure(curves, operating_point=None, title="ROC curve (test set)"):
     if operating_point is not None:
         fpr, tpr, label = operating_point
         ax.plot([fpr], [tpr], "o", color="crimson", markersize=9, label=label)
-    ax.set_xlabel("1 - specificity (false positive rate)")
-    ax.set_ylabel("Sensitivity (true positive rate)")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _unit_square(fig, ax, "1 - specificity (false positive rate)", "Sensitivity (true positive rate)", title,
+                        "lower right")
 
 
 def pr_figure(curves, title="Precision-recall curve (test set)"):
@@ -52,15 +47,7 @@ def pr_figure(curves, title="Precision-recall curve (test set)"):
         prevalence = np.mean(curve["is_positive"])
         ax.axhline(prevalence, linestyle="--", color=line.get_color(), alpha=0.6,
                    label=f"{curve['name']}: chance (prevalence {prevalence:.2f})")
-    ax.set_xlabel("Recall (sensitivity)")
-    ax.set_ylabel("Precision (PPV)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title)
-    ax.legend(loc="lower left", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _unit_square(fig, ax, "Recall (sensitivity)", "Precision (PPV)", title, "lower left")
 
 
 def reliability_figure(before, after, title="Reliability diagram (test set)"):
@@ -72,12 +59,18 @@ def reliability_figure(before, after, title="Reliability diagram (test set)"):
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     for (label, confidence, accuracy, counts), marker in zip((before, after), ("s", "o")):
         ax.plot(confidence, accuracy, marker=marker, label=label)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("Confidence (probability of the predicted class)")
-    ax.set_ylabel("Observed accuracy")
+    return _unit_square(fig, ax, "Confidence (probability of the predicted class)", "Observed accuracy", title,
+                        "upper left")
+
+
+def _unit_square(fig, ax, xlabel, ylabel, title, legend_loc):
+    """Shared finish of the ROC, PR and reliability plots: both axes 0-1, labelled, titled, legend, grid."""
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc=legend_loc, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
