@@ -36,6 +36,8 @@ class Evaluation:
     calibration: dict
     classification: dict  # scikit-learn's report at the operating point
     probabilities: np.ndarray  # calibrated
+    raw_probabilities: np.ndarray  # the model's softmax, before temperature scaling
+    predictions: np.ndarray  # class index per image at the operating point
     figures: dict = field(default_factory=dict)  # {name: PNG bytes}
 
 
@@ -50,28 +52,27 @@ def evaluate_model(model, images, rows, y_true, class_names, operating_point, n_
     report = classification(y_true, y_pred, class_names)
     headline = headline_metrics(y_true, probabilities, class_names, positive, threshold)
     values = {
-        "accuracy": headline["accuracy"],
-        "balanced_accuracy": headline["balanced_accuracy"],
+        **{k: _finite_or_none(v) for k, v in headline.items()},
         "auc": auc_score(y_true, probabilities, len(class_names)),
         "per_class": {name: {k: float(v) for k, v in report[name].items()} for name in class_names},
         "confusion_matrix": confusion(y_true, y_pred, len(class_names)).tolist(),
         "n_images": int(len(y_true)),
-        **{k: _finite_or_none(v) for k, v in headline.items()},
     }
     calibration = {"temperature": operating_point["temperature"],
                    "ece_before": expected_calibration_error(y_true, raw), "ece_after": headline["ece"]}
     evaluation = Evaluation(values, confidence_intervals(y_true, probabilities, class_names, positive, threshold,
                                                          n_bootstrap, seed),
-                            calibration, report, probabilities)
-    evaluation.figures = figures(model, images, rows, y_true, y_pred, raw, evaluation, class_names, positive,
-                                 threshold, n_bootstrap, seed, names)
+                            calibration, report, probabilities, raw, y_pred)
+    evaluation.figures = figures(model, images, rows, y_true, evaluation, class_names, positive, threshold,
+                                 n_bootstrap, seed, names)
     return evaluation
 
 
-def figures(model, images, rows, y_true, y_pred, raw, evaluation, class_names, positive, threshold, n_bootstrap,
-            seed, names=None):
+def figures(model, images, rows, y_true, evaluation, class_names, positive, threshold, n_bootstrap, seed,
+            names=None):
     """The evaluation's plots as {name: PNG bytes}, in the order the report shows them."""
     probabilities, intervals = evaluation.probabilities, evaluation.confidence_intervals
+    raw, y_pred = evaluation.raw_probabilities, evaluation.predictions
     binary = len(class_names) == 2
     curves = []
     for c in ([positive] if binary else range(len(class_names))):
