@@ -1,5 +1,6 @@
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,16 @@ def write_image(path, seed=0, size=40, mode="RGB"):
     else:
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "RGB").save(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_run(tmp_path, monkeypatch):
+    """Caches (LiteRT conversions) go into the test's folder, not the user's home, and a run's global dtype
+    policy (`--mixed-precision`) doesn't leak into the next test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield
+    if "keras" in sys.modules:
+        sys.modules["keras"].mixed_precision.set_global_policy("float32")
 
 
 @pytest.fixture

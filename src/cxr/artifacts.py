@@ -6,6 +6,7 @@ Checkpoints are written by Keras into a staging folder during training and moved
 import csv
 import io
 import json
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -117,8 +118,13 @@ def versions():
 
     import cxr
 
+    try:
+        litert = importlib.metadata.version("ai-edge-litert")
+    except importlib.metadata.PackageNotFoundError:
+        litert = None
     return {"cxr": cxr.__version__, "tensorflow": tensorflow.__version__, "keras": keras.__version__,
-            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+            "ai-edge-litert": litert, "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
+            "python": platform.python_version()}
 
 
 def summary(class_names, counts, evaluation, operating_point, config, **extra):

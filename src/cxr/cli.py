@@ -63,6 +63,7 @@ def train_command(config):
     from cxr import artifacts, models, train
     from cxr.data.pipeline import decode_splits
     from cxr.evaluate import evaluate_model, plots, predict_probabilities
+    from cxr.litert import fast_inference
 
     images, data, paths = decode_splits(splits, config.img_size, outputs.cache, strict=config.strict)
     class_names = splits.class_names
@@ -83,12 +84,14 @@ def train_command(config):
             server.terminate()
 
     print("Fitting the calibration and the operating point on validation; evaluating on test", flush=True)
+    predictor, engine = fast_inference(model)
     val_rows, y_val = data["val"]
-    point = fit_operating_point(y_val, predict_probabilities(model, images, val_rows, config.batch_size),
+    point = fit_operating_point(y_val, predict_probabilities(predictor, images, val_rows, config.batch_size),
                                 class_names, positive, config.target_sensitivity)
     test_rows, y_test = data["test"]
     evaluation = evaluate_model(model, images, test_rows, y_test, class_names, point, config.bootstrap, config.seed,
-                                names=[paths[r].name for r in test_rows], batch_size=config.batch_size)
+                                names=[paths[r].name for r in test_rows], batch_size=config.batch_size,
+                                predictor=predictor)
 
     artifacts.save_model(model, outputs.models / "model.h5")
     artifacts.publish_staged(outputs)
@@ -103,7 +106,7 @@ def train_command(config):
     summary = artifacts.summary(class_names, counts, evaluation, point, config.to_dict(),
                                 timings={k: round(v, 2) for k, v in result.seconds.items()},
                                 final_phase=result.final_phase, history=result.history,
-                                precision=keras.mixed_precision.global_policy().name)
+                                precision=keras.mixed_precision.global_policy().name, inference=engine)
     write_json(outputs.reports / "summary.json", summary)
     print_headline(evaluation, point)
     print(f"Outputs in {outputs.root}/ (models/model.h5, reports/report.html, reports/summary.json, plots/)")
@@ -137,6 +140,7 @@ def evaluate_command(args):
     outputs = Outputs(args.output_dir).prepare(training=False)
     setup_runtime(Config(seed=args.seed))
     from cxr.evaluate import evaluate_model
+    from cxr.litert import fast_inference
 
     model = load_model(args.model)
     images, bad = decode_all(paths, model.input_shape[1], outputs.cache)
@@ -147,15 +151,17 @@ def evaluate_command(args):
         raise UserError(f"{folder}: none of its images could be read; check the image files")
     y = np.array(labels)[rows]
     point = saved_operating_point(info)
+    predictor, engine = fast_inference(model, args.model)
     evaluation = evaluate_model(model, images, rows, y, class_names, point, args.bootstrap, args.seed, args.tta,
-                                names=[paths[r].name for r in rows], batch_size=args.batch_size)
+                                names=[paths[r].name for r in rows], batch_size=args.batch_size, predictor=predictor)
     counts = {"evaluated": {name: int((y == i).sum()) for i, name in enumerate(class_names)}}
     settings = {"model": str(args.model), "data_dir": str(folder), "tta": args.tta, "bootstrap": args.bootstrap,
                 "seed": args.seed}
     write_evaluation(outputs, evaluation, "cxr: evaluation of a saved model",
                      f"{args.model} on {folder} ({len(rows)} images){', with flip TTA' if args.tta else ''}.",
                      counts, point, settings)
-    write_json(outputs.reports / "summary.json", summary(class_names, counts, evaluation, point, settings))
+    write_json(outputs.reports / "summary.json",
+               summary(class_names, counts, evaluation, point, settings, inference=engine))
     print_headline(evaluation, point)
     print(f"Outputs in {outputs.root}/ (reports/report.html, reports/metrics.csv, reports/summary.json, plots/)")
 

@@ -14,6 +14,7 @@ from cxr.data.split import is_image_file
 from cxr.errors import UserError, list_paths, warn
 from cxr.evaluate import predict_probabilities
 from cxr.evaluate.metrics import apply_temperature, decide
+from cxr.litert import fast_inference
 
 
 def list_inputs(paths):
@@ -47,7 +48,11 @@ def load_model(model_path):
 
 
 def predict_files(model, files, batch_size=64, tta=False):
-    """The readable files, in order, and the model's raw softmax outputs (N, classes) for them."""
+    """The readable files, in order, and the model's raw softmax outputs (N, classes) for them.
+
+    `model` is a Keras model or anything with its `predict_on_batch`, `input_shape` and `output_shape`
+    (`litert.fast_inference`). The next chunk of files is decoded in threads while the model runs on this one.
+    """
     size = model.input_shape[1]
 
     def load(path):
@@ -56,11 +61,13 @@ def predict_files(model, files, batch_size=64, tta=False):
         except (OSError, ValueError):
             return None
 
+    chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
     probabilities, readable, unreadable = [], [], []
     with ThreadPoolExecutor() as pool:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            images = list(pool.map(load, chunk))
+        pending = [pool.submit(load, path) for path in chunks[0]] if chunks else []
+        for k, chunk in enumerate(chunks):
+            images = [future.result() for future in pending]
+            pending = [pool.submit(load, path) for path in chunks[k + 1]] if k + 1 < len(chunks) else []
             batch = [img for img in images if img is not None]
             readable += [p for p, img in zip(chunk, images) if img is not None]
             unreadable += [p for p, img in zip(chunk, images) if img is None]
@@ -99,8 +106,8 @@ def classify(raw, point, class_names):
 def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False):
     files = list_inputs(paths)
     info = read_model_info(model_path)
-    model = load_model(model_path)
-    readable, raw = predict_files(model, files, batch_size, tta)
+    predictor, _ = fast_inference(load_model(model_path), model_path)
+    readable, raw = predict_files(predictor, files, batch_size, tta)
     probabilities, labels = classify(raw, saved_operating_point(info), info["class_names"])
     return format_predictions(readable, probabilities, labels, info["class_names"], fmt)
 

@@ -26,6 +26,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from cxr.data.pipeline import make_dataset
 from cxr.errors import warn
+from cxr.litert import fast_inference
 from cxr.models import backbone_layers, compile_model, freeze_backbone, head_on_features, unfreeze_backbone
 
 PHASE1_CHECKPOINT = "best_feature_extractor.keras"
@@ -115,7 +116,10 @@ def frozen_outputs(prefix, images, data, num_classes, config, folder):
 
     They go into arrays memory-mapped from `folder` (7x7x192 float32, 38 KB per image and view at 224 px), so
     memory stays flat however many images there are; the operating system keeps them cached when RAM allows.
+    On a CPU the prefix runs in LiteRT, about three times faster than in Keras.
     """
+    runner, _ = fast_inference(prefix)
+
     def run(name, rows, labels, views, augment):
         out = np.lib.format.open_memmap(Path(folder) / f"{name}.npy", mode="w+", dtype=np.float32,
                                         shape=(views * len(rows), *prefix.output.shape[1:]))
@@ -124,7 +128,7 @@ def frozen_outputs(prefix, images, data, num_classes, config, folder):
             ds = make_dataset(images, rows, labels, num_classes, config.batch_size, augment=augment,
                               seed=config.seed + view)
             for x, _ in ds:
-                out[done:done + len(x)] = prefix.predict_on_batch(x)
+                out[done:done + len(x)] = runner.predict_on_batch(x)
                 done += len(x)
         out.flush()
         return out

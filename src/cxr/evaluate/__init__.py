@@ -42,9 +42,13 @@ class Evaluation:
 
 
 def evaluate_model(model, images, rows, y_true, class_names, operating_point, n_bootstrap=2000, seed=0, tta=False,
-                   names=None, batch_size=32):
-    """Everything the reports need about `model` on `images[rows]` with labels `y_true`."""
-    raw = predict_probabilities(model, images, rows, batch_size, tta)
+                   names=None, batch_size=32, predictor=None):
+    """Everything the reports need about `model` on `images[rows]` with labels `y_true`.
+
+    `predictor` (default: `model`) computes the probabilities, e.g. `litert.fast_inference(model)`; Grad-CAM
+    needs gradients, so it always runs on `model`.
+    """
+    raw = predict_probabilities(predictor or model, images, rows, batch_size, tta)
     probabilities = apply_temperature(raw, operating_point["temperature"])
     positive = class_names.index(operating_point["positive_class"])
     threshold = operating_point["threshold"]

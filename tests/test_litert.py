@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from cxr import litert
+from cxr.litert import fast_inference
+from cxr.models import build_classifier
+from cxr.train import split_at_frozen_prefix
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_classifier("efficientnet-lite0", 2, weights="none", img_size=32)
+
+
+def test_litert_gives_keras_numbers_for_any_batch_length(model):
+    predictor, engine = fast_inference(model)
+    assert engine == "litert"
+    x = np.random.default_rng(0).integers(0, 256, (11, 32, 32, 3)).astype(np.float32)  # not a multiple of 8
+    np.testing.assert_allclose(predictor.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)
+    assert predictor.predict_on_batch(x[:0]).shape == (0, 2)
+    assert predictor.output_shape == model.output_shape
+
+
+def test_frozen_prefix_runs_in_litert(model):
+    prefix = split_at_frozen_prefix(model, 132)[0]
+    predictor, engine = fast_inference(prefix)
+    x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
+    assert engine == "litert"
+    np.testing.assert_allclose(predictor.predict_on_batch(x), prefix.predict_on_batch(x), atol=1e-4)
+
+
+def test_conversion_is_cached_by_model_file(model, tmp_path, monkeypatch):
+    model_path = tmp_path / "model.keras"
+    model.save(model_path)
+    fast_inference(model, model_path)
+    assert len(list((tmp_path / "cache" / "cxr" / "litert").glob("model-*.tflite"))) == 1
+
+    def no_conversion(_):
+        raise AssertionError("converted again")
+    monkeypatch.setattr(litert, "to_flatbuffer", no_conversion)
+    assert fast_inference(model, model_path)[1] == "litert"
+
+
+def test_unconvertible_model_falls_back_to_keras(model, monkeypatch, capsys):
+    def fail(_):
+        raise ValueError("op not supported\nlong details")
+    monkeypatch.setattr(litert, "to_flatbuffer", fail)
+    predictor, engine = fast_inference(model)
+    assert (predictor, engine) == (model, "keras")
+    assert "LiteRT could not run the model (op not supported); running it in Keras" in capsys.readouterr().err
