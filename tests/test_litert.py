@@ -1,8 +1,9 @@
+import keras
 import numpy as np
 import pytest
 
 from cxr import litert
-from cxr.litert import fast_inference
+from cxr.litert import fast_inference, saved_model_inference
 from cxr.models import build_classifier
 from cxr.train import split_at_frozen_prefix
 
@@ -32,13 +33,26 @@ def test_frozen_prefix_runs_in_litert(model):
 def test_conversion_is_cached_by_model_file(model, tmp_path, monkeypatch):
     model_path = tmp_path / "model.keras"
     model.save(model_path)
-    fast_inference(model, model_path)
+    x = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
+    expected = fast_inference(model, model_path)[0].predict_on_batch(x)
     assert len(list((tmp_path / "cache" / "cxr" / "litert").glob("model-*.tflite"))) == 1
 
     def no_conversion(_):
         raise AssertionError("converted again")
+    convert = litert.to_flatbuffer
     monkeypatch.setattr(litert, "to_flatbuffer", no_conversion)
     assert fast_inference(model, model_path)[1] == "litert"
+
+    def no_keras(_):
+        raise AssertionError("loaded the Keras model")
+    predictor, engine = saved_model_inference(model_path, no_keras)  # start-up without Keras
+    assert engine == "litert" and predictor.input_shape == (None, 32, 32, 3)
+    np.testing.assert_array_equal(predictor.predict_on_batch(x), expected)
+
+    keras.models.clone_model(model).save(model_path)  # new weights: a new key, never the old conversion
+    monkeypatch.setattr(litert, "to_flatbuffer", convert)
+    saved_model_inference(model_path, keras.models.load_model)
+    assert len(list((tmp_path / "cache" / "cxr" / "litert").glob("model-*.tflite"))) == 2
 
 
 def test_unconvertible_model_falls_back_to_keras(model, monkeypatch, capsys):

@@ -262,7 +262,7 @@ def main(argv=None):
         if args.command == "train":
             train_command(config_from_args(args))
         elif args.command == "predict":
-            setup_runtime(Config())
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # predict imports TensorFlow only to convert
             from cxr.predict import run_predict
 
             print(run_predict(args.paths, args.model, args.format, args.batch_size, args.tta))

@@ -21,23 +21,43 @@ BATCH_SIZE = 8  # XNNPACK's speed is flat from 1 to 32 images per call on 2 core
 CACHED_MODELS = 8
 
 
-def fast_inference(model, model_path=None, enabled=True):
+def fast_inference(model, model_path=None):
     """`model` itself, or its LiteRT twin where that is possible: float32, no GPU, every op convertible.
 
     Returns (predictor, engine name); the predictor has `predict_on_batch`, `input_shape` and `output_shape`.
     With `model_path` (the file `model` was loaded from), the conversion, about 10 s, is cached by the file's
-    contents under ~/.cache/cxr/litert (the 8 most recently used models).
+    contents under ~/.cache/cxr/litert (the most recently used few).
     """
     import tensorflow as tf
 
-    if not enabled or tf.config.list_physical_devices("GPU") or model.compute_dtype != "float32":
+    if tf.config.list_physical_devices("GPU") or model.compute_dtype != "float32":
         return model, "keras"
     try:
-        return LiteRTModel(model, _cached_flatbuffer(model, model_path) if model_path else to_flatbuffer(model)), \
-            "litert"
+        cached = cache_path(model_path) if model_path else None
+        if cached and cached.is_file():
+            return load_cached(cached), "litert"
+        flatbuffer = to_flatbuffer(model)
+        if cached:
+            _write_cache(cached, flatbuffer)
+        return LiteRTModel(flatbuffer), "litert"
     except Exception as error:  # an op LiteRT lacks: Keras gives the same answers, only slower
         warn(f"LiteRT could not run the model ({str(error).splitlines()[0][:120]}); running it in Keras")
         return model, "keras"
+
+
+def saved_model_inference(model_path, load_model):
+    """(predictor, engine) for the model saved at `model_path`.
+
+    A cached conversion is used as it is: neither TensorFlow nor the Keras model is loaded, which cuts about
+    10 s of start-up. Otherwise `fast_inference(load_model(model_path), model_path)` converts and caches it.
+    """
+    cached = cache_path(model_path) if Path(model_path).is_file() else None
+    if cached and cached.is_file():
+        try:
+            return load_cached(cached), "litert"
+        except (OSError, ValueError, RuntimeError):  # a damaged cache file: convert again
+            pass
+    return fast_inference(load_model(model_path), model_path)
 
 
 def to_flatbuffer(model):
@@ -51,11 +71,12 @@ def to_flatbuffer(model):
 class LiteRTModel:
     """A converted model behind Keras' `predict_on_batch`, `input_shape` and `output_shape`."""
 
-    def __init__(self, model, flatbuffer, num_threads=None):
-        self.input_shape, self.output_shape = model.input_shape, model.output_shape
+    def __init__(self, flatbuffer, num_threads=None):
         self._interpreter = _interpreter(flatbuffer, num_threads or len(os.sched_getaffinity(0)))
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
+        source, target = self._interpreter.get_input_details()[0], self._interpreter.get_output_details()[0]
+        self.input_shape = (None, *map(int, source["shape_signature"][1:]))
+        self.output_shape = (None, *map(int, target["shape_signature"][1:]))
+        self._input, self._output = source["index"], target["index"]
         self._interpreter.resize_tensor_input(self._input, [BATCH_SIZE, *self.input_shape[1:]])
         self._interpreter.allocate_tensors()
 
@@ -83,20 +104,22 @@ def _interpreter(flatbuffer, num_threads):
     return Interpreter(model_content=flatbuffer, num_threads=num_threads)
 
 
-def _cached_flatbuffer(model, model_path):
-    import tensorflow as tf
-
+def cache_path(model_path):
     digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()[:24]
     cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = cache_home / "cxr" / "litert" / f"{Path(model_path).stem}-{digest}-tf{tf.__version__}.tflite"
-    if path.is_file():
-        path.touch()  # recently used: kept when older conversions are pruned
-        return path.read_bytes()
-    flatbuffer = to_flatbuffer(model)
+    return cache_home / "cxr" / "litert" / f"{Path(model_path).stem}-{digest}.tflite"
+
+
+def load_cached(path):
+    model = LiteRTModel(path.read_bytes())
+    path.touch()  # recently used: kept when older conversions are pruned
+    return model
+
+
+def _write_cache(path, flatbuffer):
     try:
         write_bytes(path, flatbuffer)
         for old in sorted(path.parent.glob("*.tflite"), key=lambda p: p.stat().st_mtime)[:-CACHED_MODELS]:
             old.unlink()
-    except OSError:  # a read-only home only costs the next run another conversion
+    except OSError:  # a read-only home costs the next run another conversion, nothing more
         pass
-    return flatbuffer

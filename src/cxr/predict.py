@@ -14,7 +14,7 @@ from cxr.data.split import is_image_file
 from cxr.errors import UserError, list_paths, warn
 from cxr.evaluate import predict_probabilities
 from cxr.evaluate.metrics import apply_temperature, decide
-from cxr.litert import fast_inference
+from cxr.litert import saved_model_inference
 
 
 def list_inputs(paths):
@@ -106,7 +106,7 @@ def classify(raw, point, class_names):
 def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False):
     files = list_inputs(paths)
     info = read_model_info(model_path)
-    predictor, _ = fast_inference(load_model(model_path), model_path)
+    predictor, _ = saved_model_inference(model_path, load_model)
     readable, raw = predict_files(predictor, files, batch_size, tta)
     probabilities, labels = classify(raw, saved_operating_point(info), info["class_names"])
     return format_predictions(readable, probabilities, labels, info["class_names"], fmt)

@@ -1,0 +1,83 @@
+"""Throughput of `cxr predict` on a folder, and of its forward pass in LiteRT vs Keras.
+
+    .venv/bin/python benchmarks/bench_predict.py                       # 2,000 training X-rays, fresh Lite0
+    .venv/bin/python benchmarks/bench_predict.py --model outputs/models/model.h5 --limit 500
+
+Without --model it saves an ImageNet Lite0 with an untrained 2-class head (speed doesn't depend on the
+head's weights). It then times, on the same image files:
+- `cxr predict FILES --format csv` end to end in a child process (start-up, loading, decoding, inference),
+  once with an empty LiteRT cache (includes the conversion) and once with the cache filled;
+- `predict.predict_files` in this process, after start-up: LiteRT vs the Keras model, with the largest
+  difference between their probabilities.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "chest_xray" / "train"
+
+
+def fresh_model(folder, img_size):
+    from cxr.artifacts import save_model, write_model_info
+    from cxr.models import build_classifier
+
+    path = Path(folder) / "model.h5"
+    save_model(build_classifier("efficientnet-lite0", 2, "imagenet", img_size), path)
+    write_model_info(folder, ["NORMAL", "PNEUMONIA"], img_size=img_size, backbone="efficientnet-lite0")
+    return path
+
+
+def time_cli(files, model, cache_home):
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cxr", "predict", *map(str, files), "--model", str(model),
+                    "--format", "csv"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="folder of images (searched recursively)")
+    parser.add_argument("--limit", type=int, default=2000, help="number of images")
+    parser.add_argument("--model", type=Path, help="a saved cxr model (default: a fresh ImageNet Lite0)")
+    parser.add_argument("--img-size", type=int, default=224)
+    args = parser.parse_args()
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from cxr.predict import list_inputs
+
+    files = list_inputs([args.source])[:args.limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = args.model or fresh_model(tmp, args.img_size)
+        cache_home = Path(tmp) / "cache"
+        cold, warm = time_cli(files, model_path, cache_home), time_cli(files, model_path, cache_home)
+        print(f"{len(files)} images from {args.source}, model {args.model or 'fresh efficientnet-lite0'}, "
+              f"{len(os.sched_getaffinity(0))} CPU cores")
+        print(f"cxr predict, end to end, LiteRT cache empty  {cold:7.1f} s  {len(files) / cold:6.1f} images/s")
+        print(f"cxr predict, end to end, LiteRT cache filled {warm:7.1f} s  {len(files) / warm:6.1f} images/s")
+
+        os.environ["XDG_CACHE_HOME"] = str(cache_home)
+        import numpy as np
+
+        from cxr.litert import fast_inference
+        from cxr.predict import load_model, predict_files
+
+        model = load_model(model_path)
+        outputs = {}
+        for engine, predictor in (("litert", fast_inference(model, model_path)[0]), ("keras", model)):
+            predict_files(predictor, files[:64])  # warm-up: graph tracing, thread pools
+            start = time.perf_counter()
+            outputs[engine] = predict_files(predictor, files)[1]
+            seconds = time.perf_counter() - start
+            print(f"predict_files after start-up, {engine:6}     {seconds:7.1f} s  {len(files) / seconds:6.1f} images/s")
+        print(f"largest |LiteRT - Keras| probability difference: {np.abs(outputs['litert'] - outputs['keras']).max():.1e}")
+
+
+if __name__ == "__main__":
+    main()
