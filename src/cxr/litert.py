@@ -2,8 +2,9 @@
 
 LiteRT's XNNPACK kernels run EfficientNet-Lite0 about three times faster than Keras on this project's 2-core
 CPU (see benchmarks/README.md) and agree with it to float32 rounding (about 1e-6), so inference-only work on
-a machine without a GPU (the frozen-layer pass of training, `cxr predict`) goes through here. Training,
-Grad-CAM and anything else that needs gradients stays in Keras.
+a machine without a GPU goes through here: the frozen-layer pass of training, the validation and test
+probabilities of `cxr train` and `cxr evaluate`, and `cxr predict`. Training, Grad-CAM and anything else that
+needs gradients stays in Keras.
 """
 
 import contextlib
@@ -48,8 +49,8 @@ def fast_inference(model, model_path=None):
 def saved_model_inference(model_path, load_model):
     """(predictor, engine) for the model saved at `model_path`.
 
-    A cached conversion is used as it is: neither TensorFlow nor the Keras model is loaded, which cuts about
-    10 s of start-up. Otherwise `fast_inference(load_model(model_path), model_path)` converts and caches it.
+    A cached conversion is used as it is, even on a machine with a GPU: neither TensorFlow nor the Keras model
+    is loaded, which cuts about 10 s of start-up. Otherwise `fast_inference(load_model(model_path), model_path)` converts and caches it.
     """
     cached = cache_path(model_path) if Path(model_path).is_file() else None
     if cached and cached.is_file():
