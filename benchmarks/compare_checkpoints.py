@@ -25,7 +25,6 @@ def main():
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import numpy as np
     from sklearn.metrics import balanced_accuracy_score
 
     from cxr.config import Config

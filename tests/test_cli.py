@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cxr import litert
 from cxr.cli import main
 from tests.conftest import write_image
 
@@ -195,12 +196,14 @@ def test_html_report_renders_in_headless_chromium(trained, tmp_path):
     assert colourful > 0.0005 and pixels.std() > 20  # grey text alone scores ~0
 
 
-def test_deterministic_runs_give_the_same_numbers(xray_raw, tmp_path):
+def test_deterministic_runs_give_the_same_numbers(xray_raw, tmp_path, monkeypatch):
+    monkeypatch.setattr(litert, "MIN_IMAGES_TO_CONVERT", 0)  # LiteRT for the frozen layers and the evaluation
     summaries = []
     for run in ("a", "b"):
         assert main(["train", "--data-dir", str(xray_raw), "--output-dir", str(tmp_path / run), "--deterministic",
                      *TINY]) == 0
         summaries.append(json.loads((tmp_path / run / "reports/summary.json").read_text()))
+    assert summaries[0]["inference"] == "litert"
     assert summaries[0]["history"] == summaries[1]["history"]
     assert summaries[0]["metrics"] == summaries[1]["metrics"]
 

@@ -22,6 +22,13 @@ def test_litert_gives_keras_numbers_for_any_batch_length(model):
     assert predictor.output_shape == model.output_shape
 
 
+def test_few_images_are_not_worth_a_conversion(model, monkeypatch):
+    def no_conversion(_):
+        raise AssertionError("converted")
+    monkeypatch.setattr(litert, "to_flatbuffer", no_conversion)
+    assert fast_inference(model, n_images=litert.MIN_IMAGES_TO_CONVERT - 1) == (model, "keras")
+
+
 def test_frozen_prefix_runs_in_litert(model):
     prefix = split_at_frozen_prefix(model, 132)[0]
     predictor, engine = fast_inference(prefix)
@@ -41,7 +48,7 @@ def test_conversion_is_cached_by_model_file(model, tmp_path, monkeypatch):
         raise AssertionError("converted again")
     convert = litert.to_flatbuffer
     monkeypatch.setattr(litert, "to_flatbuffer", no_conversion)
-    assert fast_inference(model, model_path)[1] == "litert"
+    assert fast_inference(model, model_path, n_images=1)[1] == "litert"  # converted already: always worth it
 
     def no_keras(_):
         raise AssertionError("loaded the Keras model")

@@ -84,11 +84,11 @@ def train_command(config):
             server.terminate()
 
     print("Fitting the calibration and the operating point on validation; evaluating on test", flush=True)
-    predictor, engine = fast_inference(model)
     val_rows, y_val = data["val"]
+    test_rows, y_test = data["test"]
+    predictor, engine = fast_inference(model, n_images=len(val_rows) + len(test_rows))
     point = fit_operating_point(y_val, predict_probabilities(predictor, images, val_rows, config.batch_size),
                                 class_names, positive, config.target_sensitivity)
-    test_rows, y_test = data["test"]
     evaluation = evaluate_model(model, images, test_rows, y_test, class_names, point, config.bootstrap, config.seed,
                                 names=[paths[r].name for r in test_rows], batch_size=config.batch_size,
                                 predictor=predictor)
@@ -151,7 +151,7 @@ def evaluate_command(args):
         raise UserError(f"{folder}: none of its images could be read; check the image files")
     y = np.array(labels)[rows]
     point = saved_operating_point(info)
-    predictor, engine = fast_inference(model, args.model)
+    predictor, engine = fast_inference(model, args.model, n_images=len(rows) * (2 if args.tta else 1))
     evaluation = evaluate_model(model, images, rows, y, class_names, point, args.bootstrap, args.seed, args.tta,
                                 names=[paths[r].name for r in rows], batch_size=args.batch_size, predictor=predictor)
     counts = {"evaluated": {name: int((y == i).sum()) for i, name in enumerate(class_names)}}

@@ -118,7 +118,7 @@ def frozen_outputs(prefix, images, data, num_classes, config, folder):
     memory stays flat however many images there are; the operating system keeps them cached when RAM allows.
     On a CPU the prefix runs in LiteRT, about three times faster than in Keras.
     """
-    runner, _ = fast_inference(prefix)
+    runner, _ = fast_inference(prefix, n_images=config.feature_views * len(data["train"][0]) + len(data["val"][0]))
 
     def run(name, rows, labels, views, augment):
         out = np.lib.format.open_memmap(Path(folder) / f"{name}.npy", mode="w+", dtype=np.float32,
