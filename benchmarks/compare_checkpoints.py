@@ -30,7 +30,7 @@ def main():
     from cxr.config import Config
     from cxr.data.pipeline import decode_splits
     from cxr.data.split import prepare_splits
-    from cxr.evaluate import predict_probabilities
+    from cxr.inference import predict_probabilities
     from cxr.evaluate.metrics import auc_score
     from cxr.litert import fast_inference
     from cxr.predict import load_model

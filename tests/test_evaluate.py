@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from cxr.errors import UserError
-from cxr.evaluate.metrics import (apply_temperature, auc_score, choose_threshold, confidence_intervals, decide,
-                                  expected_calibration_error, fit_operating_point, fit_temperature, headline_metrics,
-                                  positive_class)
+from cxr.evaluate.metrics import (auc_score, choose_threshold, confidence_intervals, expected_calibration_error,
+                                  fit_operating_point, fit_temperature, headline_metrics)
 from cxr.evaluate.report import classification_rows, metric_rows
+from cxr.inference import apply_temperature, decide, positive_class
 
 NAMES = ["NORMAL", "PNEUMONIA"]
 Y = np.array([0, 0, 0, 1, 1, 1, 1, 1])

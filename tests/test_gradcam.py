@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from cxr.evaluate import gradcam, predict_probabilities
+from cxr.evaluate import gradcam
+from cxr.inference import predict_probabilities
 from cxr.models import build_classifier
 
 

@@ -103,7 +103,7 @@ def read_model_info(model_path):
 
 def saved_operating_point(info):
     """The operating point stored in class_names.json; models saved without one use argmax, uncalibrated."""
-    from cxr.evaluate.metrics import positive_class
+    from cxr.inference import positive_class
 
     defaults = {"positive_class": positive_class(info["class_names"]), "temperature": 1.0, "threshold": None,
                 "method": "argmax"}

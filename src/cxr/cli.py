@@ -53,7 +53,8 @@ def train_command(config):
     outputs = Outputs(config.output_dir).prepare()
     splits = prepare_splits(config)
     print(describe(splits), flush=True)
-    from cxr.evaluate.metrics import fit_operating_point, positive_class
+    from cxr.evaluate.metrics import fit_operating_point
+    from cxr.inference import positive_class
 
     positive = positive_class(splits.class_names, config.positive_class)
 
@@ -62,7 +63,8 @@ def train_command(config):
 
     from cxr import artifacts, models, train
     from cxr.data.pipeline import decode_splits
-    from cxr.evaluate import evaluate_model, plots, predict_probabilities
+    from cxr.evaluate import evaluate_model, plots
+    from cxr.inference import predict_probabilities
     from cxr.litert import fast_inference
 
     images, data, paths = decode_splits(splits, config.img_size, outputs.cache, strict=config.strict)

@@ -12,8 +12,7 @@ from cxr.artifacts import read_model_info, saved_operating_point
 from cxr.data.pipeline import load_image
 from cxr.data.split import is_image_file
 from cxr.errors import UserError, list_paths, warn
-from cxr.evaluate import predict_probabilities
-from cxr.evaluate.metrics import apply_temperature, decide
+from cxr.inference import apply_temperature, decide, predict_probabilities
 from cxr.litert import saved_model_inference
 
 

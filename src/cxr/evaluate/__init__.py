@@ -10,23 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cxr.evaluate import gradcam, plots
-from cxr.evaluate.metrics import (apply_temperature, auc_score, classification, confidence_intervals, confusion,
-                                  decide, expected_calibration_error, headline_metrics, reliability_bins, roc_band)
+from cxr.evaluate.metrics import (auc_score, classification, confidence_intervals, confusion,
+                                  expected_calibration_error, headline_metrics, reliability_bins, roc_band)
+from cxr.inference import apply_temperature, decide, predict_probabilities
 
 GALLERY_SIZE = 4
-
-
-def predict_probabilities(model, images, rows=None, batch_size=32, tta=False):
-    """Softmax outputs for `images[rows]` (uint8, N x H x W x 3); with `tta`, averaged with the mirror image."""
-    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        x = np.asarray(images[rows[start:start + batch_size]], dtype=np.float32)
-        p = np.asarray(model.predict_on_batch(x), dtype=np.float64)
-        if tta:
-            p = (p + np.asarray(model.predict_on_batch(x[:, :, ::-1]), dtype=np.float64)) / 2
-        batches.append(p)
-    return np.concatenate(batches) if batches else np.zeros((0, model.output_shape[-1]))
 
 
 @dataclass

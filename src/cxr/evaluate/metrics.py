@@ -11,31 +11,14 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, brier_score_loss,
                              classification_report, confusion_matrix, roc_auc_score, roc_curve)
 
-from cxr.errors import UserError, warn
+from cxr.errors import warn
+from cxr.inference import apply_temperature, decide
 
 ECE_BINS = 15
 _TINY = 1e-12
 
 
-def positive_class(class_names, requested=None):
-    """`requested` if it is a class; by default PNEUMONIA if there is one, else the second class."""
-    if requested is None:
-        return "PNEUMONIA" if "PNEUMONIA" in class_names else class_names[1]
-    if requested not in class_names:
-        raise UserError(f"--positive-class {requested!r} is not one of the classes ({', '.join(class_names)}); "
-                        "give one of those names")
-    return requested
-
-
 # --- calibration -------------------------------------------------------------------------------------------
-
-def apply_temperature(probabilities, temperature):
-    """softmax(log p / T): the model's logits up to a constant, so this is temperature scaling on its output."""
-    logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), _TINY, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    return scaled / scaled.sum(axis=1, keepdims=True)
-
 
 def fit_temperature(y_true, probabilities):
     """The temperature minimising the negative log-likelihood of `y_true` (Guo et al., 2017)."""
@@ -78,14 +61,6 @@ def choose_threshold(is_positive, scores, target_sensitivity=None):
     else:
         best = int(np.flatnonzero(tpr >= target_sensitivity - 1e-12)[0])  # thresholds decrease, tpr rises
     return float(thresholds[best]), float(tpr[best]), float(1 - fpr[best])
-
-
-def decide(probabilities, positive_index=None, threshold=None):
-    """Predicted class per row: the positive class when its probability >= threshold (binary), else argmax."""
-    if threshold is None or probabilities.shape[1] != 2:
-        return probabilities.argmax(axis=1)
-    negative_index = 1 - positive_index
-    return np.where(probabilities[:, positive_index] >= threshold, positive_index, negative_index)
 
 
 def fit_operating_point(y_val, probabilities_val, class_names, positive_class, target_sensitivity=None):
