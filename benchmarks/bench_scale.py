@@ -4,11 +4,11 @@
 
 Writes N random grey PNGs (two classes, train/val/test 70/15/15) under --workdir, runs the default recipe
 (Lite0, feature cache on, 1 epoch per phase, no bootstrap) in a child process per size, and prints its peak
-memory. Two numbers, because memory-mapped files count towards RSS while the kernel keeps their pages:
-- peak anonymous RSS (sampled from /proc/self/status every 0.2 s): memory the run cannot give back, the
-  number that must stay flat;
-- VmHWM, the kernel's peak RSS, which also counts cached pages of the memory-mapped decode and
-  frozen-output arrays (reclaimable: the kernel drops them under memory pressure).
+memory, two ways:
+- peak anonymous RSS (sampled from /proc/self/status every 0.2 s): memory the run cannot give back;
+- VmHWM, the kernel's peak RSS, what `top` shows: it would also count the pages of memory-mapped files, so
+  it shows that the decode cache and the frozen-layer outputs stay on disk (they are read by rows through
+  the page cache, not mapped).
 """
 
 import argparse

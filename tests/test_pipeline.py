@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from cxr.config import Config
-from cxr.data.pipeline import decode_all, decode_splits, load_image, make_dataset
+from cxr.data.pipeline import DiskArray, decode_all, decode_splits, load_image, make_dataset, write_array
 from cxr.data.split import prepare_splits
 from cxr.errors import UserError
 from tests.conftest import write_image
@@ -67,5 +67,20 @@ def test_dataset_yields_one_hot_batches_and_augments_only_when_asked(tmp_path):
     augmented = make_dataset(images, rows, labels, 2, batch_size=6, augment=True, seed=1)
     xa, ya = next(iter(augmented))
     np.testing.assert_array_equal(ya.numpy(), np.eye(2)[labels])
-    assert not np.allclose(xa.numpy(), images.astype("float32"))
+    assert not np.allclose(xa.numpy(), images[:].astype("float32"))
     assert 0 <= xa.numpy().min() and xa.numpy().max() <= 255
+
+
+def test_disk_array_reads_the_rows_asked_for_and_refuses_a_short_write(tmp_path):
+    data = np.arange(5 * 3 * 2, dtype=np.float32).reshape(5, 3, 2)
+    array = write_array(tmp_path / "a.npy", data.shape, np.float32, [data[:2], data[2:]])
+    assert array.shape == data.shape and array.dtype == np.float32 and len(array) == 5
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), data)  # a plain .npy file
+    np.testing.assert_array_equal(array[3], data[3])
+    np.testing.assert_array_equal(array[-1], data[-1])
+    np.testing.assert_array_equal(array[1:4], data[1:4])
+    np.testing.assert_array_equal(array[np.array([4, 0, 4])], data[[4, 0, 4]])
+    np.save(tmp_path / "b.npy", data)  # numpy's own (version 1.0) files read the same way
+    np.testing.assert_array_equal(DiskArray(tmp_path / "b.npy")[[2]], data[[2]])
+    with pytest.raises(ValueError, match="4 rows written, 5 expected"):
+        write_array(tmp_path / "c.npy", data.shape, np.float32, [data[:4]])

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
-from cxr.data.pipeline import make_dataset
+from cxr.data.pipeline import make_dataset, write_array
 from cxr.errors import warn
 from cxr.litert import fast_inference
 from cxr.models import backbone_layers, compile_model, freeze_backbone, head_on_features, unfreeze_backbone
@@ -114,24 +114,23 @@ def frozen_outputs(prefix, images, data, num_classes, config, folder):
     """The prefix's outputs for `feature_views` augmented views of the training images, stacked view after view,
     and for the validation images (unaugmented).
 
-    They go into arrays memory-mapped from `folder` (7x7x192 float32, 38 KB per image and view at 224 px), so
-    memory stays flat however many images there are; the operating system keeps them cached when RAM allows.
+    They are written to .npy files in `folder` (7x7x192 float32, 38 KB per image and view at 224 px) and read
+    back a batch at a time, so memory stays flat however many images there are; the operating system keeps
+    them cached when RAM allows.
     On a CPU the prefix runs in LiteRT, about three times faster than in Keras.
     """
     runner, _ = fast_inference(prefix, n_images=config.feature_views * len(data["train"][0]) + len(data["val"][0]))
 
     def run(name, rows, labels, views, augment):
-        out = np.lib.format.open_memmap(Path(folder) / f"{name}.npy", mode="w+", dtype=np.float32,
-                                        shape=(views * len(rows), *prefix.output.shape[1:]))
-        done = 0
-        for view in range(views):
-            ds = make_dataset(images, rows, labels, num_classes, config.batch_size, augment=augment,
-                              seed=config.seed + view)
-            for x, _ in ds:
-                out[done:done + len(x)] = runner.predict_on_batch(x)
-                done += len(x)
-        out.flush()
-        return out
+        def blocks():
+            for view in range(views):
+                ds = make_dataset(images, rows, labels, num_classes, config.batch_size, augment=augment,
+                                  seed=config.seed + view)
+                for x, _ in ds:
+                    yield runner.predict_on_batch(x)
+
+        return write_array(Path(folder) / f"{name}.npy", (views * len(rows), *prefix.output.shape[1:]), np.float32,
+                           blocks())
 
     return (run("frozen-train", *data["train"], config.feature_views, True),
             run("frozen-val", *data["val"], 1, False))

@@ -1,13 +1,15 @@
 """Images on disk -> tf.data pipelines of (image batch, one-hot label batch).
 
-Every image is decoded and resized once into a uint8 array memory-mapped from the decode cache, keyed by
-the files' paths, sizes and modification times and the image size: memory stays flat as the dataset grows,
-a second run skips decoding, and a changed file gives a new key, so a stale cache is never read.
+Every image is decoded and resized once into a uint8 array in the decode cache, keyed by the files' paths,
+sizes and modification times and the image size, and read back a batch of rows at a time: memory stays flat
+as the dataset grows, a second run skips decoding, and a changed file gives a new key, so a stale cache is
+never read.
 """
 
 import hashlib
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,8 +53,63 @@ def cache_key(paths, size):
     return digest.hexdigest()[:20]
 
 
+class DiskArray:
+    """A read-only .npy array whose rows are read from disk when indexed (`a[i]`, `a[2:5]`, `a[[7, 3]]`).
+
+    np.load(mmap_mode="r") would read the same way, but every page it touches counts in the process's
+    resident memory until the kernel takes it back, so RSS would grow with the dataset; reads through the
+    page cache keep it flat.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._file = open(self.path, "rb", buffering=0)
+        version = np.lib.format.read_magic(self._file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        self.shape, _, self.dtype = read_header(self._file)  # C order: write_array (and np.save) write that
+        self._offset = self._file.tell()
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._lock = threading.Lock()  # tf.data reads batches from several threads; seek + read must pair up
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        rows = np.arange(len(self))[index]
+        out = np.empty((*rows.shape, *self.shape[1:]), self.dtype)
+        for row, target in zip(rows.reshape(-1), out.reshape(-1, *self.shape[1:])):
+            with self._lock:
+                self._file.seek(self._offset + int(row) * self._row_bytes)
+                done = self._file.readinto(memoryview(target).cast("B"))
+            if done != self._row_bytes:
+                raise OSError(f"{self.path}: row {row} is cut short; delete the file to rebuild it")
+        return out
+
+    def close(self):
+        self._file.close()
+
+
+def write_array(path, shape, dtype, blocks):
+    """Write the row blocks that `blocks` yields, in order, as one .npy array of `shape` at `path`.
+
+    Only one block is in memory at a time; returns the file as a `DiskArray`.
+    """
+    dtype = np.dtype(dtype)
+    written = 0
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_2_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=dtype)
+            f.write(block.data)
+            written += len(block)
+    if written != shape[0]:
+        raise ValueError(f"{path}: {written} rows written, {shape[0]} expected")
+    return DiskArray(path)
+
+
 def decode_all(paths, size, cache_dir):
-    """Decoded images for `paths` as a read-only (N, size, size, 3) uint8 memmap, plus the unreadable paths.
+    """Decoded images for `paths` as a read-only (N, size, size, 3) uint8 `DiskArray`, plus the unreadable paths.
 
     Unreadable files leave a zero image in their row; callers drop them using the returned list.
     """
@@ -62,30 +119,30 @@ def decode_all(paths, size, cache_dir):
     array_path = cache_dir / f"images-{size}px-{key}.npy"
     bad_path = cache_dir / f"images-{size}px-{key}.unreadable.json"
     if array_path.is_file() and bad_path.is_file():
-        return np.load(array_path, mmap_mode="r"), [Path(p) for p in json.loads(bad_path.read_text())]
+        return DiskArray(array_path), [Path(p) for p in json.loads(bad_path.read_text())]
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     for old in cache_dir.glob(f"images-{size}px-*"):
         old.unlink()  # a stale cache: the files or their list changed since it was written
     bad = []
-    with atomic_path(array_path) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-        with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL releases the GIL while decoding
-            for i, image in enumerate(pool.map(lambda p: _try_load(p, size), paths)):
-                if image is None:
-                    bad.append(paths[i])
-                else:
-                    array[i] = image
-        array.flush()
-        del array
+
+    def decoded(pool):
+        blank = np.zeros((1, size, size, 3), np.uint8)
+        for path, image in zip(paths, pool.map(lambda p: _try_load(p, size), paths)):
+            if image is None:
+                bad.append(path)
+            yield blank if image is None else image[None]
+
+    with atomic_path(array_path) as tmp, ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL releases the GIL
+        write_array(tmp, (len(paths), size, size, 3), np.uint8, decoded(pool)).close()
     write_json(bad_path, [str(p) for p in bad])
-    return np.load(array_path, mmap_mode="r"), bad
+    return DiskArray(array_path), bad
 
 
 def decode_splits(splits, size, cache_dir, strict=False):
     """Decode every split's images once; drop (or, if strict, refuse) unreadable ones.
 
-    Returns (images memmap, {split: (row indices into images, labels)}, the path of each row).
+    Returns (images `DiskArray`, {split: (row indices into images, labels)}, the path of each row).
     """
     all_paths = sorted({p for files in splits.files.values() for p in files})
     images, bad = decode_all(all_paths, size, cache_dir)
@@ -121,8 +178,8 @@ def augmentation(seed):
 def make_dataset(images, rows, labels, num_classes, batch_size, shuffle=False, augment=False, seed=0):
     """A tf.data pipeline of (float32 image batch, one-hot label batch) read from `images[rows]`.
 
-    `images` is any array indexable by a batch of rows (the decode cache, or cached layer outputs); only the
-    batches in flight are in memory.
+    `images` is anything indexable by a batch of rows with `shape` and `dtype` (the decode cache, cached layer
+    outputs, a numpy array); only the batches in flight are in memory.
     """
     import tensorflow as tf
 
