@@ -136,10 +136,12 @@ def frozen_outputs(prefix, images, data, num_classes, config, folder):
             run("frozen-val", *data["val"], 1, False))
 
 
-def pool(pooled, arrays, labels, num_classes, config):
-    """Pooled features of cached prefix outputs (small: 1280 floats per image and view), in memory."""
+def pool(pooled, arrays, labels, num_classes, config, path):
+    """Pooled features of cached prefix outputs, written to `path` (1280 floats per image and view: small, but
+    at 50k images two views would hold 0.7 GB in memory while Keras' predict gathers them)."""
     ds = make_dataset(arrays, np.arange(len(arrays)), labels, num_classes, config.batch_size)
-    return pooled.predict(ds.map(lambda x, y: x), verbose=0)
+    return write_array(path, (len(arrays), *pooled.output.shape[1:]), np.float32,
+                       (pooled.predict_on_batch(x) for x, _ in ds))
 
 
 def fit_arrays(trainable, views, labels, val_x, val_labels, num_classes, config, learning_rate, checkpoint_path,
@@ -187,8 +189,9 @@ def train(model, images, data, num_classes, config, frozen_layers, staging_dir, 
               f"{len(labels)} training images and {len(val_labels)} validation images", flush=True)
         prefix, tail, pooled = split
         views, val_x = frozen_outputs(prefix, images, data, num_classes, config, staging_dir)
-        features = pool(pooled, views, np.tile(labels, config.feature_views), num_classes, config)
-        val_features = pool(pooled, val_x, val_labels, num_classes, config)
+        features = pool(pooled, views, np.tile(labels, config.feature_views), num_classes, config,
+                        staging_dir / "pooled-train.npy")
+        val_features = pool(pooled, val_x, val_labels, num_classes, config, staging_dir / "pooled-val.npy")
         print(f"Phase 1: training the head on cached {config.backbone} features", flush=True)
         history = fit_arrays(head_on_features(model), features, labels, val_features, val_labels, num_classes,
                              config, config.lr, staging_dir / PHASE1_CHECKPOINT, log_dir / "phase1", model)
