@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_training.py --per-class 150 --epochs 3
     .venv/bin/python benchmarks/bench_training.py --full          # the whole train folder, 30 epochs
+    .venv/bin/python benchmarks/bench_training.py --full --phase1-only   # the phase-1 target, ~1.5 h
 
 The seed recipe is the plain Keras script: image_dataset_from_directory + cache() in RAM, augmentation
 layers in the model, the frozen backbone run in every epoch, float32. Each recipe runs in its own child
@@ -59,7 +60,7 @@ def seed_recipe(data, args):
     x = keras.layers.Dropout(0.25)(keras.layers.GlobalAveragePooling2D()(backbone.output))
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
     seconds = {}
-    for phase, lr in (("phase1", 1e-3), ("phase2", 1e-5)):
+    for phase, lr in (("phase1", 1e-3), ("phase2", 1e-5))[:1 if args.phase1_only else 2]:
         if phase == "phase2":
             backbone.trainable = True
             for layer in backbone.layers[:132 if args.backbone == "efficientnet-lite0" else 200]:
@@ -103,6 +104,8 @@ def main():
     parser.add_argument("--per-class", type=int, default=150, help="images per class (0: all)")
     parser.add_argument("--full", action="store_true", help="all images and 30 epochs")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per phase, no early stopping")
+    parser.add_argument("--phase1-only", action="store_true",
+                        help="skip the seed's phase 2 (cxr runs both phases; only phase 1 is compared)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--backbone", default="efficientnet-lite0")
     parser.add_argument("--recipe", choices=("seed", "cxr"), help=argparse.SUPPRESS)
@@ -118,7 +121,8 @@ def main():
         results = {}
         for recipe in ("seed", "cxr"):
             command = [sys.executable, __file__, "--recipe", recipe, "--data", str(data), "--epochs",
-                       str(args.epochs), "--img-size", str(args.img_size), "--backbone", args.backbone]
+                       str(args.epochs), "--img-size", str(args.img_size), "--backbone", args.backbone,
+                       *(["--phase1-only"] if args.phase1_only else [])]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             results[recipe] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
     n = results["seed"]["n_train"]
@@ -128,10 +132,11 @@ def main():
           f"{'test AUC':>9}")
     for recipe, r in results.items():
         s = r["seconds"]
-        print(f"{recipe:8} {s['phase1']:9.1f} {n * args.epochs / s['phase1']:7.1f} {s['phase2']:9.1f} "
-              f"{n * args.epochs / s['phase2']:7.1f} {r['wall_seconds']:7.1f} {r['peak_rss_mb']:12.0f} "
-              f"{r['test_auc']:9.4f}")
-    for phase in ("phase1", "phase2"):
+        phase2 = (f"{s['phase2']:9.1f} {n * args.epochs / s['phase2']:7.1f}" if "phase2" in s
+                  else f"{'-':>9} {'-':>7}")
+        print(f"{recipe:8} {s['phase1']:9.1f} {n * args.epochs / s['phase1']:7.1f} {phase2} "
+              f"{r['wall_seconds']:7.1f} {r['peak_rss_mb']:12.0f} {r['test_auc']:9.4f}")
+    for phase in ("phase1",) if args.phase1_only else ("phase1", "phase2"):
         print(f"speed-up {phase}: {results['seed']['seconds'][phase] / results['cxr']['seconds'][phase]:.1f}x")
 
 
