@@ -1,9 +1,11 @@
-"""Phase-2 training step speed: XLA (jit_compile) and TensorFlow thread settings, each in its own process.
+"""Training speed by precision, XLA (jit_compile) and TensorFlow thread settings, each in its own process.
 
     .venv/bin/python benchmarks/bench_xla.py --steps 30
 
-Times fine-tuning steps of the Lite0 tail (the part phase 2 trains, on cached frozen-prefix outputs of random
-images) with cxr's own model code, so the numbers are the ones phase 2 sees. Prints images/s per setting.
+For each setting, times the two things a default training run spends its time on, with cxr's own model code
+(Lite0, 224 px, random images): the frozen prefix's forward pass (run once per image and view) and
+fine-tuning steps of the tail (the part phase 2 trains, on cached prefix outputs). A last row times the
+prefix converted to LiteRT, which runs it in float32 training runs. Prints images/s per setting.
 """
 
 import argparse
@@ -14,11 +16,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LITERT = "LiteRT float32 (prefix only)"
+FLOAT32 = {"policy": "float32", "jit": False, "intra": 0, "inter": 0}
 SETTINGS = {
-    "default (jit off, TF threads auto)": {"jit": False, "intra": 0, "inter": 0},
-    "jit_compile=True": {"jit": True, "intra": 0, "inter": 0},
-    "threads intra=2 inter=1": {"jit": False, "intra": 2, "inter": 1},
-    "threads intra=1 inter=1": {"jit": False, "intra": 1, "inter": 1},
+    "float32 (jit off, TF threads auto)": FLOAT32,
+    "float32 jit_compile=True": FLOAT32 | {"jit": True},
+    "float32 threads intra=2 inter=1": FLOAT32 | {"intra": 2, "inter": 1},
+    "float32 threads intra=1 inter=1": FLOAT32 | {"intra": 1, "inter": 1},
+    "mixed_bfloat16": FLOAT32 | {"policy": "mixed_bfloat16"},
+    "mixed_bfloat16 jit_compile=True": FLOAT32 | {"policy": "mixed_bfloat16", "jit": True},
 }
 
 
@@ -33,12 +39,15 @@ def measure(setting, steps, batch_size):
     from cxr.models import DEFAULT_FROZEN_LAYERS, build_classifier, freeze_backbone, unfreeze_backbone
     from cxr.train import split_at_frozen_prefix
 
+    keras.mixed_precision.set_global_policy(setting["policy"])
     keras.utils.set_random_seed(0)
     model = build_classifier("efficientnet-lite0", 2, weights="none")
     freeze_backbone(model)
     unfreeze_backbone(model, DEFAULT_FROZEN_LAYERS["efficientnet-lite0"])
     prefix, tail, _ = split_at_frozen_prefix(model, DEFAULT_FROZEN_LAYERS["efficientnet-lite0"])
-    x = prefix.predict(np.random.default_rng(0).uniform(0, 255, (batch_size, 224, 224, 3)), verbose=0)
+    images = np.random.default_rng(0).uniform(0, 255, (batch_size, 224, 224, 3)).astype("float32")
+    forward = prefix_speed(prefix, images, steps)
+    x = np.asarray(prefix.predict_on_batch(images), dtype="float32")
     y = np.eye(2, dtype="float32")[np.arange(batch_size) % 2]
     tail.compile(optimizer=keras.optimizers.Adam(1e-5), loss="categorical_crossentropy", jit_compile=setting["jit"])
     for _ in range(3):  # warm-up (and XLA compilation)
@@ -46,7 +55,29 @@ def measure(setting, steps, batch_size):
     start = time.perf_counter()
     for _ in range(steps):
         tail.train_on_batch(x, y)
-    return steps * batch_size / (time.perf_counter() - start)
+    return forward, steps * batch_size / (time.perf_counter() - start)
+
+
+def prefix_speed(prefix, images, steps):
+    """Images/s of the frozen prefix's forward pass (steps // 3 batches after one warm-up batch)."""
+    prefix.predict_on_batch(images)
+    start = time.perf_counter()
+    for _ in range(max(1, steps // 3)):
+        prefix.predict_on_batch(images)
+    return max(1, steps // 3) * len(images) / (time.perf_counter() - start)
+
+
+def measure_litert(steps, batch_size):
+    import numpy as np
+
+    from cxr.litert import LiteRTModel, to_flatbuffer
+    from cxr.models import DEFAULT_FROZEN_LAYERS, build_classifier
+    from cxr.train import split_at_frozen_prefix
+
+    model = build_classifier("efficientnet-lite0", 2, weights="none")
+    prefix = split_at_frozen_prefix(model, DEFAULT_FROZEN_LAYERS["efficientnet-lite0"])[0]
+    images = np.random.default_rng(0).uniform(0, 255, (batch_size, 224, 224, 3)).astype("float32")
+    return prefix_speed(LiteRTModel(to_flatbuffer(prefix)), images, steps), None
 
 
 def main():
@@ -56,15 +87,19 @@ def main():
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(SETTINGS[args.child], args.steps, args.batch_size)))
+        result = (measure_litert(args.steps, args.batch_size) if args.child == LITERT
+                  else measure(SETTINGS[args.child], args.steps, args.batch_size))
+        print(json.dumps(result))
         return
-    for name in SETTINGS:
+    print(f"{'images/s':40s} {'prefix forward':>14} {'phase-2 train steps':>20}")
+    for name in (*SETTINGS, LITERT):
         out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps),
                               "--batch-size", str(args.batch_size)], capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             print(f"{name:40s} failed: {out.stderr.strip().splitlines()[-1]}")
-        else:
-            print(f"{name:40s} {float(out.stdout.strip().splitlines()[-1]):7.1f} images/s (phase-2 train steps)")
+            continue
+        forward, train = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{name:40s} {forward:14.1f} {'-' if train is None else f'{train:.1f}':>20}")
 
 
 if __name__ == "__main__":
