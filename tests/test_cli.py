@@ -66,6 +66,12 @@ def test_training_writes_every_artifact(trained):
     assert set(summary["calibration"]) == {"temperature", "ece_before", "ece_after"}
     for name in ("sensitivity", "specificity", "ppv", "npv", "f1", "auc_pr", "brier", "ece"):
         assert name in summary["metrics"] and name in summary["confidence_intervals"], name
+    split_rows = list(csv.DictReader((out / "reports/splits.csv").open()))
+    for split, per_class in summary["counts"].items():
+        for name, count in per_class.items():
+            assert sum(r["split"] == split and r["class"] == name for r in split_rows) == count, (split, name)
+    assert len({r["path"] for r in split_rows}) == len(split_rows)
+    assert all(Path(r["path"]).parent.name == r["class"] and Path(r["path"]).is_file() for r in split_rows)
     metric_rows = list(csv.reader((out / "reports/metrics.csv").open()))
     assert metric_rows[0] == ["metric", "value", "ci_low", "ci_high"]
     assert {r[0] for r in metric_rows} >= {"sensitivity", "specificity", "auc_roc", "auc_pr", "brier", "ece"}

@@ -86,6 +86,14 @@ def write_csv(rows, path):
     write_text(path, buffer.getvalue())
 
 
+def write_splits(path, class_names, paths, data):
+    """splits.csv: the split and class of every image the run used, so a carved test set can be audited."""
+    rows = [("split", "class", "path")]
+    for split, (image_rows, labels) in data.items():
+        rows += [(split, class_names[y], str(paths[r])) for r, y in zip(image_rows, labels)]
+    write_csv(rows, path)
+
+
 def write_model_info(models_dir, class_names, **extra):
     """class_names.json beside the models: output order, plus anything predict needs to use them."""
     write_json(Path(models_dir) / CLASS_NAMES_FILE, {"class_names": list(class_names), **extra})

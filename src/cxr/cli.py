@@ -105,6 +105,7 @@ def train_command(config):
         f"{config.backbone} trained on {config.data_dir}; evaluated on its held-out test split.",
         counts, point, config.to_dict(),
         extra_figures={"training_curves": plots.figure_png(plots.training_curves_figure(result.history))})
+    artifacts.write_splits(outputs.reports / "splits.csv", class_names, paths, data)
     summary = artifacts.summary(class_names, counts, evaluation, point, config.to_dict(),
                                 timings={k: round(v, 2) for k, v in result.seconds.items()},
                                 final_phase=result.final_phase, history=result.history,
