@@ -26,21 +26,8 @@ def setup_runtime(config):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     gpu = bool(tf.config.list_physical_devices("GPU"))
-    mixed = config.mixed_precision
-    if mixed is None:  # auto: only where bfloat16 has hardware support; emulated it was slower than float32
-        mixed = not gpu and cpu_has_bfloat16()
-        if mixed:
-            print("Mixed precision: bfloat16 (this CPU has bfloat16 instructions; --no-mixed-precision turns it off)")
-    keras.mixed_precision.set_global_policy(("mixed_float16" if gpu else "mixed_bfloat16") if mixed else "float32")
-
-
-def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo"):
-    """True when the CPU flags list AVX-512 BF16 or AMX BF16 (Linux; False where unknown)."""
-    try:
-        flags = next((line for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+    policy = ("mixed_float16" if gpu else "mixed_bfloat16") if config.mixed_precision else "float32"
+    keras.mixed_precision.set_global_policy(policy)
 
 
 def train_command(config):
@@ -205,7 +192,7 @@ def _add_train_options(parser):
     add("--weights", default=d.weights, help="imagenet, none, or the path to a backbone weights file")
     add("--port", type=int, default=d.port, help="serve TensorBoard on this port while training")
     add("--mixed-precision", action=argparse.BooleanOptionalAction, default=d.mixed_precision,
-        help="bfloat16 on CPU, float16 on GPU, float32 outputs (default: on for CPUs with bfloat16 instructions)")
+        help="bfloat16 on CPU, float16 on GPU, float32 outputs (default: off; slower on the CPUs measured)")
     add("--class-weight", choices=("none", "balanced"), default=d.class_weight)
     add("--deterministic", action="store_true", help="deterministic TensorFlow ops: same numbers run to run")
     add("--strict", action="store_true", help="fail on unreadable or non-image files instead of skipping them")

@@ -33,7 +33,8 @@ class Config:
     backbone: str = "efficientnetb0"
     weights: str = "imagenet"  # imagenet | none | path to a weights file
     port: Optional[int] = None
-    mixed_precision: Optional[bool] = None  # None: on where the CPU has bfloat16 instructions (no GPU)
+    # Off: on a CPU with avx512_bf16, bfloat16 ran this network slower than float32 (benchmarks/README.md).
+    mixed_precision: bool = False
     class_weight: str = "none"  # none | balanced
     deterministic: bool = False
     strict: bool = False
