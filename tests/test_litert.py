@@ -23,10 +23,21 @@ def test_litert_gives_keras_numbers_for_any_batch_length(model):
 
 
 def test_few_images_are_not_worth_a_conversion(model, monkeypatch):
-    def no_conversion(_):
-        raise AssertionError("converted")
-    monkeypatch.setattr(litert, "to_flatbuffer", no_conversion)
+    converted = []
+    monkeypatch.setattr(litert, "to_flatbuffer", converted.append)  # fast_inference would swallow an exception
     assert fast_inference(model, n_images=litert.MIN_IMAGES_TO_CONVERT - 1) == (model, "keras")
+    assert not converted
+
+
+def test_a_model_trained_in_mixed_precision_stays_in_keras(tmp_path, monkeypatch):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    build_classifier("efficientnet-lite0", 2, weights="none", img_size=32).save(tmp_path / "mixed.keras")
+    keras.mixed_precision.set_global_policy("float32")  # as in `cxr predict`
+    loaded = keras.models.load_model(tmp_path / "mixed.keras", compile=False)
+    converted = []
+    monkeypatch.setattr(litert, "to_flatbuffer", converted.append)
+    assert fast_inference(loaded) == (loaded, "keras")
+    assert not converted
 
 
 def test_frozen_prefix_runs_in_litert(model):

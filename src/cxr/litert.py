@@ -35,7 +35,8 @@ def fast_inference(model, model_path=None, n_images=None):
     """
     import tensorflow as tf
 
-    if tf.config.list_physical_devices("GPU") or model.compute_dtype != "float32":
+    # A model saved in mixed precision loads as float32 but keeps its layers' bfloat16, which LiteRT can't take.
+    if tf.config.list_physical_devices("GPU") or any(layer.compute_dtype != "float32" for layer in model.layers):
         return model, "keras"
     try:
         cached = cache_path(model_path) if model_path else None
