@@ -36,16 +36,12 @@ def measure(setting, steps, batch_size):
     tf.config.threading.set_inter_op_parallelism_threads(setting["inter"])
     import keras
 
-    from cxr.models import DEFAULT_FROZEN_LAYERS, build_classifier, freeze_backbone, unfreeze_backbone
-    from cxr.train import split_at_frozen_prefix
+    from cxr.models import DEFAULT_FROZEN_LAYERS, freeze_backbone, unfreeze_backbone
 
     keras.mixed_precision.set_global_policy(setting["policy"])
-    keras.utils.set_random_seed(0)
-    model = build_classifier("efficientnet-lite0", 2, weights="none")
+    model, prefix, tail, images = lite0_parts(batch_size)
     freeze_backbone(model)
     unfreeze_backbone(model, DEFAULT_FROZEN_LAYERS["efficientnet-lite0"])
-    prefix, tail, _ = split_at_frozen_prefix(model, DEFAULT_FROZEN_LAYERS["efficientnet-lite0"])
-    images = np.random.default_rng(0).uniform(0, 255, (batch_size, 224, 224, 3)).astype("float32")
     forward = prefix_speed(prefix, images, steps)
     x = np.asarray(prefix.predict_on_batch(images), dtype="float32")
     y = np.eye(2, dtype="float32")[np.arange(batch_size) % 2]
@@ -67,16 +63,25 @@ def prefix_speed(prefix, images, steps):
     return max(1, steps // 3) * len(images) / (time.perf_counter() - start)
 
 
-def measure_litert(steps, batch_size):
+def lite0_parts(batch_size):
+    """(model, frozen prefix, tail, a batch of random 224 px images) as cxr builds them for Lite0."""
+    import keras
     import numpy as np
 
-    from cxr.litert import LiteRTModel, to_flatbuffer
     from cxr.models import DEFAULT_FROZEN_LAYERS, build_classifier
     from cxr.train import split_at_frozen_prefix
 
+    keras.utils.set_random_seed(0)
     model = build_classifier("efficientnet-lite0", 2, weights="none")
-    prefix = split_at_frozen_prefix(model, DEFAULT_FROZEN_LAYERS["efficientnet-lite0"])[0]
+    prefix, tail, _ = split_at_frozen_prefix(model, DEFAULT_FROZEN_LAYERS["efficientnet-lite0"])
     images = np.random.default_rng(0).uniform(0, 255, (batch_size, 224, 224, 3)).astype("float32")
+    return model, prefix, tail, images
+
+
+def measure_litert(steps, batch_size):
+    from cxr.litert import LiteRTModel, to_flatbuffer
+
+    _, prefix, _, images = lite0_parts(batch_size)
     return prefix_speed(LiteRTModel(to_flatbuffer(prefix)), images, steps), None
 
 
