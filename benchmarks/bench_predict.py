@@ -8,7 +8,7 @@ head's weights). It then times, on the same image files:
 - `cxr predict FILES --format csv` end to end in a child process (start-up, loading, decoding, inference),
   once with an empty LiteRT cache (includes the conversion) and once with the cache filled;
 - `predict.predict_files` in this process, after start-up: LiteRT vs the Keras model, with the largest
-  difference between their probabilities.
+  difference between their calibrated probabilities.
 """
 
 import argparse
@@ -24,13 +24,11 @@ DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "chest_xray" / "train"
 
 
 def fresh_model(folder, img_size):
-    from cxr.artifacts import save_model, write_model_info
     from cxr.models import build_classifier
+    from cxr.saved_model import SavedModel
 
-    path = Path(folder) / "model.h5"
-    save_model(build_classifier("efficientnet-lite0", 2, "imagenet", img_size), path)
-    write_model_info(folder, ["NORMAL", "PNEUMONIA"], img_size=img_size, backbone="efficientnet-lite0")
-    return path
+    model = build_classifier("efficientnet-lite0", 2, "imagenet", img_size)
+    return SavedModel.from_keras(model, ["NORMAL", "PNEUMONIA"], img_size, "efficientnet-lite0").save(folder)
 
 
 def time_cli(files, model, cache_home):
@@ -65,15 +63,17 @@ def main():
         os.environ["XDG_CACHE_HOME"] = str(cache_home)
         import numpy as np
 
-        from cxr.litert import fast_inference
-        from cxr.predict import load_model, predict_files
+        from cxr.predict import predict_files
+        from cxr.saved_model import SavedModel
 
-        model = load_model(model_path)
+        litert, keras = SavedModel.load(model_path), SavedModel.load(model_path)
+        litert.predictor()
+        keras._predictor, keras.engine = keras.keras_model, "keras"  # the same model, held in Keras
         outputs = {}
-        for engine, predictor in (("litert", fast_inference(model, model_path)[0]), ("keras", model)):
-            predict_files(predictor, files[:64])  # warm-up: graph tracing, thread pools
+        for engine, model in (("litert", litert), ("keras", keras)):
+            predict_files(model, files[:64])  # warm-up: graph tracing, thread pools
             start = time.perf_counter()
-            outputs[engine] = predict_files(predictor, files)[1]
+            outputs[engine] = predict_files(model, files)[1]
             seconds = time.perf_counter() - start
             print(f"predict_files after start-up, {engine:6}     {seconds:7.1f} s  {len(files) / seconds:6.1f} images/s")
         print(f"largest |LiteRT - Keras| probability difference: {np.abs(outputs['litert'] - outputs['keras']).max():.1e}")

@@ -78,12 +78,12 @@ def seed_recipe(data, args):
 
 
 def cxr_recipe(data, args):
-    from cxr.cli import train_command
+    from cxr import run
     from cxr.config import Config
 
-    summary = train_command(Config(data_dir=data, output_dir=data.parent / "cxr-out", epochs=args.epochs,
-                                   patience=args.epochs + 1, backbone=args.backbone, img_size=args.img_size,
-                                   val_from_train=False))
+    summary = run.train(Config(data_dir=data, output_dir=data.parent / "cxr-out", epochs=args.epochs,
+                               patience=args.epochs + 1, backbone=args.backbone, img_size=args.img_size,
+                               val_from_train=False))
     seconds = {k.replace("_seconds", ""): v for k, v in summary["timings"].items() if k != "total_seconds"}
     return {"seconds": seconds, "n_train": sum(summary["counts"]["train"].values()),
             "test_auc": summary["metrics"]["auc"]}

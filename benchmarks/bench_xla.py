@@ -36,12 +36,12 @@ def measure(setting, steps, batch_size):
     tf.config.threading.set_inter_op_parallelism_threads(setting["inter"])
     import keras
 
-    from cxr.models import DEFAULT_FROZEN_LAYERS, freeze_backbone, unfreeze_backbone
+    from cxr.models import default_frozen_layers, freeze_backbone, unfreeze_backbone
 
     keras.mixed_precision.set_global_policy(setting["policy"])
     model, prefix, tail, images = lite0_parts(batch_size)
     freeze_backbone(model)
-    unfreeze_backbone(model, DEFAULT_FROZEN_LAYERS["efficientnet-lite0"])
+    unfreeze_backbone(model, default_frozen_layers(model, "efficientnet-lite0"))
     forward = prefix_speed(prefix, images, steps)
     x = np.asarray(prefix.predict_on_batch(images), dtype="float32")
     y = np.eye(2, dtype="float32")[np.arange(batch_size) % 2]
@@ -68,12 +68,11 @@ def lite0_parts(batch_size):
     import keras
     import numpy as np
 
-    from cxr.models import DEFAULT_FROZEN_LAYERS, build_classifier
-    from cxr.train import split_at_frozen_prefix
+    from cxr.models import build_classifier, default_frozen_layers, split_at_frozen_prefix
 
     keras.utils.set_random_seed(0)
     model = build_classifier("efficientnet-lite0", 2, weights="none")
-    prefix, tail, _ = split_at_frozen_prefix(model, DEFAULT_FROZEN_LAYERS["efficientnet-lite0"])
+    prefix, tail, _ = split_at_frozen_prefix(model, default_frozen_layers(model, "efficientnet-lite0"))
     images = np.random.default_rng(0).uniform(0, 255, (batch_size, 224, 224, 3)).astype("float32")
     return model, prefix, tail, images
 

@@ -27,29 +27,29 @@ def main():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from sklearn.metrics import balanced_accuracy_score
 
-    from cxr.config import Config
-    from cxr.data.pipeline import decode_splits
-    from cxr.data.split import prepare_splits
-    from cxr.inference import predict_probabilities
-    from cxr.evaluate.metrics import auc_score
-    from cxr.litert import fast_inference
-    from cxr.predict import load_model
+    import keras
 
-    splits = prepare_splits(Config(data_dir=args.data_dir, seed=args.seed, img_size=args.img_size))
+    from cxr.config import Config
+    from cxr.data.split import prepare_splits
+    from cxr.evaluate.metrics import auc_score
+    from cxr.inference import predict_probabilities
+    from cxr.litert import fast_inference
+
+    dataset = prepare_splits(Config(data_dir=args.data_dir, seed=args.seed, img_size=args.img_size))
     with tempfile.TemporaryDirectory() as tmp:
-        images, data, _ = decode_splits(splits, args.img_size, args.cache_dir or tmp)
-        n = len(splits.class_names)
+        dataset.decode(args.img_size, args.cache_dir or tmp)
+        n = len(dataset.class_names)
         print(f"{'model':70} {'val AUC':>8} {'test AUC':>8} {'test acc':>8} {'test bal.acc':>12}")
-        for path in args.models:
-            predictor, _ = fast_inference(load_model(path))
+        for path in args.models:  # checkpoints have no class_names.json beside them: plain Keras files
+            predictor, _ = fast_inference(keras.models.load_model(path, compile=False))
             scores = {}
             for split in ("val", "test"):
-                rows, y = data[split]
-                p = predict_probabilities(predictor, images, rows)
+                rows, y = dataset.split(split)
+                p = predict_probabilities(predictor, dataset.images, rows)
                 scores[split] = (auc_score(y, p, n), (p.argmax(1) == y).mean(), balanced_accuracy_score(y, p.argmax(1)))
             print(f"{str(path)[-70:]:70} {scores['val'][0]:8.4f} {scores['test'][0]:8.4f} {scores['test'][1]:8.4f} "
                   f"{scores['test'][2]:12.4f}")
-        print(f"val {len(data['val'][0])} images, test {len(data['test'][0])} images, seed {args.seed}")
+        print(f"val {len(dataset.splits['val'])} images, test {len(dataset.splits['test'])} images, seed {args.seed}")
 
 
 if __name__ == "__main__":

@@ -257,7 +257,10 @@ def test_predict_mistakes_are_user_errors(tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     image = write_image(tmp_path / "x.png")
     assert main(["predict", str(image), "--model", str(tmp_path / "m.h5")]) == 2
-    assert "class_names.json" in capsys.readouterr().err
+    assert "m.h5: no such model file" in capsys.readouterr().err
+    (tmp_path / "m.h5").write_bytes(b"not a model")
+    assert main(["predict", str(image), "--model", str(tmp_path / "m.h5")]) == 2
+    assert "class_names.json: not found" in capsys.readouterr().err
 
 
 def test_bad_option_value_exits_2_without_traceback(tmp_path):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from cxr import litert
-from cxr.litert import fast_inference, saved_model_inference
-from cxr.models import build_classifier
-from cxr.train import split_at_frozen_prefix
+from cxr.litert import fast_inference
+from cxr.models import build_classifier, split_at_frozen_prefix
+from cxr.saved_model import SavedModel
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +61,20 @@ def test_conversion_is_cached_by_model_file(model, tmp_path, monkeypatch):
     monkeypatch.setattr(litert, "to_flatbuffer", no_conversion)
     assert fast_inference(model, model_path, n_images=1)[1] == "litert"  # converted already: always worth it
 
-    def no_keras(_):
+    (tmp_path / "class_names.json").write_text('{"class_names": ["A", "B"]}')
+
+    def no_keras(*args, **kwargs):
         raise AssertionError("loaded the Keras model")
-    predictor, engine = saved_model_inference(model_path, no_keras)  # start-up without Keras
-    assert engine == "litert" and predictor.input_shape == (None, 32, 32, 3)
+    with monkeypatch.context() as patched:
+        patched.setattr(keras.models, "load_model", no_keras)
+        saved = SavedModel.load(model_path)
+        predictor = saved.predictor()  # start-up without Keras
+    assert saved.engine == "litert" and predictor.input_shape == (None, 32, 32, 3)
     np.testing.assert_array_equal(predictor.predict_on_batch(x), expected)
+    monkeypatch.setattr(litert, "to_flatbuffer", convert)
 
     keras.models.clone_model(model).save(model_path)  # new weights: a new key, never the old conversion
-    monkeypatch.setattr(litert, "to_flatbuffer", convert)
-    saved_model_inference(model_path, keras.models.load_model)
+    SavedModel.load(model_path).predictor()
     assert len(list((tmp_path / "cache" / "cxr" / "litert").glob("model-*.tflite"))) == 2
 
 

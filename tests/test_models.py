@@ -4,8 +4,9 @@ import pytest
 
 from cxr import lite0
 from cxr.errors import UserError
-from cxr.models import (DEFAULT_FROZEN_LAYERS, backbone_layers, build_classifier, check_frozen_layers,
-                        freeze_backbone, head_on_features, unfreeze_backbone)
+from cxr import backbones
+from cxr.models import (backbone_layers, build_classifier, check_frozen_layers, default_frozen_layers,
+                        freeze_backbone, head_on_features, split_at_frozen_prefix, unfreeze_backbone)
 
 
 def trainable_backbone_layers(model):
@@ -21,13 +22,38 @@ def test_phases_freeze_the_right_layers(backbone, total):
     assert trainable_backbone_layers(model) == []
     assert [w.name for w in model.trainable_weights] == ["kernel", "bias"]  # the Dense head only
 
-    frozen = DEFAULT_FROZEN_LAYERS[backbone]
+    frozen = default_frozen_layers(model, backbone)
     unfreeze_backbone(model, frozen)
     trainable = trainable_backbone_layers(model)
-    assert trainable and min(trainable) >= frozen
+    assert trainable and min(trainable) == frozen
     assert not any(isinstance(layers[i], keras.layers.BatchNormalization) for i in trainable)
-    # both defaults stop at the same place: the first trainable layer is block 6c's projection
-    assert layers[min(trainable)].name.startswith(("block6c_se_expand", "block6c_project_conv"))
+    # the registry names the frozen point; fine-tuning starts there, inside block 6c
+    assert layers[min(trainable)].name == backbones.get(backbone).fine_tune_from
+
+
+def test_default_frozen_points_are_the_seeds(monkeypatch):
+    """The seed froze 200 layers of an ImageNet B0; Lite0's point is the same place, 132 layers in."""
+    lite0_model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=32)
+    assert default_frozen_layers(lite0_model, "efficientnet-lite0") == 132
+    # An ImageNet B0 has one layer more than a bare one (Keras adds a Rescaling); build it without the download.
+    from keras.src.applications import efficientnet
+
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", lambda *args, **kwargs: "offline.h5")
+    monkeypatch.setattr(keras.Model, "load_weights", lambda self, *args, **kwargs: None)
+    b0 = build_classifier("efficientnetb0", 2, weights="imagenet", img_size=32)
+    assert default_frozen_layers(b0, "efficientnetb0") == 200
+
+
+def test_frozen_prefix_is_cut_at_a_block_start_and_composes_to_the_model():
+    model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=32)
+    prefix, tail, pooled = split_at_frozen_prefix(model, 132)
+    assert backbone_layers(model)[132].name == "block6c_project_conv"
+    assert prefix.output.shape[1:] == model.get_layer("block6c_expand_conv").input.shape[1:]  # block 6c's input
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(tail.predict(prefix.predict(x, verbose=0), verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-4, atol=1e-6)
+    assert pooled.output.shape[1:] == model.get_layer("avg_pool").output.shape[1:]
+    assert split_at_frozen_prefix(model, 3) is None  # in the stem: nothing to cache
 
 
 def test_head_is_gap_dropout_dense_softmax():

@@ -5,8 +5,9 @@ import pytest
 from PIL import Image
 
 from cxr.config import Config
-from cxr.data.pipeline import DiskArray, decode_all, decode_splits, load_image, make_dataset, write_array
-from cxr.data.split import prepare_splits
+from cxr.data.decode import UnreadableImage, decode_image
+from cxr.data.pipeline import DiskArray, decode_all, make_dataset, write_array
+from cxr.data.split import prepare_splits, read_labelled_folder
 from cxr.errors import UserError
 from tests.conftest import write_image
 
@@ -20,24 +21,24 @@ def test_every_supported_format_loads_as_rgb_uint8(tmp_path):
     write_image(tmp_path / "rgb.bmp")
     Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8), "L").convert("P").save(tmp_path / "palette.png")
     for path in tmp_path.iterdir():
-        image = load_image(path, 32)
+        image = decode_image(path, 32)
         assert image.shape == (32, 32, 3) and image.dtype == np.uint8, path.name
     # 16-bit values are scaled to 0-255, not clipped
-    assert load_image(tmp_path / "grey16.png", 32).max() > 200
+    assert decode_image(tmp_path / "grey16.png", 32).max() > 200
 
 
 def test_decode_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
     paths = [write_image(tmp_path / "img" / f"{i}.png", seed=i) for i in range(3)]
     first, bad = decode_all(paths, 16, tmp_path / "cache")
     assert bad == [] and first.shape == (3, 16, 16, 3)
-    assert np.array_equal(first[1], load_image(paths[1], 16))
+    assert np.array_equal(first[1], decode_image(paths[1], 16))
     cache_files = sorted((tmp_path / "cache").iterdir())
     again, _ = decode_all(paths, 16, tmp_path / "cache")
     assert sorted((tmp_path / "cache").iterdir()) == cache_files  # reused, not rewritten
     write_image(paths[1], seed=99)
     os.utime(paths[1], ns=(1, 1))  # a different mtime, as an edit would give
     changed, _ = decode_all(paths, 16, tmp_path / "cache")
-    assert np.array_equal(changed[1], load_image(paths[1], 16))
+    assert np.array_equal(changed[1], decode_image(paths[1], 16))
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # the stale array is gone
 
 
@@ -47,24 +48,27 @@ def test_corrupt_images_are_skipped_with_a_warning_or_refused_when_strict(tmp_pa
             write_image(tmp_path / "data" / "raw" / name / f"{name}{i}.png", seed=c * 50 + i)
     bad = tmp_path / "data" / "raw" / "NORMAL" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
-    splits = prepare_splits(Config(data_dir=tmp_path / "data"))
-    _, data, _ = decode_splits(splits, 16, tmp_path / "cache")
+    dataset = prepare_splits(Config(data_dir=tmp_path / "data"))
+    dataset.decode(16, tmp_path / "cache")
     assert "broken.png" in capsys.readouterr().err
-    assert sum(len(rows) for rows, _ in data.values()) == 20
+    assert sum(len(rows) for rows in dataset.splits.values()) == 20
+    assert sum(n for per_class in dataset.counts().values() for n in per_class.values()) == 20
     with pytest.raises(UserError, match="broken.png"):
-        decode_splits(splits, 16, tmp_path / "cache", strict=True)
+        prepare_splits(Config(data_dir=tmp_path / "data")).decode(16, tmp_path / "cache", strict=True)
+    with pytest.raises(UnreadableImage, match="broken.png"):
+        decode_image(bad, 16)
 
 
 def test_dataset_yields_one_hot_batches_and_augments_only_when_asked(tmp_path):
     paths = [write_image(tmp_path / f"{i}.png", seed=i, size=32) for i in range(6)]
     images, _ = decode_all(paths, 32, tmp_path / "cache")
     rows, labels = np.arange(6), np.array([0, 1, 0, 1, 1, 0])
-    plain = make_dataset(images, rows, labels, 2, batch_size=4)
+    plain = make_dataset(images, rows, np.eye(2)[labels], batch_size=4)
     x, y = next(iter(plain))
     assert x.shape == (4, 32, 32, 3) and x.dtype.name == "float32"
     np.testing.assert_array_equal(y.numpy(), np.eye(2)[labels[:4]])
     np.testing.assert_array_equal(x.numpy(), images[:4].astype("float32"))  # eval data is the image itself
-    augmented = make_dataset(images, rows, labels, 2, batch_size=6, augment=True, seed=1)
+    augmented = make_dataset(images, rows, np.eye(2)[labels], batch_size=6, augment=True, seed=1)
     xa, ya = next(iter(augmented))
     np.testing.assert_array_equal(ya.numpy(), np.eye(2)[labels])
     assert not np.allclose(xa.numpy(), images[:].astype("float32"))
@@ -84,3 +88,31 @@ def test_disk_array_reads_the_rows_asked_for_and_refuses_a_short_write(tmp_path)
     np.testing.assert_array_equal(DiskArray(tmp_path / "b.npy")[[2]], data[[2]])
     with pytest.raises(ValueError, match="4 rows written, 5 expected"):
         write_array(tmp_path / "c.npy", data.shape, np.float32, [data[:4]])
+
+
+def test_dataset_holds_a_labels_matrix_metadata_and_splits_as_rows(tmp_path):
+    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
+        for i in range(10):
+            write_image(tmp_path / "data" / "raw" / name / f"person{c}{i // 2}_x_{i}.png", seed=c * 50 + i)
+    dataset = prepare_splits(Config(data_dir=tmp_path / "data"))
+    n = len(dataset.paths)
+    assert n == 20 and dataset.labels.shape == (n, 2) and dataset.labels.dtype == np.float32
+    np.testing.assert_array_equal(dataset.labels.sum(axis=1), np.ones(n))  # single-label: one 1 per row
+    assert [dataset.class_names[t] for t in dataset.targets] == [p.parent.name for p in dataset.paths]
+    assert dataset.metadata["patient"] == [p.name.split("_")[0] for p in dataset.paths]
+    rows = np.concatenate(list(dataset.splits.values()))
+    assert sorted(rows) == list(range(n))  # every image in exactly one split
+    rows, y = dataset.split("test")
+    assert dataset.files("test") == [dataset.paths[r] for r in rows] and list(y) == list(dataset.targets[rows])
+
+
+def test_a_labelled_folder_reads_with_the_models_class_names(tmp_path, capsys):
+    write_image(tmp_path / "site" / "PNEUMONIA" / "a.png")
+    write_image(tmp_path / "site" / "PNEUMONIA" / "b.png", seed=1)
+    dataset = read_labelled_folder(tmp_path / "site", ["NORMAL", "PNEUMONIA", "COVID"])
+    assert "no folder for class NORMAL, COVID" in capsys.readouterr().err
+    assert dataset.labels.shape == (2, 3) and list(dataset.targets) == [1, 1]
+    assert dataset.counts() == {"evaluated": {"NORMAL": 0, "PNEUMONIA": 2, "COVID": 0}}
+    with pytest.raises(UserError, match="OTHER"):
+        write_image(tmp_path / "site" / "OTHER" / "c.png")
+        read_labelled_folder(tmp_path / "site", ["NORMAL", "PNEUMONIA"])

@@ -57,7 +57,7 @@ def test_raw_split_is_70_15_15_per_class_and_leaves_raw_untouched(tmp_path):
 def test_no_patient_in_two_splits(tmp_path):
     make_raw(tmp_path, per_class=60, images_per_patient=3)
     splits = prepare_splits(Config(data_dir=tmp_path))
-    train, val, test = (patients(splits.files[s]) for s in ("train", "val", "test"))
+    train, val, test = (patients(splits.files(s)) for s in ("train", "val", "test"))
     assert not (train & val) and not (train & test) and not (val & test)
 
 
@@ -67,7 +67,7 @@ def test_duplicates_never_cross_splits(tmp_path):
     for i in range(0, 40, 4):
         shutil.copyfile(paths[i], tmp_path / "raw" / "NORMAL" / f"copy_{i}.jpeg")
     splits = prepare_splits(Config(data_dir=tmp_path))
-    digest = {s: {hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in splits.files[s]} for s in splits.files}
+    digest = {s: {hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in splits.files(s)} for s in splits.splits}
     assert not (digest["train"] & digest["val"]) and not (digest["train"] & digest["test"])
     assert not (digest["val"] & digest["test"])
 
@@ -98,12 +98,12 @@ def test_tiny_val_folder_is_replaced_by_val_carved_from_train(tmp_path, capsys):
             write_image(tmp_path / "val" / name / f"v{i}.jpeg", seed=5000 + c * 10 + i)
     splits = prepare_splits(Config(data_dir=tmp_path))
     assert "too few to early-stop on" in capsys.readouterr().err
-    assert all(Path(p).parent.parent.name == "train" for p in splits.files["val"])
+    assert all(Path(p).parent.parent.name == "train" for p in splits.files("val"))
     assert splits.counts()["val"] == {"NORMAL": 6, "PNEUMONIA": 6}
     # no test folder: the test set is carved from train too, disjoint from train and val
-    assert not set(splits.files["test"]) & set(splits.files["train"])
+    assert not set(splits.files("test")) & set(splits.files("train"))
     kept = prepare_splits(Config(data_dir=tmp_path, val_from_train=False))
-    assert len(kept.files["val"]) == 8
+    assert len(kept.files("val")) == 8
 
 
 def test_make_groups_joins_patients_and_copies(tmp_path):

@@ -5,7 +5,6 @@ Checkpoints are written by Keras into a staging folder during training and moved
 
 import csv
 import io
-import json
 import importlib.metadata
 import os
 import platform
@@ -13,10 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cxr.atomic import atomic_path, write_bytes, write_json, write_text
+from cxr.atomic import write_bytes, write_text
 from cxr.errors import UserError
-
-CLASS_NAMES_FILE = "class_names.json"
 
 
 class Outputs:
@@ -48,31 +45,29 @@ class Outputs:
         return self
 
 
-def save_model(model, path):
-    with atomic_path(path) as tmp:
-        model.save(tmp)
-
-
-def publish_staged(outputs):
-    """Move the checkpoints Keras wrote during training into models/."""
+def publish_model(model, outputs):
+    """models/model.h5 and class_names.json (a `SavedModel`), and the checkpoints Keras staged during training."""
+    model.save(outputs.models)
     for checkpoint in outputs.staging.glob("*.keras"):
         os.replace(checkpoint, outputs.models / checkpoint.name)
     shutil.rmtree(outputs.staging, ignore_errors=True)
 
 
-def write_evaluation(outputs, evaluation, title, subtitle, counts, operating_point, config, extra_figures=()):
-    """reports/{metrics.csv, classification_report.csv, report.html} and every figure as plots/<name>.png."""
+def write_evaluation(outputs, evaluation, context):
+    """reports/{metrics.csv, classification_report.csv, report.html} and every figure as plots/<name>.png.
+
+    `context` is an `evaluate.report.ReportContext`: the title, counts and settings around the evaluation.
+    """
     from cxr.evaluate.report import classification_rows, metric_rows, render_html
 
-    figures = {**evaluation.figures, **dict(extra_figures)}
+    figures = {**evaluation.figures, **context.extra_figures}
     for name, png in figures.items():
         write_bytes(outputs.plots / f"{name}.png", png)
     write_csv(metric_rows(_headline(evaluation.metrics), evaluation.confidence_intervals),
               outputs.reports / "metrics.csv")
     write_csv(classification_rows(evaluation.classification), outputs.reports / "classification_report.csv")
     write_text(outputs.reports / "report.html",
-               render_html(title, subtitle, counts, operating_point, evaluation.calibration,
-                           _headline(evaluation.metrics), evaluation.confidence_intervals, config, figures))
+               render_html(context, evaluation, _headline(evaluation.metrics), figures))
 
 
 def _headline(metrics):
@@ -86,36 +81,13 @@ def write_csv(rows, path):
     write_text(path, buffer.getvalue())
 
 
-def write_splits(path, class_names, paths, data):
+def write_splits(path, dataset):
     """splits.csv: the split and class of every image the run used, so a carved test set can be audited."""
     rows = [("split", "class", "path")]
-    for split, (image_rows, labels) in data.items():
-        rows += [(split, class_names[y], str(paths[r])) for r, y in zip(image_rows, labels)]
+    for split in dataset.splits:
+        image_rows, labels = dataset.split(split)
+        rows += [(split, dataset.class_names[y], str(dataset.paths[r])) for r, y in zip(image_rows, labels)]
     write_csv(rows, path)
-
-
-def write_model_info(models_dir, class_names, **extra):
-    """class_names.json beside the models: output order, plus anything predict needs to use them."""
-    write_json(Path(models_dir) / CLASS_NAMES_FILE, {"class_names": list(class_names), **extra})
-
-
-def read_model_info(model_path):
-    """The class names (and extras) saved beside `model_path`."""
-    info_path = Path(model_path).parent / CLASS_NAMES_FILE
-    if not info_path.is_file():
-        raise UserError(f"{info_path}: not found; predict needs the {CLASS_NAMES_FILE} that training wrote "
-                        "beside the model")
-    info = json.loads(info_path.read_text())
-    return info if isinstance(info, dict) else {"class_names": info}
-
-
-def saved_operating_point(info):
-    """The operating point stored in class_names.json; models saved without one use argmax, uncalibrated."""
-    from cxr.inference import positive_class
-
-    defaults = {"positive_class": positive_class(info["class_names"]), "temperature": 1.0, "threshold": None,
-                "method": "argmax"}
-    return defaults | {k: v for k, v in info.items() if k not in ("class_names", "img_size", "backbone")}
 
 
 def versions():
@@ -135,16 +107,16 @@ def versions():
             "python": platform.python_version()}
 
 
-def summary(class_names, counts, evaluation, operating_point, config, **extra):
+def summary(evaluation, context, **extra):
     """summary.json: the keys of the artifact contract (ARCHITECTURE.md) first, then `extra` (timings, history)."""
     return {
-        "class_names": list(class_names),
-        "counts": counts,
+        "class_names": list(evaluation.class_names),
+        "counts": context.counts,
         "metrics": evaluation.metrics,
         "confidence_intervals": evaluation.confidence_intervals,
-        "operating_point": operating_point,
+        "operating_point": evaluation.operating_point,
         "calibration": evaluation.calibration,
-        "config": config,
+        "config": context.settings,
         "versions": versions(),
         **extra,
     }

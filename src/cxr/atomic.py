@@ -1,5 +1,6 @@
 """Write files so that readers see either the old file or the complete new one, never half of it."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -50,3 +51,12 @@ def write_json(path, obj):
 def copy_file(src, dst):
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def file_sha256(path):
+    """A file's SHA-256 as hex, read a block at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,163 +1,20 @@
-"""The `cxr` command (and `train_cnn.py`): train, evaluate, predict, explain.
+"""The `cxr` command (and `train_cnn.py`): parse the options, call `cxr.run` or `cxr.predict`, print the results.
 
-`train_command` is one run read top to bottom: config -> split -> pipeline -> model -> train -> evaluate ->
-artifacts. TensorFlow is imported only once a command needs it, so option and data errors answer at once.
+TensorFlow is imported only once a command needs it, so option and data errors answer at once.
 """
 
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
-from cxr.atomic import write_json
-from cxr.config import BACKBONES, Config
-from cxr.errors import UserError, list_paths, warn
+from cxr.backbones import NAMES as BACKBONES
+from cxr.config import Config
+from cxr.errors import UserError
 
 
-def setup_runtime(config):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    policy = ("mixed_float16" if gpu else "mixed_bfloat16") if config.mixed_precision else "float32"
-    keras.mixed_precision.set_global_policy(policy)
-
-
-def train_command(config):
-    """Train, evaluate on the test split and write every artifact; returns the summary dict."""
-    from cxr.artifacts import Outputs
-    from cxr.data.split import describe, prepare_splits
-
-    started = time.perf_counter()
-    config.validate()
-    outputs = Outputs(config.output_dir).prepare()
-    splits = prepare_splits(config)
-    print(describe(splits), flush=True)
-    from cxr.evaluate.metrics import fit_operating_point
-    from cxr.inference import positive_class
-
-    positive = positive_class(splits.class_names, config.positive_class)
-
-    setup_runtime(config)
-    import keras
-
-    from cxr import artifacts, models, train
-    from cxr.data.pipeline import decode_splits
-    from cxr.evaluate import evaluate_model, plots
-    from cxr.inference import predict_probabilities
-    from cxr.litert import fast_inference
-
-    images, data, paths = decode_splits(splits, config.img_size, outputs.cache, strict=config.strict)
-    class_names = splits.class_names
-    counts = {split: {name: int((data[split][1] == i).sum()) for i, name in enumerate(class_names)}
-              for split in ("train", "val", "test")}
-
-    model = models.build_classifier(config.backbone, len(class_names), config.weights, config.img_size, config.dropout)
-    frozen_layers = (config.frozen_layers if config.frozen_layers is not None
-                     else models.DEFAULT_FROZEN_LAYERS[config.backbone])
-    models.check_frozen_layers(model, frozen_layers)
-
-    server = train.start_tensorboard(outputs.logs, config.port) if config.port else None
-    try:
-        result = train.train(model, images, data, len(class_names), config, frozen_layers, outputs.staging,
-                             outputs.logs)
-    finally:
-        if server is not None:
-            server.terminate()
-
-    print("Fitting the calibration and the operating point on validation; evaluating on test", flush=True)
-    val_rows, y_val = data["val"]
-    test_rows, y_test = data["test"]
-    predictor, engine = fast_inference(model, n_images=len(val_rows) + len(test_rows))
-    point = fit_operating_point(y_val, predict_probabilities(predictor, images, val_rows, config.batch_size),
-                                class_names, positive, config.target_sensitivity)
-    evaluation = evaluate_model(model, images, test_rows, y_test, class_names, point, config.bootstrap, config.seed,
-                                names=[paths[r].name for r in test_rows], batch_size=config.batch_size,
-                                predictor=predictor)
-
-    artifacts.save_model(model, outputs.models / "model.h5")
-    artifacts.publish_staged(outputs)
-    artifacts.write_model_info(outputs.models, class_names, img_size=config.img_size, backbone=config.backbone,
-                               **point)
-    result.seconds["total_seconds"] = time.perf_counter() - started
-    artifacts.write_evaluation(
-        outputs, evaluation, "cxr: test-set evaluation",
-        f"{config.backbone} trained on {config.data_dir}; evaluated on its held-out test split.",
-        counts, point, config.to_dict(),
-        extra_figures={"training_curves": plots.figure_png(plots.training_curves_figure(result.history))})
-    artifacts.write_splits(outputs.reports / "splits.csv", class_names, paths, data)
-    summary = artifacts.summary(class_names, counts, evaluation, point, config.to_dict(),
-                                timings={k: round(v, 2) for k, v in result.seconds.items()},
-                                final_phase=result.final_phase, history=result.history,
-                                precision=keras.mixed_precision.global_policy().name, inference=engine)
-    write_json(outputs.reports / "summary.json", summary)
-    print_headline(evaluation, point)
-    print(f"Outputs in {outputs.root}/ (models/model.h5, reports/report.html, reports/summary.json, plots/)")
-    return summary
-
-
-def evaluate_command(args):
-    """Evaluate a saved model on a folder of class subfolders (or its test/ subfolder) without retraining."""
-    from cxr.artifacts import Outputs, read_model_info, saved_operating_point, summary, write_evaluation
-    from cxr.data.pipeline import decode_all
-    from cxr.data.split import list_class_folders, list_images
-    from cxr.predict import load_model
-
-    info = read_model_info(args.model)
-    class_names = info["class_names"]
-    folder = args.data_dir / "test" if (args.data_dir / "test").is_dir() else args.data_dir
-    found = list_class_folders(folder)
-    unknown = [c for c in found if c not in class_names]
-    if unknown:
-        raise UserError(f"{folder}: class folders {', '.join(unknown)} are not classes of the model "
-                        f"({', '.join(class_names)}); rename the folders to the model's class names")
-    missing = [c for c in class_names if c not in found]
-    if missing:
-        warn(f"{folder}: no folder for class {', '.join(missing)}; metrics that need it are reported as null")
-    files = list_images(folder, found)
-    paths = [p for c in found for p in files[c]]
-    if not paths:
-        raise UserError(f"{folder}: no images in its class folders; add .jpg, .jpeg, .png or .bmp files")
-    labels = [class_names.index(c) for c in found for _ in files[c]]
-
-    outputs = Outputs(args.output_dir).prepare(training=False)
-    setup_runtime(Config(seed=args.seed))
-    from cxr.evaluate import evaluate_model
-    from cxr.litert import fast_inference
-
-    model = load_model(args.model)
-    images, bad = decode_all(paths, model.input_shape[1], outputs.cache)
-    if bad:
-        warn(f"skipped {len(bad)} unreadable images: {list_paths(bad)}")
-    rows = np.flatnonzero([p not in set(bad) for p in paths])
-    if not len(rows):
-        raise UserError(f"{folder}: none of its images could be read; check the image files")
-    y = np.array(labels)[rows]
-    point = saved_operating_point(info)
-    predictor, engine = fast_inference(model, args.model, n_images=len(rows) * (2 if args.tta else 1))
-    evaluation = evaluate_model(model, images, rows, y, class_names, point, args.bootstrap, args.seed, args.tta,
-                                names=[paths[r].name for r in rows], batch_size=args.batch_size, predictor=predictor)
-    counts = {"evaluated": {name: int((y == i).sum()) for i, name in enumerate(class_names)}}
-    settings = {"model": str(args.model), "data_dir": str(folder), "tta": args.tta, "bootstrap": args.bootstrap,
-                "seed": args.seed}
-    write_evaluation(outputs, evaluation, "cxr: evaluation of a saved model",
-                     f"{args.model} on {folder} ({len(rows)} images){', with flip TTA' if args.tta else ''}.",
-                     counts, point, settings)
-    write_json(outputs.reports / "summary.json",
-               summary(class_names, counts, evaluation, point, settings, inference=engine))
-    print_headline(evaluation, point)
-    print(f"Outputs in {outputs.root}/ (reports/report.html, reports/metrics.csv, reports/summary.json, plots/)")
-
-
-def print_headline(evaluation, point):
-    m, ci = evaluation.metrics, evaluation.confidence_intervals
+def print_headline(summary):
+    m, ci, point = summary["metrics"], summary["confidence_intervals"], summary["operating_point"]
 
     def show(name):
         value, interval = m.get(name), ci.get(name)
@@ -250,18 +107,29 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            train_command(config_from_args(args))
+            from cxr import run
+
+            summary = run.train(config_from_args(args))
+            print_headline(summary)
+            print(f"Outputs in {args.output_dir}/ (models/model.h5, reports/report.html, reports/summary.json, plots/)")
         elif args.command == "predict":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # predict imports TensorFlow only to convert
             from cxr.predict import run_predict
 
             print(run_predict(args.paths, args.model, args.format, args.batch_size, args.tta))
         elif args.command == "evaluate":
-            evaluate_command(args)
+            from cxr import run
+            from cxr.evaluate import EvaluationOptions
+
+            options = EvaluationOptions(args.bootstrap, args.seed, args.tta, args.batch_size)
+            print_headline(run.evaluate(args.model, args.data_dir, args.output_dir, options))
+            print(f"Outputs in {args.output_dir}/ (reports/report.html, reports/metrics.csv, reports/summary.json, "
+                  "plots/)")
         elif args.command == "explain":
-            setup_runtime(Config())
+            from cxr import run
             from cxr.predict import run_explain
 
+            run.setup_runtime(Config())
             for path in run_explain(args.paths, args.model, args.output_dir, args.class_name, args.tta):
                 print(path)
     except UserError as error:

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from cxr.backbones import NAMES as BACKBONES
 from cxr.errors import UserError
-
-BACKBONES = ("efficientnetb0", "efficientnet-lite0")
 
 
 @dataclass

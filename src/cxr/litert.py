@@ -8,14 +8,13 @@ needs gradients stays in Keras.
 """
 
 import contextlib
-import hashlib
 import io
 import os
 from pathlib import Path
 
 import numpy as np
 
-from cxr.atomic import write_bytes
+from cxr.atomic import file_sha256, write_bytes
 from cxr.errors import warn
 
 BATCH_SIZE = 8  # XNNPACK's speed is flat from 1 to 32 images per call on 2 cores; 8 keeps padding waste small
@@ -25,13 +24,13 @@ CACHED_MODELS = 8
 MIN_IMAGES_TO_CONVERT = 600
 
 
-def fast_inference(model, model_path=None, n_images=None):
+def fast_inference(model, model_path=None, n_images=None, digest=None):
     """`model` itself, or its LiteRT twin where that is possible: float32, no GPU, every op convertible.
 
     Returns (predictor, engine name); the predictor has `predict_on_batch`, `input_shape` and `output_shape`.
-    With `model_path` (the file `model` was loaded from), the conversion is cached by the file's contents
-    under ~/.cache/cxr/litert (the most recently used few). Without a cached conversion, a model that will see
-    fewer than `MIN_IMAGES_TO_CONVERT` images (`n_images`) stays in Keras.
+    With `model_path` (the file `model` was loaded from; `digest`: its SHA-256 if known), the conversion is
+    cached by the file's contents under ~/.cache/cxr/litert (the most recently used few). Without a cached
+    conversion, a model that will see fewer than `MIN_IMAGES_TO_CONVERT` images (`n_images`) stays in Keras.
     """
     import tensorflow as tf
 
@@ -39,7 +38,7 @@ def fast_inference(model, model_path=None, n_images=None):
     if tf.config.list_physical_devices("GPU") or any(layer.compute_dtype != "float32" for layer in model.layers):
         return model, "keras"
     try:
-        cached = cache_path(model_path) if model_path else None
+        cached = cache_path(model_path, digest) if model_path else None
         if cached and cached.is_file():
             return load_cached(cached), "litert"
         if n_images is not None and n_images < MIN_IMAGES_TO_CONVERT:
@@ -53,19 +52,18 @@ def fast_inference(model, model_path=None, n_images=None):
         return model, "keras"
 
 
-def saved_model_inference(model_path, load_model):
-    """(predictor, engine) for the model saved at `model_path`.
+def cached_conversion(model_path, digest=None):
+    """The cached LiteRT conversion of the model file at `model_path`, or None (none cached, or damaged).
 
-    A cached conversion is used as it is, even on a machine with a GPU: neither TensorFlow nor the Keras model
-    is loaded, which cuts about 10 s of start-up. Otherwise `fast_inference(load_model(model_path), model_path)` converts and caches it.
+    Using it needs neither TensorFlow nor the Keras model, so a command that finds one starts fast.
     """
-    cached = cache_path(model_path) if Path(model_path).is_file() else None
-    if cached and cached.is_file():
-        try:
-            return load_cached(cached), "litert"
-        except (OSError, ValueError, RuntimeError):  # a damaged cache file: convert again
-            pass
-    return fast_inference(load_model(model_path), model_path)
+    cached = cache_path(model_path, digest)
+    if not cached.is_file():
+        return None
+    try:
+        return load_cached(cached)
+    except (OSError, ValueError, RuntimeError):  # a damaged cache file: the caller converts again
+        return None
 
 
 def to_flatbuffer(model):
@@ -112,8 +110,8 @@ def _interpreter(flatbuffer, num_threads):
     return Interpreter(model_content=flatbuffer, num_threads=num_threads)
 
 
-def cache_path(model_path):
-    digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()[:24]
+def cache_path(model_path, digest=None):
+    digest = (digest or file_sha256(model_path))[:24]
     cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache_home / "cxr" / "litert" / f"{Path(model_path).stem}-{digest}.tflite"
 

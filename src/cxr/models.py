@@ -1,47 +1,61 @@
-"""Backbones, the classification head and which layers train in each phase.
+"""The classifier, which layers train in each phase, and the one place where a run builds and compiles models.
 
 Every model here takes raw RGB images with values 0-255: the backbones carry their own preprocessing, so a
 saved model needs nothing but `predict`. The classifier is one flat functional model (backbone layers first,
 then the head): a nested backbone would lose its input normalisation statistics in a `.h5` round trip.
+What differs between backbones lives in the registry, `backbones`.
 """
 
+import contextlib
 from pathlib import Path
 
 import keras
 
-from cxr import lite0
+from cxr import backbones
 from cxr.errors import UserError
 
-# The seed froze B0's first 200 layers, which ends inside block 6c. Lite0 has no squeeze-excitation layers,
-# so the same blocks (everything before block6c_project_conv) are its first 132 layers.
-DEFAULT_FROZEN_LAYERS = {"efficientnetb0": 200, "efficientnet-lite0": 132}
+
+class Builder:
+    """Builds and compiles every model and sub-model of a run, inside `scope()`.
+
+    The scope is the default one today; a tf.distribute strategy's scope goes here, so that every variable
+    and optimizer slot of a run is created under it.
+    """
+
+    def __init__(self, strategy=None):
+        self.strategy = strategy
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def classifier(self, backbone_name, num_classes, weights="imagenet", img_size=224, dropout=0.25):
+        with self.scope():
+            return build_classifier(backbone_name, num_classes, weights, img_size, dropout)
+
+    def split_at_frozen_prefix(self, model, frozen_layers, backbone_name):
+        with self.scope():
+            return split_at_frozen_prefix(model, frozen_layers, backbones.get(backbone_name).block_of)
+
+    def head_on_features(self, model):
+        with self.scope():
+            return head_on_features(model)
+
+    def compile(self, model, learning_rate):
+        with self.scope():
+            return compile_model(model, learning_rate)
 
 
 def build_backbone(name, weights="imagenet", img_size=224, input_tensor=None):
     """The convolutional part of `name` (no pooling, no top), with `weights`: imagenet, none or a file path."""
+    entry = backbones.get(name)
     shape = (img_size, img_size, 3)
-    path = None if weights in ("imagenet", "none") else Path(weights)
-    if name == "efficientnetb0":
+    build = entry.build_imagenet if weights == "imagenet" else entry.build
+    backbone = build(shape, input_tensor)
+    if weights not in ("imagenet", "none"):
         try:
-            backbone = keras.applications.EfficientNetB0(
-                include_top=False, weights="imagenet" if weights == "imagenet" else None, input_shape=shape,
-                input_tensor=input_tensor)
-        except Exception as error:  # Keras reports a failed download as a bare Exception
-            raise UserError(
-                f"could not download EfficientNetB0 ImageNet weights ({str(error).splitlines()[0]}); offline, use "
-                "--backbone efficientnet-lite0 (weights ship with cxr) or --weights PATH to a local weights file"
-            ) from None
-    elif name == "efficientnet-lite0":
-        backbone = lite0.build(shape, input_tensor=input_tensor)
-        if weights == "imagenet":
-            lite0.load_imagenet_weights(backbone)
-    else:
-        raise UserError(f"unknown backbone {name!r}; choose efficientnetb0 or efficientnet-lite0")
-    if path is not None:
-        try:
-            backbone.load_weights(path)
+            backbone.load_weights(Path(weights))
         except Exception as error:
-            raise UserError(f"{path}: could not load weights into {name} ({str(error).splitlines()[0][:160]}); "
+            raise UserError(f"{weights}: could not load weights into {name} ({str(error).splitlines()[0][:160]}); "
                             "give a weights file saved from the same backbone without its top") from None
     return backbone
 
@@ -56,6 +70,12 @@ def build_classifier(backbone_name, num_classes, weights="imagenet", img_size=22
     return keras.Model(inputs, outputs, name=f"cxr_{backbone.name}")
 
 
+def default_frozen_layers(model, backbone_name):
+    """How many backbone layers stay frozen in phase 2 by default: those before the registry's frozen point."""
+    names = [layer.name for layer in backbone_layers(model)]
+    return names.index(backbones.get(backbone_name).fine_tune_from)
+
+
 def backbone_layers(model):
     """The backbone's layers, input layer first, in the order `--frozen-layers` counts them."""
     return model.layers[:model.layers.index(model.get_layer("avg_pool"))]
@@ -66,6 +86,22 @@ def head_on_features(model):
     features = keras.Input(shape=model.get_layer("avg_pool").output.shape[1:], name="features")
     x = model.get_layer("head_dropout")(features)
     return keras.Model(features, model.get_layer("predictions")(x), name="head")
+
+
+def split_at_frozen_prefix(model, frozen_layers, block_of=backbones.kerasapp_block):
+    """(prefix, tail, pooled) models cut at the input of the backbone block that holds the first fine-tuned layer.
+
+    Everything in the prefix stays frozen in both phases (BatchNormalization in inference mode), so its output
+    for an image never changes and can be computed once. `block_of` maps a layer name to its block (the
+    registry's). Returns None when the cut would fall outside the blocks (in the stem).
+    """
+    layers = backbone_layers(model)
+    if frozen_layers >= len(layers) or block_of(layers[frozen_layers].name) is None:
+        return None
+    block = block_of(layers[frozen_layers].name)
+    cut = next(layer for layer in layers if block_of(layer.name) == block).input
+    return (keras.Model(model.input, cut, name="frozen_prefix"), keras.Model(cut, model.output, name="tail"),
+            keras.Model(cut, model.get_layer("avg_pool").output, name="tail_features"))
 
 
 def freeze_backbone(model):

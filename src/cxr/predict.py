@@ -1,4 +1,5 @@
-"""Labels and calibrated probabilities for image files, from a saved model and the operating point beside it."""
+"""Labels and calibrated probabilities for image files (`cxr predict`), and Grad-CAM overlays (`cxr explain`),
+from a `SavedModel`."""
 
 import csv
 import io
@@ -8,12 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.artifacts import read_model_info, saved_operating_point
-from cxr.data.pipeline import load_image
-from cxr.data.split import is_image_file
+from cxr.data.decode import is_image_file, try_decode
 from cxr.errors import UserError, list_paths, warn
-from cxr.inference import apply_temperature, decide, predict_probabilities
-from cxr.litert import saved_model_inference
+from cxr.saved_model import SavedModel
 
 
 def list_inputs(paths):
@@ -34,47 +32,28 @@ def list_inputs(paths):
     return files
 
 
-def load_model(model_path):
-    import keras
-
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise UserError(f"{model_path}: no such model file; train one first or pass --model PATH")
-    try:
-        return keras.models.load_model(model_path, compile=False)
-    except Exception as error:
-        raise UserError(f"{model_path}: could not load the model ({str(error).splitlines()[0][:160]})") from None
-
-
 def predict_files(model, files, batch_size=64, tta=False):
-    """The readable files, in order, and the model's raw softmax outputs (N, classes) for them.
+    """The readable files, in order, and (calibrated probabilities (n, classes), labels (n,)) for them.
 
-    `model` is a Keras model or anything with its `predict_on_batch`, `input_shape` and `output_shape`
-    (`litert.fast_inference`). The next chunk of files is decoded in threads while the model runs on this one.
+    `model` is a `SavedModel`. The next chunk of files is decoded in threads while the model runs on this one.
     """
-    size = model.input_shape[1]
-
-    def load(path):
-        try:
-            return load_image(path, size)
-        except (OSError, ValueError):
-            return None
-
+    size = model.predictor().input_shape[1]
     chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
-    probabilities, readable, unreadable = [], [], []
+    raw, readable, unreadable = [], [], []
     with ThreadPoolExecutor() as pool:
-        pending = [pool.submit(load, path) for path in chunks[0]] if chunks else []
+        pending = [pool.submit(try_decode, path, size) for path in chunks[0]] if chunks else []
         for k, chunk in enumerate(chunks):
             images = [future.result() for future in pending]
-            pending = [pool.submit(load, path) for path in chunks[k + 1]] if k + 1 < len(chunks) else []
+            pending = [pool.submit(try_decode, path, size) for path in chunks[k + 1]] if k + 1 < len(chunks) else []
             batch = [img for img in images if img is not None]
             readable += [p for p, img in zip(chunk, images) if img is not None]
             unreadable += [p for p, img in zip(chunk, images) if img is None]
             if batch:
-                probabilities.append(predict_probabilities(model, np.stack(batch), batch_size=len(batch), tta=tta))
+                raw.append(model.raw_probabilities(np.stack(batch), batch_size=len(batch), tta=tta))
     if unreadable:
         warn(f"skipped {len(unreadable)} unreadable images: {list_paths(unreadable)}")
-    return readable, (np.concatenate(probabilities) if probabilities else np.zeros((0, model.output_shape[-1])))
+    probabilities, labels = model.calibrate(np.concatenate(raw) if raw else np.zeros((0, len(model.class_names))))
+    return readable, probabilities, labels
 
 
 def format_predictions(files, probabilities, labels, class_names, fmt="table"):
@@ -96,41 +75,33 @@ def format_predictions(files, probabilities, labels, class_names, fmt="table"):
     return "\n".join(lines)
 
 
-def classify(raw, point, class_names):
-    """Calibrated probabilities and labels at the saved operating point (the threshold for binary models)."""
-    probabilities = apply_temperature(raw, point["temperature"])
-    return probabilities, decide(probabilities, class_names.index(point["positive_class"]), point["threshold"])
-
-
 def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False):
     files = list_inputs(paths)
-    info = read_model_info(model_path)
-    predictor, _ = saved_model_inference(model_path, load_model)
-    readable, raw = predict_files(predictor, files, batch_size, tta)
-    probabilities, labels = classify(raw, saved_operating_point(info), info["class_names"])
-    return format_predictions(readable, probabilities, labels, info["class_names"], fmt)
+    model = SavedModel.load(model_path)
+    model.predictor()  # LiteRT whenever it can run the model: the conversion is cached for the next call
+    readable, probabilities, labels = predict_files(model, files, batch_size, tta)
+    return format_predictions(readable, probabilities, labels, model.class_names, fmt)
 
 
 def run_explain(paths, model_path, output_dir, class_name=None, tta=False):
     """Write one Grad-CAM overlay PNG per image into `output_dir`; returns the written paths."""
     from cxr.atomic import write_bytes
+    from cxr.data.decode import decode_image
     from cxr.evaluate import gradcam, plots
 
     files = list_inputs(paths)
-    info = read_model_info(model_path)
-    class_names = info["class_names"]
+    model = SavedModel.load(model_path)
+    class_names = model.class_names
     if class_name is not None and class_name not in class_names:
         raise UserError(f"--class {class_name!r} is not one of the model's classes ({', '.join(class_names)})")
-    model = load_model(model_path)
-    readable, raw = predict_files(model, files, tta=tta)
-    point = saved_operating_point(info)
-    probabilities, labels = classify(raw, point, class_names)
+    model.predictor(n_images=len(files) * (2 if tta else 1))
+    readable, probabilities, labels = predict_files(model, files, tta=tta)
     targets = labels if class_name is None else np.full(len(readable), class_names.index(class_name))
-    size = model.input_shape[1]
+    size = model.keras_model.input_shape[1]
     written = []
     for path, prob, label, target in zip(readable, probabilities, labels, targets):
-        heatmap = gradcam.heatmaps(model, load_image(path, size)[None], [target])[0]
-        shown = load_image(path, max(size, 512))  # overlay on a sharper copy than the model's input
+        heatmap = gradcam.heatmaps(model.keras_model, decode_image(path, size)[None], [target])[0]
+        shown = decode_image(path, max(size, 512))  # overlay on a sharper copy than the model's input
         title = f"{path.name}\npredicted {class_names[label]} (p = {prob[label]:.3f})"
         if target != label:
             title += f"; map for {class_names[target]}"

@@ -1,4 +1,5 @@
-"""Phase 1 trains the head on a frozen backbone; phase 2 fine-tunes the upper backbone at a low learning rate.
+"""Training as a loop over phases: phase 1 trains the head on a frozen backbone; phase 2 fine-tunes the upper
+backbone at a low learning rate. A run can start at any phase and any epoch (`TrainingRun`).
 
 Each phase has EarlyStopping on val_accuracy (best weights restored), ReduceLROnPlateau on val_loss,
 ModelCheckpoint of the best full image model and TensorBoard logs.
@@ -27,10 +28,30 @@ from sklearn.utils.class_weight import compute_class_weight
 from cxr.data.pipeline import make_dataset, write_array
 from cxr.errors import warn
 from cxr.litert import fast_inference
-from cxr.models import backbone_layers, compile_model, freeze_backbone, head_on_features, unfreeze_backbone
+from cxr.models import freeze_backbone, unfreeze_backbone
 
 PHASE1_CHECKPOINT = "best_feature_extractor.keras"
 PHASE2_CHECKPOINT = "best_finetuned.keras"
+
+
+@dataclass
+class Phase:
+    """One training phase: what trains, at which learning rate, and where its best model is checkpointed."""
+
+    number: int
+    trains: str  # "head": the head on a frozen backbone; "upper": the backbone past the frozen point, and the head
+    learning_rate: float
+    checkpoint: str  # file name in the staging folder: the phase's best full image model
+    title: str  # printed when the phase starts
+
+
+def default_phases(config, frozen_layers):
+    """The seed's recipe: the head at --lr, then everything past `frozen_layers` at --finetune-lr."""
+    head = (f"training the head on cached {config.backbone} features" if config.feature_cache
+            else f"training the head on a frozen {config.backbone} (plain Keras)")
+    return [Phase(1, "head", config.lr, PHASE1_CHECKPOINT, head),
+            Phase(2, "upper", config.finetune_lr, PHASE2_CHECKPOINT,
+                  f"fine-tuning all but the first {frozen_layers} backbone layers at lr {config.finetune_lr}")]
 
 
 @dataclass
@@ -89,137 +110,151 @@ def phase_callbacks(config, checkpoint_path, log_dir, checkpoint_target=None):
     ]
 
 
-def _epochs(history, phase):
+def _epochs(history, phase, initial_epoch=0):
     keys = list(history.history)
-    return [{"phase": phase, "epoch": i + 1, **{k: float(history.history[k][i]) for k in keys}}
+    return [{"phase": phase, "epoch": initial_epoch + i + 1, **{k: float(history.history[k][i]) for k in keys}}
             for i in range(len(history.history[keys[0]]))]
 
 
-def split_at_frozen_prefix(model, frozen_layers):
-    """(prefix, tail, pooled) models cut at the input of the backbone block that holds the first fine-tuned layer.
+class ImageInputs:
+    """Plain Keras training: every phase runs the whole image model on freshly augmented images."""
 
-    Everything in the prefix stays frozen in both phases (BatchNormalization in inference mode), so its output
-    for an image never changes and can be computed once. Returns None when the cut would fall in the stem.
+    def __init__(self, model, dataset, config):
+        self.model, self.dataset, self.config = model, dataset, config
+
+    def for_phase(self, phase):
+        """(model that trains, training tf.data, validation tf.data, steps per epoch or None)."""
+        rows, _ = self.dataset.split("train")
+        val_rows, _ = self.dataset.split("val")
+        labels = self.dataset.labels
+        train_ds = make_dataset(self.dataset.images, rows, labels[rows], self.config.batch_size, shuffle=True,
+                                augment=True, seed=self.config.seed)
+        val_ds = make_dataset(self.dataset.images, val_rows, labels[val_rows], self.config.batch_size)
+        return self.model, train_ds, val_ds, None
+
+
+class CachedInputs:
+    """The frozen prefix run once (see the module's docstring): phase "upper" trains the tail on its outputs,
+    phase "head" trains the head on their pooled features. Computed when a phase first needs them."""
+
+    def __init__(self, builder, model, parts, dataset, config, folder):
+        self.builder, self.model, self.dataset, self.config = builder, model, dataset, config
+        self.prefix, self.tail, self.pooled = parts
+        self.folder = Path(folder)
+        self._outputs = self._features = None
+
+    def for_phase(self, phase):
+        """(model that trains, training tf.data, validation tf.data, steps per epoch)."""
+        if phase.trains == "head":
+            (x, val_x), trainable = self.features(), self.builder.head_on_features(self.model)
+        else:
+            (x, val_x), trainable = self.outputs(), self.tail
+        rows, _ = self.dataset.split("train")
+        val_rows, _ = self.dataset.split("val")
+        labels = self.dataset.labels
+        view_labels = np.tile(labels[rows], (len(x) // len(rows), 1))  # K views, stacked view after view
+        train_ds = make_dataset(x, np.arange(len(x)), view_labels, self.config.batch_size, shuffle=True,
+                                seed=self.config.seed).repeat()
+        val_ds = make_dataset(val_x, np.arange(len(val_x)), labels[val_rows], self.config.batch_size)
+        # An epoch is one training set's worth of steps, drawn from all views.
+        return trainable, train_ds, val_ds, math.ceil(len(rows) / self.config.batch_size)
+
+    def outputs(self):
+        """The prefix's outputs for `feature_views` augmented views of the training images, stacked view after
+        view, and for the validation images (unaugmented).
+
+        They are written to .npy files (7x7x192 float32 per image and view at 224 px) and read back a batch at
+        a time, so memory stays flat however many images there are; the operating system keeps them cached when
+        RAM allows. On a CPU the prefix runs in LiteRT (`litert.fast_inference`).
+        """
+        if self._outputs is None:
+            config, dataset = self.config, self.dataset
+            rows, val_rows = dataset.splits["train"], dataset.splits["val"]
+            print(f"Computing the frozen layers once: {config.feature_views} augmented views of "
+                  f"{len(rows)} training images and {len(val_rows)} validation images", flush=True)
+            runner, _ = fast_inference(self.prefix, n_images=config.feature_views * len(rows) + len(val_rows))
+
+            def run(name, rows, views, augment):
+                def blocks():
+                    for view in range(views):
+                        ds = make_dataset(dataset.images, rows, dataset.labels[rows], config.batch_size,
+                                          augment=augment, seed=config.seed + view)
+                        for x, _ in ds:
+                            yield runner.predict_on_batch(x)
+
+                return write_array(self.folder / f"{name}.npy", (views * len(rows), *self.prefix.output.shape[1:]),
+                                   np.float32, blocks())
+
+            self._outputs = (run("frozen-train", rows, config.feature_views, True),
+                             run("frozen-val", val_rows, 1, False))
+        return self._outputs
+
+    def features(self):
+        """Pooled features of the prefix outputs (1280 floats per image and view), also written to disk: at
+        50k images two views would otherwise sit in memory while Keras' predict gathers them."""
+        if self._features is None:
+            def pool(arrays, name):
+                ds = make_dataset(arrays, np.arange(len(arrays)), np.zeros((len(arrays), 1), np.float32),
+                                  self.config.batch_size)
+                return write_array(self.folder / f"{name}.npy", (len(arrays), *self.pooled.output.shape[1:]),
+                                   np.float32, (self.pooled.predict_on_batch(x) for x, _ in ds))
+
+            views, val_x = self.outputs()
+            self._features = (pool(views, "pooled-train"), pool(val_x, "pooled-val"))
+        return self._features
+
+
+def train(model, dataset, config, run):
+    """Train `model` in place through `run.phases` from `run.start_phase`; it ends with the best phase's weights.
+
+    `run` is a `TrainingRun`: the builder, phases, frozen point and folders. The final model is the last
+    phase's unless an earlier phase scored a strictly higher validation accuracy.
     """
-    layers = backbone_layers(model)
-    if frozen_layers >= len(layers) or not layers[frozen_layers].name.startswith("block"):
-        return None
-    block = layers[frozen_layers].name.split("_")[0] + "_"
-    cut = next(layer for layer in layers if layer.name.startswith(block)).input
-    return (keras.Model(model.input, cut, name="frozen_prefix"), keras.Model(cut, model.output, name="tail"),
-            keras.Model(cut, model.get_layer("avg_pool").output, name="tail_features"))
-
-
-def frozen_outputs(prefix, images, data, num_classes, config, folder):
-    """The prefix's outputs for `feature_views` augmented views of the training images, stacked view after view,
-    and for the validation images (unaugmented).
-
-    They are written to .npy files in `folder` (7x7x192 float32, 38 KB per image and view at 224 px) and read
-    back a batch at a time, so memory stays flat however many images there are; the operating system keeps
-    them cached when RAM allows.
-    On a CPU the prefix runs in LiteRT, about three times faster than in Keras.
-    """
-    runner, _ = fast_inference(prefix, n_images=config.feature_views * len(data["train"][0]) + len(data["val"][0]))
-
-    def run(name, rows, labels, views, augment):
-        def blocks():
-            for view in range(views):
-                ds = make_dataset(images, rows, labels, num_classes, config.batch_size, augment=augment,
-                                  seed=config.seed + view)
-                for x, _ in ds:
-                    yield runner.predict_on_batch(x)
-
-        return write_array(Path(folder) / f"{name}.npy", (views * len(rows), *prefix.output.shape[1:]), np.float32,
-                           blocks())
-
-    return (run("frozen-train", *data["train"], config.feature_views, True),
-            run("frozen-val", *data["val"], 1, False))
-
-
-def pool(pooled, arrays, labels, num_classes, config, path):
-    """Pooled features of cached prefix outputs, written to `path` (1280 floats per image and view: small, but
-    at 50k images two views would hold 0.7 GB in memory while Keras' predict gathers them)."""
-    ds = make_dataset(arrays, np.arange(len(arrays)), labels, num_classes, config.batch_size)
-    return write_array(path, (len(arrays), *pooled.output.shape[1:]), np.float32,
-                       (pooled.predict_on_batch(x) for x, _ in ds))
-
-
-def fit_arrays(trainable, views, labels, val_x, val_labels, num_classes, config, learning_rate, checkpoint_path,
-               log_dir, checkpoint_target):
-    """One phase on precomputed inputs (`views`: K views of each training image, stacked view after view).
-
-    An epoch is one training set's worth of steps, drawn from all views.
-    """
-    view_labels = np.tile(labels, len(views) // len(labels))
-    train_ds = make_dataset(views, np.arange(len(views)), view_labels, num_classes, config.batch_size, shuffle=True,
-                            seed=config.seed).repeat()
-    val_ds = make_dataset(val_x, np.arange(len(val_x)), val_labels, num_classes, config.batch_size)
-    compile_model(trainable, learning_rate)
-    return trainable.fit(
-        train_ds, steps_per_epoch=math.ceil(len(labels) / config.batch_size),
-        epochs=config.epochs, validation_data=val_ds,
-        class_weight=class_weights(labels, num_classes, config.class_weight),
-        callbacks=phase_callbacks(config, checkpoint_path, log_dir, checkpoint_target=checkpoint_target),
-        shuffle=False, verbose=2,
-    )
-
-
-def fit_images(model, images, data, num_classes, config, checkpoint_path, log_dir):
-    """One phase of plain Keras training on augmented images."""
-    rows, labels = data["train"]
-    train_ds = make_dataset(images, rows, labels, num_classes, config.batch_size, shuffle=True, augment=True,
-                            seed=config.seed)
-    val_ds = make_dataset(images, *data["val"], num_classes, config.batch_size)
-    return model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                     class_weight=class_weights(labels, num_classes, config.class_weight),
-                     callbacks=phase_callbacks(config, checkpoint_path, log_dir), shuffle=False, verbose=2)
-
-
-def train(model, images, data, num_classes, config, frozen_layers, staging_dir, log_dir):
-    """Run both phases on `model` in place; the model ends with the better phase's best weights."""
     result = TrainResult()
-    staging_dir, log_dir = Path(staging_dir), Path(log_dir)
-    split = split_at_frozen_prefix(model, frozen_layers) if config.feature_cache else None
-    labels, val_labels = data["train"][1], data["val"][1]
-    freeze_backbone(model)
-
-    start = time.perf_counter()
-    if split:
-        print(f"Computing the frozen layers once: {config.feature_views} augmented views of "
-              f"{len(labels)} training images and {len(val_labels)} validation images", flush=True)
-        prefix, tail, pooled = split
-        views, val_x = frozen_outputs(prefix, images, data, num_classes, config, staging_dir)
-        features = pool(pooled, views, np.tile(labels, config.feature_views), num_classes, config,
-                        staging_dir / "pooled-train.npy")
-        val_features = pool(pooled, val_x, val_labels, num_classes, config, staging_dir / "pooled-val.npy")
-        print(f"Phase 1: training the head on cached {config.backbone} features", flush=True)
-        history = fit_arrays(head_on_features(model), features, labels, val_features, val_labels, num_classes,
-                             config, config.lr, staging_dir / PHASE1_CHECKPOINT, log_dir / "phase1", model)
-    else:
-        print(f"Phase 1: training the head on a frozen {config.backbone} (plain Keras)", flush=True)
-        compile_model(model, config.lr)
-        history = fit_images(model, images, data, num_classes, config, staging_dir / PHASE1_CHECKPOINT,
-                             log_dir / "phase1")
-    result.seconds["phase1_seconds"] = time.perf_counter() - start
-    result.history += _epochs(history, 1)
-    phase1_best = max(history.history["val_accuracy"])
-    phase1_weights = model.get_weights()
-
-    print(f"Phase 2: fine-tuning all but the first {frozen_layers} backbone layers at lr {config.finetune_lr}",
-          flush=True)
-    start = time.perf_counter()
-    unfreeze_backbone(model, frozen_layers)
-    if split:
-        history = fit_arrays(tail, views, labels, val_x, val_labels, num_classes, config, config.finetune_lr,
-                             staging_dir / PHASE2_CHECKPOINT, log_dir / "phase2", model)
-    else:
-        compile_model(model, config.finetune_lr)
-        history = fit_images(model, images, data, num_classes, config, staging_dir / PHASE2_CHECKPOINT,
-                             log_dir / "phase2")
-    result.seconds["phase2_seconds"] = time.perf_counter() - start
-    result.history += _epochs(history, 2)
-    if max(history.history["val_accuracy"]) < phase1_best:
-        print("Fine-tuning did not beat phase 1 on validation; the final model keeps phase 1's weights")
-        model.set_weights(phase1_weights)
-        result.final_phase = 1
+    parts = (run.builder.split_at_frozen_prefix(model, run.frozen_layers, config.backbone)
+             if config.feature_cache else None)
+    inputs = (CachedInputs(run.builder, model, parts, dataset, config, run.staging_dir) if parts
+              else ImageInputs(model, dataset, config))
+    targets = dataset.targets[dataset.splits["train"]]
+    scores = []  # (best val_accuracy, phase number, weights) per phase run
+    for phase in run.phases:
+        if phase.number < run.start_phase:
+            continue
+        initial_epoch = run.initial_epoch if phase.number == run.start_phase else 0
+        start = time.perf_counter()
+        if phase.trains == "head":
+            freeze_backbone(model)
+        else:
+            unfreeze_backbone(model, run.frozen_layers)
+        trainable, train_ds, val_ds, steps = inputs.for_phase(phase)
+        print(f"Phase {phase.number}: {phase.title}", flush=True)
+        run.builder.compile(trainable, phase.learning_rate)
+        history = trainable.fit(
+            train_ds, steps_per_epoch=steps, epochs=config.epochs, initial_epoch=initial_epoch,
+            validation_data=val_ds, class_weight=class_weights(targets, len(dataset.class_names), config.class_weight),
+            callbacks=phase_callbacks(config, run.staging_dir / phase.checkpoint, run.log_dir / f"phase{phase.number}",
+                                      checkpoint_target=model if trainable is not model else None),
+            shuffle=False, verbose=2)
+        result.seconds[f"phase{phase.number}_seconds"] = time.perf_counter() - start
+        result.history += _epochs(history, phase.number, initial_epoch)
+        scores.append((max(history.history["val_accuracy"]), phase.number, model.get_weights()))
+    best = max(scores, key=lambda s: s[:2])  # ties go to the later phase
+    result.final_phase = best[1]
+    if best[1] != scores[-1][1]:
+        print(f"Phase {scores[-1][1]} did not beat phase {best[1]} on validation; the final model keeps phase "
+              f"{best[1]}'s weights")
+        model.set_weights(best[2])
     return result
+
+
+@dataclass
+class TrainingRun:
+    """How `train` runs: the model builder, the phases, where fine-tuning starts and where files go."""
+
+    builder: object  # models.Builder: builds and compiles every model under one scope
+    phases: list  # [Phase], in order
+    frozen_layers: int
+    staging_dir: Path  # checkpoints and cached frozen-layer outputs, published or deleted when the run ends
+    log_dir: Path  # TensorBoard logs, one subfolder per phase
+    start_phase: int = 1  # a run may start at any phase...
+    initial_epoch: int = 0  # ...and any epoch of it

@@ -1,4 +1,4 @@
-"""Images on disk -> tf.data pipelines of (image batch, one-hot label batch).
+"""Images on disk -> the decode cache -> tf.data pipelines of (image batch, one-hot label batch).
 
 Every image is decoded and resized once into a uint8 array in the decode cache, keyed by the files' paths,
 sizes and modification times and the image size, and read back a batch of rows at a time: memory stays flat
@@ -14,35 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from cxr.atomic import atomic_path, write_json
-from cxr.errors import UserError, list_paths, warn
+from cxr.data.decode import try_decode
 
 AUTOTUNE = -1  # tf.data.AUTOTUNE, without importing TensorFlow at module import
-
-
-def load_image(path, size):
-    """Decode any JPEG, PNG (8/16-bit, grey, RGBA, palette) or BMP into a (size, size, 3) uint8 RGB array.
-
-    Raises OSError or ValueError when the file is not a readable image.
-    """
-    with Image.open(path) as img:
-        if img.format == "JPEG":
-            img.draft("RGB", (size, size))  # lets the JPEG decoder downscale large X-rays cheaply
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            array = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if array.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
-
-
-def _try_load(path, size):
-    try:
-        return load_image(path, size)
-    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
-        return None
 
 
 def cache_key(paths, size):
@@ -128,7 +104,7 @@ def decode_all(paths, size, cache_dir):
 
     def decoded(pool):
         blank = np.zeros((1, size, size, 3), np.uint8)
-        for path, image in zip(paths, pool.map(lambda p: _try_load(p, size), paths)):
+        for path, image in zip(paths, pool.map(lambda p: try_decode(p, size), paths)):
             if image is None:
                 bad.append(path)
             yield blank if image is None else image[None]
@@ -137,30 +113,6 @@ def decode_all(paths, size, cache_dir):
         write_array(tmp, (len(paths), size, size, 3), np.uint8, decoded(pool)).close()
     write_json(bad_path, [str(p) for p in bad])
     return DiskArray(array_path), bad
-
-
-def decode_splits(splits, size, cache_dir, strict=False):
-    """Decode every split's images once; drop (or, if strict, refuse) unreadable ones.
-
-    Returns (images `DiskArray`, {split: (row indices into images, labels)}, the path of each row).
-    """
-    all_paths = sorted({p for files in splits.files.values() for p in files})
-    images, bad = decode_all(all_paths, size, cache_dir)
-    if bad:
-        if strict:
-            raise UserError(f"unreadable or corrupt images: {list_paths(bad)}; remove or replace them, "
-                            "or run without --strict")
-        warn(f"skipped {len(bad)} unreadable or corrupt images: {list_paths(bad)}")
-    row = {p: i for i, p in enumerate(all_paths)}
-    bad_set = set(bad)
-    indexed = {}
-    for split, files in splits.files.items():
-        keep = [(row[p], y) for p, y in zip(files, splits.labels[split]) if p not in bad_set]
-        if not keep:
-            raise UserError(f"the {split} split has no readable images; check the image files")
-        rows, labels = zip(*keep)
-        indexed[split] = (np.array(rows, dtype=np.int64), np.array(labels, dtype=np.int64))
-    return images, indexed, all_paths
 
 
 def augmentation(seed):
@@ -175,16 +127,16 @@ def augmentation(seed):
     ], name="augmentation")
 
 
-def make_dataset(images, rows, labels, num_classes, batch_size, shuffle=False, augment=False, seed=0):
-    """A tf.data pipeline of (float32 image batch, one-hot label batch) read from `images[rows]`.
+def make_dataset(images, rows, labels, batch_size, shuffle=False, augment=False, seed=0):
+    """A tf.data pipeline of (float32 image batch, label batch) read from `images[rows]` and `labels`.
 
     `images` is anything indexable by a batch of rows with `shape` and `dtype` (the decode cache, cached layer
-    outputs, a numpy array); only the batches in flight are in memory.
+    outputs, a numpy array); only the batches in flight are in memory. `labels` is (len(rows), classes):
+    one-hot rows for a single-label dataset.
     """
     import tensorflow as tf
 
-    one_hot = np.eye(num_classes, dtype=np.float32)[labels]
-    ds = tf.data.Dataset.from_tensor_slices((rows, one_hot))
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(rows), np.asarray(labels, dtype=np.float32)))
     if shuffle:
         ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)

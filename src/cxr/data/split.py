@@ -15,40 +15,21 @@ import os
 import re
 import shutil
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cxr.atomic import write_json
+from cxr.data.dataset import Dataset
+from cxr.data.decode import IMAGE_EXTENSIONS, is_image_file
 from cxr.errors import UserError, list_paths, warn
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
 SPLITS = ("train", "val", "test")
 MIN_VAL_IMAGES = 50
 MANIFEST = "split.json"  # written by split_raw: the split is cxr's own, so its val/ is used as it is
 # Patient ids in the Kermany chest X-ray file names: person1234_bacteria_1.jpeg, IM-0115-0001.jpeg,
 # NORMAL2-IM-0246-0001-0002.jpeg. The NORMAL2 series numbers its patients on its own, so it keeps its prefix.
 DEFAULT_GROUP_PATTERN = r"^(person\d+|(?:NORMAL2-)?IM-\d+)"
-
-
-@dataclass
-class Splits:
-    """Image files and integer labels per split; labels index `class_names`."""
-
-    class_names: list
-    files: dict = field(default_factory=dict)  # split -> [Path]
-    labels: dict = field(default_factory=dict)  # split -> [int]
-
-    def counts(self):
-        return {
-            split: {name: int(sum(1 for y in self.labels[split] if y == i)) for i, name in enumerate(self.class_names)}
-            for split in SPLITS
-        }
-
-
-def is_image_file(path):
-    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def list_class_folders(folder):
@@ -204,7 +185,8 @@ def split_raw(data_dir, config):
 
 
 def prepare_splits(config):
-    """Resolve the data folder into train/val/test file lists, splitting or carving as the layout needs."""
+    """The data folder as a Dataset with train/val/test splits (not yet decoded), splitting or carving as the
+    layout needs."""
     data_dir = Path(config.data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: no such folder; point --data-dir at a folder with train/<Class>/ or raw/<Class>/")
@@ -218,13 +200,11 @@ def prepare_splits(config):
                             "put your class folders in one of them")
 
     class_names = list_class_folders(train_dir)
-    splits = Splits(class_names=class_names)
     train_images = list_images(train_dir, class_names, strict=config.strict)
     check_classes(train_dir, train_images)
-    train_paths = [p for name in class_names for p in train_images[name]]
-    train_labels = [i for i, name in enumerate(class_names) for _ in train_images[name]]
+    train_files = labelled(class_names, train_images)
 
-    carve = {}
+    files, carve = {}, {}
     for split, fraction in (("val", config.val_split), ("test", config.test_split)):
         folder = data_dir / split
         n = count_images(folder, class_names) if folder.is_dir() else 0
@@ -245,27 +225,52 @@ def prepare_splits(config):
             if split_classes != class_names:
                 raise UserError(f"{folder}: class folders {split_classes} differ from train's {class_names}; "
                                 "give every split the same class folders")
-            images = list_images(folder, class_names, strict=config.strict)
-            splits.files[split] = [p for name in class_names for p in images[name]]
-            splits.labels[split] = [i for i, name in enumerate(class_names) for _ in images[name]]
+            files[split] = labelled(class_names, list_images(folder, class_names, strict=config.strict))
 
     # Carved fractions are of the whole folder, as for a raw split.
-    assigned = assign_splits(train_paths, train_labels, carve, config.seed, config.group_pattern)
+    paths, labels = zip(*train_files)
+    assigned = assign_splits(list(paths), list(labels), carve, config.seed, config.group_pattern)
     for split, indices in assigned.items():
-        splits.files[split] = [train_paths[i] for i in indices]
-        splits.labels[split] = [train_labels[i] for i in indices]
+        files[split] = [train_files[i] for i in indices]
     for split in SPLITS:
-        if not splits.files[split]:
+        if not files[split]:
             raise UserError(f"{data_dir}: the {split} split is empty; add images (each class needs a few per split)")
-    return splits
+    patient = group_key(config.group_pattern)
+    return Dataset.from_files(class_names, {split: files[split] for split in SPLITS},
+                              metadata={"patient": {p: patient(p) for listed in files.values() for p, _ in listed}})
 
 
-def describe(splits):
+def labelled(class_names, images):
+    """[(path, class index)] in class order, from list_images' {class: [paths]}."""
+    return [(p, i) for i, name in enumerate(class_names) for p in images[name]]
+
+
+def read_labelled_folder(folder, class_names, split="evaluated"):
+    """A Dataset of `folder`/<Class>/ images labelled with a model's `class_names`, as one split.
+
+    Folders the model doesn't know are refused; classes without a folder get a warning.
+    """
+    found = list_class_folders(folder)
+    unknown = [c for c in found if c not in class_names]
+    if unknown:
+        raise UserError(f"{folder}: class folders {', '.join(unknown)} are not classes of the model "
+                        f"({', '.join(class_names)}); rename the folders to the model's class names")
+    missing = [c for c in class_names if c not in found]
+    if missing:
+        warn(f"{folder}: no folder for class {', '.join(missing)}; metrics that need it are reported as null")
+    images = list_images(folder, found)
+    listed = [(p, class_names.index(c)) for c in found for p in images[c]]
+    if not listed:
+        raise UserError(f"{folder}: no images in its class folders; add .jpg, .jpeg, .png or .bmp files")
+    return Dataset.from_files(class_names, {split: listed})
+
+
+def describe(dataset):
     """Lines that show the class names and how many images of each class each split holds."""
-    counts = splits.counts()
-    width = max(len(n) for n in splits.class_names)
-    lines = [f"Classes (model output order): {', '.join(splits.class_names)}"]
+    counts = dataset.counts()
+    width = max(len(n) for n in dataset.class_names)
+    lines = [f"Classes (model output order): {', '.join(dataset.class_names)}"]
     lines.append(f"{'':{width}}  " + "  ".join(f"{s:>6}" for s in SPLITS))
-    for name in splits.class_names:
+    for name in dataset.class_names:
         lines.append(f"{name:{width}}  " + "  ".join(f"{counts[s][name]:>6}" for s in SPLITS))
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 Nothing here writes files: `evaluate_model` returns numbers, tables and PNG bytes, and `artifacts` saves them.
 The operating point (positive class, temperature, threshold) is fitted on validation with
-`metrics.fit_operating_point` and only applied here.
+`metrics.fit_operating_point`, stored in the `SavedModel`, and only applied here.
 """
 
 from dataclasses import dataclass, field
@@ -12,35 +12,43 @@ import numpy as np
 from cxr.evaluate import gradcam, plots
 from cxr.evaluate.metrics import (auc_score, classification, confidence_intervals, confusion,
                                   expected_calibration_error, headline_metrics, reliability_bins, roc_band)
-from cxr.inference import apply_temperature, decide, predict_probabilities
 
 GALLERY_SIZE = 4
 
 
 @dataclass
+class EvaluationOptions:
+    bootstrap: int = 2000  # resamples for the confidence intervals; 0: none
+    seed: int = 0  # of the bootstrap
+    tta: bool = False  # average each image's probabilities with its mirror image's
+    batch_size: int = 32
+
+
+@dataclass
 class Evaluation:
+    class_names: list
+    operating_point: dict  # as saved with the model: positive class, temperature, threshold, method, ...
     metrics: dict  # summary.json's "metrics": point values (None where undefined)
     confidence_intervals: dict  # {metric: [low, high]}
     calibration: dict
     classification: dict  # scikit-learn's report at the operating point
-    probabilities: np.ndarray  # calibrated
-    raw_probabilities: np.ndarray  # the model's softmax, before temperature scaling
-    predictions: np.ndarray  # class index per image at the operating point
+    probabilities: np.ndarray  # (n, classes) calibrated
+    raw_probabilities: np.ndarray  # (n, classes) the model's softmax, before temperature scaling
+    predictions: np.ndarray  # (n,) class index per image at the operating point
     figures: dict = field(default_factory=dict)  # {name: PNG bytes}
 
 
-def evaluate_model(model, images, rows, y_true, class_names, operating_point, n_bootstrap=2000, seed=0, tta=False,
-                   names=None, batch_size=32, predictor=None):
-    """Everything the reports need about `model` on `images[rows]` with labels `y_true`.
+def evaluate_model(model, dataset, split, options):
+    """Everything the reports need about `model` (a `SavedModel`) on `dataset`'s split `split`.
 
-    `predictor` (default: `model`) computes the probabilities, e.g. `litert.fast_inference(model)`; Grad-CAM
-    needs gradients, so it always runs on `model`.
+    The probabilities come from `model.predictor()` (LiteRT or Keras); Grad-CAM needs gradients, so the
+    gallery runs on the Keras model.
     """
-    raw = predict_probabilities(predictor or model, images, rows, batch_size, tta)
-    probabilities = apply_temperature(raw, operating_point["temperature"])
-    positive = class_names.index(operating_point["positive_class"])
-    threshold = operating_point["threshold"]
-    y_pred = decide(probabilities, positive, threshold)
+    rows, y_true = dataset.split(split)
+    raw = model.raw_probabilities(dataset.images, rows, options.batch_size, options.tta)
+    probabilities, y_pred = model.calibrate(raw)
+    class_names, positive = model.class_names, model.positive_index
+    threshold = model.operating_point["threshold"]
     report = classification(y_true, y_pred, class_names)
     headline = headline_metrics(y_true, probabilities, class_names, positive, threshold)
     values = {
@@ -50,21 +58,22 @@ def evaluate_model(model, images, rows, y_true, class_names, operating_point, n_
         "confusion_matrix": confusion(y_true, y_pred, len(class_names)).tolist(),
         "n_images": int(len(y_true)),
     }
-    calibration = {"temperature": operating_point["temperature"],
+    calibration = {"temperature": model.operating_point["temperature"],
                    "ece_before": expected_calibration_error(y_true, raw), "ece_after": headline["ece"]}
-    evaluation = Evaluation(values, confidence_intervals(y_true, probabilities, class_names, positive, threshold,
-                                                         n_bootstrap, seed),
-                            calibration, report, probabilities, raw, y_pred)
-    evaluation.figures = figures(model, images, rows, y_true, evaluation, class_names, positive, threshold,
-                                 n_bootstrap, seed, names)
+    intervals = confidence_intervals(y_true, probabilities, class_names, positive, threshold, options.bootstrap,
+                                     options.seed)
+    evaluation = Evaluation(class_names, model.operating_point, values, intervals, calibration, report,
+                            probabilities, raw, y_pred)
+    evaluation.figures = figures(model, dataset, split, evaluation, options)
     return evaluation
 
 
-def figures(model, images, rows, y_true, evaluation, class_names, positive, threshold, n_bootstrap, seed,
-            names=None):
+def figures(model, dataset, split, evaluation, options):
     """The evaluation's plots as {name: PNG bytes}, in the order the report shows them."""
+    _, y_true = dataset.split(split)
+    class_names, positive = model.class_names, model.positive_index
     probabilities, intervals = evaluation.probabilities, evaluation.confidence_intervals
-    raw, y_pred = evaluation.raw_probabilities, evaluation.predictions
+    raw = evaluation.raw_probabilities
     binary = len(class_names) == 2
     curves = []
     for c in ([positive] if binary else range(len(class_names))):
@@ -75,12 +84,13 @@ def figures(model, images, rows, y_true, evaluation, class_names, positive, thre
         curves.append({"name": class_names[c], "is_positive": is_positive, "scores": probabilities[:, c],
                        "auc": evaluation.metrics.get(f"{prefix}auc_roc"), "auc_ci": intervals.get(f"{prefix}auc_roc"),
                        "ap": evaluation.metrics.get(f"{prefix}auc_pr"), "ap_ci": intervals.get(f"{prefix}auc_pr"),
-                       "band": roc_band(is_positive, probabilities[:, c], min(n_bootstrap, 500), seed)
-                       if n_bootstrap else None})
+                       "band": roc_band(is_positive, probabilities[:, c], min(options.bootstrap, 500), options.seed)
+                       if options.bootstrap else None})
     result = {}
     if curves:
         point = None
         if binary and evaluation.metrics["sensitivity"] is not None and evaluation.metrics["specificity"] is not None:
+            threshold = evaluation.operating_point["threshold"]
             point = (1 - evaluation.metrics["specificity"], evaluation.metrics["sensitivity"],
                      f"operating point (threshold {threshold:.3f})")
         result["roc"] = plots.figure_png(plots.roc_figure(curves, point))
@@ -91,33 +101,33 @@ def figures(model, images, rows, y_true, evaluation, class_names, positive, thre
          *reliability_bins(y_true, probabilities))))
     result["confusion_matrix"] = plots.figure_png(plots.confusion_matrix_figure(
         evaluation.metrics["confusion_matrix"], class_names))
-    result["gradcam_gallery"] = plots.figure_png(gallery(model, images, rows, y_true, y_pred, probabilities,
-                                                         class_names, positive, names))
+    result["gradcam_gallery"] = plots.figure_png(gallery(model, dataset, split, evaluation))
     return result
 
 
-def gallery(model, images, rows, y_true, y_pred, probabilities, class_names, positive, names=None):
+def gallery(model, dataset, split, evaluation):
     """Grad-CAM for the most confident true positives, false positives and false negatives of the positive class.
 
     Each map explains the class the model predicted: what it saw when it made that call.
     """
-    p = probabilities[:, positive]
-    name = class_names[positive]
+    rows, y_true = dataset.split(split)
+    positive, y_pred = model.positive_index, evaluation.predictions
+    p = evaluation.probabilities[:, positive]
+    name = model.class_names[positive]
+    names = dataset.names(rows)
     is_positive, said_positive = y_true == positive, y_pred == positive
     groups = [("true positives", np.flatnonzero(is_positive & said_positive), -p),
               ("false positives", np.flatnonzero(~is_positive & said_positive), -p),
               ("false negatives", np.flatnonzero(is_positive & ~said_positive), p)]
     picked = [(title, idx[np.argsort(order[idx], kind="stable")][:GALLERY_SIZE]) for title, idx, order in groups]
     chosen = np.concatenate([idx for _, idx in picked]).astype(int)
-    rows = np.asarray(rows)
-    pictures = np.asarray(images[rows[chosen]])
-    maps = gradcam.heatmaps(model, pictures, y_pred[chosen]) if len(chosen) else []
+    pictures = np.asarray(dataset.images[rows[chosen]])
+    maps = gradcam.heatmaps(model.keras_model, pictures, y_pred[chosen]) if len(chosen) else []
     grid, k = [], 0
     for title, idx in picked:
         items = []
         for i in idx:
-            label = f"{names[i]}\n" if names is not None else ""
-            items.append((gradcam.overlay(pictures[k], maps[k]), f"{label}p({name}) = {p[i]:.3f}"))
+            items.append((gradcam.overlay(pictures[k], maps[k]), f"{names[i]}\np({name}) = {p[i]:.3f}"))
             k += 1
         grid.append((title, items))
     return plots.gallery_figure(grid, f"Grad-CAM, positive class {name} (most confident first)")

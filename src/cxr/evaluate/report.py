@@ -3,6 +3,7 @@
 import base64
 import html
 import math
+from dataclasses import dataclass, field
 
 LIMITS_OF_USE = [
     "This is a research tool, not a medical device. Its output is not a substitute for the judgement of a "
@@ -24,6 +25,17 @@ FIGURE_CAPTIONS = {
                        "false positives and false negatives.",
     "training_curves": "Loss and accuracy per epoch, both training phases.",
 }
+
+
+@dataclass
+class ReportContext:
+    """What the report says around an evaluation: which run, which images, which settings."""
+
+    title: str
+    subtitle: str
+    counts: dict  # {split: {class: images}}
+    settings: dict  # the run's options, shown as the configuration table and stored in summary.json
+    extra_figures: dict = field(default_factory=dict)  # {name: PNG bytes} after the evaluation's own
 
 
 def metric_rows(values, intervals):
@@ -48,12 +60,15 @@ def classification_rows(classification):
     return rows
 
 
-def render_html(title, subtitle, counts, operating_point, calibration, headline, intervals, config, figures):
+def render_html(context, evaluation, headline, figures):
     """One HTML page with every figure embedded as a data URI, so the file can be mailed or archived alone.
 
-    `headline`: {metric: value}; `intervals`: {metric: [low, high]}; `figures`: {name: PNG bytes}.
+    `headline`: {metric: value} shown with the evaluation's intervals; `figures`: {name: PNG bytes}.
     """
     e = html.escape
+    title, subtitle, counts, config = context.title, context.subtitle, context.counts, context.settings
+    operating_point, calibration = evaluation.operating_point, evaluation.calibration
+    intervals = evaluation.confidence_intervals
     classes = list(next(iter(counts.values())))
     count_rows = "".join(
         f"<tr><th>{e(split)}</th>{''.join(f'<td>{n}</td>' for n in per_class.values())}"

@@ -1,0 +1,79 @@
+"""The backbone registry: one entry per backbone, with everything the rest of cxr needs to know about it.
+
+Like fastai's `model_meta`: how to build it, how to load its ImageNet weights, where fine-tuning starts by
+default, and how its layer names map to blocks (where `models.split_at_frozen_prefix` may cut). Adding a
+backbone is adding an entry here. Keras is imported only when a backbone is built, so `config` and the CLI can
+list the names without it.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from cxr.errors import UserError
+
+
+def kerasapp_block(layer_name):
+    """'block6c_project_conv' -> 'block6c'; None for the stem and top layers (Keras' EfficientNet naming)."""
+    match = re.match(r"(block\d+[a-z])_", layer_name)
+    return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    build: Callable  # (input_shape, input_tensor) -> keras.Model: the convolutional part, randomly initialised
+    # The same with ImageNet weights (a builder of its own: Keras' B0 gains a layer when built with them)
+    build_imagenet: Callable
+    # The first layer phase 2 fine-tunes by default; everything before it stays frozen (`--frozen-layers`
+    # counts the same point in layers). The keras-io EfficientNet example names its point by block ("block7").
+    fine_tune_from: str
+    block_of: Callable[[str], Optional[str]] = kerasapp_block  # layer name -> its block, None outside blocks
+
+
+def _build_b0(input_shape, input_tensor):
+    import keras
+
+    return keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=input_shape,
+                                             input_tensor=input_tensor)
+
+
+def _build_b0_imagenet(input_shape, input_tensor):
+    import keras
+
+    try:
+        return keras.applications.EfficientNetB0(include_top=False, weights="imagenet", input_shape=input_shape,
+                                                 input_tensor=input_tensor)
+    except Exception as error:  # Keras reports a failed download as a bare Exception
+        raise UserError(
+            f"could not download EfficientNetB0 ImageNet weights ({str(error).splitlines()[0]}); offline, use "
+            "--backbone efficientnet-lite0 (weights ship with cxr) or --weights PATH to a local weights file"
+        ) from None
+
+
+def _build_lite0(input_shape, input_tensor):
+    from cxr import lite0
+
+    return lite0.build(input_shape, input_tensor=input_tensor)
+
+
+def _build_lite0_imagenet(input_shape, input_tensor):
+    from cxr import lite0
+
+    return lite0.load_imagenet_weights(_build_lite0(input_shape, input_tensor))
+
+
+# The seed froze the first 200 layers of an ImageNet B0: fine-tuning starts inside block 6c, at its
+# squeeze-excitation. Lite0 has no squeeze-excitation layers; it starts at block 6c's projection (132 layers).
+REGISTRY = {backbone.name: backbone for backbone in (
+    Backbone("efficientnetb0", _build_b0, _build_b0_imagenet, fine_tune_from="block6c_se_reduce"),
+    Backbone("efficientnet-lite0", _build_lite0, _build_lite0_imagenet, fine_tune_from="block6c_project_conv"),
+)}
+NAMES = tuple(REGISTRY)
+
+
+def get(name):
+    """The registry entry for `name`; UserError naming the choices for an unknown one."""
+    if name not in REGISTRY:
+        raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(NAMES)}")
+    return REGISTRY[name]

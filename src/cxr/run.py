@@ -1,0 +1,136 @@
+"""A training run read top to bottom, and the evaluation of a saved model: the library API behind the CLI.
+
+    summary = cxr.run.train(Config(data_dir=..., backbone="efficientnet-lite0"))
+
+`train` is config -> split -> decode -> model -> train -> operating point -> evaluate -> artifacts.
+TensorFlow is imported only once a step needs it, so option and data errors answer at once.
+"""
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+from cxr.atomic import write_json
+from cxr.config import Config
+
+
+def setup_runtime(config):
+    """Seeds, determinism and the dtype policy, before any model is built."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    policy = ("mixed_float16" if gpu else "mixed_bfloat16") if config.mixed_precision else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+
+
+def train(config):
+    """Train, evaluate on the test split and write every artifact; returns the summary dict."""
+    from cxr.artifacts import Outputs
+    from cxr.data.split import describe, prepare_splits
+    from cxr.inference import positive_class
+
+    started = time.perf_counter()
+    config.validate()
+    outputs = Outputs(config.output_dir).prepare()
+    dataset = prepare_splits(config)
+    print(describe(dataset), flush=True)
+    positive = positive_class(dataset.class_names, config.positive_class)
+
+    setup_runtime(config)
+    import keras
+
+    from cxr import artifacts, models
+    from cxr.evaluate import EvaluationOptions, evaluate_model, plots
+    from cxr.evaluate.metrics import fit_operating_point
+    from cxr.evaluate.report import ReportContext
+    from cxr.saved_model import SavedModel
+    from cxr.train import TrainingRun, default_phases, train as train_phases
+
+    dataset.decode(config.img_size, outputs.cache, strict=config.strict)
+    class_names = dataset.class_names
+    builder = models.Builder()
+    model = builder.classifier(config.backbone, len(class_names), config.weights, config.img_size, config.dropout)
+    frozen_layers = (config.frozen_layers if config.frozen_layers is not None
+                     else models.default_frozen_layers(model, config.backbone))
+    models.check_frozen_layers(model, frozen_layers)
+
+    run = TrainingRun(builder, default_phases(config, frozen_layers), frozen_layers, outputs.staging, outputs.logs)
+    with tensorboard(outputs.logs, config.port):
+        result = train_phases(model, dataset, config, run)
+
+    print("Fitting the calibration and the operating point on validation; evaluating on test", flush=True)
+    classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone)
+    val_rows, y_val = dataset.split("val")
+    classifier.predictor(n_images=len(val_rows) + len(dataset.splits["test"]))
+    classifier.operating_point = fit_operating_point(
+        y_val, classifier.raw_probabilities(dataset.images, val_rows, config.batch_size), class_names, positive,
+        config.target_sensitivity)
+    evaluation = evaluate_model(classifier, dataset, "test",
+                                EvaluationOptions(config.bootstrap, config.seed, batch_size=config.batch_size))
+
+    artifacts.publish_model(classifier, outputs)
+    result.seconds["total_seconds"] = time.perf_counter() - started
+    context = ReportContext(
+        "cxr: test-set evaluation", f"{config.backbone} trained on {config.data_dir}; evaluated on its held-out "
+        "test split.", dataset.counts(), config.to_dict(),
+        {"training_curves": plots.figure_png(plots.training_curves_figure(result.history))})
+    artifacts.write_evaluation(outputs, evaluation, context)
+    artifacts.write_splits(outputs.reports / "splits.csv", dataset)
+    summary = artifacts.summary(evaluation, context, timings={k: round(v, 2) for k, v in result.seconds.items()},
+                                final_phase=result.final_phase, history=result.history,
+                                precision=keras.mixed_precision.global_policy().name, inference=classifier.engine)
+    write_json(outputs.reports / "summary.json", summary)
+    return summary
+
+
+@contextlib.contextmanager
+def tensorboard(log_dir, port):
+    """TensorBoard on `port` while the block runs (nothing without a port)."""
+    from cxr.train import start_tensorboard
+
+    server = start_tensorboard(log_dir, port) if port else None
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.terminate()
+
+
+def evaluate(model_path, data_dir, output_dir, options):
+    """Evaluate the saved model at `model_path` on `data_dir`/<Class>/ (or its test/ subfolder) without
+    retraining; writes reports and plots under `output_dir` and returns the summary dict.
+
+    `options` is an `evaluate.EvaluationOptions`.
+    """
+    from cxr.artifacts import Outputs
+    from cxr.data.split import read_labelled_folder
+    from cxr.saved_model import SavedModel
+
+    model = SavedModel.load(model_path)
+    folder = Path(data_dir) / "test" if (Path(data_dir) / "test").is_dir() else Path(data_dir)
+    dataset = read_labelled_folder(folder, model.class_names)
+    outputs = Outputs(output_dir).prepare(training=False)
+    setup_runtime(Config(seed=options.seed))
+    from cxr.artifacts import summary, write_evaluation
+    from cxr.evaluate import evaluate_model
+    from cxr.evaluate.report import ReportContext
+
+    dataset.decode(model.keras_model.input_shape[1], outputs.cache)
+    rows = dataset.splits["evaluated"]
+    model.predictor(n_images=len(rows) * (2 if options.tta else 1))
+    evaluation = evaluate_model(model, dataset, "evaluated", options)
+    settings = {"model": str(model_path), "data_dir": str(folder), "tta": options.tta,
+                "bootstrap": options.bootstrap, "seed": options.seed}
+    context = ReportContext("cxr: evaluation of a saved model",
+                            f"{model_path} on {folder} ({len(rows)} images){', with flip TTA' if options.tta else ''}.",
+                            dataset.counts(), settings)
+    write_evaluation(outputs, evaluation, context)
+    result = summary(evaluation, context, inference=model.engine)
+    write_json(outputs.reports / "summary.json", result)
+    return result

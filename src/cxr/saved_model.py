@@ -1,0 +1,140 @@
+"""A trained model as cxr saves it: the model file and `class_names.json` beside it, loaded and checked once.
+
+`SavedModel` is what predict, evaluate, explain (and every later command) start from: the class names, image
+size, backbone, operating point (and where it was fitted) and the model file's hash, with one
+`predict(images)` that returns calibrated probabilities and labels from LiteRT or Keras. Loading it imports
+neither TensorFlow nor Keras: `cxr predict` with a cached LiteRT conversion never needs them.
+"""
+
+import json
+from pathlib import Path
+
+
+from cxr.atomic import atomic_path, file_sha256, write_json
+from cxr.errors import UserError
+from cxr.inference import apply_temperature, decide, positive_class, predict_probabilities
+
+CLASS_NAMES_FILE = "class_names.json"
+MODEL_FILE = "model.h5"
+# class_names.json keys that describe the model; every other key belongs to the operating point
+MODEL_KEYS = ("class_names", "img_size", "backbone", "model_sha256")
+
+
+class SavedModel:
+    """A classifier and everything needed to use it.
+
+    Attributes: `path` (the model file, None while the model exists only in memory), `class_names` (output
+    order), `img_size`, `backbone`, `operating_point` ({"positive_class", "temperature", "threshold",
+    "method", ...}: argmax at temperature 1 for models saved without one).
+    """
+
+    def __init__(self, info, path=None, keras_model=None):
+        self.path = Path(path) if path is not None else None
+        self.info = info
+        self.class_names = list(info["class_names"])
+        self.img_size = info.get("img_size")
+        self.backbone = info.get("backbone")
+        self.operating_point = {"positive_class": positive_class(self.class_names), "temperature": 1.0,
+                                "threshold": None, "method": "argmax"} | {
+            k: v for k, v in info.items() if k not in MODEL_KEYS}
+        self._keras_model = keras_model
+        self._predictor, self.engine = None, None
+        self._sha256 = None
+
+    @classmethod
+    def load(cls, path):
+        """The model at `path` and the class_names.json beside it; UserError when either is missing or unusable."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such model file; train one first or pass --model PATH")
+        info_path = path.parent / CLASS_NAMES_FILE
+        if not info_path.is_file():
+            raise UserError(f"{info_path}: not found; cxr needs the {CLASS_NAMES_FILE} that training wrote "
+                            "beside the model")
+        info = json.loads(info_path.read_text())
+        model = cls(info if isinstance(info, dict) else {"class_names": info}, path)
+        recorded = model.info.get("model_sha256")
+        if recorded is not None and recorded != model.sha256:
+            raise UserError(f"{path}: this model file is not the one {info_path} describes (its hash differs); "
+                            "use the model.h5 and class_names.json of one training run")
+        return model
+
+    @classmethod
+    def from_keras(cls, keras_model, class_names, img_size, backbone):
+        """A model still in memory (during training), with no operating point yet."""
+        return cls({"class_names": list(class_names), "img_size": img_size, "backbone": backbone},
+                   keras_model=keras_model)
+
+    @property
+    def sha256(self):
+        """The model file's SHA-256 (hex), None while the model is only in memory."""
+        if self._sha256 is None and self.path is not None:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    @property
+    def positive_index(self):
+        return self.class_names.index(self.operating_point["positive_class"])
+
+    @property
+    def keras_model(self):
+        """The Keras model (loaded on first use; Grad-CAM and training need it, prediction may not)."""
+        if self._keras_model is None:
+            import keras
+
+            try:
+                self._keras_model = keras.models.load_model(self.path, compile=False)
+            except Exception as error:
+                raise UserError(f"{self.path}: could not load the model "
+                                f"({str(error).splitlines()[0][:160]})") from None
+            self._check_outputs(self._keras_model)
+        return self._keras_model
+
+    def predictor(self, n_images=None):
+        """What computes probabilities: the LiteRT conversion where it pays, else the Keras model.
+
+        A conversion cached for this model file is used without loading TensorFlow or Keras; otherwise
+        `litert.fast_inference` decides (`n_images`: how many images it will see; None: convert if possible).
+        """
+        from cxr import litert
+
+        if self._predictor is None:
+            cached = litert.cached_conversion(self.path, self.sha256) if self.path is not None else None
+            if cached is not None:
+                self._predictor, self.engine = cached, "litert"
+            else:
+                self._predictor, self.engine = litert.fast_inference(self.keras_model, self.path, n_images,
+                                                                     digest=self.sha256)
+            self._check_outputs(self._predictor)
+        return self._predictor
+
+    def raw_probabilities(self, images, rows=None, batch_size=32, tta=False):
+        """(n, classes) softmax outputs for `images[rows]` (uint8, N x H x W x 3), before calibration."""
+        return predict_probabilities(self.predictor(), images, rows, batch_size, tta)
+
+    def calibrate(self, raw):
+        """(calibrated probabilities, labels) at the operating point, for (n, classes) raw softmax outputs."""
+        probabilities = apply_temperature(raw, self.operating_point["temperature"])
+        return probabilities, decide(probabilities, self.positive_index, self.operating_point["threshold"])
+
+    def predict(self, images, rows=None, batch_size=32, tta=False):
+        """(calibrated probabilities (n, classes), labels (n,)) for `images[rows]`."""
+        return self.calibrate(self.raw_probabilities(images, rows, batch_size, tta))
+
+    def save(self, models_dir):
+        """Write model.h5, then class_names.json with the operating point and the model file's hash."""
+        self.path = Path(models_dir) / MODEL_FILE
+        with atomic_path(self.path) as tmp:
+            self.keras_model.save(tmp)
+        self._sha256 = None
+        self.info = {"class_names": self.class_names, "img_size": self.img_size, "backbone": self.backbone,
+                     **self.operating_point, "model_sha256": self.sha256}
+        write_json(Path(models_dir) / CLASS_NAMES_FILE, self.info)
+        return self.path
+
+    def _check_outputs(self, model):
+        outputs = model.output_shape[-1]
+        if outputs != len(self.class_names):
+            raise UserError(f"{self.path}: the model has {outputs} outputs but {CLASS_NAMES_FILE} names "
+                            f"{len(self.class_names)} classes; use the model.h5 and {CLASS_NAMES_FILE} of one "
+                            "training run")
