@@ -288,3 +288,50 @@ def test_other_training_paths_run_end_to_end(xray_raw, tmp_path, options):
     probabilities = keras.models.load_model(tmp_path / "out/models/model.h5").predict(np.zeros((1, 32, 32, 3)),
                                                                                        verbose=0)
     assert probabilities.dtype == np.float32 and probabilities.sum() == pytest.approx(1, abs=1e-3)
+
+
+def test_calibrate_writes_a_copy_refitted_on_the_site_and_leaves_the_model_alone(trained, tmp_path, capsys):
+    root, _ = trained
+    models = root / "outputs/models"
+    before = {p.name: p.read_bytes() for p in models.iterdir() if p.is_file()}
+    site = root / "data/test"  # a labelled sample: class subfolders
+    assert main(["calibrate", "--model", str(models / "model.h5"), "--data-dir", str(site), "--output-dir",
+                 str(tmp_path / "site"), "--bootstrap", "50"]) == 0
+    out, err = capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in models.iterdir() if p.is_file()} == before  # untouched
+    assert "fewer than 20 images" in err and "is unchanged" in out
+    assert (tmp_path / "site/models/model.h5").read_bytes() == before["model.h5"]
+    info = json.loads((tmp_path / "site/models/class_names.json").read_text())
+    assert info["fitted_on"]["data_dir"] == str(site.resolve())
+    assert info["fitted_on"]["counts"]["calibration"] == {
+        name: len(list((site / name).iterdir())) for name in ("NORMAL", "PNEUMONIA")}
+    summary = json.loads((tmp_path / "site/reports/summary.json").read_text())
+    assert summary["operating_point"]["threshold"] == info["threshold"]
+    assert "sensitivity" in summary["confidence_intervals"]
+    assert "a calibration sample" in (tmp_path / "site/reports/report.html").read_text()
+    # the calibrated copy applies its own threshold
+    assert main(["predict", str(site), "--model", str(tmp_path / "site/models/model.h5"), "--format", "json"]) == 0
+    for r in json.loads(capsys.readouterr().out):
+        assert r["label"] == ("PNEUMONIA" if r["p_PNEUMONIA"] >= info["threshold"] else "NORMAL")
+    # evaluating the original on the site's data says where its operating point came from, and the way out
+    assert main(["evaluate", "--model", str(models / "model.h5"), "--data-dir", str(site.parent.parent / "data"),
+                 "--output-dir", str(tmp_path / "same"), "--bootstrap", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "Operating point fitted on the validation split of" in out and "cxr calibrate" not in err
+    other = tmp_path / "elsewhere"
+    for name in ("NORMAL", "PNEUMONIA"):
+        for f in sorted((site / name).iterdir())[:2]:
+            (other / name).mkdir(parents=True, exist_ok=True)
+            (other / name / f.name).write_bytes(f.read_bytes())
+    assert main(["evaluate", "--model", str(models / "model.h5"), "--data-dir", str(other),
+                 "--output-dir", str(tmp_path / "other"), "--bootstrap", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "not on these images" in err and "cxr calibrate --model" in err
+    assert "not on these images" in (tmp_path / "other/reports/report.html").read_text()
+
+
+def test_calibrate_refuses_to_write_over_the_model(trained, capsys):
+    root, _ = trained
+    assert main(["calibrate", "--model", str(root / "outputs/models/model.h5"), "--data-dir",
+                 str(root / "data/test"), "--output-dir", str(root / "outputs")]) == 2
+    assert "choose another --output-dir" in capsys.readouterr().err

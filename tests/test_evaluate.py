@@ -93,17 +93,21 @@ def test_positive_class_default_and_bad_name():
         positive_class(NAMES, "COVID")
 
 
+def headline_of(y, probabilities):
+    return lambda rows: headline_metrics(y[rows], probabilities[rows], NAMES, 1, 0.5)
+
+
 def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
-    small = confidence_intervals(Y, PROBS, NAMES, 1, 0.5, n_resamples=500, seed=1)
+    small = confidence_intervals(headline_of(Y, PROBS), Y, n_resamples=500, seed=1)
     point = headline_metrics(Y, PROBS, NAMES, 1, 0.5)
     for name in ("sensitivity", "specificity", "accuracy", "auc_roc", "brier"):
         assert small[name][0] <= point[name] <= small[name][1], name
     big_y, big_p = np.tile(Y, 16), np.tile(PROBS, (16, 1))
-    big = confidence_intervals(big_y, big_p, NAMES, 1, 0.5, n_resamples=500, seed=1)
+    big = confidence_intervals(headline_of(big_y, big_p), big_y, n_resamples=500, seed=1)
     for name in ("sensitivity", "specificity", "accuracy", "auc_roc"):
         assert big[name][1] - big[name][0] < (small[name][1] - small[name][0]) / 2, name
-    assert confidence_intervals(Y, PROBS, NAMES, 1, 0.5, n_resamples=500, seed=1) == small  # seeded
-    assert confidence_intervals(Y, PROBS, NAMES, 1, 0.5, n_resamples=0) == {}
+    assert confidence_intervals(headline_of(Y, PROBS), Y, n_resamples=500, seed=1) == small  # seeded
+    assert confidence_intervals(headline_of(Y, PROBS), Y, n_resamples=0) == {}
 
 
 def test_multiclass_metrics_are_one_vs_rest_with_macro_means():
@@ -129,3 +133,27 @@ def test_report_rows():
     assert rows[3] == ["accuracy", "", "", "0.7500", "8"]
     assert metric_rows({"ppv": float("nan"), "f1": 0.5}, {"f1": [0.25, 0.75]}) == [
         ["metric", "value", "ci_low", "ci_high"], ["ppv", "", "", ""], ["f1", "0.500000", "0.250000", "0.750000"]]
+
+
+def test_calibrating_on_a_site_refits_temperature_and_threshold_on_its_arrays():
+    from cxr.calibrate import refit_operating_point, small_classes
+
+    class Model:  # what refit_operating_point reads of a SavedModel
+        class_names = NAMES
+        operating_point = {"positive_class": "PNEUMONIA", "temperature": 1.0, "threshold": 0.5}
+
+    # a site where the model's scores run high: every normal scores 0.6-0.7, every pneumonia 0.8-0.95
+    y = np.array([0] * 30 + [1] * 30)
+    p1 = np.concatenate([np.linspace(0.6, 0.7, 30), np.linspace(0.8, 0.95, 30)])
+    point = refit_operating_point(Model(), y, np.stack([1 - p1, p1], axis=1))
+    calibrated = apply_temperature(np.stack([1 - p1, p1], axis=1), point["temperature"])[:, 1]
+    assert point["method"] == "youden" and point["val_sensitivity"] == 1 and point["val_specificity"] == 1
+    assert calibrated[y == 0].max() < point["threshold"] <= calibrated[y == 1].min()  # separates the site
+    raw = np.stack([1 - p1, p1], axis=1)
+
+    def nll(temperature):
+        return -np.mean(np.log(apply_temperature(raw, temperature)[np.arange(len(y)), y]))
+    assert point["temperature"] != 1 and nll(point["temperature"]) < nll(1.0)  # the site's own calibration
+    target = refit_operating_point(Model(), y, np.stack([1 - p1, p1], axis=1), target_sensitivity=0.5)
+    assert target["threshold"] > point["threshold"] and target["method"] == "sensitivity >= 0.5"
+    assert small_classes({"NORMAL": 19, "PNEUMONIA": 20}) == ["NORMAL"]

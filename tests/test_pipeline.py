@@ -6,7 +6,7 @@ from PIL import Image
 
 from cxr.config import Config
 from cxr.data.decode import UnreadableImage, decode_image
-from cxr.data.pipeline import DiskArray, decode_all, make_dataset, write_array
+from cxr.data.pipeline import AUGMENTATIONS, DiskArray, decode_all, make_dataset, write_array
 from cxr.data.split import prepare_splits, read_labelled_folder
 from cxr.errors import UserError
 from tests.conftest import write_image
@@ -68,11 +68,12 @@ def test_dataset_yields_one_hot_batches_and_augments_only_when_asked(tmp_path):
     assert x.shape == (4, 32, 32, 3) and x.dtype.name == "float32"
     np.testing.assert_array_equal(y.numpy(), np.eye(2)[labels[:4]])
     np.testing.assert_array_equal(x.numpy(), images[:4].astype("float32"))  # eval data is the image itself
-    augmented = make_dataset(images, rows, np.eye(2)[labels], batch_size=6, augment=True, seed=1)
-    xa, ya = next(iter(augmented))
-    np.testing.assert_array_equal(ya.numpy(), np.eye(2)[labels])
-    assert not np.allclose(xa.numpy(), images[:].astype("float32"))
-    assert 0 <= xa.numpy().min() and xa.numpy().max() <= 255
+    for kind in AUGMENTATIONS:
+        augmented = make_dataset(images, rows, np.eye(2)[labels], batch_size=6, augment=kind, seed=1)
+        xa, ya = next(iter(augmented))
+        np.testing.assert_array_equal(ya.numpy(), np.eye(2)[labels])
+        assert not np.allclose(xa.numpy(), images[:].astype("float32")), kind
+        assert 0 <= xa.numpy().min() and xa.numpy().max() <= 255, kind
 
 
 def test_disk_array_reads_the_rows_asked_for_and_refuses_a_short_write(tmp_path):

@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 from cxr.backbones import NAMES as BACKBONES
-from cxr.config import Config
+from cxr.config import MONITORS, Config
+from cxr.data.pipeline import AUGMENTATIONS
 from cxr.errors import UserError
 
 
-def print_headline(summary):
+def print_headline(summary, label="Test"):
+    from cxr.saved_model import describe_fitted_on
+
     m, ci, point = summary["metrics"], summary["confidence_intervals"], summary["operating_point"]
 
     def show(name):
@@ -25,7 +28,8 @@ def print_headline(summary):
     names = (["sensitivity", "specificity", "auc_roc"] if "sensitivity" in m else
              ["macro sensitivity", "macro specificity", "macro auc_roc"]) + ["accuracy", "balanced_accuracy"]
     where = f" at threshold {point['threshold']:.3f} for {point['positive_class']}" if point["threshold"] is not None else ""
-    print(f"Test{where}: " + ", ".join(show(n) for n in names))
+    print(f"{label}{where}: " + ", ".join(show(n) for n in names))
+    print(f"Operating point fitted on {describe_fitted_on(point)}")
 
 
 def _add_train_options(parser):
@@ -60,6 +64,12 @@ def _add_train_options(parser):
     add("--feature-cache", action=argparse.BooleanOptionalAction, default=d.feature_cache,
         help="phase 1 on backbone features computed once (default); --no-feature-cache runs plain Keras")
     add("--feature-views", type=int, default=d.feature_views, help="augmented views per image in the feature cache")
+    add("--augment", choices=AUGMENTATIONS, default=d.augment,
+        help="training augmentation: seed (flip, rotate, zoom, shift) or robust (+ brightness, contrast, sharpness, crops)")
+    add("--monitor", choices=MONITORS, default=d.monitor,
+        help="validation metric for early stopping, checkpoints and keeping phase 1 or 2")
+    add("--label-smoothing", type=float, default=d.label_smoothing)
+    add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (0: Adam)")
     add("--positive-class", default=d.positive_class,
         help="class the threshold and sensitivity refer to (default: PNEUMONIA if present, else the second class)")
     add("--target-sensitivity", type=float, default=d.target_sensitivity,
@@ -88,6 +98,17 @@ def build_parser():
     evaluate.add_argument("--seed", type=int, default=42)
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+
+    calibrate = commands.add_parser("calibrate", help="refit the operating point on a labelled sample of your site")
+    calibrate.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
+    calibrate.add_argument("--data-dir", type=Path, required=True,
+                           help="the site's labelled sample: a folder of <Class>/ subfolders")
+    calibrate.add_argument("--output-dir", type=Path, required=True,
+                           help="where the calibrated copy (models/) and its reports go; the model is not changed")
+    calibrate.add_argument("--target-sensitivity", type=float,
+                           help="highest threshold reaching this sensitivity on the sample (default: Youden's J)")
+    calibrate.add_argument("--bootstrap", type=int, default=2000, help="resamples for the confidence intervals")
+    calibrate.add_argument("--seed", type=int, default=42)
 
     explain = commands.add_parser("explain", help="Grad-CAM overlays showing where the model looked")
     explain.add_argument("paths", nargs="+", help="image files or folders of images")
@@ -125,6 +146,15 @@ def main(argv=None):
             print_headline(run.evaluate(args.model, args.data_dir, args.output_dir, options))
             print(f"Outputs in {args.output_dir}/ (reports/report.html, reports/metrics.csv, reports/summary.json, "
                   "plots/)")
+        elif args.command == "calibrate":
+            from cxr.calibrate import calibrate
+            from cxr.evaluate import EvaluationOptions
+
+            summary = calibrate(args.model, args.data_dir, args.output_dir, EvaluationOptions(args.bootstrap, args.seed),
+                                args.target_sensitivity)
+            print_headline(summary, "Calibration sample (in-sample, optimistic)")
+            print(f"Calibrated model in {args.output_dir}/models/ (model.h5, class_names.json); reports in "
+                  f"{args.output_dir}/reports/. {args.model} is unchanged.")
         elif args.command == "explain":
             from cxr import run
             from cxr.predict import run_explain

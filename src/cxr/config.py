@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 from cxr.backbones import NAMES as BACKBONES
+from cxr.data.pipeline import AUGMENTATIONS
 from cxr.errors import UserError
+
+MONITORS = ("val_accuracy", "val_auc", "val_loss")
 
 
 @dataclass
@@ -42,6 +45,10 @@ class Config:
     group_pattern: Optional[str] = None
     feature_cache: bool = True
     feature_views: int = 2
+    augment: str = "seed"  # seed | robust: data.pipeline.augmentation
+    monitor: str = "val_accuracy"  # what early stopping, checkpoints and the final phase's choice follow
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 keeps the seed's Adam
     # Evaluation: None = PNEUMONIA if there is such a class, else the second class.
     positive_class: Optional[str] = None
     target_sensitivity: Optional[float] = None  # None: the threshold maximising Youden's J on validation
@@ -66,6 +73,10 @@ class Config:
             (self.class_weight in ("none", "balanced"), f"--class-weight must be none or balanced, got {self.class_weight!r}"),
             (self.port is None or 1 <= self.port <= 65535, f"--port must be between 1 and 65535, got {self.port}"),
             (self.feature_views >= 1, f"--feature-views must be at least 1, got {self.feature_views}"),
+            (self.augment in AUGMENTATIONS, f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}"),
+            (self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.weight_decay < 1, f"--weight-decay must be in [0, 1), got {self.weight_decay}"),
             (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
              f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}"),
             (self.bootstrap >= 0, f"--bootstrap must be 0 or more, got {self.bootstrap}"),

@@ -1,8 +1,8 @@
 """A model's probabilities for images, and the saved operating point applied to them.
 
 Plain numpy on top of any predictor (a Keras model or `litert.fast_inference`'s twin), so `cxr predict`
-starts without matplotlib, scikit-learn or SciPy: about 2 of its 2.3 s of start-up before this split.
-Fitting the operating point needs those and lives in `evaluate.metrics`.
+starts without matplotlib, scikit-learn or SciPy, whose imports were most of its start-up time
+(benchmarks/README.md). Fitting the operating point needs them and lives in `evaluate.metrics`.
 """
 
 import numpy as np

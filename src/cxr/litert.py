@@ -1,8 +1,8 @@
 """Run a Keras model's forward pass through LiteRT (TensorFlow Lite) on CPU.
 
-LiteRT's XNNPACK kernels run EfficientNet-Lite0 about three times faster than Keras on this project's 2-core
-CPU (see benchmarks/README.md) and agree with it to float32 rounding (about 1e-6), so inference-only work on
-a machine without a GPU goes through here: the frozen-layer pass of training, the validation and test
+LiteRT's XNNPACK kernels run EfficientNet-Lite0 several times faster than Keras on this project's 2-core
+CPUs and agree with it to float32 rounding (benchmarks/README.md), so inference-only work on a machine
+without a GPU goes through here: the frozen-layer pass of training, the validation and test
 probabilities of `cxr train` and `cxr evaluate`, and `cxr predict`. Training, Grad-CAM and anything else that
 needs gradients stays in Keras.
 """
@@ -19,7 +19,7 @@ from cxr.errors import warn
 
 BATCH_SIZE = 8  # XNNPACK's speed is flat from 1 to 32 images per call on 2 cores; 8 keeps padding waste small
 CACHED_MODELS = 8
-# Converting takes about 12 s and saves about 20 ms per image (Lite0, 224 px, 2 cores): below this many
+# A conversion costs a fixed time that LiteRT wins back per image (benchmarks/README.md): below this many
 # images Keras finishes first.
 MIN_IMAGES_TO_CONVERT = 600
 

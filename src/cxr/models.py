@@ -22,8 +22,9 @@ class Builder:
     and optimizer slot of a run is created under it.
     """
 
-    def __init__(self, strategy=None):
+    def __init__(self, strategy=None, weight_decay=0.0, label_smoothing=0.0):
         self.strategy = strategy
+        self.weight_decay, self.label_smoothing = weight_decay, label_smoothing
 
     def scope(self):
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
@@ -42,7 +43,7 @@ class Builder:
 
     def compile(self, model, learning_rate):
         with self.scope():
-            return compile_model(model, learning_rate)
+            return compile_model(model, learning_rate, self.weight_decay, self.label_smoothing)
 
 
 def build_backbone(name, weights="imagenet", img_size=224, input_tensor=None):
@@ -133,10 +134,13 @@ def unfreeze_backbone(model, frozen_layers):
         layer.trainable = i >= frozen_layers and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def compile_model(model, learning_rate):
+def compile_model(model, learning_rate, weight_decay=0.0, label_smoothing=0.0):
+    """Adam (AdamW with `weight_decay`) on categorical cross-entropy, with accuracy and AUC as metrics."""
+    optimizer = (keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay) if weight_decay
+                 else keras.optimizers.Adam(learning_rate))
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="categorical_crossentropy",
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
     )
     return model

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cxr.atomic import write_json
 from cxr.config import Config
+from cxr.errors import warn
 
 
 def setup_runtime(config):
@@ -47,14 +48,13 @@ def train(config):
 
     from cxr import artifacts, models
     from cxr.evaluate import EvaluationOptions, evaluate_model, plots
-    from cxr.evaluate.metrics import fit_operating_point
     from cxr.evaluate.report import ReportContext
     from cxr.saved_model import SavedModel
     from cxr.train import TrainingRun, default_phases, train as train_phases
 
     dataset.decode(config.img_size, outputs.cache, strict=config.strict)
     class_names = dataset.class_names
-    builder = models.Builder()
+    builder = models.Builder(weight_decay=config.weight_decay, label_smoothing=config.label_smoothing)
     model = builder.classifier(config.backbone, len(class_names), config.weights, config.img_size, config.dropout)
     frozen_layers = (config.frozen_layers if config.frozen_layers is not None
                      else models.default_frozen_layers(model, config.backbone))
@@ -66,11 +66,8 @@ def train(config):
 
     print("Fitting the calibration and the operating point on validation; evaluating on test", flush=True)
     classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone)
-    val_rows, y_val = dataset.split("val")
-    classifier.predictor(n_images=len(val_rows) + len(dataset.splits["test"]))
-    classifier.operating_point = fit_operating_point(
-        y_val, classifier.raw_probabilities(dataset.images, val_rows, config.batch_size), class_names, positive,
-        config.target_sensitivity)
+    classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]))
+    classifier.operating_point = fit_on_validation(classifier, dataset, positive, config)
     evaluation = evaluate_model(classifier, dataset, "test",
                                 EvaluationOptions(config.bootstrap, config.seed, batch_size=config.batch_size))
 
@@ -87,6 +84,18 @@ def train(config):
                                 precision=keras.mixed_precision.global_policy().name, inference=classifier.engine)
     write_json(outputs.reports / "summary.json", summary)
     return summary
+
+
+def fit_on_validation(model, dataset, positive, config):
+    """The operating point (temperature, threshold) fitted on the validation split, and where it came from."""
+    from cxr.evaluate.metrics import fit_operating_point
+    from cxr.saved_model import fitted_on
+
+    rows, y = dataset.split("val")
+    point = fit_operating_point(y, model.raw_probabilities(dataset.images, rows, config.batch_size),
+                                dataset.class_names, positive, config.target_sensitivity)
+    return point | {"fitted_on": fitted_on(f"the validation split of {config.data_dir}", config.data_dir,
+                                           {"val": dataset.counts()["val"]})}
 
 
 @contextlib.contextmanager
@@ -110,7 +119,7 @@ def evaluate(model_path, data_dir, output_dir, options):
     """
     from cxr.artifacts import Outputs
     from cxr.data.split import read_labelled_folder
-    from cxr.saved_model import SavedModel
+    from cxr.saved_model import SavedModel, describe_fitted_on
 
     model = SavedModel.load(model_path)
     folder = Path(data_dir) / "test" if (Path(data_dir) / "test").is_dir() else Path(data_dir)
@@ -127,9 +136,16 @@ def evaluate(model_path, data_dir, output_dir, options):
     evaluation = evaluate_model(model, dataset, "evaluated", options)
     settings = {"model": str(model_path), "data_dir": str(folder), "tta": options.tta,
                 "bootstrap": options.bootstrap, "seed": options.seed}
+    note = ""
+    if model.is_other_data(folder):
+        note = (f"The operating point (temperature and threshold) was fitted on "
+                f"{describe_fitted_on(model.operating_point)}, not on these images: at another site or on other "
+                "data it may not hold. To refit it on a labelled sample of this site: cxr calibrate --model "
+                f"{model_path} --data-dir SITE_SAMPLE --output-dir DIR")
+        warn(note)
     context = ReportContext("cxr: evaluation of a saved model",
                             f"{model_path} on {folder} ({len(rows)} images){', with flip TTA' if options.tta else ''}.",
-                            dataset.counts(), settings)
+                            dataset.counts(), settings, note=note)
     write_evaluation(outputs, evaluation, context)
     result = summary(evaluation, context, inference=model.engine)
     write_json(outputs.reports / "summary.json", result)

@@ -6,6 +6,7 @@ size, backbone, operating point (and where it was fitted) and the model file's h
 neither TensorFlow nor Keras: `cxr predict` with a cached LiteRT conversion never needs them.
 """
 
+import datetime
 import json
 from pathlib import Path
 
@@ -18,6 +19,22 @@ CLASS_NAMES_FILE = "class_names.json"
 MODEL_FILE = "model.h5"
 # class_names.json keys that describe the model; every other key belongs to the operating point
 MODEL_KEYS = ("class_names", "img_size", "backbone", "model_sha256")
+
+
+def fitted_on(description, data_dir, counts):
+    """Where an operating point was fitted, stored as its "fitted_on": which data, how many images, when."""
+    return {"description": description, "data_dir": str(Path(data_dir).resolve()), "counts": counts,
+            "date": datetime.date.today().isoformat()}
+
+
+def describe_fitted_on(operating_point):
+    """One phrase for reports and messages: 'the validation split of data/ (783 images, 2026-11-25)'."""
+    source = operating_point.get("fitted_on")
+    if not source:
+        return ("nothing (no operating point was saved: argmax, uncalibrated)" if operating_point.get("method") == "argmax"
+                else "its training run's validation split (not recorded in this model's class_names.json)")
+    images = sum(n for per_class in source["counts"].values() for n in per_class.values())
+    return f"{source['description']} ({images} images, {source['date']})"
 
 
 class SavedModel:
@@ -108,6 +125,14 @@ class SavedModel:
             self._check_outputs(self._predictor)
         return self._predictor
 
+    def is_other_data(self, folder):
+        """True when `folder` lies outside the data folder the operating point was fitted on (or that is unknown)."""
+        source = self.operating_point.get("fitted_on")
+        if not source:
+            return True
+        root, folder = Path(source["data_dir"]), Path(folder).resolve()
+        return folder != root and root not in folder.parents
+
     def raw_probabilities(self, images, rows=None, batch_size=32, tta=False):
         """(n, classes) softmax outputs for `images[rows]` (uint8, N x H x W x 3), before calibration."""
         return predict_probabilities(self.predictor(), images, rows, batch_size, tta)
@@ -131,6 +156,16 @@ class SavedModel:
                      **self.operating_point, "model_sha256": self.sha256}
         write_json(Path(models_dir) / CLASS_NAMES_FILE, self.info)
         return self.path
+
+    def copy_to(self, models_dir, operating_point):
+        """A copy of this model file in `models_dir` with `operating_point` beside it; this one is untouched."""
+        from cxr.atomic import copy_file
+
+        copy = Path(models_dir) / MODEL_FILE
+        copy_file(self.path, copy)
+        info = {k: v for k, v in self.info.items() if k in MODEL_KEYS} | operating_point | {"model_sha256": self.sha256}
+        write_json(Path(models_dir) / CLASS_NAMES_FILE, info)
+        return SavedModel(info, copy, keras_model=self._keras_model)
 
     def _check_outputs(self, model):
         outputs = model.output_shape[-1]

@@ -1,8 +1,8 @@
 """Training as a loop over phases: phase 1 trains the head on a frozen backbone; phase 2 fine-tunes the upper
 backbone at a low learning rate. A run can start at any phase and any epoch (`TrainingRun`).
 
-Each phase has EarlyStopping on val_accuracy (best weights restored), ReduceLROnPlateau on val_loss,
-ModelCheckpoint of the best full image model and TensorBoard logs.
+Each phase has EarlyStopping on `--monitor` (the seed's val_accuracy; best weights restored),
+ReduceLROnPlateau on val_loss, ModelCheckpoint of the best full image model and TensorBoard logs.
 
 By default no epoch runs the frozen part of the network. The backbone layers that stay frozen in both phases
 (the first `--frozen-layers`, up to the start of their block) are run once per training image and augmented
@@ -96,12 +96,17 @@ def class_weights(labels, num_classes, mode):
     return {int(c): float(w) for c, w in zip(present, weights)} | {c: 1.0 for c in range(num_classes) if c not in present}
 
 
+def monitor_mode(monitor):
+    return "min" if monitor == "val_loss" else "max"
+
+
 def phase_callbacks(config, checkpoint_path, log_dir, checkpoint_target=None):
-    checkpoint_args = dict(filepath=str(checkpoint_path), monitor="val_accuracy", mode="max", save_best_only=True)
+    mode = monitor_mode(config.monitor)
+    checkpoint_args = dict(filepath=str(checkpoint_path), monitor=config.monitor, mode=mode, save_best_only=True)
     checkpoint = (CheckpointOf(checkpoint_target, **checkpoint_args) if checkpoint_target is not None
                   else keras.callbacks.ModelCheckpoint(**checkpoint_args))
     return [
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=config.patience,
+        keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience,
                                       restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=max(1, config.patience // 2),
                                           min_lr=1e-7),
@@ -128,7 +133,7 @@ class ImageInputs:
         val_rows, _ = self.dataset.split("val")
         labels = self.dataset.labels
         train_ds = make_dataset(self.dataset.images, rows, labels[rows], self.config.batch_size, shuffle=True,
-                                augment=True, seed=self.config.seed)
+                                augment=self.config.augment, seed=self.config.seed)
         val_ds = make_dataset(self.dataset.images, val_rows, labels[val_rows], self.config.batch_size)
         return self.model, train_ds, val_ds, None
 
@@ -174,7 +179,7 @@ class CachedInputs:
                   f"{len(rows)} training images and {len(val_rows)} validation images", flush=True)
             runner, _ = fast_inference(self.prefix, n_images=config.feature_views * len(rows) + len(val_rows))
 
-            def run(name, rows, views, augment):
+            def run(name, rows, views, augment=None):
                 def blocks():
                     for view in range(views):
                         ds = make_dataset(dataset.images, rows, dataset.labels[rows], config.batch_size,
@@ -185,8 +190,8 @@ class CachedInputs:
                 return write_array(self.folder / f"{name}.npy", (views * len(rows), *self.prefix.output.shape[1:]),
                                    np.float32, blocks())
 
-            self._outputs = (run("frozen-train", rows, config.feature_views, True),
-                             run("frozen-val", val_rows, 1, False))
+            self._outputs = (run("frozen-train", rows, config.feature_views, config.augment),
+                             run("frozen-val", val_rows, 1))
         return self._outputs
 
     def features(self):
@@ -208,7 +213,7 @@ def train(model, dataset, config, run):
     """Train `model` in place through `run.phases` from `run.start_phase`; it ends with the best phase's weights.
 
     `run` is a `TrainingRun`: the builder, phases, frozen point and folders. The final model is the last
-    phase's unless an earlier phase scored a strictly higher validation accuracy.
+    phase's unless an earlier phase scored strictly better on `config.monitor` (the seed's val_accuracy).
     """
     result = TrainResult()
     parts = (run.builder.split_at_frozen_prefix(model, run.frozen_layers, config.backbone)
@@ -216,7 +221,8 @@ def train(model, dataset, config, run):
     inputs = (CachedInputs(run.builder, model, parts, dataset, config, run.staging_dir) if parts
               else ImageInputs(model, dataset, config))
     targets = dataset.targets[dataset.splits["train"]]
-    scores = []  # (best val_accuracy, phase number, weights) per phase run
+    sign = 1 if monitor_mode(config.monitor) == "max" else -1
+    scores = []  # (best monitored value, higher is better; phase number; weights) per phase run
     for phase in run.phases:
         if phase.number < run.start_phase:
             continue
@@ -237,7 +243,7 @@ def train(model, dataset, config, run):
             shuffle=False, verbose=2)
         result.seconds[f"phase{phase.number}_seconds"] = time.perf_counter() - start
         result.history += _epochs(history, phase.number, initial_epoch)
-        scores.append((max(history.history["val_accuracy"]), phase.number, model.get_weights()))
+        scores.append((max(sign * v for v in history.history[config.monitor]), phase.number, model.get_weights()))
     best = max(scores, key=lambda s: s[:2])  # ties go to the later phase
     result.final_phase = best[1]
     if best[1] != scores[-1][1]:

@@ -115,24 +115,36 @@ def decode_all(paths, size, cache_dir):
     return DiskArray(array_path), bad
 
 
-def augmentation(seed):
-    """Light, anatomy-preserving augmentation for training images (values stay in 0-255)."""
+AUGMENTATIONS = ("seed", "robust")
+
+
+def augmentation(kind, seed):
+    """Anatomy-preserving augmentation for training images (values stay in 0-255).
+
+    "seed": the seed script's light geometric set (flip, small rotation, zoom and translation).
+    "robust": the same, plus what changes between sites and X-ray devices: brightness, contrast and
+    sharpness (from blurred to over-sharpened), and wider zoom in (crops).
+    """
     import keras
 
-    return keras.Sequential([
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
-        keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
-        keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed),
-    ], name="augmentation")
+    zoom = keras.layers.RandomZoom((-0.25, 0.1) if kind == "robust" else 0.1, fill_mode="constant", seed=seed)
+    layers = [keras.layers.RandomFlip("horizontal", seed=seed),
+              keras.layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
+              zoom,
+              keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed)]
+    if kind == "robust":
+        layers += [keras.layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed),
+                   keras.layers.RandomContrast(0.3, value_range=(0, 255), seed=seed),
+                   keras.layers.RandomSharpness((0.25, 0.75), value_range=(0, 255), seed=seed)]
+    return keras.Sequential(layers, name="augmentation")
 
 
-def make_dataset(images, rows, labels, batch_size, shuffle=False, augment=False, seed=0):
+def make_dataset(images, rows, labels, batch_size, shuffle=False, augment=None, seed=0):
     """A tf.data pipeline of (float32 image batch, label batch) read from `images[rows]` and `labels`.
 
     `images` is anything indexable by a batch of rows with `shape` and `dtype` (the decode cache, cached layer
     outputs, a numpy array); only the batches in flight are in memory. `labels` is (len(rows), classes):
-    one-hot rows for a single-label dataset.
+    one-hot rows for a single-label dataset. `augment`: None, or a kind of `augmentation` (training only).
     """
     import tensorflow as tf
 
@@ -148,6 +160,6 @@ def make_dataset(images, rows, labels, batch_size, shuffle=False, augment=False,
 
     ds = ds.map(read, num_parallel_calls=AUTOTUNE, deterministic=True)
     if augment:
-        augmenter = augmentation(seed)
+        augmenter = augmentation(augment, seed)
         ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.prefetch(AUTOTUNE)

@@ -50,7 +50,10 @@ def evaluate_model(model, dataset, split, options):
     class_names, positive = model.class_names, model.positive_index
     threshold = model.operating_point["threshold"]
     report = classification(y_true, y_pred, class_names)
-    headline = headline_metrics(y_true, probabilities, class_names, positive, threshold)
+    def metrics_of(rows):
+        return headline_metrics(y_true[rows], probabilities[rows], class_names, positive, threshold)
+
+    headline = metrics_of(np.arange(len(y_true)))
     values = {
         **{k: _finite_or_none(v) for k, v in headline.items()},
         "auc": auc_score(y_true, probabilities, len(class_names)),
@@ -60,8 +63,7 @@ def evaluate_model(model, dataset, split, options):
     }
     calibration = {"temperature": model.operating_point["temperature"],
                    "ece_before": expected_calibration_error(y_true, raw), "ece_after": headline["ece"]}
-    intervals = confidence_intervals(y_true, probabilities, class_names, positive, threshold, options.bootstrap,
-                                     options.seed)
+    intervals = confidence_intervals(metrics_of, y_true, options.bootstrap, options.seed)
     evaluation = Evaluation(class_names, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, y_pred)
     evaluation.figures = figures(model, dataset, split, evaluation, options)

@@ -136,13 +136,12 @@ def stratified_resamples(y_true, n_resamples, seed):
         yield np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
 
 
-def confidence_intervals(y_true, probabilities, class_names, positive_index, threshold=None, n_resamples=2000,
-                         seed=0, level=0.95):
-    """{name: [low, high]}: percentile intervals of `headline_metrics` over stratified bootstrap resamples."""
+def confidence_intervals(statistics, y_true, n_resamples=2000, seed=0, level=0.95):
+    """{name: [low, high]}: percentile intervals of `statistics(rows) -> {name: value}` over stratified
+    bootstrap resamples of the rows of `y_true` (e.g. `headline_metrics` of those rows)."""
     if n_resamples <= 0:
         return {}
-    samples = [headline_metrics(y_true[rows], probabilities[rows], class_names, positive_index, threshold)
-               for rows in stratified_resamples(y_true, n_resamples, seed)]
+    samples = [statistics(rows) for rows in stratified_resamples(y_true, n_resamples, seed)]
     tail = (1 - level) / 2 * 100
     intervals = {}
     for name in samples[0]:

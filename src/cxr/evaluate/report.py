@@ -5,6 +5,8 @@ import html
 import math
 from dataclasses import dataclass, field
 
+from cxr.saved_model import describe_fitted_on
+
 LIMITS_OF_USE = [
     "This is a research tool, not a medical device. Its output is not a substitute for the judgement of a "
     "qualified clinician and must not be used on its own to diagnose or treat anyone.",
@@ -12,12 +14,12 @@ LIMITS_OF_USE = [
     "hospital, device or period) with `cxr evaluate` before trusting it anywhere else.",
     "Performance can differ by age (children and adults), sex, X-ray device, view (PA, AP, portable) and "
     "acquisition protocol; check subgroups before use, and watch for shortcut features such as text markers.",
-    "The operating point and the calibration were fitted on the validation split; a new population may need "
-    "them refitted.",
+    "The operating point and the calibration were fitted on the data named below; a new population may need "
+    "them refitted on a labelled sample of its own (`cxr calibrate`).",
 ]
 
 FIGURE_CAPTIONS = {
-    "roc": "ROC curve with its 95% bootstrap band; the dot is the operating point chosen on validation.",
+    "roc": "ROC curve with its 95% bootstrap band; the dot is the saved operating point.",
     "pr": "Precision-recall curve.",
     "reliability": "Reliability diagram before and after temperature scaling.",
     "confusion_matrix": "Confusion matrix at the operating point: counts and row-normalised rates.",
@@ -36,6 +38,7 @@ class ReportContext:
     counts: dict  # {split: {class: images}}
     settings: dict  # the run's options, shown as the configuration table and stored in summary.json
     extra_figures: dict = field(default_factory=dict)  # {name: PNG bytes} after the evaluation's own
+    note: str = ""  # a warning shown beside the operating point (e.g. it was fitted on other data)
 
 
 def metric_rows(values, intervals):
@@ -78,8 +81,9 @@ def render_html(context, evaluation, headline, figures):
         for name, value in headline.items())
     threshold = operating_point.get("threshold")
     point = (f"Positive class <b>{e(operating_point['positive_class'])}</b>; "
-             + (f"threshold <b>{threshold:.4f}</b> on the calibrated probability ({e(operating_point['method'])}, "
-                "chosen on validation)" if threshold is not None else "multi-class: the most probable class")
+             + (f"threshold <b>{threshold:.4f}</b> on the calibrated probability ({e(operating_point['method'])})"
+                if threshold is not None else "multi-class: the most probable class")
+             + f". Temperature and threshold were fitted on {e(describe_fitted_on(operating_point))}"
              + f". Temperature {calibration['temperature']:.3f}: expected calibration error "
              f"{calibration['ece_before']:.3f} before, {calibration['ece_after']:.3f} after.")
     figure_html = "".join(
@@ -106,7 +110,7 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 <h2>Images</h2>
 <table><tr><th>split</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}<th>total</th></tr>{count_rows}</table>
 <h2>Operating point and calibration</h2>
-<p>{point}</p>
+<p>{point}</p>{f'<p class="limits">{e(context.note)}</p>' if context.note else ''}
 <h2>Test metrics (95% stratified bootstrap confidence intervals)</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metric_rows_html}</table>
 <h2>Figures</h2>

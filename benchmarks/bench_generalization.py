@@ -1,0 +1,231 @@
+"""How recipes generalise: internal test split, external_dev (another period and selection of the same
+hospital, the stand-in for another site), threshold rules, and acquisition shifts.
+
+    .venv/bin/python benchmarks/bench_generalization.py --recipes default robust --seeds 42 1 2
+    .venv/bin/python benchmarks/bench_generalization.py --probe-only
+
+For every recipe and seed it trains on the full train folder with `cxr.run.train` (into --work/RECIPE-SEED,
+skipped when that run's summary.json is already there, so an interrupted benchmark resumes), then measures:
+- internal: test AUC and ECE of the carved test split, from the run's summary.json;
+- external_dev: AUC, ECE, and sensitivity / specificity / balanced accuracy at the saved operating point;
+- threshold rules: the same external numbers at thresholds that other rules choose on the run's own
+  validation split (never on external data): Youden's J (the default), a sensitivity target, the threshold
+  at which validation specificity reaches a target, and a prevalence-free one (both classes weighed equally);
+- acquisition shifts: AUC on the internal test split after contrast, gamma, brightness, blur, sharpening,
+  noise, JPEG re-compression, down-and-up scaling, crop/zoom and rotation, and their mean.
+The linear probe (scikit-learn logistic regression, C=0.1, balanced, on frozen ImageNet Lite0 pooled
+features of the un-augmented training images) is the reference row. external_dev is only measured here:
+nothing is fitted on it.
+"""
+
+import argparse
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "chest_xray"
+RECIPES = {
+    "default": {},
+    "balanced": {"class_weight": "balanced"},
+    "robust": {"augment": "robust", "class_weight": "balanced", "monitor": "val_auc"},
+    "robust-ls": {"augment": "robust", "class_weight": "balanced", "monitor": "val_auc", "label_smoothing": 0.1,
+                  "weight_decay": 1e-4},
+}
+SPECIFICITY_TARGET, SENSITIVITY_TARGET = 0.90, 0.95
+
+
+def shifts():
+    """Acquisition shifts, each a function of a uint8 (H, W, 3) image, one moderate severity each."""
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    def pil(f):
+        return lambda x: np.asarray(f(Image.fromarray(x)).convert("RGB"), dtype=np.uint8)
+
+    def jpeg(img, quality=30):
+        buffer = io.BytesIO()
+        img.save(buffer, "JPEG", quality=quality)
+        return Image.open(io.BytesIO(buffer.getvalue()))
+
+    def crop_zoom(img, keep=0.85):
+        w, h = img.size
+        dx, dy = int(w * (1 - keep) / 2), int(h * (1 - keep) / 2)
+        return img.crop((dx, dy, w - dx, h - dy)).resize((w, h), Image.BILINEAR)
+
+    rng = np.random.default_rng(0)
+    return {
+        "contrast x0.6": pil(lambda i: ImageEnhance.Contrast(i).enhance(0.6)),
+        "gamma 1.5": lambda x: np.uint8(np.clip(255 * (x / 255.0) ** 1.5 + 0.5, 0, 255)),
+        "brightness +30": lambda x: np.uint8(np.clip(x.astype(int) + 30, 0, 255)),
+        "blur r1.5": pil(lambda i: i.filter(ImageFilter.GaussianBlur(1.5))),
+        "sharpen": pil(lambda i: i.filter(ImageFilter.UnsharpMask(radius=2, percent=150))),
+        "noise sd8": lambda x: np.uint8(np.clip(x + rng.normal(0, 8, x.shape), 0, 255)),
+        "jpeg q30": pil(jpeg),
+        "down-up x0.5": pil(lambda i: i.resize((i.width // 2, i.height // 2), Image.BILINEAR).resize(i.size)),
+        "crop/zoom 85%": pil(crop_zoom),
+        "rotate 7deg": pil(lambda i: i.rotate(7, resample=Image.BILINEAR)),
+    }
+
+
+def binary_numbers(y, p_positive, threshold):
+    from sklearn.metrics import roc_auc_score
+
+    said = p_positive >= threshold
+    sensitivity, specificity = said[y == 1].mean(), 1 - said[y == 0].mean()
+    return {"auc": roc_auc_score(y, p_positive), "sensitivity": sensitivity, "specificity": specificity,
+            "balanced_accuracy": (sensitivity + specificity) / 2}
+
+
+def thresholds(y_val, p_val):
+    """Threshold per rule, each chosen on validation only."""
+    from sklearn.metrics import roc_curve
+
+    from cxr.evaluate.metrics import choose_threshold
+
+    fpr, _, cuts = roc_curve(y_val, p_val, drop_intermediate=False)
+    finite = np.isfinite(cuts)
+    specific = cuts[finite][np.flatnonzero(1 - fpr[finite] >= SPECIFICITY_TARGET)[-1]]
+    return {"youden": choose_threshold(y_val == 1, p_val)[0],
+            f"sensitivity>={SENSITIVITY_TARGET}": choose_threshold(y_val == 1, p_val, SENSITIVITY_TARGET)[0],
+            f"specificity>={SPECIFICITY_TARGET}": float(specific),
+            "0.5": 0.5}
+
+
+def measure(run_dir, config):
+    """The numbers of one trained run (see the module docstring)."""
+    from cxr.data.split import prepare_splits, read_labelled_folder
+    from cxr.evaluate.metrics import expected_calibration_error
+    from cxr.saved_model import SavedModel
+
+    summary = json.loads((run_dir / "reports" / "summary.json").read_text())
+    model = SavedModel.load(run_dir / "models" / "model.h5")
+    positive = model.positive_index
+    dataset = prepare_splits(config)
+    dataset.decode(config.img_size, run_dir / "cache")
+    external = read_labelled_folder(DATA / "external_dev", model.class_names)
+    external.decode(config.img_size, run_dir / "cache")
+
+    val_rows, y_val = dataset.split("val")
+    p_val = model.predict(dataset.images, val_rows)[0][:, positive]
+    ext_rows, y_ext = external.split("evaluated")
+    ext_probabilities = model.predict(external.images, ext_rows)[0]
+    result = {"internal_auc": summary["metrics"]["auc"], "internal_ece": summary["metrics"]["ece"],
+              "minutes": summary["timings"]["total_seconds"] / 60,
+              "external": binary_numbers(y_ext, ext_probabilities[:, positive], model.operating_point["threshold"]),
+              "external_ece": expected_calibration_error(y_ext, ext_probabilities)}
+    result["rules"] = {rule: binary_numbers(y_ext, ext_probabilities[:, positive], t)
+                       for rule, t in thresholds(y_val, p_val).items()}
+
+    test_rows, y_test = dataset.split("test")
+    clean = np.asarray(dataset.images[test_rows])
+    result["shifts"] = {}
+    for name, shift in shifts().items():
+        shifted = np.stack([shift(x) for x in clean])
+        result["shifts"][name] = binary_numbers(y_test, model.predict(shifted)[0][:, positive], 0.5)["auc"]
+    return result
+
+
+def linear_probe(work):
+    """Logistic regression on frozen ImageNet Lite0 pooled features (no augmentation, no fine-tuning)."""
+    import keras
+    from sklearn.linear_model import LogisticRegression
+
+    from cxr.config import Config
+    from cxr.data.split import prepare_splits, read_labelled_folder
+    from cxr.inference import predict_probabilities
+    from cxr.litert import fast_inference
+    from cxr.models import build_classifier
+
+    config = Config(data_dir=DATA, backbone="efficientnet-lite0")
+    dataset = prepare_splits(config)
+    dataset.decode(config.img_size, work / "cache")
+    external = read_labelled_folder(DATA / "external_dev", dataset.class_names)
+    external.decode(config.img_size, work / "cache")
+    model = build_classifier("efficientnet-lite0", 2, "imagenet", config.img_size)
+    features, _ = fast_inference(keras.Model(model.input, model.get_layer("avg_pool").output))
+
+    def pooled(data, split):
+        rows, y = data.split(split)
+        return predict_probabilities(features, data.images, rows), y
+
+    x_train, y_train = pooled(dataset, "train")
+    probe = LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000).fit(x_train, y_train)
+    (x_val, y_val), (x_test, y_test), (x_ext, y_ext) = (pooled(dataset, "val"), pooled(dataset, "test"),
+                                                        pooled(external, "evaluated"))
+    threshold = thresholds(y_val, probe.predict_proba(x_val)[:, 1])["youden"]
+    return {"internal_auc": binary_numbers(y_test, probe.predict_proba(x_test)[:, 1], 0.5)["auc"],
+            "external": binary_numbers(y_ext, probe.predict_proba(x_ext)[:, 1], threshold)}
+
+
+def mean_sd(values):
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
+
+
+def report(results, probe):
+    print(f"\n{'recipe':10} {'n':>2} {'internal AUC':>14} {'external AUC':>14} {'sensitivity':>14} "
+          f"{'specificity':>14} {'bal. accuracy':>14} {'ext. ECE':>14} {'int. ECE':>14} {'minutes':>14}")
+    for recipe, runs in results.items():
+        ext = [r["external"] for r in runs]
+        print(f"{recipe:10} {len(runs):2d} {mean_sd([r['internal_auc'] for r in runs]):>14} "
+              f"{mean_sd([e['auc'] for e in ext]):>14} {mean_sd([e['sensitivity'] for e in ext]):>14} "
+              f"{mean_sd([e['specificity'] for e in ext]):>14} {mean_sd([e['balanced_accuracy'] for e in ext]):>14} "
+              f"{mean_sd([r['external_ece'] for r in runs]):>14} {mean_sd([r['internal_ece'] for r in runs]):>14} "
+              f"{mean_sd([r['minutes'] for r in runs]):>14}")
+    if probe:
+        e = probe["external"]
+        print(f"{'probe':10} {1:2d} {probe['internal_auc']:14.3f} {e['auc']:14.3f} {e['sensitivity']:14.3f} "
+              f"{e['specificity']:14.3f} {e['balanced_accuracy']:14.3f}")
+    if not results:
+        return
+    print("\nexternal_dev at thresholds chosen on validation by each rule (mean ± sd over seeds)")
+    for recipe, runs in results.items():
+        for rule in runs[0]["rules"]:
+            numbers = [r["rules"][rule] for r in runs]
+            print(f"{recipe:10} {rule:18} sensitivity {mean_sd([n['sensitivity'] for n in numbers])}  specificity "
+                  f"{mean_sd([n['specificity'] for n in numbers])}  balanced accuracy "
+                  f"{mean_sd([n['balanced_accuracy'] for n in numbers])}")
+    print("\ninternal test AUC under acquisition shifts (mean over seeds)")
+    names = list(next(iter(results.values()))[0]["shifts"])
+    print(f"{'recipe':10} " + " ".join(f"{n[:13]:>13}" for n in names) + f" {'mean':>7}")
+    for recipe, runs in results.items():
+        per_shift = [np.mean([r["shifts"][n] for r in runs]) for n in names]
+        print(f"{recipe:10} " + " ".join(f"{v:13.4f}" for v in per_shift) + f" {np.mean(per_shift):7.4f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=["default", "robust"], choices=RECIPES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cxr-generalization"), help="runs are kept here")
+    parser.add_argument("--no-probe", action="store_true")
+    parser.add_argument("--probe-only", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from cxr import run
+    from cxr.config import Config
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "cache").mkdir(exist_ok=True)
+    results = {}
+    for recipe in [] if args.probe_only else args.recipes:
+        for seed in args.seeds:
+            run_dir = args.work / f"{recipe}-{seed}"
+            config = Config(data_dir=DATA, output_dir=run_dir, backbone="efficientnet-lite0", seed=seed,
+                            **RECIPES[recipe])
+            if not (run_dir / "reports" / "summary.json").is_file():
+                run_dir.mkdir(exist_ok=True)
+                if not (run_dir / "cache").exists():
+                    (run_dir / "cache").symlink_to(args.work / "cache")  # one decode cache for every run
+                run.train(config)
+            results.setdefault(recipe, []).append(measure(run_dir, config))
+            print(f"{recipe} seed {seed}: {json.dumps(results[recipe][-1], default=float)}", flush=True)
+    probe = None if args.no_probe else linear_probe(args.work)
+    report(results, probe)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""`cxr calibrate`: refit a saved model's temperature and threshold on a labelled sample of the user's own site.
+
+A model's operating point is fitted on its training data's validation split; at another site the same scores
+can mean something else (other devices, population, prevalence), and a threshold that balanced sensitivity and
+specificity there can call most normal images positive here. Calibrating writes a copy of the model with an
+operating point fitted on the site's sample and records where it came from; the original is never touched.
+"""
+
+from pathlib import Path
+
+from cxr.errors import UserError, warn
+
+# Below this many images of a class, the threshold moves a lot with which images happened to be sampled.
+MIN_IMAGES_PER_CLASS = 20
+
+
+def refit_operating_point(model, y, raw, target_sensitivity=None):
+    """The operating point `model` would have if fitted on labels `y` (n,) and raw softmax outputs `raw` (n, classes).
+
+    Same rule as training (temperature by likelihood, then Youden's J or a sensitivity target on the
+    calibrated probability), so a site's sample replaces the validation split.
+    """
+    from cxr.evaluate.metrics import fit_operating_point
+
+    return fit_operating_point(y, raw, model.class_names, model.operating_point["positive_class"], target_sensitivity)
+
+
+def small_classes(counts):
+    """Class names with fewer than MIN_IMAGES_PER_CLASS images in {class: images}."""
+    return [name for name, n in counts.items() if n < MIN_IMAGES_PER_CLASS]
+
+
+def calibrate(model_path, data_dir, output_dir, options, target_sensitivity=None):
+    """Write output_dir/models/{model.h5, class_names.json} with the operating point refitted on
+    `data_dir`/<Class>/, and reports of that sample at the new point; returns the summary dict.
+
+    `options` is an `evaluate.EvaluationOptions` (bootstrap resamples and seed for the intervals).
+    """
+    from cxr.artifacts import Outputs, summary, write_evaluation
+    from cxr.atomic import write_json
+    from cxr.data.split import read_labelled_folder
+    from cxr.saved_model import SavedModel, fitted_on
+
+    model = SavedModel.load(model_path)
+    outputs = Outputs(output_dir)
+    if outputs.models.resolve() == model.path.parent.resolve():
+        raise UserError(f"{output_dir}: this is the model's own folder; calibrate writes a copy, so choose "
+                        "another --output-dir")
+    dataset = read_labelled_folder(data_dir, model.class_names, split="calibration")
+    outputs.prepare(training=False)
+    outputs.models.mkdir(exist_ok=True)
+    from cxr.config import Config
+    from cxr.run import setup_runtime
+
+    setup_runtime(Config(seed=options.seed))
+    from cxr.evaluate import evaluate_model
+    from cxr.evaluate.report import ReportContext
+
+    dataset.decode(model.keras_model.input_shape[1], outputs.cache)
+    counts = dataset.counts()
+    small = small_classes(counts["calibration"])
+    if small:
+        warn(f"{data_dir}: fewer than {MIN_IMAGES_PER_CLASS} images of {', '.join(small)}; a threshold fitted on "
+             "so few moves a lot with the sample: add images before relying on it")
+    rows, y = dataset.split("calibration")
+    model.predictor(n_images=len(rows))
+    point = refit_operating_point(model, y, model.raw_probabilities(dataset.images, rows, options.batch_size),
+                                  target_sensitivity)
+    point["fitted_on"] = fitted_on(f"a calibration sample, {data_dir}", data_dir, counts)
+    calibrated = model.copy_to(outputs.models, point)
+    calibrated.predictor(n_images=len(rows))
+    evaluation = evaluate_model(calibrated, dataset, "calibration", options)
+    settings = {"model": str(model_path), "calibrated_model": str(calibrated.path), "data_dir": str(data_dir),
+                "target_sensitivity": target_sensitivity, "bootstrap": options.bootstrap, "seed": options.seed}
+    context = ReportContext(
+        "cxr: calibration on a site's sample", f"{model_path} recalibrated on {data_dir} ({len(rows)} images). "
+        "These numbers are measured on the sample the operating point was fitted on, so they are optimistic: "
+        "evaluate on other images of the site with cxr evaluate.", counts, settings)
+    write_evaluation(outputs, evaluation, context)
+    result = summary(evaluation, context, inference=calibrated.engine)
+    write_json(Path(outputs.reports) / "summary.json", result)
+    return result

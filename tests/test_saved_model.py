@@ -1,0 +1,71 @@
+"""SavedModel: what every command loads, checked once, with one predict."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cxr.errors import UserError
+from cxr.models import build_classifier
+from cxr.saved_model import SavedModel
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    keras_model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=32)
+    model = SavedModel.from_keras(keras_model, ["NORMAL", "PNEUMONIA"], 32, "efficientnet-lite0")
+    model.operating_point = {"positive_class": "PNEUMONIA", "temperature": 2.0, "threshold": 0.3,
+                             "method": "youden"}
+    model.save(folder)
+    return folder, keras_model
+
+
+def images(n=5, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_save_and_load_keep_everything_the_commands_need(saved):
+    folder, keras_model = saved
+    model = SavedModel.load(folder / "model.h5")
+    assert model.class_names == ["NORMAL", "PNEUMONIA"] and model.img_size == 32
+    assert model.backbone == "efficientnet-lite0" and model.operating_point["threshold"] == 0.3
+    assert len(model.sha256) == 64 and json.loads((folder / "class_names.json").read_text())["model_sha256"] == model.sha256
+
+
+def test_predict_is_temperature_scaled_and_thresholded(saved):
+    folder, keras_model = saved
+    model = SavedModel.load(folder / "model.h5")
+    x = images()
+    raw = keras_model.predict(x.astype(np.float32), verbose=0)
+    probabilities, labels = model.predict(x)
+    scaled = np.exp(np.log(raw) / 2.0)
+    np.testing.assert_allclose(probabilities, scaled / scaled.sum(axis=1, keepdims=True), atol=1e-4)
+    np.testing.assert_array_equal(labels, (probabilities[:, 1] >= 0.3).astype(int))
+
+
+def test_a_model_from_another_run_is_refused(saved, tmp_path):
+    folder, _ = saved
+    (tmp_path / "model.h5").write_bytes((folder / "model.h5").read_bytes() + b"\0")
+    (tmp_path / "class_names.json").write_text((folder / "class_names.json").read_text())
+    with pytest.raises(UserError, match="hash differs"):
+        SavedModel.load(tmp_path / "model.h5")
+
+
+def test_output_count_must_match_the_class_names(saved, tmp_path):
+    folder, _ = saved
+    (tmp_path / "model.h5").write_bytes((folder / "model.h5").read_bytes())
+    (tmp_path / "class_names.json").write_text(json.dumps({"class_names": ["A", "B", "C"]}))
+    with pytest.raises(UserError, match="2 outputs but class_names.json names 3 classes"):
+        SavedModel.load(tmp_path / "model.h5").predict(images(1))
+
+
+def test_a_model_saved_without_an_operating_point_uses_argmax(saved, tmp_path):
+    folder, _ = saved
+    (tmp_path / "model.h5").write_bytes((folder / "model.h5").read_bytes())
+    (tmp_path / "class_names.json").write_text(json.dumps(["NORMAL", "PNEUMONIA"]))  # the oldest format
+    model = SavedModel.load(tmp_path / "model.h5")
+    assert model.operating_point == {"positive_class": "PNEUMONIA", "temperature": 1.0, "threshold": None,
+                                     "method": "argmax"}
+    probabilities, labels = model.predict(images())
+    np.testing.assert_array_equal(labels, probabilities.argmax(axis=1))
