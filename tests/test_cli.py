@@ -335,3 +335,16 @@ def test_calibrate_refuses_to_write_over_the_model(trained, capsys):
     assert main(["calibrate", "--model", str(root / "outputs/models/model.h5"), "--data-dir",
                  str(root / "data/test"), "--output-dir", str(root / "outputs")]) == 2
     assert "choose another --output-dir" in capsys.readouterr().err
+
+
+def test_predict_skips_a_decompression_bomb_with_a_warning(trained, tmp_path, capsys):
+    from tests.test_bad_input import decompression_bomb
+
+    root, _ = trained
+    good = next((root / "data/test/NORMAL").iterdir())
+    bomb = decompression_bomb(tmp_path / "bomb.png")
+    assert main(["predict", str(bomb), str(good), "--model", str(root / "outputs/models/model.h5"),
+                 "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert "skipped 1 unreadable images: " in err and "bomb.png" in err
+    assert str(good) in out and "bomb.png" not in out

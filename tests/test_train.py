@@ -27,3 +27,21 @@ def test_a_run_can_start_at_phase_2_and_a_later_epoch(xray_raw, tmp_path):
     assert not (tmp_path / "staging" / "best_feature_extractor.keras").exists()
     changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights())]
     assert any(changed)  # the upper blocks trained
+
+
+def test_robust_augmentation_reaches_training_views_only(xray_raw, tmp_path):
+    from cxr.models import split_at_frozen_prefix
+    from cxr.train import CachedInputs
+
+    config = Config(data_dir=xray_raw, img_size=32, batch_size=8, backbone="efficientnet-lite0", weights="none",
+                    augment="robust", feature_views=1)
+    dataset = prepare_splits(config)
+    dataset.decode(config.img_size, tmp_path / "cache")
+    model = Builder().classifier(config.backbone, 2, config.weights, config.img_size)
+    prefix, tail, pooled = split_at_frozen_prefix(model, default_frozen_layers(model, config.backbone))
+    views, val_x = CachedInputs(Builder(), model, (prefix, tail, pooled), dataset, config, tmp_path).outputs()
+
+    def plain(split):
+        return prefix.predict(np.asarray(dataset.images[dataset.splits[split]], "float32"), verbose=0)
+    np.testing.assert_allclose(val_x[:], plain("val"), rtol=1e-4, atol=1e-4)  # validation: the images as they are
+    assert not np.allclose(views[:], plain("train"), rtol=1e-2, atol=1e-2)  # training: augmented

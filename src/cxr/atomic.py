@@ -35,8 +35,9 @@ def _umask():
 
 
 def write_text(path, text):
+    """UTF-8; a file name that isn't valid UTF-8 (held by Python as surrogates) is written as its own bytes."""
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+        Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 def write_bytes(path, data):

@@ -41,6 +41,8 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity=None
     from cxr.data.split import read_labelled_folder
     from cxr.saved_model import SavedModel, fitted_on
 
+    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+        raise UserError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     model = SavedModel.load(model_path)
     outputs = Outputs(output_dir)
     if outputs.models.resolve() == model.path.parent.resolve():

@@ -32,6 +32,19 @@ def print_headline(summary, label="Test"):
     print(f"Operating point fitted on {describe_fitted_on(point)}")
 
 
+def count(minimum):
+    """An argparse type: an integer of at least `minimum` (argparse's own one-line error, exit 2, otherwise)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _add_train_options(parser):
     d = Config()
     add = parser.add_argument
@@ -86,7 +99,7 @@ def build_parser():
     predict.add_argument("paths", nargs="+", help="image files or folders of images")
     predict.add_argument("--model", default="outputs/models/model.h5")
     predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--batch-size", type=count(1), default=64)
     predict.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved model on a folder of class subfolders")
@@ -94,9 +107,9 @@ def build_parser():
     evaluate.add_argument("--data-dir", type=Path, required=True,
                           help="folder of <Class>/ subfolders (or with a test/ subfolder of them)")
     evaluate.add_argument("--output-dir", type=Path, default=Path("outputs/evaluation"))
-    evaluate.add_argument("--bootstrap", type=int, default=2000, help="resamples for the confidence intervals")
-    evaluate.add_argument("--seed", type=int, default=42)
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--bootstrap", type=count(0), default=2000, help="resamples for the confidence intervals")
+    evaluate.add_argument("--seed", type=count(0), default=42)
+    evaluate.add_argument("--batch-size", type=count(1), default=32)
     evaluate.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
 
     calibrate = commands.add_parser("calibrate", help="refit the operating point on a labelled sample of your site")
@@ -107,8 +120,8 @@ def build_parser():
                            help="where the calibrated copy (models/) and its reports go; the model is not changed")
     calibrate.add_argument("--target-sensitivity", type=float,
                            help="highest threshold reaching this sensitivity on the sample (default: Youden's J)")
-    calibrate.add_argument("--bootstrap", type=int, default=2000, help="resamples for the confidence intervals")
-    calibrate.add_argument("--seed", type=int, default=42)
+    calibrate.add_argument("--bootstrap", type=count(0), default=2000, help="resamples for the confidence intervals")
+    calibrate.add_argument("--seed", type=count(0), default=42)
 
     explain = commands.add_parser("explain", help="Grad-CAM overlays showing where the model looked")
     explain.add_argument("paths", nargs="+", help="image files or folders of images")

@@ -5,6 +5,7 @@ tests build it directly with small values.
 """
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -65,7 +66,8 @@ class Config:
             (self.val_split + self.test_split < 1,
              f"--val-split + --test-split must leave images for training, got {self.val_split + self.test_split}"),
             (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
-            (self.lr > 0 and self.finetune_lr > 0, "--lr and --finetune-lr must be positive"),
+            (0 < self.lr < 1 and 0 < self.finetune_lr < 1, "--lr and --finetune-lr must be between 0 and 1"),
+            (self.seed >= 0, f"--seed must be 0 or more, got {self.seed}"),
             (self.frozen_layers is None or self.frozen_layers >= 0,
              f"--frozen-layers must be 0 or more, got {self.frozen_layers}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
@@ -84,6 +86,12 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.group_pattern is not None:
+            try:
+                re.compile(self.group_pattern)
+            except re.error as error:
+                raise UserError(f"--group-pattern {self.group_pattern!r} is not a valid regular expression ({error}); "
+                                "give a pattern whose first group is the patient id") from None
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise UserError(f"--weights {self.weights}: no such file; give imagenet, none or the path to a weights file")
         return self

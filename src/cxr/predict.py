@@ -4,6 +4,7 @@ from a `SavedModel`."""
 import csv
 import io
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,13 +100,25 @@ def run_explain(paths, model_path, output_dir, class_name=None, tta=False):
     targets = labels if class_name is None else np.full(len(readable), class_names.index(class_name))
     size = model.keras_model.input_shape[1]
     written = []
+    names = overlay_names(readable)
     for path, prob, label, target in zip(readable, probabilities, labels, targets):
         heatmap = gradcam.heatmaps(model.keras_model, decode_image(path, size)[None], [target])[0]
         shown = decode_image(path, max(size, 512))  # overlay on a sharper copy than the model's input
         title = f"{path.name}\npredicted {class_names[label]} (p = {prob[label]:.3f})"
         if target != label:
             title += f"; map for {class_names[target]}"
-        out = Path(output_dir) / f"{path.stem}.gradcam.png"
+        out = Path(output_dir) / names[path]
         write_bytes(out, plots.figure_png(plots.explanation_figure(gradcam.overlay(shown, heatmap), title)))
         written.append(out)
     return written
+
+
+def overlay_names(paths):
+    """{path: output file name}: STEM.gradcam.png, or, where stems clash (a/scan.jpeg, a/scan.png,
+    b/scan.jpeg), the path below the inputs' common folder with '__' for '/', e.g. a__scan.jpeg.gradcam.png."""
+    stems = [Path(p).stem for p in paths]
+    resolved = [Path(p).resolve() for p in paths]
+    common = Path(os.path.commonpath([p.parent for p in resolved])) if paths else Path()
+    return {p: f"{stem}.gradcam.png" if stems.count(stem) == 1
+            else "__".join(r.relative_to(common).parts) + ".gradcam.png"
+            for p, stem, r in zip(paths, stems, resolved)}

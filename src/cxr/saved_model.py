@@ -37,6 +37,31 @@ def describe_fitted_on(operating_point):
     return f"{source['description']} ({images} images, {source['date']})"
 
 
+def read_info(info_path):
+    """class_names.json as a dict, checked: UserError naming the file for anything cxr can't use."""
+    fix = "use the class_names.json that training wrote beside this model, or train again"
+    try:
+        info = json.loads(Path(info_path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{info_path}: not readable as JSON ({str(error).splitlines()[0][:80]}); {fix}") from None
+    if isinstance(info, list):  # the oldest format: the class names alone
+        info = {"class_names": info}
+    names = info.get("class_names") if isinstance(info, dict) else None
+    if (not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names)
+            or len(set(names)) != len(names)):
+        raise UserError(f"{info_path}: needs \"class_names\", a list of two or more distinct names; {fix}")
+    temperature, threshold = info.get("temperature", 1.0), info.get("threshold")
+    number = (int, float)
+    if (not isinstance(temperature, number) or isinstance(temperature, bool) or not temperature > 0
+            or threshold is not None and (not isinstance(threshold, number) or isinstance(threshold, bool))):
+        raise UserError(f"{info_path}: temperature must be a positive number and threshold a number or null; {fix}")
+    positive = info.get("positive_class")
+    if positive is not None and positive not in names:
+        raise UserError(f"{info_path}: positive_class {positive!r} is not one of its class_names "
+                        f"({', '.join(names)}); {fix}")
+    return info
+
+
 class SavedModel:
     """A classifier and everything needed to use it.
 
@@ -68,8 +93,8 @@ class SavedModel:
         if not info_path.is_file():
             raise UserError(f"{info_path}: not found; cxr needs the {CLASS_NAMES_FILE} that training wrote "
                             "beside the model")
-        info = json.loads(info_path.read_text())
-        model = cls(info if isinstance(info, dict) else {"class_names": info}, path)
+        info = read_info(info_path)
+        model = cls(info, path)
         recorded = model.info.get("model_sha256")
         if recorded is not None and recorded != model.sha256:
             raise UserError(f"{path}: this model file is not the one {info_path} describes (its hash differs); "

@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
 from cxr.data.pipeline import make_dataset, write_array
-from cxr.errors import warn
+from cxr.errors import UserError, warn
 from cxr.litert import fast_inference
 from cxr.models import freeze_backbone, unfreeze_backbone
 
@@ -112,6 +112,7 @@ def phase_callbacks(config, checkpoint_path, log_dir, checkpoint_target=None):
                                           min_lr=1e-7),
         checkpoint,
         keras.callbacks.TensorBoard(log_dir=str(log_dir)),
+        keras.callbacks.TerminateOnNaN(),
     ]
 
 
@@ -241,6 +242,9 @@ def train(model, dataset, config, run):
             callbacks=phase_callbacks(config, run.staging_dir / phase.checkpoint, run.log_dir / f"phase{phase.number}",
                                       checkpoint_target=model if trainable is not model else None),
             shuffle=False, verbose=2)
+        if not np.isfinite(history.history["loss"][-1]):
+            raise UserError(f"training diverged in phase {phase.number}: the loss became NaN at learning rate "
+                            f"{phase.learning_rate:g}; lower --lr (phase 1) or --finetune-lr (phase 2)")
         result.seconds[f"phase{phase.number}_seconds"] = time.perf_counter() - start
         result.history += _epochs(history, phase.number, initial_epoch)
         scores.append((max(sign * v for v in history.history[config.monitor]), phase.number, model.get_weights()))

@@ -25,7 +25,8 @@ def cache_key(paths, size):
     digest = hashlib.sha1(f"{size}\n".encode())
     for p in paths:
         stat = os.stat(p)
-        digest.update(f"{Path(p).resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        # os.fsencode: file names are bytes on disk, and need not be valid UTF-8 (a Latin-1 "R\xf6ntgen.png")
+        digest.update(os.fsencode(Path(p).resolve()) + f"\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 

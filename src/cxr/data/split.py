@@ -40,6 +40,10 @@ def list_class_folders(folder):
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{folder}: no class folders inside; put each class's images in {folder}/<ClassName>/")
+    clashes = [c for c in classes if [o.casefold() for o in classes].count(c.casefold()) > 1]
+    if clashes:
+        raise UserError(f"{folder}: class folders {', '.join(clashes)} differ only in case; merge them into one "
+                        "folder per class")
     return classes
 
 

@@ -1,0 +1,137 @@
+"""Faults from the bad-input audit (issue 17): each gives a clear answer instead of a crash or a silent error."""
+
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.cli import main
+from cxr.config import Config
+from cxr.data.decode import UnreadableImage, decode_image, try_decode
+from cxr.data.pipeline import decode_all
+from cxr.data.split import list_class_folders
+from cxr.errors import UserError
+from cxr.predict import overlay_names
+from cxr.saved_model import SavedModel
+from tests.conftest import SAMPLE, write_image
+
+
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def with_sbit(png_bytes, bits):
+    """The PNG with an sBIT chunk declaring `bits` significant bits, right after IHDR."""
+    ihdr_end = 8 + 8 + 13 + 4
+    return png_bytes[:ihdr_end] + png_chunk(b"sBIT", bytes([bits])) + png_bytes[ihdr_end:]
+
+
+def test_twelve_bit_xrays_in_sixteen_bit_pngs_decode_like_their_eight_bit_copy(tmp_path):
+    with Image.open(sorted((SAMPLE / "NORMAL").iterdir())[0]) as img:
+        eight = np.asarray(img.convert("L"), dtype=np.uint16)
+    Image.fromarray(eight * 16 + 8).save(tmp_path / "twelve.png")  # 12-bit values 8-4088, no sBIT
+    Image.fromarray(eight.astype(np.uint8)).save(tmp_path / "eight.png")
+    reference = decode_image(tmp_path / "eight.png", 64).astype(int)
+    assert np.abs(decode_image(tmp_path / "twelve.png", 64).astype(int) - reference).max() <= 1
+    # A dark 12-bit image (maximum 2047) with its sBIT chunk is scaled by 4095, not by its maximum
+    Image.fromarray(eight * 8).save(tmp_path / "dark.png")
+    (tmp_path / "dark-sbit.png").write_bytes(with_sbit((tmp_path / "dark.png").read_bytes(), 12))
+    dark = decode_image(tmp_path / "dark-sbit.png", 64).astype(int)
+    assert np.abs(dark - reference // 2).max() <= 1
+    assert decode_image(tmp_path / "dark.png", 64).mean() > dark.mean() * 1.8  # no sBIT: 2047 is full scale
+
+
+def test_twelve_bit_png_predicts_like_its_eight_bit_copy(tmp_path):
+    from cxr.models import build_classifier
+
+    with Image.open(sorted((SAMPLE / "PNEUMONIA").iterdir())[0]) as img:
+        eight = np.asarray(img.convert("L"), dtype=np.uint16)
+    Image.fromarray(eight * 16).save(tmp_path / "twelve.png")
+    Image.fromarray(eight.astype(np.uint8)).save(tmp_path / "eight.png")
+    keras_model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=64)
+    model = SavedModel.from_keras(keras_model, ["NORMAL", "PNEUMONIA"], 64, "efficientnet-lite0")
+    model.save(tmp_path / "model")
+    saved = SavedModel.load(tmp_path / "model" / "model.h5")
+    x = np.stack([decode_image(tmp_path / name, 64) for name in ("twelve.png", "eight.png")])
+    probabilities, _ = saved.predict(x)
+    assert np.abs(probabilities[0] - probabilities[1]).max() < 0.01
+
+
+def test_file_names_that_are_not_utf8_are_decoded_and_cached(tmp_path):
+    name = os.fsdecode(b"R\xf6ntgen.png")  # Latin-1, as an old Windows export names it
+    write_image(tmp_path / name)
+    images, bad = decode_all([tmp_path / name], 16, tmp_path / "cache")
+    assert bad == [] and images.shape == (1, 16, 16, 3)
+
+
+def decompression_bomb(path):
+    """A PNG whose header claims 20,000 x 20,000 pixels (PIL refuses such files as decompression bombs)."""
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + png_chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bombs_are_unreadable_images_not_crashes(tmp_path):
+    bomb = decompression_bomb(tmp_path / "bomb.png")
+    with pytest.raises(UnreadableImage, match="bomb.png"):
+        decode_image(bomb, 32)
+    assert try_decode(bomb, 32) is None
+
+
+def test_explain_gives_every_input_its_own_overlay_name(tmp_path):
+    paths = [tmp_path / "a" / "scan.jpeg", tmp_path / "a" / "scan.png", tmp_path / "b" / "scan.jpeg",
+             tmp_path / "b" / "other.png"]
+    names = overlay_names(paths)
+    assert len(set(names.values())) == len(paths)
+    assert names[paths[0]] == "a__scan.jpeg.gradcam.png" and names[paths[3]] == "other.gradcam.png"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"class_names": ["NORMAL", "PNEU', "not readable as JSON"),
+    ("", "not readable as JSON"),
+    ("{}", "a list of two or more distinct names"),
+    ('{"class_names": ["A", "A"]}', "a list of two or more distinct names"),
+    ('{"class_names": ["NORMAL", "PNEUMONIA"], "positive_class": "COVID"}', "'COVID' is not one of its class_names"),
+    ('{"class_names": ["NORMAL", "PNEUMONIA"], "temperature": -1}', "temperature must be a positive number"),
+])
+def test_a_damaged_class_names_json_is_a_user_error(tmp_path, content, message):
+    (tmp_path / "model.h5").write_bytes(b"a model")
+    (tmp_path / "class_names.json").write_text(content)
+    with pytest.raises(UserError, match=message):
+        SavedModel.load(tmp_path / "model.h5")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "x.png", "--batch-size", "-1"], "--batch-size: must be at least 1, got -1"),
+    (["predict", "x.png", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (["evaluate", "--data-dir", "d", "--batch-size", "-1"], "--batch-size: must be at least 1"),
+    (["evaluate", "--data-dir", "d", "--bootstrap", "-5"], "--bootstrap: must be at least 0, got -5"),
+])
+def test_predict_and_evaluate_options_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"seed": -1}, "--seed must be 0 or more"),
+    ({"group_pattern": "("}, "--group-pattern '(' is not a valid regular expression"),
+    ({"lr": float("inf")}, "--lr and --finetune-lr must be between 0 and 1"),
+    ({"finetune_lr": 1e300}, "--lr and --finetune-lr must be between 0 and 1"),
+])
+def test_training_options_no_run_could_use_are_refused(changes, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        Config(**changes).validate()
+
+
+def test_class_folders_that_differ_only_in_case_are_refused(tmp_path):
+    write_image(tmp_path / "PNEUMONIA" / "a.png")
+    write_image(tmp_path / "Pneumonia" / "b.png")
+    write_image(tmp_path / "NORMAL" / "c.png")
+    with pytest.raises(UserError, match="PNEUMONIA, Pneumonia differ only in case"):
+        list_class_folders(tmp_path)
