@@ -65,7 +65,7 @@ def main():
             calibrate(args.model, fit, tmp / f"cal-{fit.name}", options)
             for name, model in (("model's own operating point", args.model),
                                 ("calibrated on the other half", tmp / f"cal-{fit.name}" / "models" / "model.h5")):
-                summary = run.evaluate(model, held_out, tmp / f"eval-{fit.name}-{model.parent.parent.name}", options)
+                summary = run.evaluate(model, tmp / f"eval-{fit.name}-{model.parent.parent.name}", options, held_out)
                 print("  " + line(name, summary))
 
 

@@ -135,3 +135,26 @@ def test_class_folders_that_differ_only_in_case_are_refused(tmp_path):
     write_image(tmp_path / "NORMAL" / "c.png")
     with pytest.raises(UserError, match="PNEUMONIA, Pneumonia differ only in case"):
         list_class_folders(tmp_path)
+
+
+def test_an_output_folder_held_by_a_live_process_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from cxr.artifacts import LOCK_FILE, Outputs
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / LOCK_FILE).write_text(f"{sleeper.pid}\n")
+        with pytest.raises(UserError, match=f"in use by PID {sleeper.pid}"):
+            Outputs(tmp_path / "out").prepare()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (tmp_path / "out" / "cache").mkdir(exist_ok=True)
+    leftover = tmp_path / "out" / "cache" / ".images-32px-abc.x1.partial.npy"
+    leftover.write_bytes(b"half")
+    Outputs(tmp_path / "out").prepare()  # the holder died: a stale lock
+    assert (tmp_path / "out" / LOCK_FILE).read_text().strip() == str(os.getpid())
+    assert not leftover.exists()

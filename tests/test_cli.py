@@ -348,3 +348,19 @@ def test_predict_skips_a_decompression_bomb_with_a_warning(trained, tmp_path, ca
     out, err = capsys.readouterr()
     assert "skipped 1 unreadable images: " in err and "bomb.png" in err
     assert str(good) in out and "bomb.png" not in out
+
+
+def test_evaluate_reevaluates_a_carved_split_from_splits_csv_and_keeps_training_reports(trained, tmp_path, capsys):
+    root, _ = trained
+    out = root / "outputs"
+    trained_summary = json.loads((out / "reports/summary.json").read_text())
+    assert main(["evaluate", "--model", str(out / "models/model.h5"), "--splits", str(out / "reports/splits.csv"),
+                 "--split", "test", "--output-dir", str(tmp_path / "again"), "--bootstrap", "0"]) == 0
+    summary = json.loads((tmp_path / "again/reports/summary.json").read_text())
+    assert summary["metrics"]["confusion_matrix"] == trained_summary["metrics"]["confusion_matrix"]
+    assert summary["metrics"]["auc"] == pytest.approx(trained_summary["metrics"]["auc"], abs=1e-5)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "models/model.h5"), "--data-dir", str(root / "data"),
+                 "--output-dir", str(out)]) == 2  # would overwrite the training run's reports
+    assert "holds a training run's reports" in capsys.readouterr().err
+    assert json.loads((out / "reports/summary.json").read_text()) == trained_summary

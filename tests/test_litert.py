@@ -85,3 +85,16 @@ def test_unconvertible_model_falls_back_to_keras(model, monkeypatch, capsys):
     predictor, engine = fast_inference(model)
     assert (predictor, engine) == (model, "keras")
     assert "LiteRT could not run the model (op not supported); running it in Keras" in capsys.readouterr().err
+
+
+def test_a_damaged_cached_conversion_is_rebuilt(model, tmp_path, capsys):
+    model_path = tmp_path / "model.keras"
+    model.save(model_path)
+    (tmp_path / "class_names.json").write_text('{"class_names": ["A", "B"]}')
+    cached = litert.cache_path(model_path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"not a flatbuffer")
+    saved = SavedModel.load(model_path)
+    saved.predictor()
+    assert saved.engine == "litert" and "damaged LiteRT conversion" in capsys.readouterr().err
+    assert litert.cached_conversion(model_path) is not None  # replaced by a good one

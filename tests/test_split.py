@@ -129,3 +129,16 @@ def test_bad_data_folders_raise_user_errors_naming_the_path(tmp_path, setup, mes
     setup(root)
     with pytest.raises(UserError, match=message):
         prepare_splits(Config(data_dir=root))
+
+
+def test_symlinked_folders_are_followed_once_and_hidden_folders_left_out(tmp_path):
+    from cxr.data.split import list_images
+
+    for i in range(3):
+        write_image(tmp_path / "elsewhere" / f"linked{i}.png", seed=i)
+    write_image(tmp_path / "data" / "NORMAL" / "a.png")
+    write_image(tmp_path / "data" / "NORMAL" / ".ipynb_checkpoints" / "a-checkpoint.png")
+    (tmp_path / "data" / "NORMAL" / "more").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "elsewhere")  # a link loop ends
+    names = sorted(p.name for p in list_images(tmp_path / "data", ["NORMAL"])["NORMAL"])
+    assert names == ["a.png", "linked0.png", "linked1.png", "linked2.png"]

@@ -3,9 +3,11 @@
 Checkpoints are written by Keras into a staging folder during training and moved into models/ at the end.
 """
 
+import atexit
 import csv
 import io
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -14,6 +16,8 @@ from pathlib import Path
 
 from cxr.atomic import write_bytes, write_text
 from cxr.errors import UserError
+
+LOCK_FILE = ".cxr-lock"
 
 
 class Outputs:
@@ -29,7 +33,11 @@ class Outputs:
         self.staging = self.models / ".staging"
 
     def prepare(self, training=True):
-        """Create the folders (models/ and logs/ only for training), or raise UserError if they can't be written."""
+        """Create the folders (models/ and logs/ only for training) and hold the folder for this process;
+        UserError if they can't be written or another live cxr process holds them.
+
+        Leftovers of a killed run (temporary `*.partial*` files) are removed once the folder is held.
+        """
         folders = (self.models, self.reports, self.plots, self.logs, self.cache) if training else (
             self.reports, self.plots, self.cache)
         try:
@@ -39,10 +47,71 @@ class Outputs:
         except OSError as error:
             raise UserError(f"{self.root}: output folder is not writable ({error.strerror}); "
                             "choose another with --output-dir") from None
+        self.lock()
+        for folder in (self.models, self.reports, self.plots, self.cache):
+            for leftover in folder.glob(".*.partial*") if folder.is_dir() else ():
+                leftover.unlink(missing_ok=True)
         if training:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir()
         return self
+
+    def lock(self):
+        """Hold the output folder for this process (a lock file with its PID, removed at exit).
+
+        A lock whose process is gone (killed, power loss) is stale and taken over.
+        """
+        path = self.root / LOCK_FILE
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(path)
+                if holder == os.getpid():
+                    return self
+                if holder is not None and _alive(holder):
+                    raise UserError(f"{self.root}: in use by PID {holder} (another cxr run writing here); wait for "
+                                    "it to finish or choose another --output-dir") from None
+                path.unlink(missing_ok=True)  # stale
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            atexit.register(_release, path, os.getpid())
+            return self
+
+
+def _lock_holder(path):
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _release(path, pid):
+    if _lock_holder(path) == pid:
+        path.unlink(missing_ok=True)
+
+
+def refuse_training_run(outputs):
+    """UserError when `outputs` holds a training run's reports, which an evaluation would overwrite."""
+    summary_path = outputs.reports / "summary.json"
+    try:
+        trained = "history" in json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        trained = False
+    if trained:
+        raise UserError(f"{outputs.root}: holds a training run's reports, which this would overwrite; choose "
+                        f"another --output-dir (e.g. {outputs.root}/evaluation)")
 
 
 def publish_model(model, outputs):

@@ -36,7 +36,7 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity=None
 
     `options` is an `evaluate.EvaluationOptions` (bootstrap resamples and seed for the intervals).
     """
-    from cxr.artifacts import Outputs, summary, write_evaluation
+    from cxr.artifacts import Outputs, refuse_training_run, summary, write_evaluation
     from cxr.atomic import write_json
     from cxr.data.split import read_labelled_folder
     from cxr.saved_model import SavedModel, fitted_on
@@ -49,6 +49,7 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity=None
         raise UserError(f"{output_dir}: this is the model's own folder; calibrate writes a copy, so choose "
                         "another --output-dir")
     dataset = read_labelled_folder(data_dir, model.class_names, split="calibration")
+    refuse_training_run(outputs)
     outputs.prepare(training=False)
     outputs.models.mkdir(exist_ok=True)
     from cxr.config import Config

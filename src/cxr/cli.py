@@ -104,8 +104,11 @@ def build_parser():
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved model on a folder of class subfolders")
     evaluate.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
-    evaluate.add_argument("--data-dir", type=Path, required=True,
+    evaluate.add_argument("--data-dir", type=Path,
                           help="folder of <Class>/ subfolders (or with a test/ subfolder of them)")
+    evaluate.add_argument("--splits", type=Path,
+                          help="a training run's reports/splits.csv, instead of --data-dir: evaluate one of its splits")
+    evaluate.add_argument("--split", default="test", help="with --splits: which split (default: test)")
     evaluate.add_argument("--output-dir", type=Path, default=Path("outputs/evaluation"))
     evaluate.add_argument("--bootstrap", type=count(0), default=2000, help="resamples for the confidence intervals")
     evaluate.add_argument("--seed", type=count(0), default=42)
@@ -155,8 +158,11 @@ def main(argv=None):
             from cxr import run
             from cxr.evaluate import EvaluationOptions
 
+            if (args.data_dir is None) == (args.splits is None):
+                raise UserError("give --data-dir FOLDER or --splits reports/splits.csv (one of them)")
             options = EvaluationOptions(args.bootstrap, args.seed, args.tta, args.batch_size)
-            print_headline(run.evaluate(args.model, args.data_dir, args.output_dir, options))
+            splits = (args.splits, args.split) if args.splits else None
+            print_headline(run.evaluate(args.model, args.output_dir, options, args.data_dir, splits))
             print(f"Outputs in {args.output_dir}/ (reports/report.html, reports/metrics.csv, reports/summary.json, "
                   "plots/)")
         elif args.command == "calibrate":

@@ -62,7 +62,9 @@ def cached_conversion(model_path, digest=None):
         return None
     try:
         return load_cached(cached)
-    except (OSError, ValueError, RuntimeError):  # a damaged cache file: the caller converts again
+    except (OSError, ValueError, RuntimeError) as error:
+        warn(f"{cached}: damaged LiteRT conversion ({str(error).splitlines()[0][:80]}); converting the model again")
+        cached.unlink(missing_ok=True)
         return None
 
 

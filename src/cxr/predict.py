@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.data.decode import is_image_file, try_decode
+from cxr.data.split import walk_files
 from cxr.errors import UserError, list_paths, warn
 from cxr.saved_model import SavedModel
 
@@ -20,7 +21,7 @@ def list_inputs(paths):
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+            found = [p for p in walk_files(path) if is_image_file(p)]
             if not found:
                 raise UserError(f"{path}: no images (.jpg, .jpeg, .png, .bmp) in this folder")
             files += found

@@ -111,20 +111,29 @@ def tensorboard(log_dir, port):
             server.terminate()
 
 
-def evaluate(model_path, data_dir, output_dir, options):
-    """Evaluate the saved model at `model_path` on `data_dir`/<Class>/ (or its test/ subfolder) without
-    retraining; writes reports and plots under `output_dir` and returns the summary dict.
+def evaluate(model_path, output_dir, options, data_dir=None, splits=None):
+    """Evaluate the saved model at `model_path` without retraining, on `data_dir`/<Class>/ (or its test/
+    subfolder) or on one split of a training run's splits.csv (`splits`: (csv path, split name)); writes
+    reports and plots under `output_dir` and returns the summary dict.
 
     `options` is an `evaluate.EvaluationOptions`.
     """
-    from cxr.artifacts import Outputs
-    from cxr.data.split import read_labelled_folder
+    from cxr.artifacts import Outputs, refuse_training_run
+    from cxr.data.split import read_labelled_folder, read_splits_csv
     from cxr.saved_model import SavedModel, describe_fitted_on
 
     model = SavedModel.load(model_path)
-    folder = Path(data_dir) / "test" if (Path(data_dir) / "test").is_dir() else Path(data_dir)
-    dataset = read_labelled_folder(folder, model.class_names)
-    outputs = Outputs(output_dir).prepare(training=False)
+    if splits is not None:
+        dataset = read_splits_csv(*splits, model.class_names)
+        folder = Path(os.path.commonpath([p.resolve().parent for p in dataset.paths]))
+        source = f"the {splits[1]} split listed in {splits[0]}"
+    else:
+        folder = Path(data_dir) / "test" if (Path(data_dir) / "test").is_dir() else Path(data_dir)
+        dataset = read_labelled_folder(folder, model.class_names)
+        source = str(folder)
+    outputs = Outputs(output_dir)
+    refuse_training_run(outputs)
+    outputs.prepare(training=False)
     setup_runtime(Config(seed=options.seed))
     from cxr.artifacts import summary, write_evaluation
     from cxr.evaluate import evaluate_model
@@ -136,6 +145,8 @@ def evaluate(model_path, data_dir, output_dir, options):
     evaluation = evaluate_model(model, dataset, "evaluated", options)
     settings = {"model": str(model_path), "data_dir": str(folder), "tta": options.tta,
                 "bootstrap": options.bootstrap, "seed": options.seed}
+    if splits is not None:
+        settings |= {"splits": str(splits[0]), "split": splits[1]}
     note = ""
     if model.is_other_data(folder):
         note = (f"The operating point (temperature and threshold) was fitted on "
@@ -144,7 +155,7 @@ def evaluate(model_path, data_dir, output_dir, options):
                 f"{model_path} --data-dir SITE_SAMPLE --output-dir DIR")
         warn(note)
     context = ReportContext("cxr: evaluation of a saved model",
-                            f"{model_path} on {folder} ({len(rows)} images){', with flip TTA' if options.tta else ''}.",
+                            f"{model_path} on {source} ({len(rows)} images){', with flip TTA' if options.tta else ''}.",
                             dataset.counts(), settings, note=note)
     write_evaluation(outputs, evaluation, context)
     result = summary(evaluation, context, inference=model.engine)

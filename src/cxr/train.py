@@ -14,6 +14,7 @@ All sub-models share the image model's layers, so every checkpoint is a full ima
 """
 
 import math
+import signal
 import socket
 import subprocess
 import sys
@@ -83,9 +84,19 @@ def start_tensorboard(log_dir, port):
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(log_dir), "--port", str(port), "--host", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     print(f"TensorBoard: http://localhost:{port}/ (logs in {log_dir})", flush=True)
     return server
+
+
+def _die_with_parent():
+    """In the TensorBoard child: be killed when the training process dies, even by kill -9 (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def class_weights(labels, num_classes, mode):

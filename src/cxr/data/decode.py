@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
 
@@ -61,6 +61,7 @@ def decode_image(path, size):
         with Image.open(path) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))  # lets the JPEG decoder downscale large X-rays cheaply
+            img = ImageOps.exif_transpose(img)  # a photo of a film, or a phone's export, as it was shown
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 array = np.clip(np.asarray(img, dtype=np.float64), 0, None)
                 top = full_scale(path, array)

@@ -47,13 +47,28 @@ def list_class_folders(folder):
     return classes
 
 
+def walk_files(folder):
+    """Every file under `folder`, sorted: symlinked folders are followed (each real folder once, so a link
+    loop ends), hidden files and folders (.ipynb_checkpoints/) are left out."""
+    seen, found = set(), []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / f for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
 def list_images(folder, class_names, strict=False):
     """Return {class: [image paths]} for `folder`/<class>/, warning about (or, if strict, refusing) other files."""
     folder = Path(folder)
     images, others = {}, []
     for name in class_names:
         class_dir = folder / name
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")) if class_dir.is_dir() else []
+        files = walk_files(class_dir) if class_dir.is_dir() else []
         images[name] = [p for p in files if is_image_file(p)]
         others += [p for p in files if not is_image_file(p)]
     if others:
@@ -153,7 +168,7 @@ def assign_splits(paths, labels, fractions, seed, pattern=None):
 
 def count_images(folder, class_names):
     folder = Path(folder)
-    return sum(1 for c in class_names if (folder / c).is_dir() for p in (folder / c).rglob("*") if is_image_file(p))
+    return sum(1 for c in class_names if (folder / c).is_dir() for p in walk_files(folder / c) if is_image_file(p))
 
 
 def split_raw(data_dir, config):
@@ -195,7 +210,7 @@ def prepare_splits(config):
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: no such folder; point --data-dir at a folder with train/<Class>/ or raw/<Class>/")
     train_dir = data_dir / "train"
-    has_train = train_dir.is_dir() and any(is_image_file(p) for p in train_dir.rglob("*"))
+    has_train = train_dir.is_dir() and any(is_image_file(p) for p in walk_files(train_dir))
     if not has_train:
         if (data_dir / "raw").is_dir():
             split_raw(data_dir, config)
@@ -278,3 +293,27 @@ def describe(dataset):
     for name in dataset.class_names:
         lines.append(f"{name:{width}}  " + "  ".join(f"{counts[s][name]:>6}" for s in SPLITS))
     return "\n".join(lines)
+
+
+def read_splits_csv(path, class_names, split):
+    """A Dataset of the images a training run listed under `split` in its reports/splits.csv, as one split
+    "evaluated" (the run's carved test split can be evaluated again this way)."""
+    import csv
+
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("split") == split]
+    except OSError as error:
+        raise UserError(f"{path}: can't read it ({error.strerror}); give a training run's reports/splits.csv") from None
+    if not rows:
+        raise UserError(f"{path}: no images in split {split!r}; give a training run's reports/splits.csv and one of "
+                        "its splits (train, val, test)")
+    unknown = sorted({r["class"] for r in rows} - set(class_names))
+    if unknown:
+        raise UserError(f"{path}: classes {', '.join(unknown)} are not classes of the model ({', '.join(class_names)})")
+    missing = [r["path"] for r in rows if not Path(r["path"]).is_file()]
+    if missing:
+        raise UserError(f"{path}: listed images are gone: {list_paths(missing)}; evaluate where the data still is")
+    return Dataset.from_files(class_names, {"evaluated": [(Path(r["path"]), class_names.index(r["class"]))
+                                                          for r in rows]})
