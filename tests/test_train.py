@@ -45,3 +45,50 @@ def test_robust_augmentation_reaches_training_views_only(xray_raw, tmp_path):
         return prefix.predict(np.asarray(dataset.images[dataset.splits[split]], "float32"), verbose=0)
     np.testing.assert_allclose(val_x[:], plain("val"), rtol=1e-4, atol=1e-4)  # validation: the images as they are
     assert not np.allclose(views[:], plain("train"), rtol=1e-2, atol=1e-2)  # training: augmented
+
+
+def test_a_run_killed_in_phase_2_resumes_to_the_numbers_of_an_uninterrupted_run(xray_raw, tmp_path, capsys):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cxr.cli import main
+    from tests.test_cli import TINY
+
+    options = ["--data-dir", str(xray_raw), "--deterministic", *TINY, "--epochs", "8", "--patience", "8"]
+    assert main(["train", *options, "--output-dir", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole/reports/summary.json").read_text())
+
+    state_file = tmp_path / "cut/models/.staging/resume/state.json"
+    child = subprocess.Popen([sys.executable, "-m", "cxr", "train", *options, "--output-dir", str(tmp_path / "cut")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and child.poll() is None:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("phase") == 2 and state.get("epoch", 0) >= 1:
+            child.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert child.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed in phase 2"
+    assert not (tmp_path / "cut/reports/summary.json").exists()
+
+    capsys.readouterr()
+    assert main(["train", *options, "--output-dir", str(tmp_path / "cut"), "--lr", "0.01", "--resume"]) == 2
+    assert "other options (--lr 0.001 then, 0.01 now)" in capsys.readouterr().err
+    assert main(["train", *options, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "Resuming phase 2 after epoch" in out and "Phase 1:" not in out
+    assert "Computing the frozen layers" not in out  # the cached outputs were reused
+    resumed = json.loads((tmp_path / "cut/reports/summary.json").read_text())
+    assert resumed["history"] == whole["history"]
+    assert resumed["metrics"] == whole["metrics"] and resumed["operating_point"]["threshold"] == \
+        whole["operating_point"]["threshold"]
+    assert not (tmp_path / "cut/models/.staging").exists()
+    assert main(["train", *options, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 2  # nothing left to resume

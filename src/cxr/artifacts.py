@@ -32,11 +32,12 @@ class Outputs:
         self.cache = self.root / "cache"
         self.staging = self.models / ".staging"
 
-    def prepare(self, training=True):
+    def prepare(self, training=True, resume=False):
         """Create the folders (models/ and logs/ only for training) and hold the folder for this process;
         UserError if they can't be written or another live cxr process holds them.
 
-        Leftovers of a killed run (temporary `*.partial*` files) are removed once the folder is held.
+        Leftovers of a killed run (temporary `*.partial*` files) are removed once the folder is held; its
+        staging folder (checkpoints, cached frozen-layer outputs, resume state) only when not resuming it.
         """
         folders = (self.models, self.reports, self.plots, self.logs, self.cache) if training else (
             self.reports, self.plots, self.cache)
@@ -51,9 +52,10 @@ class Outputs:
         for folder in (self.models, self.reports, self.plots, self.cache):
             for leftover in folder.glob(".*.partial*") if folder.is_dir() else ():
                 leftover.unlink(missing_ok=True)
-        if training:
+        if training and not resume:
             shutil.rmtree(self.staging, ignore_errors=True)
-            self.staging.mkdir()
+        if training:
+            self.staging.mkdir(exist_ok=True)
         return self
 
     def lock(self):

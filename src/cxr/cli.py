@@ -88,6 +88,8 @@ def _add_train_options(parser):
     add("--target-sensitivity", type=float, default=d.target_sensitivity,
         help="pick the highest threshold reaching this sensitivity on validation (default: maximise Youden's J)")
     add("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the confidence intervals")
+    add("--resume", action="store_true",
+        help="continue the interrupted run in --output-dir from its last completed epoch (same options and data)")
 
 
 def build_parser():
@@ -185,6 +187,7 @@ def main(argv=None):
         print(f"cxr: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cxr: interrupted; finished outputs are intact, unfinished ones were not written", file=sys.stderr)
+        print("cxr: interrupted; finished outputs are intact, unfinished ones were not written (an interrupted "
+              "training goes on with the same command and --resume)", file=sys.stderr)
         return 130
     return 0

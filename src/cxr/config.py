@@ -54,6 +54,7 @@ class Config:
     positive_class: Optional[str] = None
     target_sensitivity: Optional[float] = None  # None: the threshold maximising Youden's J on validation
     bootstrap: int = 2000  # resamples for the confidence intervals; 0 turns them off
+    resume: bool = False  # go on with the killed run in output_dir (same options and data) from its last epoch
 
     def validate(self):
         """Raise UserError for option values no run could use."""

@@ -38,7 +38,7 @@ def train(config):
 
     started = time.perf_counter()
     config.validate()
-    outputs = Outputs(config.output_dir).prepare()
+    outputs = Outputs(config.output_dir).prepare(resume=config.resume)
     dataset = prepare_splits(config)
     print(describe(dataset), flush=True)
     positive = positive_class(dataset.class_names, config.positive_class)
@@ -46,12 +46,15 @@ def train(config):
     setup_runtime(config)
     import keras
 
-    from cxr import artifacts, models
+    from cxr import artifacts, models, resume
+    from cxr.data.pipeline import cache_key
     from cxr.evaluate import EvaluationOptions, evaluate_model, plots
     from cxr.evaluate.report import ReportContext
     from cxr.saved_model import SavedModel
     from cxr.train import TrainingRun, default_phases, train as train_phases
 
+    fingerprint = resume.fingerprint(config, cache_key(dataset.paths, config.img_size))
+    state = resume.RunState.load(outputs.staging, fingerprint) if config.resume else None
     dataset.decode(config.img_size, outputs.cache, strict=config.strict)
     class_names = dataset.class_names
     builder = models.Builder(weight_decay=config.weight_decay, label_smoothing=config.label_smoothing)
@@ -60,7 +63,8 @@ def train(config):
                      else models.default_frozen_layers(model, config.backbone))
     models.check_frozen_layers(model, frozen_layers)
 
-    run = TrainingRun(builder, default_phases(config, frozen_layers), frozen_layers, outputs.staging, outputs.logs)
+    run = TrainingRun(builder, default_phases(config, frozen_layers), frozen_layers, outputs.staging, outputs.logs,
+                      resume=state, fingerprint=fingerprint)
     with tensorboard(outputs.logs, config.port):
         result = train_phases(model, dataset, config, run)
 

@@ -26,7 +26,9 @@ import keras
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
-from cxr.data.pipeline import make_dataset, write_array
+from cxr import resume
+from cxr.atomic import atomic_path
+from cxr.data.pipeline import DiskArray, make_dataset, write_array
 from cxr.errors import UserError, warn
 from cxr.litert import fast_inference
 from cxr.models import freeze_backbone, unfreeze_backbone
@@ -133,26 +135,43 @@ def _epochs(history, phase, initial_epoch=0):
             for i in range(len(history.history[keys[0]]))]
 
 
+def training_order(n_rows, n_images, batch_size, epochs, seed, start_epoch=0):
+    """(rows of epochs start_epoch..epochs-1, steps per epoch) for training on `n_rows` rows (images or views).
+
+    Passes over range(n_rows), each shuffled with its own seed (seed, pass), are cut into epochs of
+    ceil(n_images / batch_size) full batches: an epoch is one training set's worth of steps. Epoch e's batches
+    depend on nothing but e, so a resumed run draws the batches an uninterrupted one would.
+    """
+    steps = math.ceil(n_images / batch_size)
+    per_epoch = steps * batch_size
+    passes = math.ceil(epochs * per_epoch / n_rows)
+    order = np.concatenate([np.random.default_rng([seed, p]).permutation(n_rows) for p in range(passes)])
+    return order[start_epoch * per_epoch:epochs * per_epoch], steps
+
+
 class ImageInputs:
     """Plain Keras training: every phase runs the whole image model on freshly augmented images."""
 
     def __init__(self, model, dataset, config):
         self.model, self.dataset, self.config = model, dataset, config
 
-    def for_phase(self, phase):
-        """(model that trains, training tf.data, validation tf.data, steps per epoch or None)."""
+    def for_phase(self, phase, initial_epoch=0):
+        """(model that trains, training tf.data from `initial_epoch` on, validation tf.data, steps per epoch)."""
+        config, labels = self.config, self.dataset.labels
         rows, _ = self.dataset.split("train")
         val_rows, _ = self.dataset.split("val")
-        labels = self.dataset.labels
-        train_ds = make_dataset(self.dataset.images, rows, labels[rows], self.config.batch_size, shuffle=True,
-                                augment=self.config.augment, seed=self.config.seed)
-        val_ds = make_dataset(self.dataset.images, val_rows, labels[val_rows], self.config.batch_size)
-        return self.model, train_ds, val_ds, None
+        order, steps = training_order(len(rows), len(rows), config.batch_size, config.epochs, config.seed,
+                                      initial_epoch)
+        train_ds = make_dataset(self.dataset.images, rows[order], labels[rows[order]], config.batch_size,
+                                augment=config.augment, seed=config.seed)
+        val_ds = make_dataset(self.dataset.images, val_rows, labels[val_rows], config.batch_size)
+        return self.model, train_ds, val_ds, steps
 
 
 class CachedInputs:
     """The frozen prefix run once (see the module's docstring): phase "upper" trains the tail on its outputs,
-    phase "head" trains the head on their pooled features. Computed when a phase first needs them."""
+    phase "head" trains the head on their pooled features. Computed when a phase first needs them, and kept
+    in the staging folder, where a resumed run finds them."""
 
     def __init__(self, builder, model, parts, dataset, config, folder):
         self.builder, self.model, self.dataset, self.config = builder, model, dataset, config
@@ -160,21 +179,34 @@ class CachedInputs:
         self.folder = Path(folder)
         self._outputs = self._features = None
 
-    def for_phase(self, phase):
-        """(model that trains, training tf.data, validation tf.data, steps per epoch)."""
+    def for_phase(self, phase, initial_epoch=0):
+        """(model that trains, training tf.data from `initial_epoch` on, validation tf.data, steps per epoch)."""
         if phase.trains == "head":
             (x, val_x), trainable = self.features(), self.builder.head_on_features(self.model)
         else:
             (x, val_x), trainable = self.outputs(), self.tail
+        config, labels = self.config, self.dataset.labels
         rows, _ = self.dataset.split("train")
         val_rows, _ = self.dataset.split("val")
-        labels = self.dataset.labels
         view_labels = np.tile(labels[rows], (len(x) // len(rows), 1))  # K views, stacked view after view
-        train_ds = make_dataset(x, np.arange(len(x)), view_labels, self.config.batch_size, shuffle=True,
-                                seed=self.config.seed).repeat()
-        val_ds = make_dataset(val_x, np.arange(len(val_x)), labels[val_rows], self.config.batch_size)
-        # An epoch is one training set's worth of steps, drawn from all views.
-        return trainable, train_ds, val_ds, math.ceil(len(rows) / self.config.batch_size)
+        order, steps = training_order(len(x), len(rows), config.batch_size, config.epochs, config.seed,
+                                      initial_epoch)
+        train_ds = make_dataset(x, order, view_labels[order], config.batch_size)
+        val_ds = make_dataset(val_x, np.arange(len(val_x)), labels[val_rows], config.batch_size)
+        return trainable, train_ds, val_ds, steps
+
+    def _array(self, name, shape, blocks):
+        """The .npy array `name` in the staging folder: reused when a complete one is there, else written
+        (under a temporary name, renamed when complete) from the row blocks `blocks()` yields."""
+        path = self.folder / f"{name}.npy"
+        if path.is_file():
+            array = DiskArray(path)
+            if array.shape == tuple(shape):
+                return array
+            array.close()
+        with atomic_path(path) as tmp:
+            write_array(tmp, shape, np.float32, blocks()).close()
+        return DiskArray(path)
 
     def outputs(self):
         """The prefix's outputs for `feature_views` augmented views of the training images, stacked view after
@@ -187,23 +219,26 @@ class CachedInputs:
         if self._outputs is None:
             config, dataset = self.config, self.dataset
             rows, val_rows = dataset.splits["train"], dataset.splits["val"]
-            print(f"Computing the frozen layers once: {config.feature_views} augmented views of "
-                  f"{len(rows)} training images and {len(val_rows)} validation images", flush=True)
-            runner, _ = fast_inference(self.prefix, n_images=config.feature_views * len(rows) + len(val_rows))
+            shape = tuple(self.prefix.output.shape[1:])
+            runner = None
 
-            def run(name, rows, views, augment=None):
-                def blocks():
-                    for view in range(views):
-                        ds = make_dataset(dataset.images, rows, dataset.labels[rows], config.batch_size,
-                                          augment=augment, seed=config.seed + view)
-                        for x, _ in ds:
-                            yield runner.predict_on_batch(x)
+            def run(rows, views, augment=None):
+                nonlocal runner
+                if runner is None:
+                    print(f"Computing the frozen layers once: {config.feature_views} augmented views of "
+                          f"{len(dataset.splits['train'])} training images and {len(val_rows)} validation images",
+                          flush=True)
+                    runner, _ = fast_inference(self.prefix, n_images=config.feature_views * len(rows) + len(val_rows))
+                for view in range(views):
+                    ds = make_dataset(dataset.images, rows, dataset.labels[rows], config.batch_size, augment=augment,
+                                      seed=config.seed + view)
+                    for x, _ in ds:
+                        yield runner.predict_on_batch(x)
 
-                return write_array(self.folder / f"{name}.npy", (views * len(rows), *self.prefix.output.shape[1:]),
-                                   np.float32, blocks())
-
-            self._outputs = (run("frozen-train", rows, config.feature_views, config.augment),
-                             run("frozen-val", val_rows, 1))
+            self._outputs = (
+                self._array("frozen-train", (config.feature_views * len(rows), *shape),
+                            lambda: run(rows, config.feature_views, config.augment)),
+                self._array("frozen-val", (len(val_rows), *shape), lambda: run(val_rows, 1)))
         return self._outputs
 
     def features(self):
@@ -211,21 +246,31 @@ class CachedInputs:
         50k images two views would otherwise sit in memory while Keras' predict gathers them."""
         if self._features is None:
             def pool(arrays, name):
-                ds = make_dataset(arrays, np.arange(len(arrays)), np.zeros((len(arrays), 1), np.float32),
-                                  self.config.batch_size)
-                return write_array(self.folder / f"{name}.npy", (len(arrays), *self.pooled.output.shape[1:]),
-                                   np.float32, (self.pooled.predict_on_batch(x) for x, _ in ds))
+                def blocks():
+                    ds = make_dataset(arrays, np.arange(len(arrays)), np.zeros((len(arrays), 1), np.float32),
+                                      self.config.batch_size)
+                    return (self.pooled.predict_on_batch(x) for x, _ in ds)
+
+                return self._array(name, (len(arrays), *self.pooled.output.shape[1:]), blocks)
 
             views, val_x = self.outputs()
             self._features = (pool(views, "pooled-train"), pool(val_x, "pooled-val"))
         return self._features
 
 
-def train(model, dataset, config, run):
-    """Train `model` in place through `run.phases` from `run.start_phase`; it ends with the best phase's weights.
+def set_trainable(model, phase, frozen_layers):
+    if phase.trains == "head":
+        freeze_backbone(model)
+    else:
+        unfreeze_backbone(model, frozen_layers)
 
-    `run` is a `TrainingRun`: the builder, phases, frozen point and folders. The final model is the last
-    phase's unless an earlier phase scored strictly better on `config.monitor` (the seed's val_accuracy).
+
+def train(model, dataset, config, run):
+    """Train `model` in place through `run.phases`; it ends with the best phase's weights.
+
+    `run` is a `TrainingRun`: the builder, phases, frozen point, folders, and where to start: a phase and
+    epoch, or a killed run's saved state (`run.resume`). The final model is the last phase's unless an
+    earlier phase scored strictly better on `config.monitor` (the seed's val_accuracy).
     """
     result = TrainResult()
     parts = (run.builder.split_at_frozen_prefix(model, run.frozen_layers, config.backbone)
@@ -234,37 +279,54 @@ def train(model, dataset, config, run):
               else ImageInputs(model, dataset, config))
     targets = dataset.targets[dataset.splits["train"]]
     sign = 1 if monitor_mode(config.monitor) == "max" else -1
-    scores = []  # (best monitored value, higher is better; phase number; weights) per phase run
+    state = run.resume
+    start_phase, start_epoch = (state.phase, state.epoch) if state else (run.start_phase, run.initial_epoch)
+    best_of, weights_of = {}, {}  # per phase: best monitored value (higher is better), weights at its end
+    if state:
+        print(f"Resuming phase {state.phase} after epoch {state.epoch}", flush=True)
+        result.history, result.seconds = list(state.info["history"]), dict(state.info["seconds"])
+        best_of = {int(k): v for k, v in state.info["best_of"].items()}
+        weights_of = {p: state.list_of(f"phase{p}") for p in best_of}
     for phase in run.phases:
-        if phase.number < run.start_phase:
+        if phase.number < start_phase:
             continue
-        initial_epoch = run.initial_epoch if phase.number == run.start_phase else 0
-        start = time.perf_counter()
-        if phase.trains == "head":
-            freeze_backbone(model)
-        else:
-            unfreeze_backbone(model, run.frozen_layers)
-        trainable, train_ds, val_ds, steps = inputs.for_phase(phase)
+        initial_epoch = start_epoch if phase.number == start_phase else 0
+        resuming = state is not None and phase.number == state.phase
+        key = f"phase{phase.number}_seconds"
+        seconds_before, start = (result.seconds.get(key, 0.0) if resuming else 0.0), time.perf_counter()
+        set_trainable(model, phase, run.frozen_layers)
+        trainable, train_ds, val_ds, steps = inputs.for_phase(phase, initial_epoch)
         print(f"Phase {phase.number}: {phase.title}", flush=True)
         run.builder.compile(trainable, phase.learning_rate)
-        history = trainable.fit(
-            train_ds, steps_per_epoch=steps, epochs=config.epochs, initial_epoch=initial_epoch,
-            validation_data=val_ds, class_weight=class_weights(targets, len(dataset.class_names), config.class_weight),
-            callbacks=phase_callbacks(config, run.staging_dir / phase.checkpoint, run.log_dir / f"phase{phase.number}",
-                                      checkpoint_target=model if trainable is not model else None),
-            shuffle=False, verbose=2)
-        if not np.isfinite(history.history["loss"][-1]):
-            raise UserError(f"training diverged in phase {phase.number}: the loss became NaN at learning rate "
-                            f"{phase.learning_rate:g}; lower --lr (phase 1) or --finetune-lr (phase 2)")
-        result.seconds[f"phase{phase.number}_seconds"] = time.perf_counter() - start
-        result.history += _epochs(history, phase.number, initial_epoch)
-        scores.append((max(sign * v for v in history.history[config.monitor]), phase.number, model.get_weights()))
-    best = max(scores, key=lambda s: s[:2])  # ties go to the later phase
-    result.final_phase = best[1]
-    if best[1] != scores[-1][1]:
-        print(f"Phase {scores[-1][1]} did not beat phase {best[1]} on validation; the final model keeps phase "
-              f"{best[1]}'s weights")
-        model.set_weights(best[2])
+        callbacks = phase_callbacks(config, run.staging_dir / phase.checkpoint, run.log_dir / f"phase{phase.number}",
+                                    checkpoint_target=model if trainable is not model else None)
+        saver = resume.Save(run.staging_dir, model, callbacks,
+                            {"fingerprint": run.fingerprint, "phase": phase.number, "history": result.history,
+                             "seconds": result.seconds, "best_of": best_of},
+                            weights_of, lambda: seconds_before + time.perf_counter() - start)
+        restore = [state.restore(model, trainable, callbacks)] if resuming else []
+        if resuming and (state.info["stopped"] or initial_epoch >= config.epochs):
+            best = state.list_of("early-best")  # the phase had ended: finish it as EarlyStopping would have
+            if best:
+                trainable.set_weights(best)
+        else:
+            history = trainable.fit(
+                train_ds, steps_per_epoch=steps, epochs=config.epochs, initial_epoch=initial_epoch,
+                validation_data=val_ds, class_weight=class_weights(targets, len(dataset.class_names), config.class_weight),
+                callbacks=callbacks + [saver] + restore, shuffle=False, verbose=2)
+            if not np.isfinite(history.history["loss"][-1]):
+                raise UserError(f"training diverged in phase {phase.number}: the loss became NaN at learning rate "
+                                f"{phase.learning_rate:g}; lower --lr (phase 1) or --finetune-lr (phase 2)")
+            result.history += _epochs(history, phase.number, initial_epoch)
+        result.seconds[key] = seconds_before + time.perf_counter() - start
+        best_of[phase.number] = max(sign * e[config.monitor] for e in result.history if e["phase"] == phase.number)
+        weights_of[phase.number] = model.get_weights()
+    best = max(best_of, key=lambda n: (best_of[n], n))  # ties go to the later phase
+    last = max(best_of)
+    result.final_phase = best
+    if best != last:
+        print(f"Phase {last} did not beat phase {best} on validation; the final model keeps phase {best}'s weights")
+        model.set_weights(weights_of[best])
     return result
 
 
@@ -279,3 +341,5 @@ class TrainingRun:
     log_dir: Path  # TensorBoard logs, one subfolder per phase
     start_phase: int = 1  # a run may start at any phase...
     initial_epoch: int = 0  # ...and any epoch of it
+    resume: object = None  # or a killed run's resume.RunState, which says where to go on
+    fingerprint: dict = None  # resume.fingerprint of this run's options and data, saved with its state

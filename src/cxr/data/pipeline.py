@@ -140,18 +140,17 @@ def augmentation(kind, seed):
     return keras.Sequential(layers, name="augmentation")
 
 
-def make_dataset(images, rows, labels, batch_size, shuffle=False, augment=None, seed=0):
+def make_dataset(images, rows, labels, batch_size, augment=None, seed=0):
     """A tf.data pipeline of (float32 image batch, label batch) read from `images[rows]` and `labels`.
 
     `images` is anything indexable by a batch of rows with `shape` and `dtype` (the decode cache, cached layer
     outputs, a numpy array); only the batches in flight are in memory. `labels` is (len(rows), classes):
-    one-hot rows for a single-label dataset. `augment`: None, or a kind of `augmentation` (training only).
+    one-hot rows for a single-label dataset, in the order of `rows` (training shuffles them beforehand, by
+    epoch: `train.training_order`). `augment`: None, or a kind of `augmentation` (training only).
     """
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((np.asarray(rows), np.asarray(labels, dtype=np.float32)))
-    if shuffle:
-        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
 
     def read(batch_rows, y):
