@@ -158,3 +158,33 @@ def test_an_output_folder_held_by_a_live_process_is_refused_and_a_stale_lock_tak
     Outputs(tmp_path / "out").prepare()  # the holder died: a stale lock
     assert (tmp_path / "out" / LOCK_FILE).read_text().strip() == str(os.getpid())
     assert not leftover.exists()
+
+
+def test_a_long_file_name_is_written_in_one_piece(tmp_path):
+    from cxr.atomic import write_bytes
+
+    target = tmp_path / ("x" * 230 + ".gradcam.png")  # 241 characters, as explain names an overlay
+    write_bytes(target, b"png")
+    assert target.read_bytes() == b"png" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_images_outside_the_class_folders_are_named_not_silently_dropped(tmp_path, capsys):
+    from cxr.data.split import prepare_splits
+
+    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
+        for i in range(8):
+            write_image(tmp_path / "train" / name / f"person{c}{i}_x.png", seed=c * 10 + i)
+    write_image(tmp_path / "train" / "stray.png")
+    prepare_splits(Config(data_dir=tmp_path))
+    assert "1 images lie outside the class folders" in capsys.readouterr().err
+
+
+def test_an_output_folder_inside_the_training_images_is_refused_before_anything_is_written(tmp_path, capsys):
+    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
+        for i in range(6):
+            write_image(tmp_path / "data" / "train" / name / f"{name}{i}.png", seed=c * 10 + i)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["train", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "data/train/out"),
+                 "--weights", "none", "--backbone", "efficientnet-lite0"]) == 2
+    assert "is inside the data's train/ folder" in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before

@@ -17,7 +17,8 @@ def atomic_path(path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    # a long name (up to the file system's 255 bytes) must leave room for the temporary name's additions
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:100]}.", suffix=f".partial{path.suffix}")
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should get the usual permissions
     try:

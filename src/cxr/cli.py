@@ -4,6 +4,7 @@ TensorFlow is imported only once a command needs it, so option and data errors a
 """
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -185,6 +186,11 @@ def main(argv=None):
                 print(path)
     except UserError as error:
         print(f"cxr: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a write that failed after the first checks: a full disk, permissions changed
+        hint = "free some space" if error.errno == errno.ENOSPC else "check that folder's permissions"
+        print(f"cxr: error: {error.filename or 'an output file'}: {error.strerror}; {hint} and run again "
+              "(files already written are complete; nothing was left half-written)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cxr: interrupted; finished outputs are intact, unfinished ones were not written (an interrupted "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cxr.atomic import write_json
 from cxr.config import Config
-from cxr.errors import warn
+from cxr.errors import UserError, warn
 
 
 def setup_runtime(config):
@@ -38,6 +38,10 @@ def train(config):
 
     started = time.perf_counter()
     config.validate()
+    data_dir, output_dir = Path(config.data_dir).resolve(), Path(config.output_dir).resolve()
+    if any(output_dir == data_dir / layout or data_dir / layout in output_dir.parents for layout in ("train", "raw")):
+        raise UserError(f"--output-dir {config.output_dir} is inside the data's {output_dir.relative_to(data_dir).parts[0]}/"
+                        " folder, where its files would be taken for images; choose a folder outside it")
     outputs = Outputs(config.output_dir).prepare(resume=config.resume)
     dataset = prepare_splits(config)
     print(describe(dataset), flush=True)

@@ -184,6 +184,11 @@ def split_raw(data_dir, config):
     # Copy into a staging folder and rename it into place, so an interrupted copy never looks like a split.
     staging = Path(data_dir) / ".cxr-split-partial"
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+    except OSError as error:
+        raise UserError(f"{data_dir}: can't write the train/val/test split beside raw/ ({error.strerror}); copy the "
+                        "data folder somewhere writable, or split it yourself into train/, val/ and test/") from None
     for split, indices in assigned.items():
         for name in class_names:
             (staging / split / name).mkdir(parents=True, exist_ok=True)
@@ -219,6 +224,10 @@ def prepare_splits(config):
                             "put your class folders in one of them")
 
     class_names = list_class_folders(train_dir)
+    loose = [p for p in train_dir.iterdir() if p.is_file() and is_image_file(p)]
+    if loose:
+        warn(f"{train_dir}: {len(loose)} images lie outside the class folders and are not used "
+             f"({list_paths(loose)}); move them into {train_dir}/<Class>/")
     train_images = list_images(train_dir, class_names, strict=config.strict)
     check_classes(train_dir, train_images)
     train_files = labelled(class_names, train_images)
