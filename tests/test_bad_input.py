@@ -188,3 +188,45 @@ def test_an_output_folder_inside_the_training_images_is_refused_before_anything_
                  "--weights", "none", "--backbone", "efficientnet-lite0"]) == 2
     assert "is inside the data's train/ folder" in capsys.readouterr().err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :20] = 255  # white left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: show the image rotated 90 degrees clockwise
+    Image.fromarray(wide).save(tmp_path / "turned.jpeg", exif=exif.tobytes(), quality=95)
+    image = decode_image(tmp_path / "turned.jpeg", 40).astype(int)
+    assert image[:10].mean() > 200 and image[-10:].mean() < 50  # the white half is now on top
+
+
+def test_tensorboard_dies_with_a_killed_training_run(xray_raw, tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    child = subprocess.Popen([sys.executable, "-m", "cxr", "train", "--data-dir", str(xray_raw), "--output-dir",
+                              str(tmp_path / "out"), "--port", str(port), "--img-size", "32", "--epochs", "50",
+                              "--patience", "50", "--weights", "none", "--backbone", "efficientnet-lite0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+    def serving():
+        with socket.socket() as client:
+            return client.connect_ex(("127.0.0.1", port)) == 0
+
+    deadline = time.monotonic() + 120
+    while not serving() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.2)
+    assert serving(), "TensorBoard never started"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while serving() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not serving(), "TensorBoard outlived its training run"
