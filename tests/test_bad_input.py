@@ -4,6 +4,7 @@ import json
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,75 @@ def test_tensorboard_dies_with_a_killed_training_run(xray_raw, tmp_path):
     while serving() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not serving(), "TensorBoard outlived its training run"
+
+
+def as_unprivileged(argv, home):
+    """Run `python -m cxr ARGV` as the user nobody (tests run as root, whom no permission stops)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run a command as an unprivileged user")
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache"), "KERAS_HOME": str(home / "keras"),
+           "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "cxr",
+                           *argv], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every user can enter (pytest's own tmp_path is private to root)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="cxr-perm-"))
+    folder.chmod(0o755)
+    (folder / "home").mkdir()
+    os.chown(folder / "home", 65534, 65534)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_read_only_raw_folder_is_one_error_line(shared_tmp):
+    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
+        for i in range(6):
+            write_image(shared_tmp / "data" / "raw" / name / f"{name}{i}.png", seed=c * 10 + i)
+    for folder in [shared_tmp / "data", *(shared_tmp / "data").rglob("*")]:
+        folder.chmod(0o755 if folder.is_dir() else 0o644)  # readable by everyone, writable by root only
+    (shared_tmp / "out").mkdir()
+    os.chown(shared_tmp / "out", 65534, 65534)
+    result = as_unprivileged(["train", "--data-dir", str(shared_tmp / "data"), "--output-dir", str(shared_tmp / "out"),
+                              "--weights", "none", "--backbone", "efficientnet-lite0"], shared_tmp / "home")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cxr: error:")]
+    assert len(errors) == 1 and "can't write the train/val/test split" in errors[0]
+
+
+def test_a_write_failure_after_training_is_one_line_naming_the_path(shared_tmp):
+    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
+        for i in range(8):
+            write_image(shared_tmp / "data" / "train" / name / f"person{c}{i}_x.png", seed=c * 10 + i, size=32)
+    for folder in [shared_tmp / "data", *(shared_tmp / "data").rglob("*")]:
+        folder.chmod(0o755 if folder.is_dir() else 0o644)
+    out = shared_tmp / "out"
+    for folder in (out, out / "models", out / "plots", out / "logs", out / "cache"):
+        folder.mkdir(parents=True)
+        os.chown(folder, 65534, 65534)
+    (out / "reports").mkdir(mode=0o755)  # root's: the run can't write its reports
+    result = as_unprivileged(["train", "--data-dir", str(shared_tmp / "data"), "--output-dir", str(out),
+                              "--img-size", "32", "--epochs", "1", "--batch-size", "8", "--weights", "none",
+                              "--backbone", "efficientnet-lite0", "--bootstrap", "0"], shared_tmp / "home")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cxr: error:")]
+    assert len(errors) == 1 and str(out / "reports") in errors[0] and "Permission denied" in errors[0], errors
+    assert not list(out.rglob("*.partial*"))
+
+
+def test_a_folder_of_dicom_files_says_so(tmp_path):
+    from cxr.data.split import prepare_splits
+
+    (tmp_path / "train" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "train" / "NORMAL" / "a.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(UserError, match="1 DICOM files are not read yet"):
+        prepare_splits(Config(data_dir=tmp_path))

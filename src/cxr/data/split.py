@@ -220,8 +220,10 @@ def prepare_splits(config):
         if (data_dir / "raw").is_dir():
             split_raw(data_dir, config)
         else:
-            raise UserError(f"{data_dir}: found neither train/<Class>/ nor raw/<Class>/ with images; "
-                            "put your class folders in one of them")
+            dicom = [p for p in walk_files(data_dir) if p.suffix.lower() in (".dcm", ".dicom")]
+            raise UserError(f"{data_dir}: found neither train/<Class>/ nor raw/<Class>/ with images; put your class "
+                            "folders in one of them" + (f" (its {len(dicom)} DICOM files are not read yet: export "
+                                                        "them as PNG)" if dicom else ""))
 
     class_names = list_class_folders(train_dir)
     loose = [p for p in train_dir.iterdir() if p.is_file() and is_image_file(p)]
