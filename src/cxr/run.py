@@ -132,7 +132,7 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None):
 
     model = SavedModel.load(model_path)
     if splits is not None:
-        dataset = read_splits_csv(*splits, model.class_names)
+        dataset = read_splits_csv(splits[0], model.class_names, splits[1])
         folder = Path(os.path.commonpath([p.resolve().parent for p in dataset.paths]))
         source = f"the {splits[1]} split listed in {splits[0]}"
     else:
