@@ -30,20 +30,24 @@ def small_classes(counts):
     return [name for name, n in counts.items() if n < MIN_IMAGES_PER_CLASS]
 
 
-def calibrate(model_path, data_dir, output_dir, options, target_sensitivity=None):
+def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="model"):
     """Write output_dir/models/{model.h5, class_names.json} with the operating point refitted on
     `data_dir`/<Class>/, and reports of that sample at the new point; returns the summary dict.
 
-    `options` is an `evaluate.EvaluationOptions` (bootstrap resamples and seed for the intervals).
+    `options` is an `evaluate.EvaluationOptions` (bootstrap resamples and seed for the intervals);
+    `target_sensitivity`: a sensitivity target, None for Youden's J, "model" for the rule the model was
+    trained with.
     """
     from cxr.artifacts import Outputs, refuse_training_run, summary, write_evaluation
     from cxr.atomic import write_json
     from cxr.data.split import read_labelled_folder
     from cxr.saved_model import SavedModel, fitted_on
 
+    model = SavedModel.load(model_path)
+    if target_sensitivity == "model":
+        target_sensitivity = model.operating_point.get("target_sensitivity")
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise UserError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
-    model = SavedModel.load(model_path)
     outputs = Outputs(output_dir)
     if outputs.models.resolve() == model.path.parent.resolve():
         raise UserError(f"{output_dir}: this is the model's own folder; calibrate writes a copy, so choose "

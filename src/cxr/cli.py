@@ -46,6 +46,19 @@ def count(minimum):
     return parse
 
 
+def sensitivity_or_youden(text):
+    """An argparse type: a sensitivity target in (0, 1], or None for 'youden' (Youden's J)."""
+    if text.lower() in ("youden", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a sensitivity in (0, 1] or 'youden', got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"give a sensitivity in (0, 1] or 'youden', got {value}")
+    return value
+
+
 def _add_train_options(parser):
     d = Config()
     add = parser.add_argument
@@ -86,8 +99,9 @@ def _add_train_options(parser):
     add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (0: Adam)")
     add("--positive-class", default=d.positive_class,
         help="class the threshold and sensitivity refer to (default: PNEUMONIA if present, else the second class)")
-    add("--target-sensitivity", type=float, default=d.target_sensitivity,
-        help="pick the highest threshold reaching this sensitivity on validation (default: maximise Youden's J)")
+    add("--target-sensitivity", type=sensitivity_or_youden, default=d.target_sensitivity,
+        help="pick the highest threshold reaching this sensitivity on validation (default 0.95); "
+             "'youden' maximises Youden's J instead")
     add("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the confidence intervals")
     add("--resume", action="store_true",
         help="continue the interrupted run in --output-dir from its last completed epoch (same options and data)")
@@ -124,8 +138,9 @@ def build_parser():
                            help="the site's labelled sample: a folder of <Class>/ subfolders")
     calibrate.add_argument("--output-dir", type=Path, required=True,
                            help="where the calibrated copy (models/) and its reports go; the model is not changed")
-    calibrate.add_argument("--target-sensitivity", type=float,
-                           help="highest threshold reaching this sensitivity on the sample (default: Youden's J)")
+    calibrate.add_argument("--target-sensitivity", type=sensitivity_or_youden, default=argparse.SUPPRESS,
+                           help="highest threshold reaching this sensitivity on the sample, or 'youden' (default: "
+                                "the rule the model was trained with)")
     calibrate.add_argument("--bootstrap", type=count(0), default=2000, help="resamples for the confidence intervals")
     calibrate.add_argument("--seed", type=count(0), default=42)
 
@@ -173,7 +188,7 @@ def main(argv=None):
             from cxr.evaluate import EvaluationOptions
 
             summary = calibrate(args.model, args.data_dir, args.output_dir, EvaluationOptions(args.bootstrap, args.seed),
-                                args.target_sensitivity)
+                                getattr(args, "target_sensitivity", "model"))
             print_headline(summary, "Calibration sample (in-sample, optimistic)")
             print(f"Calibrated model in {args.output_dir}/models/ (model.h5, class_names.json); reports in "
                   f"{args.output_dir}/reports/. {args.model} is unchanged.")
