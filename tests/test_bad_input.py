@@ -1,6 +1,5 @@
 """Faults from the bad-input audit (issue 17): each gives a clear answer instead of a crash or a silent error."""
 
-import json
 import os
 import struct
 import zlib

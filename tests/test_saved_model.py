@@ -69,3 +69,17 @@ def test_a_model_saved_without_an_operating_point_uses_argmax(saved, tmp_path):
                                      "method": "argmax"}
     probabilities, labels = model.predict(images())
     np.testing.assert_array_equal(labels, probabilities.argmax(axis=1))
+
+
+def test_other_data_is_anything_outside_the_folders_the_operating_point_came_from(tmp_path):
+    from cxr.saved_model import describe_fitted_on, fitted_on
+
+    data = tmp_path / "chest_xray"  # Kaggle layout: val and test carved from train/, a test set beside it
+    point = {"positive_class": "PNEUMONIA", "temperature": 1.0, "threshold": 0.5, "method": "youden",
+             "fitted_on": fitted_on(f"the validation split of {data}", data, {"val": {"NORMAL": 3, "PNEUMONIA": 4}},
+                                    same_data=[data / "train"])}
+    model = SavedModel({"class_names": ["NORMAL", "PNEUMONIA"], **point})
+    assert not model.is_other_data(data / "train") and not model.is_other_data(data / "train" / "NORMAL")
+    assert model.is_other_data(data / "external_dev") and model.is_other_data(tmp_path / "other_hospital")
+    assert describe_fitted_on(model.operating_point).startswith(f"the validation split of {data} (7 images, ")
+    assert SavedModel({"class_names": ["A", "B"]}).is_other_data(data / "train")  # unknown: say so

@@ -102,8 +102,10 @@ def fit_on_validation(model, dataset, positive, config):
     rows, y = dataset.split("val")
     point = fit_operating_point(y, model.raw_probabilities(dataset.images, rows, config.batch_size),
                                 dataset.class_names, positive, config.target_sensitivity)
+    # The run's own data: the folders its splits came from (train/ alone when val and test were carved from it)
+    folders = [os.path.commonpath([p.resolve().parent for p in dataset.files(split)]) for split in dataset.splits]
     return point | {"fitted_on": fitted_on(f"the validation split of {config.data_dir}", config.data_dir,
-                                           {"val": dataset.counts()["val"]})}
+                                           {"val": dataset.counts()["val"]}, same_data=folders)}
 
 
 @contextlib.contextmanager

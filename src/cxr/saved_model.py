@@ -21,9 +21,15 @@ MODEL_FILE = "model.h5"
 MODEL_KEYS = ("class_names", "img_size", "backbone", "model_sha256")
 
 
-def fitted_on(description, data_dir, counts):
-    """Where an operating point was fitted, stored as its "fitted_on": which data, how many images, when."""
-    return {"description": description, "data_dir": str(Path(data_dir).resolve()), "counts": counts,
+def fitted_on(description, data_dir, counts, same_data=None):
+    """Where an operating point was fitted, stored as its "fitted_on": which data, how many images, when.
+
+    `same_data`: the folders whose images count as that data (a training run's train/, val/ and test/ folders,
+    the images it split between them); by default `data_dir`.
+    """
+    folders = same_data if same_data is not None else [data_dir]
+    return {"description": description, "data_dir": str(Path(data_dir).resolve()),
+            "same_data": sorted({str(Path(f).resolve()) for f in folders}), "counts": counts,
             "date": datetime.date.today().isoformat()}
 
 
@@ -151,12 +157,14 @@ class SavedModel:
         return self._predictor
 
     def is_other_data(self, folder):
-        """True when `folder` lies outside the data folder the operating point was fitted on (or that is unknown)."""
+        """True when `folder` lies outside the folders of the data the operating point was fitted on (or those
+        are unknown)."""
         source = self.operating_point.get("fitted_on")
         if not source:
             return True
-        root, folder = Path(source["data_dir"]), Path(folder).resolve()
-        return folder != root and root not in folder.parents
+        folder = Path(folder).resolve()
+        return not any(folder == Path(root) or Path(root) in folder.parents
+                       for root in source.get("same_data", [source["data_dir"]]))
 
     def raw_probabilities(self, images, rows=None, batch_size=32, tta=False):
         """(n, classes) softmax outputs for `images[rows]` (uint8, N x H x W x 3), before calibration."""

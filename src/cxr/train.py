@@ -303,7 +303,7 @@ def train(model, dataset, config, run):
         saver = resume.Save(run.staging_dir, model, callbacks,
                             {"fingerprint": run.fingerprint, "phase": phase.number, "history": result.history,
                              "seconds": result.seconds, "best_of": best_of},
-                            weights_of, lambda: seconds_before + time.perf_counter() - start)
+                            weights_of, lambda before=seconds_before, began=start: before + time.perf_counter() - began)
         restore = [state.restore(model, trainable, callbacks)] if resuming else []
         if resuming and (state.info["stopped"] or initial_epoch >= config.epochs):
             best = state.list_of("early-best")  # the phase had ended: finish it as EarlyStopping would have
