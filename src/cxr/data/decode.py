@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class UnreadableImage(ValueError):
@@ -61,7 +62,8 @@ def decode_image(path, size):
         with Image.open(path) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))  # lets the JPEG decoder downscale large X-rays cheaply
-            img = ImageOps.exif_transpose(img)  # a photo of a film, or a phone's export, as it was shown
+            if img.getexif().get(ORIENTATION, 1) != 1:  # a phone's or camera's export, shown as it was taken
+                img = ImageOps.exif_transpose(img)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 array = np.clip(np.asarray(img, dtype=np.float64), 0, None)
                 top = full_scale(path, array)
