@@ -1,5 +1,6 @@
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,3 +42,34 @@ def xray_raw(tmp_path):
         for f in files:
             shutil.copy2(f, tmp_path / "data" / "raw" / name / f.name)
     return tmp_path / "data"
+
+
+def chromium():
+    """The system Chromium (Debian's package), or skip (fail in CI, which installs it)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CXR_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is not installed (CI installs the Debian package chromium)")
+        pytest.skip("chromium is not installed; apt-get install chromium")
+    return found
+
+
+TINY = ["--img-size", "32", "--epochs", "1", "--batch-size", "8", "--backbone", "efficientnet-lite0",
+        "--weights", "none", "--patience", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The outputs/ folder of one tiny `cxr train` on 14 real X-rays per class (for the commands that start
+    from a trained model: serve, export)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    for name in ("NORMAL", "PNEUMONIA"):
+        (root / "data" / "raw" / name).mkdir(parents=True)
+        for f in sorted((SAMPLE / name).iterdir())[:14]:
+            shutil.copy2(f, root / "data" / "raw" / name / f.name)
+    result = subprocess.run([sys.executable, "-m", "cxr", "train", "--data-dir", str(root / "data"), "--output-dir",
+                             str(root / "outputs"), "--bootstrap", "50", *TINY],
+                            capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "outputs"

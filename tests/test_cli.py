@@ -12,11 +12,9 @@ import pytest
 
 from cxr import litert
 from cxr.cli import main
-from tests.conftest import write_image
+from tests.conftest import TINY, chromium, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--img-size", "32", "--epochs", "1", "--batch-size", "8", "--backbone", "efficientnet-lite0",
-        "--weights", "none", "--patience", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -165,18 +163,6 @@ def test_explain_writes_one_overlay_per_image(trained, tmp_path, capsys):
 
     with Image.open(written[0]) as picture:
         assert picture.size[0] >= 400 and np.asarray(picture.convert("RGB")).std() > 10
-
-
-def chromium():
-    import os
-    import shutil
-
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        if os.environ.get("CXR_REQUIRE_CHROMIUM"):
-            pytest.fail("chromium is not installed (CI installs the Debian package chromium)")
-        pytest.skip("chromium is not installed; apt-get install chromium")
-    return found
 
 
 def test_html_report_renders_in_headless_chromium(trained, tmp_path):

@@ -14,6 +14,8 @@ from cxr.config import MONITORS, Config
 from cxr.data.pipeline import AUGMENTATIONS
 from cxr.errors import UserError
 
+EXPORT_FORMATS = ("savedmodel", "tflite", "onnx")
+
 
 def print_headline(summary, label="Test"):
     from cxr.saved_model import describe_fitted_on
@@ -150,6 +152,21 @@ def build_parser():
     explain.add_argument("--output-dir", type=Path, default=Path("outputs/explain"))
     explain.add_argument("--class", dest="class_name", help="class to explain (default: the predicted one)")
     explain.add_argument("--tta", action="store_true", help="predict with flip TTA (the map is of the image as is)")
+
+    serve = commands.add_parser("serve", help="a web page and a REST API for a saved model")
+    serve.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: this machine only; another address prints a warning)")
+    serve.add_argument("--port", type=count(0), default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("CXR_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/ (default: $CXR_API_KEY; none if unset)")
+    serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body accepted (MB)")
+
+    export = commands.add_parser("export", help="write the model as a SavedModel, TFLite or ONNX file for deployment")
+    export.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
+    export.add_argument("--format", nargs="+", choices=EXPORT_FORMATS, required=True, dest="formats",
+                        help="one or more of: " + ", ".join(EXPORT_FORMATS))
+    export.add_argument("--output-dir", type=Path, required=True)
     return parser
 
 
@@ -192,6 +209,18 @@ def main(argv=None):
             print_headline(summary, "Calibration sample (in-sample, optimistic)")
             print(f"Calibrated model in {args.output_dir}/models/ (model.h5, class_names.json); reports in "
                   f"{args.output_dir}/reports/. {args.model} is unchanged.")
+        elif args.command == "serve":
+            if not args.max_upload_mb > 0:
+                raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+            from cxr.serve import serve
+
+            serve(args.model, args.host, args.port, args.api_key or None, args.max_upload_mb)
+        elif args.command == "export":
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            from cxr.export import export
+
+            for path in export(args.model, args.formats, args.output_dir):
+                print(path)
         elif args.command == "explain":
             from cxr import run
             from cxr.predict import run_explain

@@ -76,6 +76,12 @@ def to_flatbuffer(model):
         return converter.convert()
 
 
+def tensor_names(flatbuffer):
+    """(input tensor name, output tensor name) of a converted model, as LiteRT runtimes address them."""
+    interpreter = _interpreter(flatbuffer, 1)
+    return interpreter.get_input_details()[0]["name"], interpreter.get_output_details()[0]["name"]
+
+
 class LiteRTModel:
     """A converted model behind Keras' `predict_on_batch`, `input_shape` and `output_shape`."""
 

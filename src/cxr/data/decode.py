@@ -4,7 +4,9 @@ Training, evaluation, predict and explain all decode through `decode_image`, so 
 everywhere and fails the same way everywhere: as `UnreadableImage`, never as a library's own exception.
 """
 
+import io
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +14,30 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
 ORIENTATION = 0x0112  # the EXIF tag
+# image_warnings' limits (0-255 scale): mean distance of a pixel's channels from their grey; the spread from
+# the 1st to the 99th percentile
+COLOUR_TOLERANCE = 4
+NARROW_RANGE = 64
 
 
 class UnreadableImage(ValueError):
     """A file that is not a readable image (corrupt, truncated, not an image, a decompression bomb)."""
 
 
+class ImageTooLarge(UnreadableImage):
+    """An image with more pixels than the caller allows (a server's guard against decompression bombs)."""
+
+
 def is_image_file(path):
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def png_significant_bits(path):
-    """The bit depth a PNG's sBIT chunk declares for its grey (or first) channel, or None without one."""
-    with open(path, "rb") as f:
+def png_significant_bits(source):
+    """The bit depth a PNG's sBIT chunk declares for its grey (or first) channel, or None without one.
+
+    `source`: a path or the file's bytes.
+    """
+    with (io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")) as f:
         if f.read(8) != b"\x89PNG\r\n\x1a\n":
             return None
         while True:
@@ -40,38 +53,80 @@ def png_significant_bits(path):
             f.seek(length + 4, 1)  # the chunk's data and CRC
 
 
-def full_scale(path, array):
+def full_scale(source, array):
     """The value that stands for white in a high-bit-depth grey image.
 
     X-ray exports often keep 10, 12 or 14 significant bits in a 16-bit PNG. The rule: the PNG's sBIT chunk
     when it has one (2^bits - 1), else the smallest 2^k - 1 (k >= 8) that holds the image's maximum.
     """
-    bits = png_significant_bits(path)
+    bits = png_significant_bits(source)
     if not bits:
         bits = max(8, int(np.ceil(np.log2(float(array.max()) + 1))))
     return float(2 ** bits - 1)
 
 
-def decode_image(path, size):
-    """Decode a JPEG, PNG (8/16-bit, grey, RGBA, palette) or BMP into a (size, size, 3) uint8 RGB array.
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image as the model sees it (`pixels`: (size, size, 3) uint8 RGB) and what the file held before that:
+    its width and height in pixels and its PIL mode ("L", "RGB", "I;16"...)."""
+    pixels: np.ndarray
+    width: int
+    height: int
+    mode: str
 
-    High-bit-depth grey images are scaled by `full_scale`. Raises UnreadableImage naming the file when it
-    can't be read as an image.
+
+def decode(source, size, max_pixels=None, name=None):
+    """Decode a JPEG, PNG (8/16-bit, grey, RGBA, palette) or BMP into a `DecodedImage` of `size` x `size`.
+
+    `source`: a path, or the file's bytes (an upload). High-bit-depth grey images are scaled by `full_scale`.
+    Raises UnreadableImage naming the file (or `name`) when it can't be read as an image, and ImageTooLarge
+    when it has more than `max_pixels` pixels (checked from the header, before any pixel is decoded).
     """
+    if name is None:
+        name = "the uploaded image" if isinstance(source, (bytes, bytearray)) else source
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:
+            width, height, mode = img.width, img.height, img.mode
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLarge(f"{name}: {width} x {height} pixels, more than the {max_pixels} allowed")
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))  # lets the JPEG decoder downscale large X-rays cheaply
             if img.getexif().get(ORIENTATION, 1) != 1:  # a phone's or camera's export, shown as it was taken
                 img = ImageOps.exif_transpose(img)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 array = np.clip(np.asarray(img, dtype=np.float64), 0, None)
-                top = full_scale(path, array)
+                top = full_scale(source, array)
                 img = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return DecodedImage(np.asarray(img, dtype=np.uint8), width, height, mode)
     except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
-        raise UnreadableImage(f"{path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        if isinstance(error, ImageTooLarge):
+            raise
+        raise UnreadableImage(f"{name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
+def decode_image(source, size):
+    """`decode(source, size).pixels`: the (size, size, 3) uint8 RGB array every command feeds the model."""
+    return decode(source, size).pixels
+
+
+def image_warnings(image, model_size):
+    """Why a `DecodedImage` may not be the grey X-ray the model was trained on, as short sentences.
+
+    `model_size`: the model's input side; an image smaller than that was blown up to fit it.
+    """
+    warnings = []
+    pixels = image.pixels.astype(np.int16)
+    if np.abs(pixels - pixels.mean(axis=2, keepdims=True)).mean() > COLOUR_TOLERANCE:
+        warnings.append("colour image: X-rays are grey; is this a photo or an annotated screenshot?")
+    if min(image.width, image.height) < model_size:
+        warnings.append(f"very small image ({image.width} x {image.height} pixels, the model takes {model_size} x "
+                        f"{model_size}): enlarged, fine detail is missing")
+    low, high = np.percentile(pixels, [1, 99])
+    if high - low < NARROW_RANGE:
+        warnings.append(f"unusual intensity range (1st-99th percentile {low:.0f}-{high:.0f} of 0-255): "
+                        "washed out, very dark or wrongly windowed")
+    return warnings
 
 
 def try_decode(path, size):

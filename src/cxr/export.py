@@ -1,0 +1,124 @@
+"""`cxr export`: a saved model in the formats deployment runtimes load, each described by model-card.json.
+
+- savedmodel: a TensorFlow SavedModel (TF Serving, Vertex AI). Signature `serving_default`: `image`, float32
+  (N, S, S, 3), RGB, raw 0-255 values -> `probabilities`, (N, classes) softmax.
+- tflite: the LiteRT flatbuffer that cxr itself runs on CPU (same input and output).
+- onnx: tf2onnx's conversion of that SavedModel at opset `ONNX_OPSET` (onnxruntime, Triton, C#/Java apps).
+
+Preprocessing (ImageNet normalisation) is inside every export; resizing, calibration (the temperature) and the
+threshold are not: model-card.json gives them, with the rest of what a deployment needs to know.
+"""
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cxr.atomic import atomic_path, file_sha256, write_bytes, write_json
+from cxr.errors import UserError
+from cxr.model_card import describe, package_version
+from cxr.saved_model import SavedModel
+
+FORMATS = {"savedmodel": "saved_model", "tflite": "model.tflite", "onnx": "model.onnx"}
+CARD_FILE = "model-card.json"
+ONNX_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+
+
+def export(model_path, formats, output_dir):
+    """Write each of `formats` (keys of FORMATS) for the model at `model_path` into `output_dir`, then its
+    model-card.json; returns the written paths. Each file or folder appears complete or not at all."""
+    model = SavedModel.load(model_path)
+    output_dir = Path(output_dir)
+    card = _card_to_extend(output_dir, model)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as work:
+        saved_model_dir = Path(work) / FORMATS["savedmodel"]
+        if {"savedmodel", "onnx"} & set(formats):
+            _write_saved_model(model, saved_model_dir)
+        for fmt in dict.fromkeys(formats):  # in order, once each
+            target = output_dir / FORMATS[fmt]
+            names = {"input_name": INPUT_NAME, "output_name": OUTPUT_NAME}
+            if fmt == "savedmodel":
+                _replace_folder(saved_model_dir, target)
+                saved_model_dir = target
+                details = {"runtime": "TensorFlow / TF Serving", "signature": "serving_default"}
+            elif fmt == "tflite":
+                from cxr import litert
+
+                flatbuffer = litert.to_flatbuffer(model.keras_model)
+                write_bytes(target, flatbuffer)
+                names = dict(zip(("input_name", "output_name"), litert.tensor_names(flatbuffer)))
+                details = {"runtime": "LiteRT (TensorFlow Lite)", "sha256": file_sha256(target)}
+            else:
+                _write_onnx(saved_model_dir, target)
+                details = {"runtime": "ONNX Runtime", "opset": ONNX_OPSET, "sha256": file_sha256(target),
+                           "converter": f"tf2onnx {package_version('tf2onnx')}"}
+            card["exports"][fmt] = {"path": FORMATS[fmt], **names, **details}
+            written.append(target)
+    write_json(output_dir / CARD_FILE, card)
+    return written + [output_dir / CARD_FILE]
+
+
+def _card_to_extend(output_dir, model):
+    """The model card to write: the existing one when `output_dir` already holds exports of this model."""
+    import json
+
+    card = describe(model) | {"exports": {}}
+    existing = output_dir / CARD_FILE
+    if existing.is_file():
+        try:
+            previous = json.loads(existing.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = {}
+        if previous.get("model_sha256") != model.sha256:
+            raise UserError(f"{output_dir}: holds the export of another model ({CARD_FILE}); pick an empty folder")
+        card["exports"] = {fmt: entry for fmt, entry in previous.get("exports", {}).items()
+                           if fmt in FORMATS and (output_dir / entry.get("path", "")).exists()}
+    return card
+
+
+def _write_saved_model(model, path):
+    import keras
+    import tensorflow as tf
+
+    classifier = model.keras_model
+    archive = keras.export.ExportArchive()
+    archive.track(classifier)
+    archive.add_endpoint(
+        "serving_default", lambda image: {OUTPUT_NAME: classifier(image, training=False)},
+        input_signature=[tf.TensorSpec([None, model.img_size, model.img_size, 3], tf.float32, name=INPUT_NAME)])
+    with contextlib.redirect_stdout(io.StringIO()):  # write_out lists every captured variable
+        archive.write_out(str(path))
+
+
+def _write_onnx(saved_model_dir, target):
+    """tf2onnx on the SavedModel: its loader freezes the graph (converting the Keras model directly leaves the
+    normalisation constants as extra graph inputs)."""
+    import tensorflow as tf
+    import tf2onnx
+    from tf2onnx import tf_loader
+
+    tf.get_logger().setLevel("ERROR")  # TF1 deprecation notices from inside tf2onnx
+    tf2onnx.logging.set_level(logging.ERROR)
+
+    graph_def, inputs, outputs, tensors_to_rename = tf_loader.from_saved_model(
+        str(saved_model_dir), None, None, signatures=["serving_default"], return_tensors_to_rename=True)
+    with atomic_path(target) as tmp:
+        tf2onnx.convert.from_graph_def(graph_def, input_names=inputs, output_names=outputs, opset=ONNX_OPSET,
+                                       tensors_to_rename=tensors_to_rename, output_path=tmp)
+
+
+def _replace_folder(source, target):
+    """Move the folder `source` to `target`, replacing what was there in one rename."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(source, target)

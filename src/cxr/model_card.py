@@ -1,0 +1,97 @@
+"""What a saved model is, for the people and programs that use it: `cxr serve`'s `/v1/model` and the
+`model-card.json` of every export (in the spirit of a MONAI bundle's metadata.json).
+
+Starts from the artifacts: the `SavedModel` and, when it describes this very model, the `reports/summary.json`
+of the run that wrote it.
+"""
+
+import importlib.metadata
+import json
+
+from cxr.saved_model import describe_fitted_on
+
+INTENDED_USE = ("Research and decision support: flags chest X-rays for a clinician's review. It was trained on one "
+                "data set; measure it on your own site's images (cxr evaluate) and refit its operating point "
+                "(cxr calibrate) before relying on it.")
+LIMITS = [
+    "Not a substitute for the judgement of a radiologist or clinician, and not a medical device.",
+    "Trained only on the classes listed; any other finding or condition is outside what it can say.",
+    "Expects frontal chest X-rays; lateral views, other body parts, photographs and screenshots give "
+    "meaningless answers.",
+    "Its accuracy at another hospital is usually lower than on the test split of its own data set.",
+]
+HEADLINE = ("sensitivity", "specificity", "auc_roc", "auc_pr", "accuracy", "balanced_accuracy", "ppv", "npv",
+            "brier", "ece", "n_images")
+
+
+def package_version(*names):
+    """The installed version of the first of `names` that is installed (None if none is)."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def training_record(model):
+    """From the summary.json of the run that wrote `model`: its data counts, metrics and CIs, or None.
+
+    Looked for at models/../reports/summary.json; used only when its operating point is the model's own (a
+    copy refitted by `cxr calibrate` has its own reports).
+    """
+    if model.path is None:
+        return None
+    path = model.path.parent.parent / "reports" / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        point = summary["operating_point"]
+        same = all(point.get(k) == model.operating_point.get(k) for k in ("threshold", "temperature", "positive_class"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not same:
+        return None
+    if "history" in summary:
+        evaluated = "the held-out test split of the training run"
+    else:
+        evaluated = f"a labelled folder ({summary.get('config', {}).get('data_dir', 'unrecorded')}) after training"
+    metrics = summary.get("metrics", {})
+    return {"evaluated_on": evaluated, "counts": summary.get("counts"),
+            "metrics": {k: metrics[k] for k in HEADLINE if k in metrics},
+            "confidence_intervals": {k: v for k, v in summary.get("confidence_intervals", {}).items() if k in HEADLINE},
+            "trained_with": summary.get("versions")}
+
+
+def describe(model):
+    """A JSON-ready description of a `SavedModel`: input, outputs, operating point, training data and test
+    metrics (None where no summary.json describes this model), intended use, limits and versions."""
+    point = dict(model.operating_point)
+    return {
+        "model_sha256": model.sha256,
+        "class_names": model.class_names,
+        "img_size": model.img_size,
+        "backbone": model.backbone,
+        "input": {"shape": [None, model.img_size, model.img_size, 3], "dtype": "float32",
+                  "value_range": [0, 255], "channel_order": "RGB",
+                  "preprocessing": "inside the model (ImageNet normalisation); give raw pixel values resized to "
+                                   f"{model.img_size} x {model.img_size}, grey X-rays repeated into three channels"},
+        "outputs": {"class_names": model.class_names, "activation": "softmax",
+                    "calibration": f"probabilities p are calibrated as softmax(log(p) / temperature), temperature "
+                                   f"{point['temperature']:.4g}"},
+        "operating_point": point | {"fitted_on_description": describe_fitted_on(point)},
+        "decision_rule": decision_rule(point, model.class_names),
+        "training": training_record(model),
+        "intended_use": INTENDED_USE,
+        "limits": LIMITS,
+        "versions": {"cxr": package_version("cxr"), "tensorflow": package_version("tensorflow", "tensorflow-cpu")},
+    }
+
+
+def decision_rule(point, class_names):
+    """The operating point in words: how a label follows from the calibrated probabilities."""
+    if point.get("threshold") is None or len(class_names) != 2:
+        return "the class with the highest probability"
+    negative = next(n for n in class_names if n != point["positive_class"])
+    return (f"{point['positive_class']} when its calibrated probability >= {point['threshold']:.4f}, else {negative} "
+            f"(threshold chosen by {point.get('method', 'an unrecorded rule')})")
+

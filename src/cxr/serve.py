@@ -1,0 +1,323 @@
+"""`cxr serve`: a web page and a JSON API in front of a saved model, on FastAPI and uvicorn.
+
+One `Classifier` owns the model. It loads in the background (`/health/ready` says when), then a single worker
+thread runs every prediction, taking whatever images are waiting as one batch: a LiteRT interpreter is not
+thread-safe, and a batch costs little more per call than one image. Uploads are checked (size before the body
+is read, type sniffed from the bytes, pixel count from the header) and decoded by the CLI's decode function in
+a thread pool, so the server answers exactly as `cxr predict` does.
+"""
+
+import asyncio
+import base64
+import io
+import ipaddress
+import queue
+import secrets
+import socket
+import sys
+import threading
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from importlib import resources
+
+import numpy as np
+
+from cxr.data.decode import ImageTooLarge, UnreadableImage, decode, image_warnings
+from cxr.errors import UserError, warn
+from cxr.model_card import describe
+
+MAX_BATCH = 32
+# Detector X-rays stay under ~20 MP; a decompression bomb needs far more than this to hurt.
+MAX_PIXELS = 50_000_000
+MAX_FILES = 64  # per request
+MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png", b"BM": "image/bmp"}
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+API_KEY_VARIABLE = "CXR_API_KEY"
+PREDICT_BODY = {  # the request body in /docs: FastAPI can't infer a body the endpoint reads itself
+    "required": True,
+    "content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        **{kind: {"schema": {"type": "string", "format": "binary"}} for kind in MAGIC.values()},
+    },
+}
+
+
+def sniff(data):
+    """The image type that `data` (bytes) starts like, or None."""
+    return next((kind for magic, kind in MAGIC.items() if data.startswith(magic)), None)
+
+
+class Classifier:
+    """A `SavedModel` behind one worker thread that batches concurrent predictions, and Grad-CAM overlays."""
+
+    def __init__(self, model):
+        self.model = model
+        self.ready = threading.Event()
+        self.error = None
+        self._requests = queue.SimpleQueue()
+        self._keras_lock = threading.Lock()  # Grad-CAM: one at a time, and the Keras model loaded once
+
+    def start(self):
+        threading.Thread(target=self._work, name="cxr-model", daemon=True).start()
+
+    def probabilities(self, pixels):
+        """A Future of the raw softmax row for one (size, size, 3) uint8 image."""
+        future = Future()
+        self._requests.put((pixels, future))
+        return future
+
+    def overlay_png(self, data, pixels, target):
+        """PNG bytes: the Grad-CAM map of class index `target` over a sharp copy of the uploaded image."""
+        from PIL import Image
+
+        from cxr.evaluate import gradcam
+
+        with self._keras_lock:
+            heatmap = gradcam.heatmaps(self.model.keras_model, pixels[None], [target])[0]
+        shown = decode(data, max(self.model.img_size, 512)).pixels
+        buffer = io.BytesIO()
+        Image.fromarray(gradcam.overlay(shown, heatmap)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def _work(self):
+        try:
+            predictor = self.model.predictor()  # the LiteRT conversion, made now if not cached
+            predictor.predict_on_batch(np.zeros((1, *predictor.input_shape[1:]), np.float32))
+        except Exception as error:  # noqa: BLE001 - the server stays up to say why it isn't ready
+            self.error = f"{self.model.path}: the model could not be loaded ({str(error).splitlines()[0][:200]})"
+            warn(self.error)
+            return
+        self.ready.set()
+        print(f"cxr: model ready ({self.model.engine})", file=sys.stderr, flush=True)
+        threading.Thread(target=self._load_keras, daemon=True).start()
+        while True:
+            waiting = [self._requests.get()]
+            while len(waiting) < MAX_BATCH:
+                try:
+                    waiting.append(self._requests.get_nowait())
+                except queue.Empty:
+                    break
+            waiting = [(pixels, future) for pixels, future in waiting if future.set_running_or_notify_cancel()]
+            if not waiting:
+                continue
+            try:
+                raw = self.model.raw_probabilities(np.stack([p for p, _ in waiting]), batch_size=len(waiting))
+            except Exception as error:  # noqa: BLE001 - each waiting request answers with the error
+                for _, future in waiting:
+                    future.set_exception(error)
+                continue
+            for (_, future), row in zip(waiting, raw):
+                future.set_result(row)
+
+    def _load_keras(self):
+        """Grad-CAM needs the Keras model; load it now rather than on the first explain request."""
+        with self._keras_lock:
+            try:
+                self.model.keras_model
+            except UserError as error:
+                warn(f"Grad-CAM overlays are unavailable: {error}")
+
+
+class UploadLimit:
+    """ASGI middleware: 413 for a body over `max_bytes`, from its Content-Length before any of it is read,
+    or as soon as a body sent without one passes the limit."""
+
+    def __init__(self, app, max_bytes):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self):
+        from fastapi import HTTPException
+
+        megabytes = self.max_bytes / 2 ** 20
+        return HTTPException(413, f"the request is larger than the server's {megabytes:g} MB limit (--max-upload-mb); "
+                                  "send fewer or smaller images per request")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            error = self._too_large()
+            return await error_response(error.status_code, error.detail, {"Connection": "close"})(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise self._too_large()
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+def error_response(status, detail, headers=None):
+    """The API's one error shape: {"error": "payload_too_large", "detail": "what went wrong and what to do"}."""
+    from fastapi.responses import JSONResponse
+
+    error = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MAX_PIXELS):
+    """The ASGI app for a loaded `SavedModel`; the model's predictor loads in the background at startup."""
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from fastapi.staticfiles import StaticFiles
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    import cxr
+
+    classifier = Classifier(model)
+    card = describe(model)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        classifier.start()
+        yield
+
+    app = FastAPI(title="cxr", version=cxr.__version__, lifespan=lifespan,
+                  description="Chest X-ray classification with a model trained by cxr. Decision support only: "
+                              "not a substitute for the judgement of a radiologist or clinician.")
+    app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
+    app.mount("/static", StaticFiles(packages=[("cxr", "static")]), name="static")
+    bearer = HTTPBearer(auto_error=False, description=f"the server's --api-key (or ${API_KEY_VARIABLE})")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, error):
+        return error_response(error.status_code, error.detail, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(request, error):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        return error_response(422, problems)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, error):
+        warn(f"{request.method} {request.url.path} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return error_response(500, "the server failed on this request; its log says why")
+
+    def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        if api_key is None:
+            return
+        given = credentials.credentials if credentials else ""
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def require_ready():
+        if not classifier.ready.is_set():
+            raise HTTPException(503, classifier.error or "the model is still loading; retry when /health/ready "
+                                                         "answers 200", headers={"Retry-After": "5"})
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return resources.files("cxr").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/health/live", tags=["health"])
+    def live():
+        """The process answers."""
+        return {"status": "live"}
+
+    @app.get("/health/ready", tags=["health"])
+    def ready():
+        """The model is loaded (and converted to LiteRT where that runs it): predictions will be answered."""
+        require_ready()
+        return {"status": "ready", "engine": model.engine}
+
+    @app.get("/v1/model", tags=["model"], dependencies=[Depends(require_key)])
+    def model_card():
+        """Classes, input, operating point and where it was fitted, training data and test metrics with CIs,
+        versions, and the model file's SHA-256."""
+        return card | {"engine": model.engine}
+
+    @app.post("/v1/predict", tags=["model"], dependencies=[Depends(require_key)],
+              openapi_extra={"requestBody": PREDICT_BODY})
+    async def predict(request: Request, explain: bool = False):
+        """Label and calibrated probabilities for each image: multipart files (any field name, `files` in the
+        examples) or one image as the body with its content type. `explain=true` adds each image's Grad-CAM
+        overlay as a PNG data URI."""
+        require_ready()
+        uploads = await read_uploads(request)
+        decoded = await asyncio.gather(*(run_in_threadpool(decode_upload, name, data) for name, data in uploads))
+        raw = await asyncio.gather(*(asyncio.wrap_future(classifier.probabilities(d.pixels)) for d in decoded))
+        probabilities, labels = model.calibrate(np.stack(raw))
+        predictions = []
+        for (name, data), image, p, label in zip(uploads, decoded, probabilities, labels):
+            record = prediction_record(name, p, label, image)
+            if explain:
+                png = await run_in_threadpool(classifier.overlay_png, data, image.pixels, int(label))
+                record["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+            predictions.append(record)
+        return {"model_sha256": model.sha256, "predictions": predictions}
+
+    async def read_uploads(request):
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES) as form:
+                files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+                uploads = [(f.filename or f"file {k + 1}", await f.read()) for k, f in enumerate(files)]
+        else:
+            body = await request.body()
+            uploads = [("the request body", body)] if body else []
+        if not uploads:
+            raise HTTPException(422, "no image in the request: send multipart files (field 'files') or one image "
+                                     "as the request body with its content type")
+        return uploads
+
+    def decode_upload(name, data):
+        if sniff(data) is None:
+            raise HTTPException(415, f"{name}: not a JPEG, PNG or BMP image (judged by its bytes, not its name "
+                                     "or content type)")
+        try:
+            return decode(data, model.img_size, max_pixels, name=name)
+        except ImageTooLarge as error:
+            raise HTTPException(413, f"{error}; downscale it first") from None
+        except UnreadableImage as error:
+            raise HTTPException(400, f"{error}: the file is damaged or truncated; send the original image") from None
+
+    def prediction_record(name, p, label, image):
+        point = model.operating_point
+        return {"filename": name, "label": model.class_names[label],
+                "probabilities": {c: float(v) for c, v in zip(model.class_names, p)},
+                "positive_class": point["positive_class"], "threshold": point["threshold"],
+                "decision_rule": card["decision_rule"], "warnings": image_warnings(image, model.img_size),
+                "model_sha256": model.sha256}
+
+    return app
+
+
+def is_loopback(host):
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(model_path, host="127.0.0.1", port=8000, api_key=None, max_upload_mb=20):
+    """Run the server until interrupted. UserError for an unusable model or a port that can't be bound."""
+    import uvicorn
+
+    from cxr.saved_model import SavedModel
+
+    model = SavedModel.load(model_path)
+    if not is_loopback(host):
+        warn(f"serving on {host}: anyone who can reach this machine on port {port} can use the model"
+             + ("" if api_key else f"; set --api-key (or ${API_KEY_VARIABLE}) to require a key"))
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host") from None
+    app = create_app(model, api_key, int(max_upload_mb * 2 ** 20))
+    print(f"cxr: serving {model_path} at http://{host}:{sock.getsockname()[1]}/ (API docs at /docs); "
+          "loading the model", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
