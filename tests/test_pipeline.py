@@ -117,3 +117,17 @@ def test_a_labelled_folder_reads_with_the_models_class_names(tmp_path, capsys):
     with pytest.raises(UserError, match="OTHER"):
         write_image(tmp_path / "site" / "OTHER" / "c.png")
         read_labelled_folder(tmp_path / "site", ["NORMAL", "PNEUMONIA"])
+
+
+def test_image_warnings_flag_what_is_not_a_grey_xray_of_the_models_size(tmp_path):
+    from cxr.data.decode import decode, image_warnings
+    from tests.conftest import SAMPLE
+
+    xray = sorted((SAMPLE / "NORMAL").iterdir())[0]
+    assert image_warnings(decode(xray, 224), 224) == []
+    assert any("very small" in w for w in image_warnings(decode(xray, 224), 512))
+    with Image.open(xray) as img:
+        grey = np.asarray(img.convert("L")).astype(float)
+    washed_out = tmp_path / "washed.png"
+    Image.fromarray(np.uint8(100 + grey / 255 * 40)).save(washed_out)
+    assert [w for w in image_warnings(decode(washed_out, 224), 224) if "intensity range" in w]

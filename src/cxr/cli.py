@@ -157,7 +157,7 @@ def build_parser():
     serve.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: this machine only; another address prints a warning)")
-    serve.add_argument("--port", type=count(0), default=8000)
+    serve.add_argument("--port", type=count(1), default=8000)
     serve.add_argument("--api-key", default=os.environ.get("CXR_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/ (default: $CXR_API_KEY; none if unset)")
     serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body accepted (MB)")

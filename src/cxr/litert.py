@@ -17,7 +17,7 @@ import numpy as np
 from cxr.atomic import file_sha256, write_bytes
 from cxr.errors import warn
 
-BATCH_SIZE = 8  # XNNPACK's speed is flat from 1 to 32 images per call on 2 cores; 8 keeps padding waste small
+BATCH_SIZE = 4  # images per LiteRT call: 4 ran fastest of 1-16 on this project's 2-core CPUs (benchmarks/README.md)
 CACHED_MODELS = 8
 # A conversion costs a fixed time that LiteRT wins back per image (benchmarks/README.md): below this many
 # images Keras finishes first.
@@ -83,27 +83,41 @@ def tensor_names(flatbuffer):
 
 
 class LiteRTModel:
-    """A converted model behind Keras' `predict_on_batch`, `input_shape` and `output_shape`."""
+    """A converted model behind Keras' `predict_on_batch`, `input_shape` and `output_shape`.
+
+    Full chunks of BATCH_SIZE images run on one interpreter, the images left over one by one on another:
+    a LiteRT call costs in proportion to its batch, so padding one image (a served request) to BATCH_SIZE
+    would cost BATCH_SIZE times as much, and resizing one interpreter would re-plan its kernels each time.
+    """
 
     def __init__(self, flatbuffer, num_threads=None):
-        self._interpreter = _interpreter(flatbuffer, num_threads or len(os.sched_getaffinity(0)))
-        source, target = self._interpreter.get_input_details()[0], self._interpreter.get_output_details()[0]
+        self._flatbuffer, self._threads = flatbuffer, num_threads or len(os.sched_getaffinity(0))
+        self._runners = {}
+        interpreter = self._runner(BATCH_SIZE)[0]
+        source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
         self.input_shape = (None, *map(int, source["shape_signature"][1:]))
         self.output_shape = (None, *map(int, target["shape_signature"][1:]))
-        self._input, self._output = source["index"], target["index"]
-        self._interpreter.resize_tensor_input(self._input, [BATCH_SIZE, *self.input_shape[1:]])
-        self._interpreter.allocate_tensors()
+
+    def _runner(self, batch):
+        """(interpreter, input index, output index) planned for `batch` images, made on first use."""
+        if batch not in self._runners:
+            interpreter = _interpreter(self._flatbuffer, self._threads)
+            source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+            interpreter.resize_tensor_input(source["index"], [batch, *source["shape_signature"][1:]])
+            interpreter.allocate_tensors()
+            self._runners[batch] = (interpreter, source["index"], target["index"])
+        return self._runners[batch]
 
     def predict_on_batch(self, x):
         x = np.asarray(x, dtype=np.float32)
         outputs = []
         for start in range(0, len(x), BATCH_SIZE):
             chunk = x[start:start + BATCH_SIZE]
-            padded = np.zeros((BATCH_SIZE, *chunk.shape[1:]), np.float32)
-            padded[:len(chunk)] = chunk  # one batch size: resizing the interpreter would re-plan its kernels
-            self._interpreter.set_tensor(self._input, padded)
-            self._interpreter.invoke()
-            outputs.append(self._interpreter.get_tensor(self._output)[:len(chunk)])
+            for piece in [chunk] if len(chunk) == BATCH_SIZE else np.split(chunk, len(chunk)):
+                interpreter, source, target = self._runner(len(piece))
+                interpreter.set_tensor(source, np.ascontiguousarray(piece))
+                interpreter.invoke()
+                outputs.append(interpreter.get_tensor(target).copy())
         return np.concatenate(outputs) if outputs else np.zeros((0, *self.output_shape[1:]), np.float32)
 
 

@@ -83,15 +83,17 @@ class Classifier:
 
     def _work(self):
         try:
+            with self._keras_lock:  # Grad-CAM's Keras model, loaded now rather than by the first explain request
+                self.model.keras_model
             predictor = self.model.predictor()  # the LiteRT conversion, made now if not cached
-            predictor.predict_on_batch(np.zeros((1, *predictor.input_shape[1:]), np.float32))
+            for batch in (1, MAX_BATCH):  # every interpreter and buffer a batch will use, allocated now
+                predictor.predict_on_batch(np.zeros((batch, *predictor.input_shape[1:]), np.float32))
         except Exception as error:  # noqa: BLE001 - the server stays up to say why it isn't ready
             self.error = f"{self.model.path}: the model could not be loaded ({str(error).splitlines()[0][:200]})"
             warn(self.error)
             return
         self.ready.set()
         print(f"cxr: model ready ({self.model.engine})", file=sys.stderr, flush=True)
-        threading.Thread(target=self._load_keras, daemon=True).start()
         while True:
             waiting = [self._requests.get()]
             while len(waiting) < MAX_BATCH:
@@ -110,14 +112,6 @@ class Classifier:
                 continue
             for (_, future), row in zip(waiting, raw):
                 future.set_result(row)
-
-    def _load_keras(self):
-        """Grad-CAM needs the Keras model; load it now rather than on the first explain request."""
-        with self._keras_lock:
-            try:
-                self.model.keras_model
-            except UserError as error:
-                warn(f"Grad-CAM overlays are unavailable: {error}")
 
 
 class UploadLimit:
@@ -247,11 +241,11 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
         require_ready()
         uploads = await read_uploads(request)
         decoded = await asyncio.gather(*(run_in_threadpool(decode_upload, name, data) for name, data in uploads))
-        raw = await asyncio.gather(*(asyncio.wrap_future(classifier.probabilities(d.pixels)) for d in decoded))
+        raw = await asyncio.gather(*(asyncio.wrap_future(classifier.probabilities(d.pixels)) for d, _ in decoded))
         probabilities, labels = model.calibrate(np.stack(raw))
         predictions = []
-        for (name, data), image, p, label in zip(uploads, decoded, probabilities, labels):
-            record = prediction_record(name, p, label, image)
+        for (name, data), (image, warnings), p, label in zip(uploads, decoded, probabilities, labels):
+            record = prediction_record(name, p, label, warnings)
             if explain:
                 png = await run_in_threadpool(classifier.overlay_png, data, image.pixels, int(label))
                 record["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -276,18 +270,19 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
             raise HTTPException(415, f"{name}: not a JPEG, PNG or BMP image (judged by its bytes, not its name "
                                      "or content type)")
         try:
-            return decode(data, model.img_size, max_pixels, name=name)
+            image = decode(data, model.img_size, max_pixels, name=name)
         except ImageTooLarge as error:
             raise HTTPException(413, f"{error}; downscale it first") from None
         except UnreadableImage as error:
             raise HTTPException(400, f"{error}: the file is damaged or truncated; send the original image") from None
+        return image, image_warnings(image, model.img_size)
 
-    def prediction_record(name, p, label, image):
+    def prediction_record(name, p, label, warnings):
         point = model.operating_point
         return {"filename": name, "label": model.class_names[label],
                 "probabilities": {c: float(v) for c, v in zip(model.class_names, p)},
                 "positive_class": point["positive_class"], "threshold": point["threshold"],
-                "decision_rule": card["decision_rule"], "warnings": image_warnings(image, model.img_size),
+                "decision_rule": card["decision_rule"], "warnings": warnings,
                 "model_sha256": model.sha256}
 
     return app
@@ -312,12 +307,12 @@ def serve(model_path, host="127.0.0.1", port=8000, api_key=None, max_upload_mb=2
     if not is_loopback(host):
         warn(f"serving on {host}: anyone who can reach this machine on port {port} can use the model"
              + ("" if api_key else f"; set --api-key (or ${API_KEY_VARIABLE}) to require a key"))
-    try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:  # a clear message now for a port that is taken; uvicorn binds it again itself (its own socket setup
+        # keeps TCP_NODELAY on the connections: a socket handed over to it costs each keep-alive request 40 ms)
+        socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
     except OSError as error:
         raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host") from None
     app = create_app(model, api_key, int(max_upload_mb * 2 ** 20))
-    print(f"cxr: serving {model_path} at http://{host}:{sock.getsockname()[1]}/ (API docs at /docs); "
-          "loading the model", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    print(f"cxr: serving {model_path} at http://{host}:{port}/ (API docs at /docs); loading the model",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
