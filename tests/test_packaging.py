@@ -18,3 +18,21 @@ def test_every_dependency_is_pinned_in_requirements_txt():
     assert all(re.match(r"^[A-Za-z0-9_.\-]+==[^=;\s]+", l) for l in lines), "every line pins one version"
     pinned = {name(l) for l in lines}
     assert wanted <= pinned, f"not pinned in requirements.txt: {sorted(wanted - pinned)}"
+
+
+def test_the_wheel_carries_the_served_page(tmp_path):
+    """`cxr serve` reads its page from the installed package: a non-editable install must have it."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    project = tmp_path / "project"  # a copy: building leaves build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, project / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(project)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("cxr-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"cxr/static/index.html", "cxr/static/app.js", "cxr/static/style.css"} <= names
