@@ -47,7 +47,7 @@ function renderCard(card) {
     for (const name of ["sensitivity", "specificity", "auc_roc", "balanced_accuracy", "ppv", "npv"]) {
       if (!(name in training.metrics)) continue;
       const ci = training.confidence_intervals[name];
-      table.append(el("tr", {}, el("th", {}, name.replace("_", " ")), el("td", {}, num(training.metrics[name])),
+      table.append(el("tr", {}, el("th", {}, name.replaceAll("_", " ")), el("td", {}, num(training.metrics[name])),
                       el("td", {}, ci ? `${num(ci[0])} to ${num(ci[1])}` : "")));
     }
     box.append(table, el("h3", {}, "Training data"));
