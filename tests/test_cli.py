@@ -332,7 +332,7 @@ def test_predict_skips_a_decompression_bomb_with_a_warning(trained, tmp_path, ca
     assert main(["predict", str(bomb), str(good), "--model", str(root / "outputs/models/model.h5"),
                  "--format", "csv"]) == 0
     out, err = capsys.readouterr()
-    assert "skipped 1 unreadable images: " in err and "bomb.png" in err
+    assert "skipped 1 unreadable or refused images: " in err and "bomb.png" in err
     assert str(good) in out and "bomb.png" not in out
 
 

@@ -30,7 +30,7 @@ def test_every_supported_format_loads_as_rgb_uint8(tmp_path):
 def test_decode_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
     paths = [write_image(tmp_path / "img" / f"{i}.png", seed=i) for i in range(3)]
     first, bad = decode_all(paths, 16, tmp_path / "cache")
-    assert bad == [] and first.shape == (3, 16, 16, 3)
+    assert not bad and first.shape == (3, 16, 16, 3)
     assert np.array_equal(first[1], decode_image(paths[1], 16))
     cache_files = sorted((tmp_path / "cache").iterdir())
     again, _ = decode_all(paths, 16, tmp_path / "cache")

@@ -251,3 +251,25 @@ def test_the_page_shows_the_apis_answer_and_the_overlay_in_chromium(server, tmp_
     with Image.open(shot) as picture:
         pixels = np.asarray(picture.convert("RGB")).astype(int)
     assert (pixels.max(axis=-1) - pixels.min(axis=-1) > 80).mean() > 0.01  # the coloured heatmap is on screen
+
+
+def test_dicom_uploads_are_read_like_cxr_predict_reads_them(server, tiny_run, tmp_path, capsys):
+    from tests.test_dicom import grey_xray, write_dicom
+
+    stored = grey_xray(XRAYS[2]).astype(np.uint16) * 16
+    write_dicom(tmp_path / "IM0001", stored, bits=12, WindowCenter=2000, WindowWidth=3000)  # no extension
+    answer = requests.post(server.url + "/v1/predict", data=(tmp_path / "IM0001").read_bytes(),
+                           headers={"Content-Type": "application/dicom"}, params={"explain": "true"}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    served = answer.json()["predictions"][0]
+    assert served["image"].startswith("data:image/png;base64,") and served["overlay"].startswith("data:image/png")
+    assert main(["predict", str(tmp_path / "IM0001"), "--model", str(tiny_run / "models/model.h5"), "--format", "json"]) == 0
+    (expected,) = json.loads(capsys.readouterr().out)
+    assert served["label"] == expected["label"]
+    assert served["probabilities"]["PNEUMONIA"] == pytest.approx(expected["p_PNEUMONIA"], abs=1e-6)
+
+    write_dicom(tmp_path / "ct.dcm", grey_xray(XRAYS[2]), modality="CT")
+    refused = requests.post(server.url + "/v1/predict", timeout=60,
+                            files=[("files", ("ct.dcm", (tmp_path / "ct.dcm").read_bytes(), "application/dicom"))])
+    assert refused.status_code == 422 and "a CT image" in refused.json()["detail"]
+    assert "PAT-0001" not in refused.text and "Doe" not in refused.text

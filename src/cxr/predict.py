@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.data.decode import is_image_file, try_decode
+from cxr.data.decode import IMAGE_KINDS, describe_skipped, is_image_file, try_decode
 from cxr.data.split import walk_files
-from cxr.errors import UserError, list_paths, warn
+from cxr.errors import UserError, warn
 from cxr.saved_model import SavedModel
 
 
@@ -23,11 +23,11 @@ def list_inputs(paths):
         if path.is_dir():
             found = [p for p in walk_files(path) if is_image_file(p)]
             if not found:
-                raise UserError(f"{path}: no images (.jpg, .jpeg, .png, .bmp) in this folder")
+                raise UserError(f"{path}: no images ({IMAGE_KINDS}) in this folder")
             files += found
         elif path.is_file():
             if not is_image_file(path):
-                raise UserError(f"{path}: not an image file; give .jpg, .jpeg, .png or .bmp files or a folder")
+                raise UserError(f"{path}: not an image file; give {IMAGE_KINDS} files or a folder")
             files.append(path)
         else:
             raise UserError(f"{path}: no such file or folder")
@@ -41,19 +41,19 @@ def predict_files(model, files, batch_size=64, tta=False):
     """
     size = model.predictor().input_shape[1]
     chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
-    raw, readable, unreadable = [], [], []
+    raw, readable, unreadable = [], [], {}
     with ThreadPoolExecutor() as pool:
         pending = [pool.submit(try_decode, path, size) for path in chunks[0]] if chunks else []
         for k, chunk in enumerate(chunks):
-            images = [future.result() for future in pending]
+            results = [future.result() for future in pending]
             pending = [pool.submit(try_decode, path, size) for path in chunks[k + 1]] if k + 1 < len(chunks) else []
-            batch = [img for img in images if img is not None]
-            readable += [p for p, img in zip(chunk, images) if img is not None]
-            unreadable += [p for p, img in zip(chunk, images) if img is None]
+            batch = [img for img, _ in results if img is not None]
+            readable += [p for p, (img, _) in zip(chunk, results) if img is not None]
+            unreadable |= {p: reason for p, (img, reason) in zip(chunk, results) if img is None}
             if batch:
                 raw.append(model.raw_probabilities(np.stack(batch), batch_size=len(batch), tta=tta))
     if unreadable:
-        warn(f"skipped {len(unreadable)} unreadable images: {list_paths(unreadable)}")
+        warn(f"skipped {len(unreadable)} unreadable or refused images: {describe_skipped(unreadable)}")
     probabilities, labels = model.calibrate(np.concatenate(raw) if raw else np.zeros((0, len(model.class_names))))
     return readable, probabilities, labels
 

@@ -23,7 +23,8 @@ from importlib import resources
 
 import numpy as np
 
-from cxr.data.decode import ImageTooLarge, UnreadableImage, decode, image_warnings
+from cxr.data.decode import ImageTooLarge, RefusedImage, UnreadableImage, decode, image_warnings
+from cxr.data.dicom import has_dicom_marker
 from cxr.errors import UserError, warn
 from cxr.model_card import describe
 
@@ -32,6 +33,7 @@ MAX_BATCH = 32
 MAX_PIXELS = 50_000_000
 MAX_FILES = 64  # per request
 MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png", b"BM": "image/bmp"}
+DICOM = "application/dicom"
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 API_KEY_VARIABLE = "CXR_API_KEY"
 PREDICT_BODY = {  # the request body in /docs: FastAPI can't infer a body the endpoint reads itself
@@ -39,13 +41,15 @@ PREDICT_BODY = {  # the request body in /docs: FastAPI can't infer a body the en
     "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-        **{kind: {"schema": {"type": "string", "format": "binary"}} for kind in MAGIC.values()},
+        **{kind: {"schema": {"type": "string", "format": "binary"}} for kind in [*MAGIC.values(), DICOM]},
     },
 }
 
 
 def sniff(data):
-    """The image type that `data` (bytes) starts like, or None."""
+    """The image type that `data` (bytes) is by its content (a DICOM file: 'DICM' after its preamble), or None."""
+    if has_dicom_marker(data):
+        return DICOM
     return next((kind for magic, kind in MAGIC.items() if data.startswith(magic)), None)
 
 
@@ -235,9 +239,9 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
     @app.post("/v1/predict", tags=["model"], dependencies=[Depends(require_key)],
               openapi_extra={"requestBody": PREDICT_BODY})
     async def predict(request: Request, explain: bool = False):
-        """Label and calibrated probabilities for each image: multipart files (any field name, `files` in the
-        examples) or one image as the body with its content type. `explain=true` adds each image's Grad-CAM
-        overlay as a PNG data URI."""
+        """Label and calibrated probabilities for each image (JPEG, PNG, BMP or DICOM): multipart files (any
+        field name, `files` in the examples) or one image as the body with its content type. `explain=true` adds
+        each image's Grad-CAM overlay as a PNG data URI, and for DICOM the image as cxr rendered it (`image`)."""
         require_ready()
         uploads = await read_uploads(request)
         decoded = await asyncio.gather(*(run_in_threadpool(decode_upload, name, data) for name, data in uploads))
@@ -248,7 +252,9 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
             record = prediction_record(name, p, label, warnings)
             if explain:
                 png = await run_in_threadpool(classifier.overlay_png, data, image.pixels, int(label))
-                record["overlay"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+                record["overlay"] = data_uri(png)
+                if sniff(data) == DICOM:  # browsers can't show DICOM: the page shows this instead
+                    record["image"] = data_uri(await run_in_threadpool(rendered_png, data))
             predictions.append(record)
         return {"model_sha256": model.sha256, "predictions": predictions}
 
@@ -267,12 +273,14 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
 
     def decode_upload(name, data):
         if sniff(data) is None:
-            raise HTTPException(415, f"{name}: not a JPEG, PNG or BMP image (judged by its bytes, not its name "
-                                     "or content type)")
+            raise HTTPException(415, f"{name}: not a JPEG, PNG, BMP or DICOM image (judged by its bytes, not its "
+                                     "name or content type)")
         try:
             image = decode(data, model.img_size, max_pixels, name=name)
         except ImageTooLarge as error:
             raise HTTPException(413, f"{error}; downscale it first") from None
+        except RefusedImage as error:
+            raise HTTPException(422, str(error)) from None
         except UnreadableImage as error:
             raise HTTPException(400, f"{error}: the file is damaged or truncated; send the original image") from None
         return image, image_warnings(image, model.img_size)
@@ -286,6 +294,19 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
                 "model_sha256": model.sha256}
 
     return app
+
+
+def data_uri(png):
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def rendered_png(data, size=512):
+    """PNG bytes of an uploaded image as cxr decodes it (for DICOM: after the VOI window and inversion)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(decode(data, size).pixels).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def is_loopback(host):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr.data.decode import describe_skipped
 from cxr.data.pipeline import decode_all
-from cxr.errors import UserError, list_paths, warn
+from cxr.errors import UserError, warn
 
 
 @dataclass
@@ -68,13 +69,13 @@ class Dataset:
         self.images, bad = decode_all(self.paths, size, cache_dir)
         if bad:
             if strict:
-                raise UserError(f"unreadable or corrupt images: {list_paths(bad)}; remove or replace them, "
+                raise UserError(f"unreadable or refused images: {describe_skipped(bad)}; remove or replace them, "
                                 "or run without --strict")
-            warn(f"skipped {len(bad)} unreadable or corrupt images: {list_paths(bad)}")
+            warn(f"skipped {len(bad)} unreadable or refused images: {describe_skipped(bad)}")
         unreadable = set(bad)
         readable = np.array([p not in unreadable for p in self.paths], dtype=bool)
         for name, rows in self.splits.items():
             self.splits[name] = rows[readable[rows]]
             if not len(self.splits[name]):
                 raise UserError(f"the {name} split has no readable images; check the image files")
-        return bad
+        return list(bad)

@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from cxr.data import dicom
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
+IMAGE_KINDS = ".jpg, .jpeg, .png, .bmp or DICOM"  # for messages
 ORIENTATION = 0x0112  # the EXIF tag
 # image_warnings' limits (0-255 scale): mean distance of a pixel's channels from their grey; the spread from
 # the 1st to the 99th percentile
@@ -28,8 +31,20 @@ class ImageTooLarge(UnreadableImage):
     """An image with more pixels than the caller allows (a server's guard against decompression bombs)."""
 
 
+class RefusedImage(UnreadableImage):
+    """A readable file that is not what the model may classify (a DICOM CT or MR, not a radiograph)."""
+
+
 def is_image_file(path):
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    """An image cxr reads: .jpg, .jpeg, .png, .bmp, or DICOM (by extension or by content)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS or dicom.is_dicom(path)
+
+
+def is_dicom_file(source):
+    """A path or bytes that hold DICOM; a path named .jpg/.jpeg/.png/.bmp is taken at its word (no read)."""
+    if not isinstance(source, (bytes, bytearray)) and Path(source).suffix.lower() in IMAGE_EXTENSIONS:
+        return False
+    return dicom.is_dicom(source)
 
 
 def png_significant_bits(source):
@@ -68,22 +83,28 @@ def full_scale(source, array):
 @dataclass(frozen=True)
 class DecodedImage:
     """An image as the model sees it (`pixels`: (size, size, 3) uint8 RGB) and what the file held before that:
-    its width and height in pixels and its PIL mode ("L", "RGB", "I;16"...)."""
+    its width and height in pixels, its PIL mode ("L", "RGB", "I;16"...; "DICOM" for DICOM files) and what
+    reading it found worth a warning (`notes`: a lateral view, several frames...)."""
     pixels: np.ndarray
     width: int
     height: int
     mode: str
+    notes: tuple = ()
 
 
 def decode(source, size, max_pixels=None, name=None):
-    """Decode a JPEG, PNG (8/16-bit, grey, RGBA, palette) or BMP into a `DecodedImage` of `size` x `size`.
+    """Decode a JPEG, PNG (8/16-bit, grey, RGBA, palette), BMP or DICOM file into a `DecodedImage` of `size` x
+    `size`.
 
-    `source`: a path, or the file's bytes (an upload). High-bit-depth grey images are scaled by `full_scale`.
-    Raises UnreadableImage naming the file (or `name`) when it can't be read as an image, and ImageTooLarge
-    when it has more than `max_pixels` pixels (checked from the header, before any pixel is decoded).
+    `source`: a path, or the file's bytes (an upload). High-bit-depth grey images are scaled by `full_scale`;
+    DICOM goes through `dicom.read_dicom`'s pixel pipeline. Raises UnreadableImage naming the file (or `name`)
+    when it can't be read as an image, RefusedImage for a DICOM that isn't a radiograph, and ImageTooLarge when
+    it has more than `max_pixels` pixels (checked from the header, before any pixel is decoded).
     """
     if name is None:
         name = "the uploaded image" if isinstance(source, (bytes, bytearray)) else source
+    if is_dicom_file(source):
+        return _decode_dicom(source, size, max_pixels, name)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:
             width, height, mode = img.width, img.height, img.mode
@@ -97,12 +118,28 @@ def decode(source, size, max_pixels=None, name=None):
                 array = np.clip(np.asarray(img, dtype=np.float64), 0, None)
                 top = full_scale(source, array)
                 img = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            return DecodedImage(np.asarray(img, dtype=np.uint8), width, height, mode)
+            return DecodedImage(_resized(img, size), width, height, mode)
     except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
         if isinstance(error, ImageTooLarge):
             raise
         raise UnreadableImage(f"{name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
+def _decode_dicom(source, size, max_pixels, name):
+    try:
+        array, notes = dicom.read_dicom(source, name, max_pixels)
+    except dicom.TooManyPixels as error:
+        raise ImageTooLarge(str(error)) from None
+    except dicom.RefusedDicom as error:
+        raise RefusedImage(str(error)) from None
+    except dicom.DicomError as error:
+        raise UnreadableImage(str(error)) from None
+    return DecodedImage(_resized(Image.fromarray(array), size), array.shape[1], array.shape[0], "DICOM", tuple(notes))
+
+
+def _resized(img, size):
+    """The (size, size, 3) uint8 RGB array of a PIL image: the one resize every input gets."""
+    return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def decode_image(source, size):
@@ -115,7 +152,7 @@ def image_warnings(image, model_size):
 
     `model_size`: the model's input side; an image smaller than that was blown up to fit it.
     """
-    warnings = []
+    warnings = list(image.notes)
     sample = image.pixels[::2, ::2].astype(np.int16)  # every 4th pixel is plenty for these statistics
     if np.abs(sample - sample.mean(axis=2, keepdims=True)).mean() > COLOUR_TOLERANCE:
         warnings.append("colour image: X-rays are grey; is this a photo or an annotated screenshot?")
@@ -131,8 +168,14 @@ def image_warnings(image, model_size):
 
 
 def try_decode(path, size):
-    """`decode_image`, or None for an unreadable file."""
+    """(`decode_image(path, size)`, None), or (None, why the file can't be used) for an unreadable file."""
     try:
-        return decode_image(path, size)
-    except UnreadableImage:
-        return None
+        return decode_image(path, size), None
+    except UnreadableImage as error:
+        return None, str(error).removeprefix(f"{path}: ")
+
+
+def describe_skipped(reasons, limit=3):
+    """'a.dcm (a CT image...), b.png (truncated) and 4 more' for {path: reason}: which files, and why."""
+    items = [f"{path} ({reason})" for path, reason in reasons.items()]
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")

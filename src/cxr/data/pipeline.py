@@ -86,9 +86,10 @@ def write_array(path, shape, dtype, blocks):
 
 
 def decode_all(paths, size, cache_dir):
-    """Decoded images for `paths` as a read-only (N, size, size, 3) uint8 `DiskArray`, plus the unreadable paths.
+    """Decoded images for `paths` as a read-only (N, size, size, 3) uint8 `DiskArray`, plus {unreadable path:
+    why}.
 
-    Unreadable files leave a zero image in their row; callers drop them using the returned list.
+    Unreadable files leave a zero image in their row; callers drop them using the returned dict.
     """
     paths = [Path(p) for p in paths]
     cache_dir = Path(cache_dir)
@@ -96,23 +97,26 @@ def decode_all(paths, size, cache_dir):
     array_path = cache_dir / f"images-{size}px-{key}.npy"
     bad_path = cache_dir / f"images-{size}px-{key}.unreadable.json"
     if array_path.is_file() and bad_path.is_file():
-        return DiskArray(array_path), [Path(p) for p in json.loads(bad_path.read_text())]
+        recorded = json.loads(bad_path.read_text())
+        if isinstance(recorded, list):  # written before the reasons were kept
+            recorded = {p: "unreadable" for p in recorded}
+        return DiskArray(array_path), {Path(p): reason for p, reason in recorded.items()}
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     for old in cache_dir.glob(f"images-{size}px-*"):
         old.unlink()  # a stale cache: the files or their list changed since it was written
-    bad = []
+    bad = {}
 
     def decoded(pool):
         blank = np.zeros((1, size, size, 3), np.uint8)
-        for path, image in zip(paths, pool.map(lambda p: try_decode(p, size), paths)):
+        for path, (image, reason) in zip(paths, pool.map(lambda p: try_decode(p, size), paths)):
             if image is None:
-                bad.append(path)
+                bad[path] = reason
             yield blank if image is None else image[None]
 
     with atomic_path(array_path) as tmp, ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL releases the GIL
         write_array(tmp, (len(paths), size, size, 3), np.uint8, decoded(pool)).close()
-    write_json(bad_path, [str(p) for p in bad])
+    write_json(bad_path, {str(p): reason for p, reason in bad.items()})
     return DiskArray(array_path), bad
 
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from cxr.atomic import write_json
 from cxr.data.dataset import Dataset
-from cxr.data.decode import IMAGE_EXTENSIONS, is_image_file
+from cxr.data import dicom
+from cxr.data.decode import IMAGE_KINDS, is_dicom_file, is_image_file
 from cxr.errors import UserError, list_paths, warn
 
 SPLITS = ("train", "val", "test")
@@ -72,7 +73,7 @@ def list_images(folder, class_names, strict=False):
         images[name] = [p for p in files if is_image_file(p)]
         others += [p for p in files if not is_image_file(p)]
     if others:
-        message = f"not images (need {'/'.join(sorted(IMAGE_EXTENSIONS))}), skipped: {list_paths(others)}"
+        message = f"not images (need {IMAGE_KINDS}), skipped: {list_paths(others)}"
         if strict:
             raise UserError(message + "; remove them or run without --strict")
         warn(message)
@@ -88,10 +89,17 @@ def check_classes(folder, images):
 
 
 def group_key(pattern):
-    """A function from file name to patient key (None when the name carries no patient id)."""
+    """A function from file to patient key (None when neither the file nor its name carries a patient id).
+
+    A DICOM file's PatientID (as a salted hash) takes precedence over the file-name pattern.
+    """
     regex = re.compile(pattern or DEFAULT_GROUP_PATTERN)
 
     def key(path):
+        if is_dicom_file(path):
+            patient = dicom.patient_key(path)
+            if patient is not None:
+                return patient
         match = regex.search(Path(path).name)
         if not match:
             return None
@@ -220,10 +228,8 @@ def prepare_splits(config):
         if (data_dir / "raw").is_dir():
             split_raw(data_dir, config)
         else:
-            dicom = [p for p in walk_files(data_dir) if p.suffix.lower() in (".dcm", ".dicom")]
             raise UserError(f"{data_dir}: found neither train/<Class>/ nor raw/<Class>/ with images; put your class "
-                            "folders in one of them" + (f" (its {len(dicom)} DICOM files are not read yet: export "
-                                                        "them as PNG)" if dicom else ""))
+                            "folders in one of them")
 
     class_names = list_class_folders(train_dir)
     loose = [p for p in train_dir.iterdir() if p.is_file() and is_image_file(p)]
@@ -291,7 +297,7 @@ def read_labelled_folder(folder, class_names, split="evaluated"):
     images = list_images(folder, found)
     listed = [(p, class_names.index(c)) for c in found for p in images[c]]
     if not listed:
-        raise UserError(f"{folder}: no images in its class folders; add .jpg, .jpeg, .png or .bmp files")
+        raise UserError(f"{folder}: no images in its class folders; add {IMAGE_KINDS} files")
     return Dataset.from_files(class_names, {split: listed})
 
 

@@ -71,7 +71,7 @@ function renderPrediction(file, prediction) {
   const positive = prediction.positive_class;
   const p = prediction.probabilities[positive];
   const image = el("img", { alt: "uploaded X-ray " + prediction.filename, class: "xray" });
-  const original = URL.createObjectURL(file);
+  const original = prediction.image || URL.createObjectURL(file);  // DICOM: the server renders it
   image.src = original;
   const isPositive = prediction.label === positive;
   const result = el("article", { class: "result", "data-filename": prediction.filename });
