@@ -156,9 +156,12 @@ def test_multi_frame_uses_the_first_frame_with_a_warning(tmp_path):
 
 def test_lateral_views_and_other_body_parts_are_flagged(tmp_path):
     g = grey_xray()
-    write_dicom(tmp_path / "lat.dcm", g, ViewPosition="LL", BodyPartExamined="ABDOMEN")
+    write_dicom(tmp_path / "lat.dcm", g, ViewPosition="LL", BodyPartExamined="ABDOMEN", BurnedInAnnotation="YES")
     warnings = image_warnings(decode(tmp_path / "lat.dcm", SIZE), SIZE)
     assert any("lateral" in w for w in warnings) and any("ABDOMEN" in w for w in warnings)
+    assert any("burned-in" in w for w in warnings)
+    write_dicom(tmp_path / "pa.dcm", g, ViewPosition="PA", BodyPartExamined="CHEST", BurnedInAnnotation="NO")
+    assert image_warnings(decode(tmp_path / "pa.dcm", SIZE), SIZE) == []
 
 
 def test_a_file_without_extension_is_dicom_by_its_content(tmp_path):

@@ -115,6 +115,9 @@ def read_dicom(source, name, max_pixels=None):
     body_part = str(ds.get("BodyPartExamined", "")).upper()
     if body_part and body_part != "CHEST":
         warnings.append(f"BodyPartExamined is {body_part}, not CHEST")
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        warnings.append("burned-in annotation: the pixels may show patient data; don't share this image or its "
+                        "Grad-CAM overlay outside your institution")
     if "PixelData" not in ds:
         raise DicomError(f"{name}: a DICOM file without an image (no Pixel Data)")
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
