@@ -139,7 +139,7 @@ def bomb_png():
 
 @pytest.mark.parametrize("request_kwargs, status, words", [
     ({"files": [("files", ("cut.jpeg", truncated_jpeg(), "image/jpeg"))]}, 400, "cut.jpeg"),
-    ({"data": b"name,age\nx,3\n", "headers": {"Content-Type": "image/png"}}, 415, "not a JPEG, PNG or BMP"),
+    ({"data": b"name,age\nx,3\n", "headers": {"Content-Type": "image/png"}}, 415, "not a JPEG, PNG, BMP or DICOM"),
     ({"files": [("files", ("notes.txt", b"hello", "text/plain"))]}, 415, "notes.txt"),
     ({"files": [("files", ("bomb.png", bomb_png(), "image/png"))]}, 413, "pixels"),
     ({"data": os.urandom(MAX_UPLOAD_MB * 2 ** 20 + 1), "headers": {"Content-Type": "image/png"}}, 413, "limit"),
