@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cxr.backbones import NAMES as BACKBONES
 from cxr.config import MONITORS, Config
+from cxr.distribute import STRATEGIES
 from cxr.data.pipeline import AUGMENTATIONS
 from cxr.errors import UserError
 
@@ -105,6 +106,9 @@ def _add_train_options(parser):
         help="pick the highest threshold reaching this sensitivity on validation (default 0.95); "
              "'youden' maximises Youden's J instead")
     add("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the confidence intervals")
+    add("--strategy", choices=STRATEGIES, default=d.strategy,
+        help="tf.distribute: auto (mirrored on 2+ GPUs, else none), none, or mirrored (every GPU, else every logical "
+             "CPU); --batch-size is the global batch, split between the replicas")
     add("--resume", action="store_true",
         help="continue the interrupted run in --output-dir from its last completed epoch (same options and data)")
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 from cxr.backbones import NAMES as BACKBONES
 from cxr.data.pipeline import AUGMENTATIONS
+from cxr.distribute import STRATEGIES
 from cxr.errors import UserError
 
 MONITORS = ("val_accuracy", "val_auc", "val_loss")
@@ -57,11 +58,13 @@ class Config:
     target_sensitivity: Optional[float] = 0.95
     bootstrap: int = 2000  # resamples for the confidence intervals; 0 turns them off
     resume: bool = False  # go on with the killed run in output_dir (same options and data) from its last epoch
+    strategy: str = "auto"  # distribute.STRATEGIES; --batch-size is the global batch across its replicas
 
     def validate(self):
         """Raise UserError for option values no run could use."""
         checks = [
             (self.img_size >= 32, f"--img-size must be at least 32, got {self.img_size}"),
+            (self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (0 < self.val_split < 1, f"--val-split must be between 0 and 1, got {self.val_split}"),

@@ -36,20 +36,40 @@ def fast_inference(model, model_path=None, n_images=None, digest=None):
 
     # A model saved in mixed precision loads as float32 but keeps its layers' bfloat16, which LiteRT can't take.
     if tf.config.list_physical_devices("GPU") or any(layer.compute_dtype != "float32" for layer in model.layers):
-        return model, "keras"
+        return keras_predictor(model), "keras"
     try:
         cached = cache_path(model_path, digest) if model_path else None
         if cached and cached.is_file():
             return load_cached(cached), "litert"
         if n_images is not None and n_images < MIN_IMAGES_TO_CONVERT:
-            return model, "keras"
+            return keras_predictor(model), "keras"
         flatbuffer = to_flatbuffer(model)
         if cached:
             _write_cache(cached, flatbuffer)
         return LiteRTModel(flatbuffer), "litert"
     except Exception as error:  # an op LiteRT lacks: Keras gives the same answers, only slower
         warn(f"LiteRT could not run the model ({str(error).splitlines()[0][:120]}); running it in Keras")
-        return model, "keras"
+        return keras_predictor(model), "keras"
+
+
+def keras_predictor(model):
+    """`model` itself, or, for a model built under a tf.distribute strategy with several replicas, a
+    predictor that calls it directly: there Keras 3's `predict_on_batch` returns every replica's copy of the
+    outputs (twice as many rows on two replicas)."""
+    if getattr(model, "distribute_strategy", None) is None or model.distribute_strategy.num_replicas_in_sync == 1:
+        return model
+    return _CalledModel(model)
+
+
+class _CalledModel:
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self.input_shape, self.output_shape = model.input_shape, model.output_shape
+
+    def predict_on_batch(self, x):
+        return self._call(np.asarray(x, dtype=np.float32)).numpy()
 
 
 def cached_conversion(model_path, digest=None):

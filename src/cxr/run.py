@@ -16,9 +16,13 @@ from cxr.config import Config
 from cxr.errors import UserError, warn
 
 
-def setup_runtime(config):
-    """Seeds, determinism and the dtype policy, before any model is built."""
+def setup_runtime(config, strategy="none"):
+    """The tf.distribute strategy, seeds, determinism and the dtype policy, before any model is built; returns
+    `distribute.make_strategy`'s pair."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from cxr import distribute
+
+    distributed = distribute.make_strategy(strategy)
     import keras
     import tensorflow as tf
 
@@ -28,6 +32,7 @@ def setup_runtime(config):
     gpu = bool(tf.config.list_physical_devices("GPU"))
     policy = ("mixed_float16" if gpu else "mixed_bfloat16") if config.mixed_precision else "float32"
     keras.mixed_precision.set_global_policy(policy)
+    return distributed
 
 
 def train(config):
@@ -47,7 +52,7 @@ def train(config):
     print(describe(dataset), flush=True)
     positive = positive_class(dataset.class_names, config.positive_class)
 
-    setup_runtime(config)
+    strategy, distribution = setup_runtime(config, config.strategy)
     import keras
 
     from cxr import artifacts, models, resume
@@ -61,7 +66,7 @@ def train(config):
     state = resume.RunState.load(outputs.staging, fingerprint) if config.resume else None
     dataset.decode(config.img_size, outputs.cache, strict=config.strict)
     class_names = dataset.class_names
-    builder = models.Builder(weight_decay=config.weight_decay, label_smoothing=config.label_smoothing)
+    builder = models.Builder(strategy, weight_decay=config.weight_decay, label_smoothing=config.label_smoothing)
     model = builder.classifier(config.backbone, len(class_names), config.weights, config.img_size, config.dropout)
     frozen_layers = (config.frozen_layers if config.frozen_layers is not None
                      else models.default_frozen_layers(model, config.backbone))
@@ -89,7 +94,8 @@ def train(config):
     artifacts.write_splits(outputs.reports / "splits.csv", dataset)
     summary = artifacts.summary(evaluation, context, timings={k: round(v, 2) for k, v in result.seconds.items()},
                                 final_phase=result.final_phase, history=result.history,
-                                precision=keras.mixed_precision.global_policy().name, inference=classifier.engine)
+                                precision=keras.mixed_precision.global_policy().name, inference=classifier.engine,
+                                strategy=distribution)
     write_json(outputs.reports / "summary.json", summary)
     return summary
 

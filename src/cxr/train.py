@@ -30,7 +30,7 @@ from cxr import resume
 from cxr.atomic import atomic_path
 from cxr.data.pipeline import DiskArray, make_dataset, write_array
 from cxr.errors import UserError, warn
-from cxr.litert import fast_inference
+from cxr.litert import fast_inference, keras_predictor
 from cxr.models import freeze_backbone, unfreeze_backbone
 
 PHASE1_CHECKPOINT = "best_feature_extractor.keras"
@@ -249,7 +249,8 @@ class CachedInputs:
                 def blocks():
                     ds = make_dataset(arrays, np.arange(len(arrays)), np.zeros((len(arrays), 1), np.float32),
                                       self.config.batch_size)
-                    return (self.pooled.predict_on_batch(x) for x, _ in ds)
+                    pooled = keras_predictor(self.pooled)
+                    return (pooled.predict_on_batch(x) for x, _ in ds)
 
                 return self._array(name, (len(arrays), *self.pooled.output.shape[1:]), blocks)
 
@@ -304,7 +305,8 @@ def train(model, dataset, config, run):
                             {"fingerprint": run.fingerprint, "phase": phase.number, "history": result.history,
                              "seconds": result.seconds, "best_of": best_of},
                             weights_of, lambda before=seconds_before, began=start: before + time.perf_counter() - began)
-        restore = [state.restore(model, trainable, callbacks)] if resuming else []
+        with run.builder.scope():  # the optimizer's variables are built here: under the strategy, if any
+            restore = [state.restore(model, trainable, callbacks)] if resuming else []
         if resuming and (state.info["stopped"] or initial_epoch >= config.epochs):
             best = state.list_of("early-best")  # the phase had ended: finish it as EarlyStopping would have
             if best:
