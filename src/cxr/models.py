@@ -16,10 +16,9 @@ from cxr.errors import UserError
 
 
 class Builder:
-    """Builds and compiles every model and sub-model of a run, inside `scope()`.
-
-    The scope is the default one today; a tf.distribute strategy's scope goes here, so that every variable
-    and optimizer slot of a run is created under it.
+    """Builds and compiles every model and sub-model of a run, inside `scope()`: the tf.distribute strategy's
+    (`distribute.make_strategy`), so that every variable and optimizer slot of a run is created under it, or
+    the default scope without one.
     """
 
     def __init__(self, strategy=None, weight_decay=0.0, label_smoothing=0.0):
