@@ -80,7 +80,8 @@ def test_decompression_bombs_are_unreadable_images_not_crashes(tmp_path):
     bomb = decompression_bomb(tmp_path / "bomb.png")
     with pytest.raises(UnreadableImage, match="bomb.png"):
         decode_image(bomb, 32)
-    assert try_decode(bomb, 32) is None
+    image, reason = try_decode(bomb, 32)
+    assert image is None and "decompression bomb" in reason
 
 
 def test_explain_gives_every_input_its_own_overlay_name(tmp_path):
@@ -295,10 +296,15 @@ def test_a_write_failure_after_training_is_one_line_naming_the_path(shared_tmp):
     assert not list(out.rglob("*.partial*"))
 
 
-def test_a_folder_of_dicom_files_says_so(tmp_path):
+def test_a_damaged_dicom_among_the_images_is_skipped_saying_which_and_why(tmp_path, capsys):
     from cxr.data.split import prepare_splits
 
-    (tmp_path / "train" / "NORMAL").mkdir(parents=True)
-    (tmp_path / "train" / "NORMAL" / "a.dcm").write_bytes(b"\0" * 128 + b"DICM")
-    with pytest.raises(UserError, match="1 DICOM files are not read yet"):
-        prepare_splits(Config(data_dir=tmp_path))
+    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
+        for i in range(10):
+            write_image(tmp_path / "train" / name / f"{name}{i}.png", seed=c * 50 + i)
+    (tmp_path / "train" / "NORMAL" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)  # no extension
+    dataset = prepare_splits(Config(data_dir=tmp_path))
+    assert any(p.name == "IM0001" for p in dataset.paths)  # a DICOM by its content
+    dataset.decode(16, tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable or refused images" in err and "IM0001 (" in err and "DICOM" in err

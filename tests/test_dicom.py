@@ -137,6 +137,24 @@ def test_compressed_transfer_syntaxes_decode_to_the_same_image(tmp_path, syntax)
     assert np.array_equal(decode(tmp_path / "compressed.dcm", SIZE).pixels, decode(tmp_path / "plain.dcm", SIZE).pixels)
 
 
+def test_baseline_jpeg_dicom_decodes_through_pillow(tmp_path):
+    """Baseline JPEG has no encoder in pydicom: the frame is Pillow's JPEG, encapsulated as a PACS would."""
+    import io
+
+    from pydicom.uid import JPEGBaseline8Bit
+
+    g = grey_xray()
+    frame = io.BytesIO()
+    Image.fromarray(g).save(frame, "JPEG", quality=95)
+    ds = write_dicom(tmp_path / "plain.dcm", g)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([frame.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "jpeg.dcm", enforce_file_format=True)
+    reference = decode(tmp_path / "plain.dcm", SIZE).pixels.astype(int)
+    assert np.abs(decode(tmp_path / "jpeg.dcm", SIZE).pixels.astype(int) - reference).mean() < 2  # JPEG's loss
+
+
 def test_rgb_secondary_capture_is_taken_as_is(tmp_path):
     with Image.open(XRAY) as img:
         rgb = np.asarray(img.convert("RGB"))

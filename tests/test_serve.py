@@ -205,6 +205,13 @@ def test_serve_mistakes_are_one_line_errors(tiny_run, tmp_path, capsys):
         port = str(taken.getsockname()[1])
         assert main(["serve", "--model", str(tiny_run / "models/model.h5"), "--port", port]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    with socket.socket() as taken:  # beyond loopback: a warning first (the taken port then stops it)
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--model", str(tiny_run / "models/model.h5"), "--host", "0.0.0.0", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert "anyone who can reach this machine" in err and "--api-key" in err
 
 
 def test_the_page_shows_the_apis_answer_and_the_overlay_in_chromium(server, tmp_path):

@@ -71,9 +71,15 @@ def is_dicom(source):
 
 
 def _open(source, **options):
-    import pydicom
+    import logging
+    import warnings
 
+    import pydicom
     from pydicom.errors import InvalidDicomError
+
+    # pydicom warns (and logs) about every irregularity it reads past; cxr says what matters in its own words
+    warnings.filterwarnings("ignore", module=r"pydicom\.")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
     handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
