@@ -1,7 +1,10 @@
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +76,21 @@ def tiny_run(tmp_path_factory):
                             env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "outputs"
+
+
+def kill_after_epoch(child, output_dir, phase, timeout=300):
+    """SIGKILL the training process `child` as soon as the resume state in `output_dir` has an epoch of
+    `phase` done; wait for it to die."""
+    state_file = Path(output_dir) / "models/.staging/resume/state.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("phase") == phase and state.get("epoch", 0) >= 1:
+            child.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, f"the run ended before it could be killed in phase {phase}"

@@ -3,14 +3,12 @@ artifacts, predicts one row per image and resumes after a kill. Each run is a ch
 devices must be set before TensorFlow starts."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, kill_after_epoch
 
 TWO_CPUS = """
 import sys
@@ -58,20 +56,7 @@ def test_a_mirrored_run_killed_after_an_epoch_resumes_to_the_numbers_of_an_unint
     _, err = whole_run.communicate(timeout=600)
     assert whole_run.returncode == 0, err[-3000:]
     whole = json.loads((tmp_path / "whole/reports/summary.json").read_text())
-    state_file = tmp_path / "cut/models/.staging/resume/state.json"
-    child = on_two_cpus(*options, "--output-dir", str(tmp_path / "cut"))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and child.poll() is None:
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            state = {}
-        if state.get("phase") == 1 and state.get("epoch", 0) >= 1:
-            child.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    child.communicate(timeout=60)
-    assert child.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_epoch(on_two_cpus(*options, "--output-dir", str(tmp_path / "cut")), tmp_path / "cut", phase=1)
     resumed = on_two_cpus(*options, "--output-dir", str(tmp_path / "cut"), "--resume")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]

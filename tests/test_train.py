@@ -50,33 +50,20 @@ def test_robust_augmentation_reaches_training_views_only(xray_raw, tmp_path):
 def test_a_run_killed_in_phase_2_resumes_to_the_numbers_of_an_uninterrupted_run(xray_raw, tmp_path, capsys):
     import json
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from cxr.cli import main
-    from tests.test_cli import TINY
+    from tests.conftest import TINY, kill_after_epoch
 
     options = ["--data-dir", str(xray_raw), "--deterministic", *TINY, "--epochs", "8", "--patience", "8"]
     assert main(["train", *options, "--output-dir", str(tmp_path / "whole")]) == 0
     whole = json.loads((tmp_path / "whole/reports/summary.json").read_text())
 
-    state_file = tmp_path / "cut/models/.staging/resume/state.json"
     child = subprocess.Popen([sys.executable, "-m", "cxr", "train", *options, "--output-dir", str(tmp_path / "cut")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and child.poll() is None:
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            state = {}
-        if state.get("phase") == 2 and state.get("epoch", 0) >= 1:
-            child.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert child.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed in phase 2"
+    kill_after_epoch(child, tmp_path / "cut", phase=2)
     assert not (tmp_path / "cut/reports/summary.json").exists()
 
     capsys.readouterr()
