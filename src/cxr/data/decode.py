@@ -1,7 +1,9 @@
-"""The one decode function: an image file -> a (size, size, 3) uint8 RGB array, for every command.
+"""The one decode function: an image file (JPEG, PNG, BMP or DICOM; a path or an upload's bytes) -> a
+(size, size, 3) uint8 RGB array, for every command.
 
-Training, evaluation, predict and explain all decode through `decode_image`, so a file reads the same
-everywhere and fails the same way everywhere: as `UnreadableImage`, never as a library's own exception.
+Training, evaluation, calibrate, predict, explain and serve all decode through `decode` / `decode_image`, so
+a file reads the same everywhere and fails the same way everywhere: as `UnreadableImage` (or its subclasses
+`ImageTooLarge` and `RefusedImage`), never as a library's own exception. DICOM's pixel pipeline is in `dicom`.
 """
 
 import io
