@@ -82,7 +82,9 @@ def test_model_card_says_what_a_deployment_needs(exported, tiny_run):
 
 def test_export_adds_to_its_own_folder_and_refuses_another_models(exported, tiny_run, tmp_path, capsys):
     model = str(tiny_run / "models/model.h5")
+    (exported / ".export-killed").mkdir()  # what a killed export leaves behind
     assert main(["export", "--model", model, "--format", "tflite", "--output-dir", str(exported)]) == 0
+    assert not (exported / ".export-killed").exists()
     assert set(json.loads((exported / "model-card.json").read_text())["exports"]) == {"savedmodel", "tflite", "onnx"}
     other = tmp_path / "other"
     other.mkdir()

@@ -35,6 +35,8 @@ def export(model_path, formats, output_dir):
     output_dir = Path(output_dir)
     card = _card_to_extend(output_dir, model)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in [*output_dir.glob(".export-*"), *output_dir.glob(f".{FORMATS['savedmodel']}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # the work folders of an export that was killed
     written = []
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as work:
         saved_model_dir = Path(work) / FORMATS["savedmodel"]
