@@ -72,18 +72,15 @@ class Classifier:
         self._requests.put((pixels, future))
         return future
 
-    def overlay_png(self, data, pixels, target):
-        """PNG bytes: the Grad-CAM map of class index `target` over a sharp copy of the uploaded image."""
-        from PIL import Image
-
+    def explain(self, data, pixels, target):
+        """(the uploaded image decoded at 512 px or more, the Grad-CAM map of class index `target` over it), both
+        uint8 RGB arrays; `pixels` is the model's input decoded from the same bytes `data`."""
         from cxr.evaluate import gradcam
 
         with self._keras_lock:
             heatmap = gradcam.heatmaps(self.model.keras_model, pixels[None], [target])[0]
-        shown = decode(data, max(self.model.img_size, 512)).pixels
-        buffer = io.BytesIO()
-        Image.fromarray(gradcam.overlay(shown, heatmap)).save(buffer, "PNG")
-        return buffer.getvalue()
+        shown = decode(data, max(self.model.img_size, 512)).pixels  # a sharper copy than the model's input
+        return shown, gradcam.overlay(shown, heatmap)
 
     def _work(self):
         try:
@@ -251,10 +248,10 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
         for (name, data), (image, warnings), p, label in zip(uploads, decoded, probabilities, labels):
             record = prediction_record(name, p, label, warnings)
             if explain:
-                png = await run_in_threadpool(classifier.overlay_png, data, image.pixels, int(label))
-                record["overlay"] = data_uri(png)
-                if sniff(data) == DICOM:  # browsers can't show DICOM: the page shows this instead
-                    record["image"] = data_uri(await run_in_threadpool(rendered_png, data))
+                shown, overlay = await run_in_threadpool(classifier.explain, data, image.pixels, int(label))
+                record["overlay"] = png_data_uri(overlay)
+                if sniff(data) == DICOM:  # browsers can't show DICOM: the page shows it as cxr rendered it
+                    record["image"] = png_data_uri(shown)
             predictions.append(record)
         return {"model_sha256": model.sha256, "predictions": predictions}
 
@@ -296,17 +293,13 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
     return app
 
 
-def data_uri(png):
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def rendered_png(data, size=512):
-    """PNG bytes of an uploaded image as cxr decodes it (for DICOM: after the VOI window and inversion)."""
+def png_data_uri(pixels):
+    """A uint8 RGB array as a `data:image/png;base64,...` URI."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(decode(data, size).pixels).save(buffer, "PNG")
-    return buffer.getvalue()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def is_loopback(host):
