@@ -1,13 +1,17 @@
-"""`--strategy mirrored` on CPU: MirroredStrategy over two logical CPU devices trains, writes the usual
-artifacts, predicts one row per image and resumes after a kill. Each run is a child process, because logical
-devices must be set before TensorFlow starts."""
+"""tf.distribute on CPU. `--strategy mirrored`: MirroredStrategy over two logical CPU devices trains, writes
+the usual artifacts, predicts one row per image and resumes after a kill. `--strategy multiworker`: two worker
+processes on 127.0.0.1 (TF_CONFIG, free ports) train one job; only the chief writes. Each run is a child
+process: logical devices and the cluster must be set before TensorFlow starts."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from cxr.distribute import cluster_role
 from tests.conftest import TINY, kill_after_epoch
 
 TWO_CPUS = """
@@ -61,6 +65,107 @@ def test_a_mirrored_run_killed_after_an_epoch_resumes_to_the_numbers_of_an_unint
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert "Resuming phase 1 after epoch" in out
+    summary = json.loads((tmp_path / "cut/reports/summary.json").read_text())
+    assert [(e["phase"], e["epoch"]) for e in summary["history"]] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert summary["history"] == whole["history"] and summary["metrics"] == whole["metrics"]
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(args, tmp_path, n=2):
+    """`cxr train args` as the n workers of one job on 127.0.0.1 (TF_CONFIG), each with its own TMPDIR."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(n)]}
+    workers = []
+    for index in range(n):
+        tmp = tmp_path / f"tmp-worker{index}"
+        tmp.mkdir(exist_ok=True)
+        env = os.environ | {"TMPDIR": str(tmp), "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                          "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen([sys.executable, "-m", "cxr", *args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env))
+    return workers
+
+
+def finish(workers, timeout=600):
+    results = [worker.communicate(timeout=timeout) for worker in workers]
+    for worker, (_, err) in zip(workers, results):
+        assert worker.returncode == 0, err[-3000:]
+    return [out for out, _ in results]
+
+
+@pytest.fixture
+def worker_options(xray_raw):
+    return ["train", "--data-dir", str(xray_raw), "--deterministic", *TINY, "--epochs", "2", "--patience", "2",
+            "--bootstrap", "20"]
+
+
+def test_two_workers_on_loopback_leave_one_set_of_artifacts_and_match_a_one_worker_run(worker_options, xray_raw,
+                                                                                     tmp_path):
+    outputs = finish(start_workers([*worker_options, "--strategy", "multiworker", "--output-dir",
+                                    str(tmp_path / "job")], tmp_path))
+    assert "worker 1: training done; the chief writes the model and reports" in outputs[1]
+    assert "Outputs in" in outputs[0] and "Outputs in" not in outputs[1]
+    summary = json.loads((tmp_path / "job/reports/summary.json").read_text())
+    assert summary["strategy"] == {"name": "multiworker", "replicas": 2, "workers": 2}
+    assert (tmp_path / "job/models/model.h5").is_file()
+    # the other worker's folder is gone; nothing else was written beside the job's outputs and the data's split
+    assert list((tmp_path / "tmp-worker1").glob("cxr-worker-*")) == []
+    assert {p.name for p in tmp_path.iterdir()} - {"cache"} == {"data", "job", "tmp-worker0", "tmp-worker1"}
+    assert sorted(p.name for p in xray_raw.iterdir()) == ["raw", "split.json", "test", "train", "val"]
+
+    one = subprocess.run([sys.executable, "-m", "cxr", *worker_options, "--strategy", "none", "--output-dir",
+                          str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    alone = json.loads((tmp_path / "one/reports/summary.json").read_text())
+    # the same global batches; only dropout's random draws differ between the two
+    assert [(e["phase"], e["epoch"]) for e in summary["history"]] == [(e["phase"], e["epoch"]) for e in alone["history"]]
+    for job_epoch, alone_epoch in zip(summary["history"], alone["history"]):
+        assert abs(job_epoch["loss"] - alone_epoch["loss"]) < 0.05
+        assert abs(job_epoch["val_loss"] - alone_epoch["val_loss"]) < 0.05
+    assert abs(summary["metrics"]["auc"] - alone["metrics"]["auc"]) < 0.15
+
+
+def test_multiworker_without_a_valid_tf_config_is_one_clear_line(worker_options, tmp_path):
+    for tf_config, says in ((None, "needs TF_CONFIG"), ('{"cluster": {"worker": ["a:1"]}}', "not a valid cluster"),
+                            ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
+                             "not a valid cluster")):
+        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"} | ({"TF_CONFIG": tf_config} if tf_config else {})
+        result = subprocess.run([sys.executable, "-m", "cxr", *worker_options, "--strategy", "multiworker",
+                                 "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_chief_is_the_chief_task_else_worker_0():
+    cluster = {"worker": ["a:1", "b:1"]}
+    role = lambda c, t, i: cluster_role({"TF_CONFIG": json.dumps({"cluster": c, "task": {"type": t, "index": i}})})
+    assert role(cluster, "worker", 0) == (2, "worker 0", True)
+    assert role(cluster, "worker", 1) == (2, "worker 1", False)
+    assert role(cluster | {"chief": ["c:1"]}, "worker", 0) == (3, "worker 0", False)
+    assert role(cluster | {"chief": ["c:1"]}, "chief", 0) == (3, "chief 0", True)
+
+
+def test_a_two_worker_job_killed_after_an_epoch_resumes_to_the_numbers_of_an_uninterrupted_one(worker_options,
+                                                                                               tmp_path):
+    job = [*worker_options, "--strategy", "multiworker", "--epochs", "3", "--patience", "3"]
+    finish(start_workers([*job, "--output-dir", str(tmp_path / "whole")], tmp_path))
+    whole = json.loads((tmp_path / "whole/reports/summary.json").read_text())
+    chief, other = start_workers([*job, "--output-dir", str(tmp_path / "cut")], tmp_path)
+    kill_after_epoch(chief, tmp_path / "cut", phase=1)
+    other.kill()
+    other.wait()
+    outputs = finish(start_workers([*job, "--output-dir", str(tmp_path / "cut"), "--resume"], tmp_path))
+    assert all("Resuming phase 1 after epoch" in out for out in outputs)
+    assert list((tmp_path / "tmp-worker1").glob("cxr-worker-*")) == []  # the killed worker's folder too
     summary = json.loads((tmp_path / "cut/reports/summary.json").read_text())
     assert [(e["phase"], e["epoch"]) for e in summary["history"]] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
     assert summary["history"] == whole["history"] and summary["metrics"] == whole["metrics"]

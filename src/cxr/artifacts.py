@@ -82,6 +82,18 @@ class Outputs:
             return self
 
 
+def worker_folder():
+    """A new temporary output folder for a multi-worker job's non-chief worker; the folders of killed workers
+    (their lock's process gone) are removed first, since they may hold large cached layer outputs."""
+    for old in Path(tempfile.gettempdir()).glob("cxr-worker-*"):
+        holder = _lock_holder(old / LOCK_FILE)
+        if holder is None or not _alive(holder):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix="cxr-worker-")
+    Outputs(folder).lock()  # at once: another worker starting on this machine must not take it for a dead one's
+    return folder
+
+
 def _lock_holder(path):
     try:
         return int(path.read_text().strip())

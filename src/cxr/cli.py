@@ -107,8 +107,9 @@ def _add_train_options(parser):
              "'youden' maximises Youden's J instead")
     add("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the confidence intervals")
     add("--strategy", choices=STRATEGIES, default=d.strategy,
-        help="tf.distribute: auto (mirrored on 2+ GPUs, else none), none, or mirrored (every GPU, else every logical "
-             "CPU); --batch-size is the global batch, split between the replicas")
+        help="tf.distribute: auto (mirrored on 2+ GPUs, else none), none, mirrored (every GPU, else every logical "
+             "CPU), or multiworker (the machines in $TF_CONFIG; run the same command on each); --batch-size is the "
+             "global batch, split between the replicas")
     add("--resume", action="store_true",
         help="continue the interrupted run in --output-dir from its last completed epoch (same options and data)")
 
@@ -186,6 +187,8 @@ def main(argv=None):
             from cxr import run
 
             summary = run.train(config_from_args(args))
+            if summary is None:  # a multi-worker job's other worker: the chief wrote the outputs
+                return 0
             print_headline(summary)
             print(f"Outputs in {args.output_dir}/ (models/model.h5, reports/report.html, reports/summary.json, plots/)")
         elif args.command == "predict":

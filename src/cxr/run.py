@@ -8,6 +8,7 @@ TensorFlow is imported only once a step needs it, so option and data errors answ
 
 import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from cxr.atomic import write_json
 from cxr.config import Config
 from cxr.errors import UserError, warn
 
+SPLIT_WAIT_SECONDS = 600  # how long a multi-worker job's other workers wait for the chief to split raw/
+
 
 def setup_runtime(config, strategy="none"):
     """The tf.distribute strategy, seeds, determinism and the dtype policy, before any model is built; returns
-    `distribute.make_strategy`'s pair."""
+    the `distribute.Distribution`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from cxr import distribute
 
@@ -36,23 +39,44 @@ def setup_runtime(config, strategy="none"):
 
 
 def train(config):
-    """Train, evaluate on the test split and write every artifact; returns the summary dict."""
-    from cxr.artifacts import Outputs
-    from cxr.data.split import describe, prepare_splits
-    from cxr.inference import positive_class
+    """Train, evaluate on the test split and write every artifact; returns the summary dict.
 
-    started = time.perf_counter()
+    In a multi-worker job (`--strategy multiworker`) every worker calls this; the chief returns the summary,
+    the others train in step with it in a temporary folder, remove it and return None.
+    """
+    from cxr import distribute
+
     config.validate()
     data_dir, output_dir = Path(config.data_dir).resolve(), Path(config.output_dir).resolve()
     if any(output_dir == data_dir / layout or data_dir / layout in output_dir.parents for layout in ("train", "raw")):
         raise UserError(f"--output-dir {config.output_dir} is inside the data's {output_dir.relative_to(data_dir).parts[0]}/"
                         " folder, where its files would be taken for images; choose a folder outside it")
-    outputs = Outputs(config.output_dir).prepare(resume=config.resume)
-    dataset = prepare_splits(config)
+    if config.strategy != "multiworker" or distribute.cluster_role()[2]:
+        return _train(config, config.output_dir, chief=True)
+    from cxr.artifacts import worker_folder
+
+    worker_dir = worker_folder()
+    try:
+        _train(config, worker_dir, chief=False)
+    finally:
+        shutil.rmtree(worker_dir, ignore_errors=True)
+    return None
+
+
+def _train(config, output_dir, chief):
+    """`train`, writing into `output_dir`: --output-dir on the chief, a worker's own temporary folder elsewhere
+    (where the decode cache and frozen-layer outputs are computed again: no storage need be shared)."""
+    from cxr.artifacts import Outputs
+    from cxr.data.split import describe, prepare_splits
+    from cxr.inference import positive_class
+
+    started = time.perf_counter()
+    outputs = Outputs(output_dir).prepare(resume=config.resume)
+    dataset = prepare_splits(config, split_wait=None if chief else SPLIT_WAIT_SECONDS)
     print(describe(dataset), flush=True)
     positive = positive_class(dataset.class_names, config.positive_class)
 
-    strategy, distribution = setup_runtime(config, config.strategy)
+    distribution = setup_runtime(config, config.strategy)
     import keras
 
     from cxr import artifacts, models, resume
@@ -63,10 +87,11 @@ def train(config):
     from cxr.train import TrainingRun, default_phases, train as train_phases
 
     fingerprint = resume.fingerprint(config, cache_key(dataset.paths, config.img_size))
-    state = resume.RunState.load(outputs.staging, fingerprint) if config.resume else None
+    # every worker restores the chief's state: a resumed multi-worker job needs --output-dir on shared storage
+    state = resume.RunState.load(Outputs(config.output_dir).staging, fingerprint) if config.resume else None
     dataset.decode(config.img_size, outputs.cache, strict=config.strict)
     class_names = dataset.class_names
-    builder = models.Builder(strategy, weight_decay=config.weight_decay, label_smoothing=config.label_smoothing)
+    builder = models.Builder(distribution.strategy, weight_decay=config.weight_decay, label_smoothing=config.label_smoothing)
     model = builder.classifier(config.backbone, len(class_names), config.weights, config.img_size, config.dropout)
     frozen_layers = (config.frozen_layers if config.frozen_layers is not None
                      else models.default_frozen_layers(model, config.backbone))
@@ -74,8 +99,11 @@ def train(config):
 
     run = TrainingRun(builder, default_phases(config, frozen_layers), frozen_layers, outputs.staging, outputs.logs,
                       resume=state, fingerprint=fingerprint)
-    with tensorboard(outputs.logs, config.port):
+    with tensorboard(outputs.logs, config.port if chief else None):
         result = train_phases(model, dataset, config, run)
+    if not chief:
+        print(f"{distribution.task}: training done; the chief writes the model and reports", flush=True)
+        return None
 
     print("Fitting the calibration and the operating point on validation; evaluating on test", flush=True)
     classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone)
@@ -95,7 +123,7 @@ def train(config):
     summary = artifacts.summary(evaluation, context, timings={k: round(v, 2) for k, v in result.seconds.items()},
                                 final_phase=result.final_phase, history=result.history,
                                 precision=keras.mixed_precision.global_policy().name, inference=classifier.engine,
-                                strategy=distribution)
+                                strategy=distribution.record())
     write_json(outputs.reports / "summary.json", summary)
     return summary
 

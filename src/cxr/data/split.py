@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -216,16 +217,35 @@ def split_raw(data_dir, config):
     print(f"Split {raw} into train/val/test under {data_dir} (seed {config.seed}, by patient and duplicate)")
 
 
-def prepare_splits(config):
+def wait_for_split(data_dir, timeout):
+    """Wait up to `timeout` seconds for another process (a multi-worker job's chief) to split raw/ in
+    `data_dir`: split_raw writes the manifest last."""
+    print(f"Waiting for the chief worker to split {Path(data_dir) / 'raw'} into train/val/test", flush=True)
+    deadline = time.monotonic() + timeout
+    while not (Path(data_dir) / MANIFEST).is_file():
+        if time.monotonic() > deadline:
+            raise UserError(f"{data_dir}: the chief worker did not split raw/ within {timeout:.0f} s; in a multi-worker "
+                            "job put the data folder on storage every worker reads, or give each machine the same "
+                            "train/ (and val/, test/) folders")
+        time.sleep(1)
+
+
+def prepare_splits(config, split_wait=None):
     """The data folder as a Dataset with train/val/test splits (not yet decoded), splitting or carving as the
-    layout needs."""
+    layout needs.
+
+    `split_wait`: None to split raw/ here when it must be split, or the seconds to wait for another process
+    to do it (the other workers of a multi-worker job, which never write into the data folder).
+    """
     data_dir = Path(config.data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: no such folder; point --data-dir at a folder with train/<Class>/ or raw/<Class>/")
     train_dir = data_dir / "train"
     has_train = train_dir.is_dir() and any(is_image_file(p) for p in walk_files(train_dir))
     if not has_train:
-        if (data_dir / "raw").is_dir():
+        if (data_dir / "raw").is_dir() and split_wait is not None:
+            wait_for_split(data_dir, split_wait)
+        elif (data_dir / "raw").is_dir():
             split_raw(data_dir, config)
         else:
             raise UserError(f"{data_dir}: found neither train/<Class>/ nor raw/<Class>/ with images; put your class "
