@@ -1,16 +1,21 @@
-"""One replica or two: `cxr train --strategy none` vs `--strategy mirrored` over two logical CPU devices.
+"""One replica or two, one worker or two: `cxr train` under each `--strategy` on the same images.
 
     .venv/bin/python benchmarks/bench_distribute.py [--per-class 150] [--epochs 3]
 
-Both runs use the same images (the first --per-class of each class of the real train folder, linked into a
-train/ folder), Lite0 with ImageNet weights at 224 px, the same seed and global batch; each runs in a child
-process, because logical devices must be set before TensorFlow starts. Prints per phase the seconds and the
-training images per second (images x epochs run / seconds), and the test AUC. On one 2-core CPU, two replicas
-share the same two cores: expect no gain; the point is that the same command runs on several devices.
+Every run uses the same images (the first --per-class of each class of the real train folder, linked into a
+train/ folder), Lite0 with ImageNet weights at 224 px, the same seed and global batch:
+- none: one process, one replica;
+- mirrored: one process, MirroredStrategy over two logical CPU devices;
+- multiworker x1 / x2: MultiWorkerMirroredStrategy, one or two worker processes on 127.0.0.1 (TF_CONFIG).
+Prints per phase the seconds and the training images per second (images x epochs run / seconds, on the chief),
+and the test AUC. On one 2-core CPU, two replicas or two workers share the same two cores and add an all-reduce
+per step: expect no gain; the point is that the same command runs on several devices or machines.
 """
 
 import argparse
 import json
+import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +33,32 @@ from cxr.cli import main
 
 sys.exit(main(sys.argv[2:]))
 """
+RUNS = (("none", "none", 1, 1), ("mirrored", "mirrored", 2, 1), ("multiworker x1", "multiworker", 1, 1),
+        ("multiworker x2", "multiworker", 1, 2))  # label, --strategy, logical CPUs per process, processes
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def train(args, strategy, devices, workers):
+    """Run one job of `workers` processes to the end."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(workers)]}
+    processes = []
+    for index in range(workers):
+        env = os.environ.copy()
+        if strategy == "multiworker":
+            env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen([sys.executable, "-c", CHILD, str(devices), "train", *args, "--strategy",
+                                           strategy], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    if any(p.wait() != 0 for p in processes):
+        raise SystemExit(f"a {strategy} run failed; run its command by hand to see why: {args}")
 
 
 def main():
@@ -41,17 +72,16 @@ def main():
         for image in sorted(class_dir.iterdir())[:args.per_class]:
             (work / "data" / "train" / class_dir.name / image.name).symlink_to(image)
     print(f"{args.per_class} images per class from {TRAIN}, {args.epochs} epochs per phase, Lite0 224 px, batch 32")
-    print("| strategy | replicas | phase 1 s | phase 1 img/s | phase 2 s | phase 2 img/s | test AUC |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for strategy, devices in (("none", 1), ("mirrored", 2)):
-        out = work / strategy
-        subprocess.run([sys.executable, "-c", CHILD, str(devices), "train", "--data-dir", str(work / "data"),
-                        "--output-dir", str(out), "--strategy", strategy, "--backbone", "efficientnet-lite0",
-                        "--epochs", str(args.epochs), "--patience", str(args.epochs), "--bootstrap", "0"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print("| strategy | processes | replicas | phase 1 s | phase 1 img/s | phase 2 s | phase 2 img/s | test AUC |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, strategy, devices, workers in RUNS:
+        out = work / label.replace(" ", "-")
+        train(["--data-dir", str(work / "data"), "--output-dir", str(out), "--backbone", "efficientnet-lite0",
+               "--epochs", str(args.epochs), "--patience", str(args.epochs), "--bootstrap", "0"],
+              strategy, devices, workers)
         summary = json.loads((out / "reports" / "summary.json").read_text())
         images = sum(summary["counts"]["train"].values())
-        row = [strategy, str(summary["strategy"]["replicas"])]
+        row = [label, str(workers), str(summary["strategy"]["replicas"])]
         for phase in (1, 2):
             epochs = sum(1 for e in summary["history"] if e["phase"] == phase)
             seconds = summary["timings"][f"phase{phase}_seconds"]
