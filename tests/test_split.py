@@ -1,5 +1,6 @@
 import hashlib
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,16 @@ def test_symlinked_folders_are_followed_once_and_hidden_folders_left_out(tmp_pat
     (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "elsewhere")  # a link loop ends
     names = sorted(p.name for p in list_images(tmp_path / "data", ["NORMAL"])["NORMAL"])
     assert names == ["a.png", "linked0.png", "linked1.png", "linked2.png"]
+
+
+def test_a_process_that_may_not_split_waits_for_another_to_finish_the_split_and_reads_the_same(tmp_path):
+    make_raw(tmp_path, per_class=20)
+    with pytest.raises(UserError, match="did not split raw/ within"):
+        prepare_splits(Config(data_dir=tmp_path), split_wait=1)
+    assert not (tmp_path / "train").exists()  # the waiting process wrote nothing
+    splitter = threading.Timer(1.5, lambda: prepare_splits(Config(data_dir=tmp_path)))
+    splitter.start()
+    waited = prepare_splits(Config(data_dir=tmp_path), split_wait=30)
+    splitter.join()
+    assert waited.counts() == prepare_splits(Config(data_dir=tmp_path)).counts()
+    assert sorted(map(str, waited.paths)) == sorted(map(str, prepare_splits(Config(data_dir=tmp_path)).paths))

@@ -29,6 +29,7 @@ from cxr.errors import UserError, list_paths, warn
 SPLITS = ("train", "val", "test")
 MIN_VAL_IMAGES = 50
 MANIFEST = "split.json"  # written by split_raw: the split is cxr's own, so its val/ is used as it is
+SPLIT_STAGING = ".cxr-split-partial"  # split_raw's work folder, renamed into train/ val/ test/
 # Patient ids in the Kermany chest X-ray file names: person1234_bacteria_1.jpeg, IM-0115-0001.jpeg,
 # NORMAL2-IM-0246-0001-0002.jpeg. The NORMAL2 series numbers its patients on its own, so it keeps its prefix.
 DEFAULT_GROUP_PATTERN = r"^(person\d+|(?:NORMAL2-)?IM-\d+)"
@@ -191,7 +192,7 @@ def split_raw(data_dir, config):
     fractions = {"val": config.val_split, "test": config.test_split}
     assigned = assign_splits(paths, labels, fractions, config.seed, config.group_pattern)
     # Copy into a staging folder and rename it into place, so an interrupted copy never looks like a split.
-    staging = Path(data_dir) / ".cxr-split-partial"
+    staging = Path(data_dir) / SPLIT_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
@@ -208,21 +209,30 @@ def split_raw(data_dir, config):
             shutil.copy2(paths[i], target)
     for split in SPLITS:
         os.replace(staging / split, Path(data_dir) / split)
-    staging.rmdir()
     write_json(Path(data_dir) / MANIFEST, {
         "source": "raw", "seed": config.seed, "val_split": config.val_split, "test_split": config.test_split,
         "group_pattern": config.group_pattern or DEFAULT_GROUP_PATTERN,
         "files": {split: sorted(str(paths[i].relative_to(raw)) for i in idx) for split, idx in assigned.items()},
     })
+    staging.rmdir()  # last: other processes waiting for the split (wait_for_split) take this as its end
     print(f"Split {raw} into train/val/test under {data_dir} (seed {config.seed}, by patient and duplicate)")
 
 
 def wait_for_split(data_dir, timeout):
-    """Wait up to `timeout` seconds for another process (a multi-worker job's chief) to split raw/ in
-    `data_dir`: split_raw writes the manifest last."""
-    print(f"Waiting for the chief worker to split {Path(data_dir) / 'raw'} into train/val/test", flush=True)
+    """Return once `data_dir` holds a complete split of raw/, made by another process (a multi-worker job's
+    chief), waiting up to `timeout` seconds: split_raw's staging folder is gone and train/ has images."""
+    data_dir = Path(data_dir)
+
+    def complete():
+        train = data_dir / "train"
+        return (not (data_dir / SPLIT_STAGING).exists() and train.is_dir()
+                and any(is_image_file(p) for p in walk_files(train)))
+
+    if complete():
+        return
+    print(f"Waiting for the chief worker to split {data_dir / 'raw'} into train/val/test", flush=True)
     deadline = time.monotonic() + timeout
-    while not (Path(data_dir) / MANIFEST).is_file():
+    while not complete():
         if time.monotonic() > deadline:
             raise UserError(f"{data_dir}: the chief worker did not split raw/ within {timeout:.0f} s; in a multi-worker "
                             "job put the data folder on storage every worker reads, or give each machine the same "
@@ -240,12 +250,12 @@ def prepare_splits(config, split_wait=None):
     data_dir = Path(config.data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: no such folder; point --data-dir at a folder with train/<Class>/ or raw/<Class>/")
+    if split_wait is not None and (data_dir / "raw").is_dir():
+        wait_for_split(data_dir, split_wait)
     train_dir = data_dir / "train"
     has_train = train_dir.is_dir() and any(is_image_file(p) for p in walk_files(train_dir))
     if not has_train:
-        if (data_dir / "raw").is_dir() and split_wait is not None:
-            wait_for_split(data_dir, split_wait)
-        elif (data_dir / "raw").is_dir():
+        if (data_dir / "raw").is_dir():
             split_raw(data_dir, config)
         else:
             raise UserError(f"{data_dir}: found neither train/<Class>/ nor raw/<Class>/ with images; put your class "
