@@ -113,6 +113,8 @@ def test_two_workers_on_loopback_leave_one_set_of_artifacts_and_match_a_one_work
                                     str(tmp_path / "job")], tmp_path))
     assert "worker 1: training done; the chief writes the model and reports" in outputs[1]
     assert "Outputs in" in outputs[0] and "Outputs in" not in outputs[1]
+    # no storage is shared: each worker decodes and runs the frozen layers itself, into its own folder
+    assert all("Computing the frozen layers once" in out for out in outputs)
     summary = json.loads((tmp_path / "job/reports/summary.json").read_text())
     assert summary["strategy"] == {"name": "multiworker", "replicas": 2, "workers": 2}
     assert (tmp_path / "job/models/model.h5").is_file()
