@@ -2,12 +2,16 @@
 output, and on a few layers together (issue 13).
 
     .venv/bin/python benchmarks/bench_probe_layers.py [--work /tmp/probe-layers]
+    .venv/bin/python benchmarks/bench_probe_layers.py --inputs
 
 The train folder is split as `cxr train` splits it (seed 42); every image is decoded at 224 px by cxr and
 passed once, un-augmented, through Lite0 with ImageNet weights. For each layer (the residual adds and the
 expanded activations of blocks 4-7, and the top), the global average of its output is standardised and fed
 to a scikit-learn logistic regression (class-balanced); C is chosen among 0.001, 0.01, 0.1 by validation AUC.
 Prints validation, internal test and external_dev AUC. external_dev is only measured: nothing is chosen on it.
+
+--inputs probes the top layer and block5c's add, alone and together, on other inputs instead: histogram
+equalisation or CLAHE (scikit-image, clip limit 0.01) of every image, and the images enlarged to 320 px.
 """
 
 import argparse
@@ -20,31 +24,57 @@ DATA = ROOT.parent / "shared" / "data" / "chest_xray"
 CS = (0.001, 0.01, 0.1)
 
 
-def pooled_layer_outputs(work):
-    """{split: {layer name: (n, channels) array}} and {split: labels} for train, val, test and external_dev."""
-    import keras
-    import tensorflow as tf
-
+def decoded_images(work):
+    """({split: uint8 (n, 224, 224, 3) images}, {split: labels}) for train, val, test and external_dev."""
     from cxr.config import Config
     from cxr.data.split import prepare_splits, read_labelled_folder
-    from cxr.models import build_classifier
 
     dataset = prepare_splits(Config(data_dir=DATA, backbone="efficientnet-lite0"))
     dataset.decode(224, work / "cache")
     external = read_labelled_folder(DATA / "external_dev", dataset.class_names)
-    external.decode(224, work / "cache")
-    model = build_classifier("efficientnet-lite0", 2, "imagenet", 224)
-    names = [layer.name for layer in model.layers if layer.name.startswith(("block4", "block5", "block6", "block7"))
-             and layer.name.endswith(("_add", "expand_activation"))] + ["top_activation"]
-    pooled = keras.Model(model.input, [keras.layers.GlobalAveragePooling2D()(model.get_layer(n).output) for n in names])
-    call = tf.function(lambda x: pooled(x, training=False))
-    features, labels = {}, {}
+    external.decode(224, work / "cache-external")  # a decode cache folder holds one file list
+    images, labels = {}, {}
     for split, data, name in (("train", dataset, "train"), ("val", dataset, "val"), ("test", dataset, "test"),
                               ("external_dev", external, "evaluated")):
         rows, labels[split] = data.split(name)
-        batches = [call(data.images[rows[i:i + 64]].astype(np.float32)) for i in range(0, len(rows), 64)]
+        images[split] = np.asarray(data.images[rows])
+    return images, labels
+
+
+def pooled_layer_outputs(images, names=None, size=224, transform=None):
+    """(layer names, {split: {layer name: (n, channels) array}}): every name ending in _add or expand_activation
+    in blocks 4-7 and the top unless `names` are given; `transform` maps each uint8 image first; the images are
+    resized to `size` inside the graph."""
+    import keras
+    import tensorflow as tf
+
+    from cxr.models import build_classifier
+
+    model = build_classifier("efficientnet-lite0", 2, "imagenet", size)
+    names = names or [layer.name for layer in model.layers if layer.name.startswith(("block4", "block5", "block6", "block7"))
+                      and layer.name.endswith(("_add", "expand_activation"))] + ["top_activation"]
+    pooled = keras.Model(model.input, [keras.layers.GlobalAveragePooling2D()(model.get_layer(n).output) for n in names])
+    call = tf.function(lambda x: pooled(tf.image.resize(x, (size, size)) if size != 224 else x, training=False))
+    features = {}
+    for split, array in images.items():
+        if transform is not None:
+            array = np.stack([transform(image) for image in array])
+        batches = [call(array[i:i + 64].astype(np.float32)) for i in range(0, len(array), 64)]
         features[split] = {n: np.concatenate([b[k].numpy() for b in batches]) for k, n in enumerate(names)}
-    return names, features, labels
+    return names, features
+
+
+def equalize(image):
+    from PIL import Image, ImageOps
+
+    return np.asarray(ImageOps.equalize(Image.fromarray(image[..., 0])).convert("RGB"))
+
+
+def clahe(image):
+    from skimage import exposure
+
+    grey = exposure.equalize_adapthist(image[..., 0], clip_limit=0.01)
+    return np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def probe(features, labels, layers):
@@ -68,15 +98,28 @@ def probe(features, labels, layers):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/probe-layers"))
+    parser.add_argument("--inputs", action="store_true", help="other inputs (see above) instead of every layer")
     args = parser.parse_args()
-    names, features, labels = pooled_layer_outputs(args.work)
-    groups = {name: [name] for name in names}
-    groups["every add of blocks 4-6"] = [n for n in names if n.endswith("_add")]
-    groups["all of the above"] = names
-    print(f"{'features':30s} {'C':>6s} {'val AUC':>8s} {'test AUC':>9s} {'external_dev AUC':>17s}")
-    for label, layers in groups.items():
-        c, aucs = probe(features, labels, layers)
-        print(f"{label:30s} {c:6g} {aucs['val']:8.4f} {aucs['test']:9.4f} {aucs['external_dev']:17.4f}", flush=True)
+    images, labels = decoded_images(args.work)
+    header = f"{'features':30s} {'C':>6s} {'val AUC':>8s} {'test AUC':>9s} {'external_dev AUC':>17s}"
+    if not args.inputs:
+        names, features = pooled_layer_outputs(images)
+        groups = {name: [name] for name in names}
+        groups["every add of blocks 4-6"] = [n for n in names if n.endswith("_add")]
+        groups["all of the above"] = names
+        print(header)
+        for label, layers in groups.items():
+            c, aucs = probe(features, labels, layers)
+            print(f"{label:30s} {c:6g} {aucs['val']:8.4f} {aucs['test']:9.4f} {aucs['external_dev']:17.4f}", flush=True)
+        return
+    print(f"{'input':22s} " + header)
+    for label, size, transform in (("as decoded", 224, None), ("histogram equalised", 224, equalize),
+                                   ("CLAHE", 224, clahe), ("enlarged to 320 px", 320, None)):
+        names, features = pooled_layer_outputs(images, ["block5c_add", "top_activation"], size, transform)
+        for layers in (["top_activation"], ["block5c_add"], names):
+            c, aucs = probe(features, labels, layers)
+            print(f"{label:22s} {' + '.join(layers):30s} {c:6g} {aucs['val']:8.4f} {aucs['test']:9.4f} "
+                  f"{aucs['external_dev']:17.4f}", flush=True)
 
 
 if __name__ == "__main__":
