@@ -28,14 +28,14 @@ STRATEGIES = ("auto", "none", "mirrored", "multiworker")
 
 @dataclass
 class Distribution:
-    """The strategy of a run (None: TensorFlow's default) and this process's place in the job."""
+    """The strategy of a run (None: TensorFlow's default) and this process's place in the job (which one writes:
+    `cluster_role`)."""
 
     strategy: object
     name: str
     replicas: int = 1
     workers: int = 1
     task: str = "worker 0"  # "<type> <index>" from TF_CONFIG
-    is_chief: bool = True  # the one process that writes the outputs
 
     def record(self):
         """What summary.json keeps: {"name", "replicas"} (and "workers" for a multi-worker job)."""
@@ -75,10 +75,10 @@ def make_strategy(name):
     if name == "none":
         return Distribution(None, "none")
     if name == "multiworker":
-        workers, task, is_chief = cluster_role()
+        workers, task, _ = cluster_role()
         _patch_keras_for_multiworker()
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        return Distribution(strategy, name, int(strategy.num_replicas_in_sync), workers, task, is_chief)
+        return Distribution(strategy, name, int(strategy.num_replicas_in_sync), workers, task)
     devices = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
     strategy = tf.distribute.MirroredStrategy(devices=devices)
     return Distribution(strategy, name, int(strategy.num_replicas_in_sync))
