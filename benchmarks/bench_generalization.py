@@ -33,6 +33,7 @@ RECIPES = {
     "default": {},
     "balanced": {"class_weight": "balanced"},
     "robust": {"augment": "robust", "class_weight": "balanced", "monitor": "val_auc"},
+    "deep": {"frozen_layers": 79},  # fine-tunes from block5a instead of the registry's block6c
     "robust-ls": {"augment": "robust", "class_weight": "balanced", "monitor": "val_auc", "label_smoothing": 0.1,
                   "weight_decay": 1e-4},
 }

@@ -5,7 +5,8 @@
 external_dev (the stand-in for another hospital) is split into two patient-disjoint halves, stratified by
 class, with cxr's own splitter. For each direction (calibrate on A, evaluate on B; then B on A) it prints the
 held-out half's sensitivity, specificity and balanced accuracy (95% bootstrap CIs) at the model's own
-operating point and at the one `cxr calibrate` fitted on the other half. The model file is never changed.
+operating point and at the one `cxr calibrate` fitted on the other half (with the model's own threshold rule,
+or --target-sensitivity youden|X). The model file is never changed.
 """
 
 import argparse
@@ -49,7 +50,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--seed", type=int, default=0, help="of the split into halves")
+    parser.add_argument("--target-sensitivity", default="model",
+                        help="the rule calibrate refits the threshold with: model (the one it was trained with), "
+                             "youden, or a sensitivity such as 0.9")
     args = parser.parse_args()
+    rule = ({"model": "model", "youden": None}[args.target_sensitivity] if args.target_sensitivity in ("model", "youden")
+            else float(args.target_sensitivity))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from cxr import run
     from cxr.calibrate import calibrate
@@ -62,7 +68,7 @@ def main():
         for fit, held_out in ((a, b), (b, a)):
             counts = {c.name: len(list(c.iterdir())) for c in sorted(fit.iterdir())}
             print(f"calibrate on {fit.name} {counts}, evaluate on {held_out.name}:")
-            calibrate(args.model, fit, tmp / f"cal-{fit.name}", options)
+            calibrate(args.model, fit, tmp / f"cal-{fit.name}", options, rule)
             for name, model in (("model's own operating point", args.model),
                                 ("calibrated on the other half", tmp / f"cal-{fit.name}" / "models" / "model.h5")):
                 summary = run.evaluate(model, tmp / f"eval-{fit.name}-{model.parent.parent.name}", options, held_out)

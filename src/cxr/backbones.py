@@ -64,10 +64,12 @@ def _build_lite0_imagenet(input_shape, input_tensor):
 
 
 # The seed froze the first 200 layers of an ImageNet B0: fine-tuning starts inside block 6c, at its
-# squeeze-excitation. Lite0 has no squeeze-excitation layers; it starts at block 6c's projection (132 layers).
+# squeeze-excitation; B0 keeps that point. Lite0, cxr's own default, fine-tunes from block 5a (79 layers
+# frozen): over three seeds it did better at another site than the seed's point (block 6c's projection, 132
+# layers) and no worse inside (bench_generalization.py, recipe "deep", in benchmarks/README.md).
 REGISTRY = {backbone.name: backbone for backbone in (
     Backbone("efficientnetb0", _build_b0, _build_b0_imagenet, fine_tune_from="block6c_se_reduce"),
-    Backbone("efficientnet-lite0", _build_lite0, _build_lite0_imagenet, fine_tune_from="block6c_project_conv"),
+    Backbone("efficientnet-lite0", _build_lite0, _build_lite0_imagenet, fine_tune_from="block5a_expand_conv"),
 )}
 NAMES = tuple(REGISTRY)
 
