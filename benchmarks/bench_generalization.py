@@ -33,7 +33,9 @@ RECIPES = {
     "default": {},
     "balanced": {"class_weight": "balanced"},
     "robust": {"augment": "robust", "class_weight": "balanced", "monitor": "val_auc"},
-    "deep": {"frozen_layers": 79},  # fine-tunes from block5a instead of the registry's block6c
+    # Lite0's frozen point: "deep" (block 5a) is the default since 2026-11-25 evening, "block6c" the one before
+    "deep": {"frozen_layers": 79},
+    "block6c": {"frozen_layers": 132},
     "robust-ls": {"augment": "robust", "class_weight": "balanced", "monitor": "val_auc", "label_smoothing": 0.1,
                   "weight_decay": 1e-4},
 }
