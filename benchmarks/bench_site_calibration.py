@@ -47,15 +47,16 @@ def line(name, summary):
 
 
 def main():
+    from cxr.cli import sensitivity_or_youden
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--seed", type=int, default=0, help="of the split into halves")
     parser.add_argument("--target-sensitivity", default="model",
+                        type=lambda text: text if text == "model" else sensitivity_or_youden(text),
                         help="the rule calibrate refits the threshold with: model (the one it was trained with), "
                              "youden, or a sensitivity such as 0.9")
     args = parser.parse_args()
-    rule = ({"model": "model", "youden": None}[args.target_sensitivity] if args.target_sensitivity in ("model", "youden")
-            else float(args.target_sensitivity))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from cxr import run
     from cxr.calibrate import calibrate
@@ -68,7 +69,7 @@ def main():
         for fit, held_out in ((a, b), (b, a)):
             counts = {c.name: len(list(c.iterdir())) for c in sorted(fit.iterdir())}
             print(f"calibrate on {fit.name} {counts}, evaluate on {held_out.name}:")
-            calibrate(args.model, fit, tmp / f"cal-{fit.name}", options, rule)
+            calibrate(args.model, fit, tmp / f"cal-{fit.name}", options, args.target_sensitivity)
             for name, model in (("model's own operating point", args.model),
                                 ("calibrated on the other half", tmp / f"cal-{fit.name}" / "models" / "model.h5")):
                 summary = run.evaluate(model, tmp / f"eval-{fit.name}-{model.parent.parent.name}", options, held_out)
