@@ -12,7 +12,10 @@ skipped when that run's summary.json is already there, so an interrupted benchma
   validation split (never on external data): Youden's J (the default), sensitivity targets 0.95 and 0.90,
   specificity >= 0.98, and 0.5 on the calibrated probability;
 - acquisition shifts: AUC on the internal test split after contrast, gamma, brightness, blur, sharpening,
-  noise, JPEG re-compression, down-and-up scaling, crop/zoom and rotation, and their mean.
+  noise, JPEG re-compression, down-and-up scaling, crop/zoom and rotation, and their mean;
+- shortcuts: the median probability of the positive class of the internal test split's negative images as
+  they are, with two burned-in markings (a letter or text, `data.augment.BurnedInMarkings`) and with black
+  bands over the outer 10% of each edge. A model that reads the lungs barely moves.
 Each run's numbers are kept in its generalization.json (--remeasure recomputes them).
 The linear probe (scikit-learn logistic regression, C=0.1, balanced, on frozen ImageNet Lite0 pooled
 features of the un-augmented training images) is the reference row. external_dev is only measured here:
@@ -36,6 +39,7 @@ RECIPES = {
     # Lite0's frozen point: "deep" (block 5a) is the default since 2026-11-25 evening, "block6c" the one before
     "deep": {"frozen_layers": 79},
     "block6c": {"frozen_layers": 132},
+    "site": {"augment": "site"},
     "robust-ls": {"augment": "robust", "class_weight": "balanced", "monitor": "val_auc", "label_smoothing": 0.1,
                   "weight_decay": 1e-4},
 }
@@ -74,6 +78,20 @@ def shifts():
     }
 
 
+def shortcuts():
+    """What sits outside the lungs, put on every image: functions of a uint8 (n, H, W, 3) batch."""
+    from cxr.data.augment import BurnedInMarkings
+
+    def black_edges(x, fraction=0.1):
+        x, band = x.copy(), int(x.shape[1] * fraction)
+        x[:, :band], x[:, -band:], x[:, :, :band], x[:, :, -band:] = 0, 0, 0, 0
+        return x
+
+    markings = BurnedInMarkings(rate=1.0, seed=0)
+    return {"markings": lambda x: np.uint8(np.clip(markings(x.astype(np.float32)), 0, 255)),
+            "black edges 10%": black_edges}
+
+
 def binary_numbers(y, p_positive, threshold):
     from sklearn.metrics import roc_auc_score
 
@@ -98,17 +116,24 @@ def thresholds(y_val, p_val):
             "0.5": 0.5}
 
 
-def measure(run_dir, config):
-    """The numbers of one trained run (see the module docstring)."""
-    from cxr.data.split import prepare_splits, read_labelled_folder
-    from cxr.evaluate.metrics import expected_calibration_error
+def trained(run_dir, config):
+    """(SavedModel, its training Dataset, decoded) of one trained run."""
+    from cxr.data.split import prepare_splits
     from cxr.saved_model import SavedModel
 
-    summary = json.loads((run_dir / "reports" / "summary.json").read_text())
-    model = SavedModel.load(run_dir / "models" / "model.h5")
-    positive = model.positive_index
     dataset = prepare_splits(config)
     dataset.decode(config.img_size, run_dir / "cache")
+    return SavedModel.load(run_dir / "models" / "model.h5"), dataset
+
+
+def measure(run_dir, config):
+    """The numbers of one trained run (see the module docstring)."""
+    from cxr.data.split import read_labelled_folder
+    from cxr.evaluate.metrics import expected_calibration_error
+
+    summary = json.loads((run_dir / "reports" / "summary.json").read_text())
+    model, dataset = trained(run_dir, config)
+    positive = model.positive_index
     external = read_labelled_folder(DATA / "external_dev", model.class_names)
     external.decode(config.img_size, run_dir / "cache")
 
@@ -129,7 +154,18 @@ def measure(run_dir, config):
     for name, shift in shifts().items():
         shifted = np.stack([shift(x) for x in clean])
         result["shifts"][name] = binary_numbers(y_test, model.predict(shifted)[0][:, positive], 0.5)["auc"]
+    result["shortcuts"] = shortcut_medians(model, dataset)
     return result
+
+
+def shortcut_medians(model, dataset):
+    """{as is / each of `shortcuts()`: median positive-class probability of the test split's negatives}."""
+    test_rows, y_test = dataset.split("test")
+    negatives = np.asarray(dataset.images[test_rows[y_test != model.positive_index]])
+    medians = {"as is": np.median(model.predict(negatives)[0][:, model.positive_index])}
+    for name, shortcut in shortcuts().items():
+        medians[name] = np.median(model.predict(shortcut(negatives))[0][:, model.positive_index])
+    return {name: float(value) for name, value in medians.items()}
 
 
 def linear_probe(work):
@@ -198,6 +234,12 @@ def report(results, probe):
     for recipe, runs in results.items():
         per_shift = [np.mean([r["shifts"][n] for r in runs]) for n in names]
         print(f"{recipe:10} " + " ".join(f"{v:13.4f}" for v in per_shift) + f" {np.mean(per_shift):7.4f}")
+    print("\ninternal test negatives, median probability of the positive class (mean over seeds)")
+    measured = {recipe: runs for recipe, runs in results.items() if all("shortcuts" in r for r in runs)}
+    names = list(next(iter(measured.values()))[0]["shortcuts"]) if measured else []
+    print(f"{'recipe':10} " + " ".join(f"{n:>16}" for n in names))
+    for recipe, runs in measured.items():
+        print(f"{recipe:10} " + " ".join(f"{np.mean([r['shortcuts'][n] for r in runs]):16.3f}" for n in names))
 
 
 def main():
@@ -229,6 +271,10 @@ def main():
             measured = run_dir / "generalization.json"
             if args.remeasure or not measured.is_file():
                 measured.write_text(json.dumps(measure(run_dir, config), default=float))
+            elif "shortcuts" not in json.loads(measured.read_text()):  # measured before that row existed
+                result = json.loads(measured.read_text())
+                result["shortcuts"] = shortcut_medians(*trained(run_dir, config))
+                measured.write_text(json.dumps(result, default=float))
             results.setdefault(recipe, []).append(json.loads(measured.read_text()))
             print(f"{recipe} seed {seed}: {json.dumps(results[recipe][-1], default=float)}", flush=True)
     probe = None if args.no_probe else linear_probe(args.work)

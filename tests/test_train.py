@@ -1,6 +1,7 @@
 """Training as a loop over phases: a run can start at any phase and epoch."""
 
 import numpy as np
+import pytest
 
 from cxr.config import Config
 from cxr.data.split import prepare_splits
@@ -29,12 +30,13 @@ def test_a_run_can_start_at_phase_2_and_a_later_epoch(xray_raw, tmp_path):
     assert any(changed)  # the upper blocks trained
 
 
-def test_robust_augmentation_reaches_training_views_only(xray_raw, tmp_path):
+@pytest.mark.parametrize("augment", ["robust", "site"])
+def test_augmentation_reaches_training_views_only(augment, xray_raw, tmp_path):
     from cxr.models import split_at_frozen_prefix
     from cxr.train import CachedInputs
 
     config = Config(data_dir=xray_raw, img_size=32, batch_size=8, backbone="efficientnet-lite0", weights="none",
-                    augment="robust", feature_views=1)
+                    augment=augment, feature_views=1)
     dataset = prepare_splits(config)
     dataset.decode(config.img_size, tmp_path / "cache")
     model = Builder().classifier(config.backbone, 2, config.weights, config.img_size)

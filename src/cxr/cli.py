@@ -95,7 +95,8 @@ def _add_train_options(parser):
         help="phase 1 on backbone features computed once (default); --no-feature-cache runs plain Keras")
     add("--feature-views", type=int, default=d.feature_views, help="augmented views per image in the feature cache")
     add("--augment", choices=AUGMENTATIONS, default=d.augment,
-        help="training augmentation: seed (flip, rotate, zoom, shift) or robust (+ brightness, contrast, sharpness, crops)")
+        help="training augmentation: seed (flip, rotate, zoom, shift), robust (+ brightness, contrast, sharpness, crops) "
+             "or site (+ burned-in markers and text, black edges)")
     add("--monitor", choices=MONITORS, default=d.monitor,
         help="validation metric for early stopping, checkpoints and keeping phase 1 or 2")
     add("--label-smoothing", type=float, default=d.label_smoothing)

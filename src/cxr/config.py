@@ -31,7 +31,7 @@ class Config:
     seed: int = 42
     lr: float = 1e-3
     finetune_lr: float = 1e-5
-    # None: the backbone's own default (B0: the seed's 200; Lite0: the same blocks, up to block 6c).
+    # None: the backbone's own default (B0: the seed's 200; Lite0: up to block 5a, 79).
     frozen_layers: Optional[int] = None
     dropout: float = 0.25
     backbone: str = "efficientnetb0"
@@ -47,7 +47,7 @@ class Config:
     group_pattern: Optional[str] = None
     feature_cache: bool = True
     feature_views: int = 2
-    augment: str = "seed"  # seed | robust: data.pipeline.augmentation
+    augment: str = "seed"  # seed | robust | site: data.augment.augmentation
     monitor: str = "val_accuracy"  # what early stopping, checkpoints and the final phase's choice follow
     label_smoothing: float = 0.0
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 keeps the seed's Adam

@@ -120,28 +120,7 @@ def decode_all(paths, size, cache_dir):
     return DiskArray(array_path), bad
 
 
-AUGMENTATIONS = ("seed", "robust")
-
-
-def augmentation(kind, seed):
-    """Anatomy-preserving augmentation for training images (values stay in 0-255).
-
-    "seed": the seed script's light geometric set (flip, small rotation, zoom and translation).
-    "robust": the same, plus what changes between sites and X-ray devices: brightness, contrast and
-    sharpness (from blurred to over-sharpened), and wider zoom in (crops).
-    """
-    import keras
-
-    zoom = keras.layers.RandomZoom((-0.25, 0.1) if kind == "robust" else 0.1, fill_mode="constant", seed=seed)
-    layers = [keras.layers.RandomFlip("horizontal", seed=seed),
-              keras.layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
-              zoom,
-              keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed)]
-    if kind == "robust":
-        layers += [keras.layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed),
-                   keras.layers.RandomContrast(0.3, value_range=(0, 255), seed=seed),
-                   keras.layers.RandomSharpness((0.25, 0.75), value_range=(0, 255), seed=seed)]
-    return keras.Sequential(layers, name="augmentation")
+AUGMENTATIONS = ("seed", "robust", "site")  # data.augment.augmentation
 
 
 def make_dataset(images, rows, labels, batch_size, augment=None, seed=0):
@@ -150,7 +129,7 @@ def make_dataset(images, rows, labels, batch_size, augment=None, seed=0):
     `images` is anything indexable by a batch of rows with `shape` and `dtype` (the decode cache, cached layer
     outputs, a numpy array); only the batches in flight are in memory. `labels` is (len(rows), classes):
     one-hot rows for a single-label dataset, in the order of `rows` (training shuffles them beforehand, by
-    epoch: `train.training_order`). `augment`: None, or a kind of `augmentation` (training only).
+    epoch: `train.training_order`). `augment`: None, or one of AUGMENTATIONS (`data.augment`; training only).
     """
     import tensorflow as tf
 
@@ -164,6 +143,8 @@ def make_dataset(images, rows, labels, batch_size, augment=None, seed=0):
 
     ds = ds.map(read, num_parallel_calls=AUTOTUNE, deterministic=True)
     if augment:
+        from cxr.data.augment import augmentation
+
         augmenter = augmentation(augment, seed)
         ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.prefetch(AUTOTUNE)

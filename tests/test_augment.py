@@ -1,0 +1,48 @@
+import numpy as np
+
+from cxr.data.augment import BurnedInMarkings, RandomBorders, render_stamps
+
+
+def grey_batch(n=8, side=64, value=90.0):
+    return np.full((n, side, side, 3), value, np.float32)
+
+
+def test_markings_are_burned_into_the_top_or_bottom_margin_only_and_repeat_with_the_seed():
+    side = 64
+    images = grey_batch(side=side)
+    marked = np.asarray(BurnedInMarkings(rate=1.0, count=1, seed=3)(images, training=True))
+    changed = np.any(marked != images, axis=-1)  # (n, side, side)
+    assert changed.any(axis=(1, 2)).all()  # rate 1: every image got one
+    assert marked.max() > 150 and marked.min() >= images.min() and marked.max() <= 255  # white, in range
+    stamp_height = render_stamps(side).shape[1]
+    rows = np.flatnonzero(changed.any(axis=(0, 2)))
+    margin = int(0.1 * side) + stamp_height
+    assert np.all((rows < margin) | (rows >= side - margin))  # never over the lungs in the middle
+    np.testing.assert_array_equal(changed[:, margin:side - margin], False)
+    again = np.asarray(BurnedInMarkings(rate=1.0, count=1, seed=3)(images, training=True))
+    np.testing.assert_array_equal(marked, again)
+    np.testing.assert_array_equal(BurnedInMarkings(rate=1.0, seed=3)(images, training=False), images)
+    none = np.asarray(BurnedInMarkings(rate=0.0, seed=3)(images, training=True))
+    np.testing.assert_array_equal(none, images)
+
+
+def test_markings_draw_letters_and_text_that_fit_small_images():
+    for side in (32, 96, 224):
+        stamps = render_stamps(side)
+        assert stamps.shape[1] <= side // 3 and stamps.shape[2] <= side * 2 // 3
+        assert stamps.min() >= 0 and stamps.max() <= 1
+        assert (stamps.reshape(len(stamps), -1).max(axis=1) > 0.5).all()  # every stamp drew something
+
+
+def test_borders_black_out_bands_along_the_edges_and_keep_the_centre():
+    side, fraction = 60, 0.12
+    images = grey_batch(n=32, side=side)
+    bordered = np.asarray(RandomBorders(rate=1.0, max_fraction=fraction, seed=0)(images, training=True))
+    band = int(np.ceil(fraction * side))
+    np.testing.assert_array_equal(bordered[:, band:-band, band:-band], images[:, band:-band, band:-band])
+    assert set(np.unique(bordered)) <= {0.0, 90.0}
+    black_rows = (bordered[..., 0] == 0).all(axis=2)  # (n, side): whole rows blacked out
+    assert black_rows[:, 0].mean() > 0.5 and not black_rows[:, band:-band].any()
+    half = np.asarray(RandomBorders(rate=0.5, seed=0)(grey_batch(n=200, side=side), training=True))
+    touched = (half == 0).any(axis=(1, 2, 3)).mean()
+    assert 0.35 < touched < 0.65
