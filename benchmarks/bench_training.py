@@ -82,8 +82,8 @@ def cxr_recipe(data, args):
     from cxr.config import Config
 
     summary = run.train(Config(data_dir=data, output_dir=data.parent / "cxr-out", epochs=args.epochs,
-                               patience=args.epochs + 1, backbone=args.backbone, img_size=args.img_size,
-                               val_from_train=False))
+                               finetune_epochs=args.epochs, patience=args.epochs + 1, backbone=args.backbone,
+                               img_size=args.img_size, val_from_train=False))
     seconds = {k.replace("_seconds", ""): v for k, v in summary["timings"].items() if k != "total_seconds"}
     return {"seconds": seconds, "n_train": sum(summary["counts"]["train"].values()),
             "test_auc": summary["metrics"]["auc"]}

@@ -46,3 +46,24 @@ def test_borders_black_out_bands_along_the_edges_and_keep_the_centre():
     half = np.asarray(RandomBorders(rate=0.5, seed=0)(grey_batch(n=200, side=side), training=True))
     touched = (half == 0).any(axis=(1, 2, 3)).mean()
     assert 0.35 < touched < 0.65
+
+
+def test_each_backbone_has_its_default_augmentation_and_fine_tuning_cap_and_the_options_override_them():
+    from cxr.cli import build_parser, config_from_args
+    from cxr.config import Config
+
+    parser = build_parser()
+
+    def augment(*argv):
+        return config_from_args(parser.parse_args(["train", *argv])).augment
+
+    assert augment() == "seed"  # B0: the seed script's
+    assert augment("--backbone", "efficientnet-lite0") == "site"
+    assert augment("--backbone", "efficientnet-lite0", "--augment", "seed") == "seed"
+    assert Config(backbone="efficientnet-lite0").augment == "site"
+    assert Config(backbone="efficientnet-lite0").to_dict()["augment"] == "site"  # summary.json names it
+    assert Config(backbone="efficientnet-lite0").finetune_epochs == 12  # Lite0 stops phase 2 after 12 epochs
+    assert Config(backbone="efficientnet-lite0", epochs=3).finetune_epochs == 3  # never more than --epochs
+    assert Config().finetune_epochs == 30  # B0: the seed's --epochs for both phases
+    assert config_from_args(parser.parse_args(["train", "--backbone", "efficientnet-lite0", "--finetune-epochs",
+                                               "20"])).finetune_epochs == 20

@@ -10,8 +10,9 @@ from cxr.train import TrainingRun, default_phases, train
 
 
 def test_a_run_can_start_at_phase_2_and_a_later_epoch(xray_raw, tmp_path):
-    config = Config(data_dir=xray_raw, img_size=32, epochs=3, batch_size=8, backbone="efficientnet-lite0",
-                    weights="none", patience=5)
+    # phase 2 runs to its own cap (--finetune-epochs 3), not phase 1's (--epochs 2)
+    config = Config(data_dir=xray_raw, img_size=32, epochs=2, finetune_epochs=3, batch_size=8,
+                    backbone="efficientnet-lite0", weights="none", patience=5)
     dataset = prepare_splits(config)
     dataset.decode(config.img_size, tmp_path / "cache")
     builder = Builder()

@@ -28,6 +28,8 @@ class Backbone:
     # The first layer phase 2 fine-tunes by default; everything before it stays frozen (`--frozen-layers`
     # counts the same point in layers). The keras-io EfficientNet example names its point by block ("block7").
     fine_tune_from: str
+    augment: str = "seed"  # the default --augment (data.augment.augmentation)
+    finetune_epochs: Optional[int] = None  # the default cap on phase 2's epochs (--finetune-epochs); None: --epochs
     block_of: Callable[[str], Optional[str]] = kerasapp_block  # layer name -> its block, None outside blocks
 
 
@@ -66,10 +68,15 @@ def _build_lite0_imagenet(input_shape, input_tensor):
 # The seed froze the first 200 layers of an ImageNet B0: fine-tuning starts inside block 6c, at its
 # squeeze-excitation; B0 keeps that point. Lite0, cxr's own default, fine-tunes from block 5a (79 layers
 # frozen): over three seeds it did better at another site than the seed's point (block 6c's projection, 132
-# layers) and no worse inside (bench_generalization.py, recipe "deep", in benchmarks/README.md).
+# layers) and no worse inside (bench_generalization.py, recipe "deep", in benchmarks/README.md). B0 keeps the
+# seed's augmentation too; Lite0 adds burned-in markings and black edges ("site"), which made it read less of
+# what lies outside the lungs and do better at another site (recipe "site"). It also made phase 2 run longer
+# before early stopping (up to 16 epochs, 13 min 25 s of a 16-min run) while its best epoch was at most the
+# 10th in every full run measured, so Lite0 stops phase 2 after 12 epochs: a default run stays under 15 min.
 REGISTRY = {backbone.name: backbone for backbone in (
     Backbone("efficientnetb0", _build_b0, _build_b0_imagenet, fine_tune_from="block6c_se_reduce"),
-    Backbone("efficientnet-lite0", _build_lite0, _build_lite0_imagenet, fine_tune_from="block5a_expand_conv"),
+    Backbone("efficientnet-lite0", _build_lite0, _build_lite0_imagenet, fine_tune_from="block5a_expand_conv",
+             augment="site", finetune_epochs=12),
 )}
 NAMES = tuple(REGISTRY)
 

@@ -69,7 +69,9 @@ def _add_train_options(parser):
     add("--output-dir", type=Path, default=d.output_dir, help="where models/, reports/, plots/ and logs/ go")
     add("--img-size", type=int, default=d.img_size, help="square input size in pixels")
     add("--batch-size", type=int, default=d.batch_size)
-    add("--epochs", type=int, default=d.epochs, help="maximum epochs per phase")
+    add("--epochs", type=int, default=d.epochs, help="maximum epochs per phase (phase 2: see --finetune-epochs)")
+    add("--finetune-epochs", type=int, default=None,
+        help="maximum epochs of phase 2 (default: the backbone's: B0 --epochs, Lite0 12 or --epochs if lower)")
     add("--val-split", type=float, default=d.val_split, help="validation fraction per class when splitting")
     add("--test-split", type=float, default=d.test_split, help="test fraction per class when splitting")
     add("--patience", type=int, default=d.patience, help="EarlyStopping patience (epochs)")
@@ -94,9 +96,9 @@ def _add_train_options(parser):
     add("--feature-cache", action=argparse.BooleanOptionalAction, default=d.feature_cache,
         help="phase 1 on backbone features computed once (default); --no-feature-cache runs plain Keras")
     add("--feature-views", type=int, default=d.feature_views, help="augmented views per image in the feature cache")
-    add("--augment", choices=AUGMENTATIONS, default=d.augment,
+    add("--augment", choices=AUGMENTATIONS, default=None,
         help="training augmentation: seed (flip, rotate, zoom, shift), robust (+ brightness, contrast, sharpness, crops) "
-             "or site (+ burned-in markers and text, black edges)")
+             "or site (+ burned-in markers and text, black edges); default: the backbone's (B0 seed, Lite0 site)")
     add("--monitor", choices=MONITORS, default=d.monitor,
         help="validation metric for early stopping, checkpoints and keeping phase 1 or 2")
     add("--label-smoothing", type=float, default=d.label_smoothing)

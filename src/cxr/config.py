@@ -1,7 +1,8 @@
 """Every option of a training run, with the seed script's defaults.
 
 One flat dataclass, like nanoGPT's config: the CLI builds it from flags, `summary.json` stores it whole, and
-tests build it directly with small values.
+tests build it directly with small values. Options left at None that the backbone registry has a default for
+(augmentation, phase 2's epochs) take the backbone's when the Config is made, so summary.json names them.
 """
 
 import dataclasses
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from cxr import backbones
 from cxr.backbones import NAMES as BACKBONES
 from cxr.data.pipeline import AUGMENTATIONS
 from cxr.distribute import STRATEGIES
@@ -31,6 +33,8 @@ class Config:
     seed: int = 42
     lr: float = 1e-3
     finetune_lr: float = 1e-5
+    # Phase 2's cap. None: the backbone's (B0: --epochs, as the seed; Lite0: 12, or --epochs when lower).
+    finetune_epochs: Optional[int] = None
     # None: the backbone's own default (B0: the seed's 200; Lite0: up to block 5a, 79).
     frozen_layers: Optional[int] = None
     dropout: float = 0.25
@@ -47,7 +51,7 @@ class Config:
     group_pattern: Optional[str] = None
     feature_cache: bool = True
     feature_views: int = 2
-    augment: str = "seed"  # seed | robust | site: data.augment.augmentation
+    augment: Optional[str] = None  # seed | robust | site (data.augment); None: the backbone's (B0 seed, Lite0 site)
     monitor: str = "val_accuracy"  # what early stopping, checkpoints and the final phase's choice follow
     label_smoothing: float = 0.0
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 keeps the seed's Adam
@@ -60,6 +64,15 @@ class Config:
     resume: bool = False  # go on with the killed run in output_dir (same options and data) from its last epoch
     strategy: str = "auto"  # distribute.STRATEGIES; --batch-size is the global batch across its replicas
 
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:  # validate() reports it
+            return
+        backbone = backbones.get(self.backbone)
+        if self.augment is None:
+            self.augment = backbone.augment
+        if self.finetune_epochs is None:
+            self.finetune_epochs = min(self.epochs, backbone.finetune_epochs or self.epochs)
+
     def validate(self):
         """Raise UserError for option values no run could use."""
         checks = [
@@ -67,6 +80,8 @@ class Config:
             (self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.finetune_epochs is None or self.finetune_epochs >= 1,
+             f"--finetune-epochs must be at least 1, got {self.finetune_epochs}"),
             (0 < self.val_split < 1, f"--val-split must be between 0 and 1, got {self.val_split}"),
             (0 < self.test_split < 1, f"--test-split must be between 0 and 1, got {self.test_split}"),
             (self.val_split + self.test_split < 1,

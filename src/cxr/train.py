@@ -44,16 +44,18 @@ class Phase:
     number: int
     trains: str  # "head": the head on a frozen backbone; "upper": the backbone past the frozen point, and the head
     learning_rate: float
+    epochs: int  # at most; early stopping may end it sooner
     checkpoint: str  # file name in the staging folder: the phase's best full image model
     title: str  # printed when the phase starts
 
 
 def default_phases(config, frozen_layers):
-    """The seed's recipe: the head at --lr, then everything past `frozen_layers` at --finetune-lr."""
+    """The seed's recipe: the head at --lr for up to --epochs, then everything past `frozen_layers` at
+    --finetune-lr for up to --finetune-epochs."""
     head = (f"training the head on cached {config.backbone} features" if config.feature_cache
             else f"training the head on a frozen {config.backbone} (plain Keras)")
-    return [Phase(1, "head", config.lr, PHASE1_CHECKPOINT, head),
-            Phase(2, "upper", config.finetune_lr, PHASE2_CHECKPOINT,
+    return [Phase(1, "head", config.lr, config.epochs, PHASE1_CHECKPOINT, head),
+            Phase(2, "upper", config.finetune_lr, config.finetune_epochs, PHASE2_CHECKPOINT,
                   f"fine-tuning all but the first {frozen_layers} backbone layers at lr {config.finetune_lr}")]
 
 
@@ -160,7 +162,7 @@ class ImageInputs:
         config, labels = self.config, self.dataset.labels
         rows, _ = self.dataset.split("train")
         val_rows, _ = self.dataset.split("val")
-        order, steps = training_order(len(rows), len(rows), config.batch_size, config.epochs, config.seed,
+        order, steps = training_order(len(rows), len(rows), config.batch_size, phase.epochs, config.seed,
                                       initial_epoch)
         train_ds = make_dataset(self.dataset.images, rows[order], labels[rows[order]], config.batch_size,
                                 augment=config.augment, seed=config.seed)
@@ -189,7 +191,7 @@ class CachedInputs:
         rows, _ = self.dataset.split("train")
         val_rows, _ = self.dataset.split("val")
         view_labels = np.tile(labels[rows], (len(x) // len(rows), 1))  # K views, stacked view after view
-        order, steps = training_order(len(x), len(rows), config.batch_size, config.epochs, config.seed,
+        order, steps = training_order(len(x), len(rows), config.batch_size, phase.epochs, config.seed,
                                       initial_epoch)
         train_ds = make_dataset(x, order, view_labels[order], config.batch_size)
         val_ds = make_dataset(val_x, np.arange(len(val_x)), labels[val_rows], config.batch_size)
@@ -307,13 +309,13 @@ def train(model, dataset, config, run):
                             weights_of, lambda before=seconds_before, began=start: before + time.perf_counter() - began)
         with run.builder.scope():  # the optimizer's variables are built here: under the strategy, if any
             restore = [state.restore(model, trainable, callbacks)] if resuming else []
-        if resuming and (state.info["stopped"] or initial_epoch >= config.epochs):
+        if resuming and (state.info["stopped"] or initial_epoch >= phase.epochs):
             best = state.list_of("early-best")  # the phase had ended: finish it as EarlyStopping would have
             if best:
                 trainable.set_weights(best)
         else:
             history = trainable.fit(
-                train_ds, steps_per_epoch=steps, epochs=config.epochs, initial_epoch=initial_epoch,
+                train_ds, steps_per_epoch=steps, epochs=phase.epochs, initial_epoch=initial_epoch,
                 validation_data=val_ds, class_weight=class_weights(targets, len(dataset.class_names), config.class_weight),
                 callbacks=callbacks + [saver] + restore, shuffle=False, verbose=2)
             if not np.isfinite(history.history["loss"][-1]):

@@ -22,7 +22,7 @@ TEXTS = ("PORTABLE", "AP", "SUPINE", "KV/59", "20:26:04", "09:13:52", "1/2", "ER
 class BurnedInMarkings(keras.layers.Layer):
     """Burns a white laterality letter or a line of text into the top or bottom margin of some images.
 
-    rate: the share of images that get one (each of `count` draws is independent). Input and output:
+    Each image gets each of `count` markings with probability `rate`, independently. Input and output:
     (batch, side, side, 3) float images in 0-255. The letters are 8-16% of the side tall, the text 4-6%,
     at a random place along the top or bottom tenth, with a brightness of 160-255.
     """
