@@ -28,7 +28,7 @@ class BurnedInMarkings(keras.layers.Layer):
     """
 
     def __init__(self, rate=0.5, count=2, seed=None, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"dtype": "float32", **kwargs})  # pixels, even under --mixed-precision
         self.rate, self.count, self.seed = rate, count, seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -102,7 +102,7 @@ class RandomBorders(keras.layers.Layer):
     """
 
     def __init__(self, rate=0.5, max_fraction=0.12, seed=None, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"dtype": "float32", **kwargs})  # pixels, even under --mixed-precision
         self.rate, self.max_fraction, self.seed = rate, max_fraction, seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
