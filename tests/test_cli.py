@@ -138,6 +138,10 @@ def test_evaluate_command_reproduces_the_test_metrics_of_training(trained, tmp_p
         assert summary["metrics"][name] == pytest.approx(trained_summary["metrics"][name], abs=1e-5), name
     for name in ("report.html", "metrics.csv", "classification_report.csv"):
         assert (tmp_path / "eval/reports" / name).is_file()
+    check = summary["shortcut_check"]  # every evaluated image (fewer than evaluate.shortcuts.SAMPLE), three edits
+    assert check["n_images"] == summary["metrics"]["n_images"] and len(check["probes"]) == 3
+    assert 0 <= check["negatives_called_positive"] <= 1
+    assert "Shortcut check" in (tmp_path / "eval/reports/report.html").read_text()
     assert {p.name for p in (tmp_path / "eval/plots").iterdir()} == {
         "roc.png", "pr.png", "reliability.png", "confusion_matrix.png", "gradcam_gallery.png"}
 

@@ -199,6 +199,7 @@ def summary(evaluation, context, **extra):
         "confidence_intervals": evaluation.confidence_intervals,
         "operating_point": evaluation.operating_point,
         "calibration": evaluation.calibration,
+        "shortcut_check": evaluation.shortcuts,
         "config": context.settings,
         "versions": versions(),
         **extra,

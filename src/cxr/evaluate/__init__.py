@@ -12,6 +12,7 @@ import numpy as np
 from cxr.evaluate import gradcam, plots
 from cxr.evaluate.metrics import (auc_score, classification, confidence_intervals, confusion,
                                   expected_calibration_error, headline_metrics, reliability_bins, roc_band)
+from cxr.evaluate.shortcuts import shortcut_check
 
 GALLERY_SIZE = 4
 
@@ -36,6 +37,7 @@ class Evaluation:
     raw_probabilities: np.ndarray  # (n, classes) the model's softmax, before temperature scaling
     predictions: np.ndarray  # (n,) class index per image at the operating point
     figures: dict = field(default_factory=dict)  # {name: PNG bytes}
+    shortcuts: dict = field(default_factory=dict)  # evaluate.shortcuts.shortcut_check's result
 
 
 def evaluate_model(model, dataset, split, options):
@@ -66,6 +68,7 @@ def evaluate_model(model, dataset, split, options):
     intervals = confidence_intervals(metrics_of, y_true, options.bootstrap, options.seed)
     evaluation = Evaluation(class_names, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, y_pred)
+    evaluation.shortcuts = shortcut_check(model, dataset.images, rows, y_true, options.seed, options.batch_size)
     evaluation.figures = figures(model, dataset, split, evaluation, options)
     return evaluation
 

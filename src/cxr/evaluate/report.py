@@ -113,12 +113,46 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 <p>{point}</p>{f'<p class="limits">{e(context.note)}</p>' if context.note else ''}
 <h2>Test metrics (95% stratified bootstrap confidence intervals)</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metric_rows_html}</table>
+{shortcut_section(evaluation.shortcuts, evaluation.class_names, operating_point['positive_class'])}
 <h2>Figures</h2>
 {figure_html}
 <h2>Configuration</h2>
 <table>{config_rows}</table>
 </body></html>
 """
+
+
+SHORTCUT_WARNING = 0.05  # share of calls an edit outside the lungs may change before the report flags it
+
+
+def shortcut_section(check, class_names, positive_class):
+    """The report's shortcut check (`evaluate.shortcuts.shortcut_check`'s result) as HTML; empty without one."""
+    if not check or not check.get("probes"):
+        return ""
+    e = html.escape
+    binary = check["negatives_called_positive"] is not None
+
+    def share(value):
+        return f"{100 * value:.1f}%"
+
+    rows = "".join(
+        f"<tr><th>{e(name)}</th><td>{share(numbers['changed_calls'])}</td>"
+        + (f"<td>{share(check['negatives_called_positive'])} &rarr; {share(numbers['negatives_called_positive'])}</td>"
+           if binary else "") + "</tr>"
+        for name, numbers in check["probes"].items())
+    flagged = [name for name, numbers in check["probes"].items() if numbers["changed_calls"] > SHORTCUT_WARNING]
+    verdict = (f"<p class='limits'>Edits outside the lungs change more than {share(SHORTCUT_WARNING)} of the calls "
+               f"({e(', '.join(flagged))}): the model reads them, and where they differ (another site or device) "
+               "its calls will move. Retrain with <code>--augment site</code>, check its Grad-CAM maps, and "
+               "evaluate it on that site's images before use.</p>" if flagged else
+               f"<p>No edit changed more than {share(SHORTCUT_WARNING)} of the calls.</p>")
+    negative_class = next((name for name in class_names if name != positive_class), "")
+    header = "<th>edit</th><th>calls changed</th>" + (
+        f"<th>{e(negative_class)} images called {e(positive_class)}: as they are &rarr; edited</th>" if binary else "")
+    return f"""<h2>Shortcut check: what lies outside the lungs</h2>
+<p>Each edit below changes only what lies outside the lungs (as markers, collimation and framing differ between
+devices and sites) on {check['n_images']} of the evaluated images. A model that reads the lungs keeps its calls.</p>
+<table><tr>{header}</tr>{rows}</table>{verdict}"""
 
 
 def _number(value, digits=6):
