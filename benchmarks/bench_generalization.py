@@ -8,14 +8,15 @@ For every recipe and seed it trains on the full train folder with `cxr.run.train
 skipped when that run's summary.json is already there, so an interrupted benchmark resumes), then measures:
 - internal: test AUC and ECE of the carved test split, from the run's summary.json;
 - external_dev: AUC, ECE, and sensitivity / specificity / balanced accuracy at the saved operating point;
-- threshold rules: the same external numbers at thresholds that other rules choose on the run's own
-  validation split (never on external data): Youden's J (the default), sensitivity targets 0.95 and 0.90,
-  specificity >= 0.98, and 0.5 on the calibrated probability;
+- threshold rules: the same external numbers, and the internal test split's, at thresholds that other rules
+  choose on the run's own validation split (never on external data): Youden's J, sensitivity targets 0.95
+  and 0.90 (cxr's default since 2026-11-26), specificity >= 0.98, and 0.5 on the calibrated probability;
 - acquisition shifts: AUC on the internal test split after contrast, gamma, brightness, blur, sharpening,
   noise, JPEG re-compression, down-and-up scaling, crop/zoom and rotation, and their mean;
 - shortcuts: the median probability of the positive class of the internal test split's negative images as
-  they are, with two burned-in markings (a letter or text, `data.augment.BurnedInMarkings`) and with black
-  bands over the outer 10% of each edge. A model that reads the lungs barely moves.
+  they are and after each edit of cxr's shortcut check (`cxr.evaluate.shortcuts`): two burned-in markings,
+  black bands over the outer 10% of each edge, the central 80% enlarged (a tighter field of view). A model
+  that reads the lungs barely moves.
 Each run's numbers are kept in its generalization.json (--remeasure recomputes them).
 The linear probe (scikit-learn logistic regression, C=0.1, balanced, on frozen ImageNet Lite0 pooled
 features of the un-augmented training images) is the reference row. external_dev is only measured here:
@@ -32,16 +33,20 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "chest_xray"
+# Recipes as measured, so that they train the same whatever today's defaults are. Lite0's default: block 6c,
+# the seed's augmentation and no cap on phase 2 until 2026-11-25 evening ("block6c"), then block 5a ("deep"),
+# with the site augmentation from that night ("site"), block 4a for 5 epochs since 2026-11-26 ("block4").
+BLOCK6C = {"frozen_layers": 132, "augment": "seed", "finetune_epochs": 30}
 RECIPES = {
-    "default": {},
-    "balanced": {"class_weight": "balanced"},
-    "robust": {"augment": "robust", "class_weight": "balanced", "monitor": "val_auc"},
-    # Lite0's frozen point: "deep" (block 5a) is the default since 2026-11-25 evening, "block6c" the one before
-    "deep": {"frozen_layers": 79},
-    "block6c": {"frozen_layers": 132},
-    "site": {"augment": "site"},
-    "robust-ls": {"augment": "robust", "class_weight": "balanced", "monitor": "val_auc", "label_smoothing": 0.1,
-                  "weight_decay": 1e-4},
+    "default": {},  # today's defaults (runs kept under this name from earlier are the defaults of their day)
+    "block6c": BLOCK6C,
+    "balanced": {**BLOCK6C, "class_weight": "balanced"},
+    "robust": {**BLOCK6C, "augment": "robust", "class_weight": "balanced", "monitor": "val_auc"},
+    "robust-ls": {**BLOCK6C, "augment": "robust", "class_weight": "balanced", "monitor": "val_auc",
+                  "label_smoothing": 0.1, "weight_decay": 1e-4},
+    "deep": {"frozen_layers": 79, "augment": "seed", "finetune_epochs": 30},
+    "site": {"frozen_layers": 79, "augment": "site", "finetune_epochs": 30},
+    "block4": {"frozen_layers": 50, "augment": "site", "finetune_epochs": 5},
 }
 SENSITIVITY_TARGETS, SPECIFICITY_TARGET = (0.95, 0.90), 0.98
 
@@ -78,20 +83,6 @@ def shifts():
     }
 
 
-def shortcuts():
-    """What sits outside the lungs, put on every image: functions of a uint8 (n, H, W, 3) batch."""
-    from cxr.data.augment import BurnedInMarkings
-
-    def black_edges(x, fraction=0.1):
-        x, band = x.copy(), int(x.shape[1] * fraction)
-        x[:, :band], x[:, -band:], x[:, :, :band], x[:, :, -band:] = 0, 0, 0, 0
-        return x
-
-    markings = BurnedInMarkings(rate=1.0, seed=0)
-    return {"markings": lambda x: np.uint8(np.clip(markings(x.astype(np.float32)), 0, 255)),
-            "black edges 10%": black_edges}
-
-
 def binary_numbers(y, p_positive, threshold):
     from sklearn.metrics import roc_auc_score
 
@@ -117,36 +108,32 @@ def thresholds(y_val, p_val):
 
 
 def trained(run_dir, config):
-    """(SavedModel, its training Dataset, decoded) of one trained run."""
-    from cxr.data.split import prepare_splits
+    """(SavedModel, its training Dataset, external_dev as a Dataset), decoded, of one trained run."""
+    from cxr.data.split import prepare_splits, read_labelled_folder
     from cxr.saved_model import SavedModel
 
     dataset = prepare_splits(config)
     dataset.decode(config.img_size, run_dir / "cache")
-    return SavedModel.load(run_dir / "models" / "model.h5"), dataset
+    model = SavedModel.load(run_dir / "models" / "model.h5")
+    external = read_labelled_folder(DATA / "external_dev", model.class_names)
+    external.decode(config.img_size, run_dir / "cache")
+    return model, dataset, external
 
 
 def measure(run_dir, config):
     """The numbers of one trained run (see the module docstring)."""
-    from cxr.data.split import read_labelled_folder
     from cxr.evaluate.metrics import expected_calibration_error
 
     summary = json.loads((run_dir / "reports" / "summary.json").read_text())
-    model, dataset = trained(run_dir, config)
+    model, dataset, external = trained(run_dir, config)
     positive = model.positive_index
-    external = read_labelled_folder(DATA / "external_dev", model.class_names)
-    external.decode(config.img_size, run_dir / "cache")
-
-    val_rows, y_val = dataset.split("val")
-    p_val = model.predict(dataset.images, val_rows)[0][:, positive]
     ext_rows, y_ext = external.split("evaluated")
     ext_probabilities = model.predict(external.images, ext_rows)[0]
     result = {"internal_auc": summary["metrics"]["auc"], "internal_ece": summary["metrics"]["ece"],
               "minutes": summary["timings"]["total_seconds"] / 60,
               "external": binary_numbers(y_ext, ext_probabilities[:, positive], model.operating_point["threshold"]),
               "external_ece": expected_calibration_error(y_ext, ext_probabilities)}
-    result["rules"] = {rule: binary_numbers(y_ext, ext_probabilities[:, positive], t)
-                       for rule, t in thresholds(y_val, p_val).items()}
+    result["rules"], result["internal_rules"] = threshold_rules(model, dataset, external)
 
     test_rows, y_test = dataset.split("test")
     clean = np.asarray(dataset.images[test_rows])
@@ -158,13 +145,44 @@ def measure(run_dir, config):
     return result
 
 
+def fill_in(result, run_dir, config):
+    """Add to a run's measured `result` the numbers that were added to the benchmark after it was measured."""
+    from cxr.evaluate.shortcuts import probes
+
+    rules_missing = "internal_rules" not in result
+    shortcuts_missing = bool(set(probes()) - set(result.get("shortcuts", {})))
+    if rules_missing or shortcuts_missing:
+        model, dataset, external = trained(run_dir, config)
+        if rules_missing:
+            result["rules"], result["internal_rules"] = threshold_rules(model, dataset, external)
+        if shortcuts_missing:
+            result["shortcuts"] = shortcut_medians(model, dataset)
+    return result
+
+
+def threshold_rules(model, dataset, external):
+    """({rule: external_dev numbers}, {rule: internal test numbers}) at the threshold each rule of `thresholds`
+    chooses on the run's validation split."""
+    def scores(data, split):
+        rows, y = data.split(split)
+        return y, model.predict(data.images, rows)[0][:, model.positive_index]
+
+    chosen = thresholds(*scores(dataset, "val"))
+    (y_ext, p_ext), (y_test, p_test) = scores(external, "evaluated"), scores(dataset, "test")
+    return ({rule: binary_numbers(y_ext, p_ext, t) for rule, t in chosen.items()},
+            {rule: binary_numbers(y_test, p_test, t) for rule, t in chosen.items()})
+
+
 def shortcut_medians(model, dataset):
-    """{as is / each of `shortcuts()`: median positive-class probability of the test split's negatives}."""
+    """{as is / each edit of cxr's shortcut check (`cxr.evaluate.shortcuts.probes`): median positive-class
+    probability of the test split's negatives}."""
+    from cxr.evaluate.shortcuts import probes
+
     test_rows, y_test = dataset.split("test")
     negatives = np.asarray(dataset.images[test_rows[y_test != model.positive_index]])
     medians = {"as is": np.median(model.predict(negatives)[0][:, model.positive_index])}
-    for name, shortcut in shortcuts().items():
-        medians[name] = np.median(model.predict(shortcut(negatives))[0][:, model.positive_index])
+    for name, edit in probes().items():
+        medians[name] = np.median(model.predict(edit(negatives))[0][:, model.positive_index])
     return {name: float(value) for name, value in medians.items()}
 
 
@@ -221,13 +239,17 @@ def report(results, probe):
               f"{e['specificity']:14.3f} {e['balanced_accuracy']:14.3f}")
     if not results:
         return
-    print("\nexternal_dev at thresholds chosen on validation by each rule (mean ± sd over seeds)")
+    print("\nat thresholds chosen on validation by each rule (mean ± sd over seeds): sensitivity, specificity, "
+          "balanced accuracy")
+    print(f"{'recipe':10} {'rule':18} {'external_dev':^44}   {'internal test':^44}")
     for recipe, runs in results.items():
         for rule in runs[0]["rules"]:
-            numbers = [r["rules"][rule] for r in runs]
-            print(f"{recipe:10} {rule:18} sensitivity {mean_sd([n['sensitivity'] for n in numbers])}  specificity "
-                  f"{mean_sd([n['specificity'] for n in numbers])}  balanced accuracy "
-                  f"{mean_sd([n['balanced_accuracy'] for n in numbers])}")
+            columns = []
+            for where in ("rules", "internal_rules"):
+                numbers = [r[where][rule] for r in runs]
+                columns.append("  ".join(mean_sd([n[k] for n in numbers])
+                                         for k in ("sensitivity", "specificity", "balanced_accuracy")))
+            print(f"{recipe:10} {rule:18} {columns[0]}   {columns[1]}")
     print("\ninternal test AUC under acquisition shifts (mean over seeds)")
     names = list(next(iter(results.values()))[0]["shifts"])
     print(f"{'recipe':10} " + " ".join(f"{n[:13]:>13}" for n in names) + f" {'mean':>7}")
@@ -237,9 +259,9 @@ def report(results, probe):
     print("\ninternal test negatives, median probability of the positive class (mean over seeds)")
     measured = {recipe: runs for recipe, runs in results.items() if all("shortcuts" in r for r in runs)}
     names = list(next(iter(measured.values()))[0]["shortcuts"]) if measured else []
-    print(f"{'recipe':10} " + " ".join(f"{n:>16}" for n in names))
+    print(f"{'recipe':10} " + " ".join(f"{n.split(' (')[0]:>18}" for n in names))
     for recipe, runs in measured.items():
-        print(f"{recipe:10} " + " ".join(f"{np.mean([r['shortcuts'][n] for r in runs]):16.3f}" for n in names))
+        print(f"{recipe:10} " + " ".join(f"{np.mean([r['shortcuts'][n] for r in runs]):18.3f}" for n in names))
 
 
 def main():
@@ -270,12 +292,11 @@ def main():
                 run.train(config)
             measured = run_dir / "generalization.json"
             if args.remeasure or not measured.is_file():
-                measured.write_text(json.dumps(measure(run_dir, config), default=float))
-            elif "shortcuts" not in json.loads(measured.read_text()):  # measured before that row existed
-                result = json.loads(measured.read_text())
-                result["shortcuts"] = shortcut_medians(*trained(run_dir, config))
-                measured.write_text(json.dumps(result, default=float))
-            results.setdefault(recipe, []).append(json.loads(measured.read_text()))
+                result = measure(run_dir, config)
+            else:
+                result = fill_in(json.loads(measured.read_text()), run_dir, config)
+            measured.write_text(json.dumps(result, default=float))
+            results.setdefault(recipe, []).append(result)
             print(f"{recipe} seed {seed}: {json.dumps(results[recipe][-1], default=float)}", flush=True)
     probe = None if args.no_probe else linear_probe(args.work)
     report(results, probe)
