@@ -62,7 +62,7 @@ def test_each_backbone_has_its_default_augmentation_and_fine_tuning_cap_and_the_
     assert augment("--backbone", "efficientnet-lite0", "--augment", "seed") == "seed"
     assert Config(backbone="efficientnet-lite0").augment == "site"
     assert Config(backbone="efficientnet-lite0").to_dict()["augment"] == "site"  # summary.json names it
-    assert Config(backbone="efficientnet-lite0").finetune_epochs == 12  # Lite0 stops phase 2 after 12 epochs
+    assert Config(backbone="efficientnet-lite0").finetune_epochs == 5  # Lite0 stops phase 2 after 5 epochs
     assert Config(backbone="efficientnet-lite0", epochs=3).finetune_epochs == 3  # never more than --epochs
     assert Config().finetune_epochs == 30  # B0: the seed's --epochs for both phases
     assert config_from_args(parser.parse_args(["train", "--backbone", "efficientnet-lite0", "--finetune-epochs",

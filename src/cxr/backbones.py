@@ -66,17 +66,16 @@ def _build_lite0_imagenet(input_shape, input_tensor):
 
 
 # The seed froze the first 200 layers of an ImageNet B0: fine-tuning starts inside block 6c, at its
-# squeeze-excitation; B0 keeps that point. Lite0, cxr's own default, fine-tunes from block 5a (79 layers
-# frozen): over three seeds it did better at another site than the seed's point (block 6c's projection, 132
-# layers) and no worse inside (bench_generalization.py, recipe "deep", in benchmarks/README.md). B0 keeps the
-# seed's augmentation too; Lite0 adds burned-in markings and black edges ("site"), which made it read less of
-# what lies outside the lungs and do better at another site (recipe "site"). It also made phase 2 run longer
-# before early stopping (up to 16 epochs, 13 min 25 s of a 16-min run) while its best epoch was at most the
-# 10th in every full run measured, so Lite0 stops phase 2 after 12 epochs: a default run stays under 15 min.
+# squeeze-excitation; B0 keeps that point and the seed's augmentation. Lite0, cxr's own default, is where
+# issue 13's measurements led (bench_generalization.py in benchmarks/README.md, three seeds each): fine-tuning
+# from block 5a did better at another site than the seed's point (recipe "deep"); burned-in markings and black
+# edges on every class ("site") made it read less of what lies outside the lungs and do better still; and
+# fine-tuning from block 4a (50 layers frozen) for 5 epochs ("block4") did as well as block 5a for up to 12,
+# steadier across seeds, in a run of fixed length: about 8 minutes here, against 11-16.
 REGISTRY = {backbone.name: backbone for backbone in (
     Backbone("efficientnetb0", _build_b0, _build_b0_imagenet, fine_tune_from="block6c_se_reduce"),
-    Backbone("efficientnet-lite0", _build_lite0, _build_lite0_imagenet, fine_tune_from="block5a_expand_conv",
-             augment="site", finetune_epochs=12),
+    Backbone("efficientnet-lite0", _build_lite0, _build_lite0_imagenet, fine_tune_from="block4a_expand_conv",
+             augment="site", finetune_epochs=5),
 )}
 NAMES = tuple(REGISTRY)
 

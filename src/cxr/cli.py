@@ -106,7 +106,7 @@ def _add_train_options(parser):
     add("--positive-class", default=d.positive_class,
         help="class the threshold and sensitivity refer to (default: PNEUMONIA if present, else the second class)")
     add("--target-sensitivity", type=sensitivity_or_youden, default=d.target_sensitivity,
-        help="pick the highest threshold reaching this sensitivity on validation (default 0.95); "
+        help="pick the highest threshold reaching this sensitivity on validation (default 0.90); "
              "'youden' maximises Youden's J instead")
     add("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the confidence intervals")
     add("--strategy", choices=STRATEGIES, default=d.strategy,

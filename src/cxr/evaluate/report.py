@@ -140,12 +140,15 @@ def shortcut_section(check, class_names, positive_class):
         + (f"<td>{share(check['negatives_called_positive'])} &rarr; {share(numbers['negatives_called_positive'])}</td>"
            if binary else "") + "</tr>"
         for name, numbers in check["probes"].items())
-    flagged = [name for name, numbers in check["probes"].items() if numbers["changed_calls"] > SHORTCUT_WARNING]
-    verdict = (f"<p class='limits'>Edits outside the lungs change more than {share(SHORTCUT_WARNING)} of the calls "
-               f"({e(', '.join(flagged))}): the model reads them, and where they differ (another site or device) "
-               "its calls will move. Retrain with <code>--augment site</code>, check its Grad-CAM maps, and "
-               "evaluate it on that site's images before use.</p>" if flagged else
-               f"<p>No edit changed more than {share(SHORTCUT_WARNING)} of the calls.</p>")
+    flagged = [name.split(" (")[0] for name, numbers in check["probes"].items()
+               if numbers["changed_calls"] > SHORTCUT_WARNING]
+    limit = f"{100 * SHORTCUT_WARNING:g}%"
+    verdict = (f"<p class='limits'>Edits outside the lungs change more than {limit} of the calls: "
+               f"{e(', '.join(flagged))}. The model reads them, and where they differ (another site or device) "
+               "its calls will move. Training with <code>--augment site</code> (Lite0's default) reduces this; "
+               "check the model's Grad-CAM maps, and refit its operating point on that site's images "
+               "(<code>cxr calibrate</code>) before use.</p>" if flagged else
+               f"<p>No edit changed more than {limit} of the calls.</p>")
     negative_class = next((name for name in class_names if name != positive_class), "")
     header = "<th>edit</th><th>calls changed</th>" + (
         f"<th>{e(negative_class)} images called {e(positive_class)}: as they are &rarr; edited</th>" if binary else "")
