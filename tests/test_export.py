@@ -92,3 +92,9 @@ def test_export_adds_to_its_own_folder_and_refuses_another_models(exported, tiny
     assert main(["export", "--model", model, "--format", "tflite", "--output-dir", str(other)]) == 2
     assert "export of another model" in capsys.readouterr().err
     assert not (other / "model.tflite").exists()
+
+
+def test_the_exported_model_averages_the_zoomed_views_of_the_saved_one(exported):
+    card = json.loads((exported / "model-card.json").read_text())
+    assert card["test_time_scales"] == [0.9, 1.0]  # Lite0's default, recorded in class_names.json
+    assert "averages 2 views of each image" in card["input"]["preprocessing"]

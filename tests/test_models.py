@@ -109,3 +109,51 @@ def test_offline_b0_imagenet_names_the_ways_out(monkeypatch):
     with pytest.raises(UserError) as error:
         build_classifier("efficientnetb0", 2, weights="imagenet", img_size=32)
     assert "--backbone efficientnet-lite0" in str(error.value) and "--weights PATH" in str(error.value)
+
+
+def test_test_time_scales_average_the_logits_of_zoomed_views_and_survive_a_plain_h5_round_trip(tmp_path):
+    import tensorflow as tf
+
+    from cxr.evaluate.gradcam import heatmaps
+    from cxr.models import has_test_time_scales, with_test_time_scales
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=64)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+    model.compile("adam", "categorical_crossentropy")
+    model.fit(x, np.eye(2)[[0, 1, 0]], epochs=1, verbose=0)  # BatchNormalization statistics away from 0 and 1
+    assert with_test_time_scales(model, [1.0]) is model
+    views = with_test_time_scales(model, [0.9, 1.0, 1.1])
+    assert has_test_time_scales(views) and not has_test_time_scales(model)
+
+    # 0.9: shrunk to 58 px inside a black frame (3 px each side); 1.1: the central 58 px enlarged to 64
+    shrunk = tf.pad(tf.image.resize(x, (58, 58)), [[0, 0], [3, 3], [3, 3], [0, 0]])
+    enlarged = tf.image.resize(x[:, 3:61, 3:61], (64, 64))
+    pooled = keras.Model(model.inputs, model.get_layer("avg_pool").output)
+    kernel, bias = (w.numpy() for w in model.get_layer("predictions").weights)
+    logits = np.mean([pooled.predict(v, verbose=0) @ kernel + bias for v in (shrunk, x, enlarged)], axis=0)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    p = views.predict(x, verbose=0)
+    np.testing.assert_allclose(p, expected, atol=1e-5)
+    assert not np.allclose(p, model.predict(x, verbose=0), atol=1e-3)
+
+    views.save(tmp_path / "model.h5")
+    restored = keras.models.load_model(tmp_path / "model.h5", compile=False)  # no cxr objects needed
+    np.testing.assert_allclose(restored.predict(x, verbose=0), p, atol=1e-6)
+    np.testing.assert_allclose(with_test_time_scales(restored, [1.0]).predict(x, verbose=0),
+                               model.predict(x, verbose=0), atol=1e-6)
+    # Grad-CAM explains the image as it is, as for the one-view model
+    np.testing.assert_allclose(heatmaps(restored, x, [1, 0, 1]), heatmaps(model, x, [1, 0, 1]), atol=1e-5)
+
+
+def test_test_time_scales_default_to_the_backbones_and_are_checked():
+    from cxr.cli import build_parser, config_from_args
+    from cxr.config import Config
+
+    assert Config().test_time_scales == [1.0]  # B0: the seed's one view
+    assert Config(backbone="efficientnet-lite0").test_time_scales == [0.9, 1.0]
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["train", "--backbone", "efficientnet-lite0", "--test-time-scales",
+                                               "1"])).test_time_scales == [1.0]
+    with pytest.raises(UserError, match="--test-time-scales"):
+        Config(test_time_scales=[0.1]).validate()

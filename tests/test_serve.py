@@ -44,7 +44,7 @@ class Server:
             try:
                 if requests.get(self.url + "/health/ready", timeout=5).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
                 pass
             time.sleep(0.5)
         raise AssertionError("the server did not get ready in 180 s")

@@ -103,6 +103,9 @@ def _add_train_options(parser):
         help="validation metric for early stopping, checkpoints and keeping phase 1 or 2")
     add("--label-smoothing", type=float, default=d.label_smoothing)
     add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (0: Adam)")
+    add("--test-time-scales", type=float, nargs="+", default=None, metavar="SCALE",
+        help="the saved model averages views of each image zoomed by these factors (below 1: wider field of view); "
+             "default: the backbone's (B0 1, Lite0 0.9 1)")
     add("--positive-class", default=d.positive_class,
         help="class the threshold and sensitivity refer to (default: PNEUMONIA if present, else the second class)")
     add("--target-sensitivity", type=sensitivity_or_youden, default=d.target_sensitivity,

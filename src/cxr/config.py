@@ -55,6 +55,9 @@ class Config:
     monitor: str = "val_accuracy"  # what early stopping, checkpoints and the final phase's choice follow
     label_smoothing: float = 0.0
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 keeps the seed's Adam
+    # The zoomed views of each image the saved model averages (models.with_test_time_scales); None: the
+    # backbone's (B0 [1.0], the image alone; Lite0 [0.9, 1.0]).
+    test_time_scales: Optional[list] = None
     # Evaluation: None = PNEUMONIA if there is such a class, else the second class.
     positive_class: Optional[str] = None
     # The highest threshold reaching this sensitivity on validation; None: the one maximising Youden's J.
@@ -74,6 +77,8 @@ class Config:
             self.augment = backbone.augment
         if self.finetune_epochs is None:
             self.finetune_epochs = min(self.epochs, backbone.finetune_epochs or self.epochs)
+        if self.test_time_scales is None:
+            self.test_time_scales = list(backbone.test_time_scales)
 
     def validate(self):
         """Raise UserError for option values no run could use."""
@@ -102,6 +107,9 @@ class Config:
             (self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.weight_decay < 1, f"--weight-decay must be in [0, 1), got {self.weight_decay}"),
+            (self.test_time_scales is None or (len(self.test_time_scales) >= 1
+                                                and all(0.5 <= s <= 2 for s in self.test_time_scales)),
+             f"--test-time-scales must be one or more zooms between 0.5 and 2, got {self.test_time_scales}"),
             (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
              f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}"),
             (self.bootstrap >= 0, f"--bootstrap must be 0 or more, got {self.bootstrap}"),

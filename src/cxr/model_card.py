@@ -62,6 +62,14 @@ def training_record(model):
             "trained_with": summary.get("versions")}
 
 
+def views_note(scales):
+    """'' for a one-view model; else a sentence saying that the model averages zoomed views itself."""
+    if list(scales) == [1.0]:
+        return ""
+    return (f"; the model itself averages {len(scales)} views of each image, zoomed by "
+            f"{', '.join(f'{s:g}' for s in scales)} (below 1 inside a black frame)")
+
+
 def describe(model):
     """A JSON-ready description of a `SavedModel`: input, outputs, operating point, training data and test
     metrics (None where no summary.json describes this model), intended use, limits and versions."""
@@ -74,7 +82,9 @@ def describe(model):
         "input": {"shape": [None, model.img_size, model.img_size, 3], "dtype": "float32",
                   "value_range": [0, 255], "channel_order": "RGB",
                   "preprocessing": "inside the model (ImageNet normalisation); give raw pixel values resized to "
-                                   f"{model.img_size} x {model.img_size}, grey X-rays repeated into three channels"},
+                                   f"{model.img_size} x {model.img_size}, grey X-rays repeated into three channels"
+                                   + views_note(model.test_time_scales)},
+        "test_time_scales": model.test_time_scales,
         "outputs": {"class_names": model.class_names, "activation": "softmax",
                     "calibration": f"probabilities p are calibrated as softmax(log(p) / temperature), temperature "
                                    f"{point['temperature']:.4g}"},

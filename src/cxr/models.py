@@ -3,6 +3,8 @@
 Every model here takes raw RGB images with values 0-255: the backbones carry their own preprocessing, so a
 saved model needs nothing but `predict`. The classifier is one flat functional model (backbone layers first,
 then the head): a nested backbone would lose its input normalisation statistics in a `.h5` round trip.
+The model a run saves may average zoomed views of each image (`with_test_time_scales`): the same layers, the
+part past the input normalisation nested once and run on every view.
 What differs between backbones lives in the registry, `backbones`.
 """
 
@@ -68,6 +70,80 @@ def build_classifier(backbone_name, num_classes, weights="imagenet", img_size=22
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name=f"cxr_{backbone.name}")
+
+
+def with_test_time_scales(model, scales):
+    """The classifier `model` predicting from several zoomed views of each image: the softmax of the views' mean
+    logits (their pooled features are averaged before the Dense head, which is linear).
+
+    Each scale below 1 shrinks the image inside a black frame (a wider field of view), above 1 enlarges its
+    centre, 1 is the image as it is. Built from stock Keras layers, so the saved file loads with plain
+    `keras.models.load_model`, converts to LiteRT and exports like a one-view model; the backbone's input
+    normalisation stays in the outer model (nested, it would lose its statistics in a .h5 round trip).
+    `model` may itself have test-time scales; a one-view model asked for the scales (1,) is returned as it is.
+    Input and output as `model`'s: (batch, side, side, 3) 0-255 -> (batch, classes).
+    """
+    if list(scales) == [1.0] and not has_test_time_scales(model):
+        return model
+    preprocessing, feature_map = _preprocessing_and_feature_map(model)
+    side, pool = model.input.shape[1], model.get_layer("avg_pool")
+    image = keras.Input(shape=model.input.shape[1:], name="image")
+    pooled = [pool(feature_map(_apply(preprocessing, zoomed(image, scale, side)))) for scale in scales]
+    x = keras.layers.Average(name="mean_over_views")(pooled) if len(pooled) > 1 else pooled[0]
+    x = model.get_layer("head_dropout")(x)
+    name = model.name.removesuffix("_multiscale")
+    return keras.Model(image, model.get_layer("predictions")(x), name=name if len(pooled) == 1 else f"{name}_multiscale")
+
+
+FEATURE_MAP = "feature_map"  # the backbone past its input normalisation, in a model with test-time scales
+VIEW = "view_"  # the name prefix of the layers that make the views
+
+
+def has_test_time_scales(model):
+    return FEATURE_MAP in {layer.name for layer in model.layers}
+
+
+def zoomed(image, scale, side):
+    """`image` (a Keras tensor of side x side images) zoomed by `scale` around its centre, same size."""
+    if scale == 1:
+        return image
+    tag = f"{scale:g}".replace(".", "_")
+    if scale < 1:
+        inner = round(side * scale)
+        margin = side - inner
+        x = keras.layers.Resizing(inner, inner, name=f"{VIEW}shrink_{tag}")(image)
+        return keras.layers.ZeroPadding2D(((margin // 2, margin - margin // 2),) * 2, name=f"{VIEW}frame_{tag}")(x)
+    inner = round(side / scale)
+    margin = side - inner
+    x = keras.layers.Cropping2D(((margin // 2, margin - margin // 2),) * 2, name=f"{VIEW}centre_{tag}")(image)
+    return keras.layers.Resizing(side, side, name=f"{VIEW}enlarge_{tag}")(x)
+
+
+def _preprocessing_and_feature_map(model):
+    """(the backbone's input normalisation layers, a model from their output to the last feature map)."""
+    if has_test_time_scales(model):
+        feature_map = model.get_layer(FEATURE_MAP)
+        return [layer for layer in model.layers[1:model.layers.index(feature_map)]
+                if not layer.name.startswith(VIEW)], feature_map
+    layers = backbone_layers(model)
+    cut = next((i for i, layer in enumerate(layers) if isinstance(layer, keras.layers.Normalization)), 0) + 1
+    return layers[1:cut], keras.Model(layers[cut].input, model.get_layer("avg_pool").input, name=FEATURE_MAP)
+
+
+def _apply(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def feature_map_model(model):
+    """image -> the last convolutional feature map (the input of the head's pooling) of the image as it is,
+    for a classifier with or without test-time scales."""
+    if not has_test_time_scales(model):
+        return keras.Model(model.inputs, model.get_layer("avg_pool").input)
+    preprocessing, feature_map = _preprocessing_and_feature_map(model)
+    image = keras.Input(shape=model.input.shape[1:], name="image")
+    return keras.Model(image, feature_map(_apply(preprocessing, image)))
 
 
 def default_frozen_layers(model, backbone_name):

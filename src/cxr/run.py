@@ -105,8 +105,11 @@ def _train(config, output_dir, chief):
         print(f"{distribution.task}: training done; the chief writes the model and reports", flush=True)
         return None
 
-    print("Fitting the calibration and the operating point on validation; evaluating on test", flush=True)
-    classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone)
+    model = models.with_test_time_scales(model, config.test_time_scales)
+    views = (f" (each image as the mean of {len(config.test_time_scales)} zoomed views)"
+             if models.has_test_time_scales(model) else "")
+    print(f"Fitting the calibration and the operating point on validation; evaluating on test{views}", flush=True)
+    classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone, config.test_time_scales)
     classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]))
     classifier.operating_point = fit_on_validation(classifier, dataset, positive, config)
     evaluation = evaluate_model(classifier, dataset, "test",

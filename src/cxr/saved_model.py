@@ -18,7 +18,7 @@ from cxr.inference import apply_temperature, decide, positive_class, predict_pro
 CLASS_NAMES_FILE = "class_names.json"
 MODEL_FILE = "model.h5"
 # class_names.json keys that describe the model; every other key belongs to the operating point
-MODEL_KEYS = ("class_names", "img_size", "backbone", "model_sha256")
+MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "model_sha256")
 
 
 def fitted_on(description, data_dir, counts, same_data=None):
@@ -82,6 +82,7 @@ class SavedModel:
         self.class_names = list(info["class_names"])
         self.img_size = info.get("img_size")
         self.backbone = info.get("backbone")
+        self.test_time_scales = info.get("test_time_scales", [1.0])  # the zoomed views the model averages
         self.operating_point = {"positive_class": positive_class(self.class_names), "temperature": 1.0,
                                 "threshold": None, "method": "argmax"} | {
             k: v for k, v in info.items() if k not in MODEL_KEYS}
@@ -108,10 +109,10 @@ class SavedModel:
         return model
 
     @classmethod
-    def from_keras(cls, keras_model, class_names, img_size, backbone):
+    def from_keras(cls, keras_model, class_names, img_size, backbone, test_time_scales=(1.0,)):
         """A model still in memory (during training), with no operating point yet."""
-        return cls({"class_names": list(class_names), "img_size": img_size, "backbone": backbone},
-                   keras_model=keras_model)
+        return cls({"class_names": list(class_names), "img_size": img_size, "backbone": backbone,
+                    "test_time_scales": list(test_time_scales)}, keras_model=keras_model)
 
     @property
     def sha256(self):
@@ -186,6 +187,7 @@ class SavedModel:
             self.keras_model.save(tmp)
         self._sha256 = None
         self.info = {"class_names": self.class_names, "img_size": self.img_size, "backbone": self.backbone,
+                     "test_time_scales": self.test_time_scales,
                      **self.operating_point, "model_sha256": self.sha256}
         write_json(Path(models_dir) / CLASS_NAMES_FILE, self.info)
         return self.path

@@ -1,7 +1,8 @@
 """Grad-CAM (Selvaraju et al., 2017): where in the X-ray the classifier found evidence for a class.
 
-Works on any classifier from `models.build_classifier` (both backbones, fresh or loaded from .h5/.keras): the
-heatmap is taken at the input of the head's global average pooling, the last convolutional feature map.
+Works on any classifier from `models.build_classifier` (both backbones, fresh or loaded from .h5/.keras, with
+or without test-time scales): the heatmap is taken at the input of the head's global average pooling, the last
+convolutional feature map, of the image as it is (a model with test-time scales predicts from zoomed views too).
 """
 
 import numpy as np
@@ -10,11 +11,9 @@ from PIL import Image
 
 
 def _feature_map_and_head(model):
-    import keras
+    from cxr.models import feature_map_model
 
-    pool = model.get_layer("avg_pool")
-    dense = model.get_layer("predictions")
-    return keras.Model(model.inputs, pool.input), dense
+    return feature_map_model(model), model.get_layer("predictions")
 
 
 def heatmaps(model, images, class_indices, batch_size=4):
