@@ -5,7 +5,10 @@ hospital, the stand-in for another site), threshold rules, and acquisition shift
     .venv/bin/python benchmarks/bench_generalization.py --probe-only
 
 For every recipe and seed it trains on the full train folder with `cxr.run.train` (into --work/RECIPE-SEED,
-skipped when that run's summary.json is already there, so an interrupted benchmark resumes), then measures:
+skipped when that run's summary.json is already there, so an interrupted benchmark resumes; a recipe that
+differs from another only in its test-time scales takes that recipe's trained run of the same seed and saves
+its weights with its own views, refitting the operating point on validation as `cxr train` does), then
+measures:
 - internal: test AUC and ECE of the carved test split, from the run's summary.json;
 - external_dev: AUC, ECE, and sensitivity / specificity / balanced accuracy at the saved operating point;
 - threshold rules: the same external numbers, and the internal test split's, at thresholds that other rules
@@ -37,7 +40,8 @@ DATA = ROOT.parent / "shared" / "data" / "chest_xray"
 # the seed's augmentation and no cap on phase 2 until 2026-11-25 evening ("block6c"), then block 5a ("deep"),
 # with the site augmentation from that night ("site"), block 4a for 5 epochs since 2026-11-26 ("block4"); block
 # 3a for 4 epochs ("block3") was measured and not adopted.
-BLOCK6C = {"frozen_layers": 132, "augment": "seed", "finetune_epochs": 30}
+ONE_VIEW = {"test_time_scales": [1.0]}  # the saved model predicts from the image alone (as before 2026-11-26 morning)
+BLOCK6C = {"frozen_layers": 132, "augment": "seed", "finetune_epochs": 30, **ONE_VIEW}
 RECIPES = {
     "default": {},  # today's defaults (runs kept under this name from earlier are the defaults of their day)
     "block6c": BLOCK6C,
@@ -45,11 +49,15 @@ RECIPES = {
     "robust": {**BLOCK6C, "augment": "robust", "class_weight": "balanced", "monitor": "val_auc"},
     "robust-ls": {**BLOCK6C, "augment": "robust", "class_weight": "balanced", "monitor": "val_auc",
                   "label_smoothing": 0.1, "weight_decay": 1e-4},
-    "deep": {"frozen_layers": 79, "augment": "seed", "finetune_epochs": 30},
-    "site": {"frozen_layers": 79, "augment": "site", "finetune_epochs": 30},
-    "block4": {"frozen_layers": 50, "augment": "site", "finetune_epochs": 5},
-    "block3": {"frozen_layers": 31, "augment": "site", "finetune_epochs": 4},
+    "deep": {"frozen_layers": 79, "augment": "seed", "finetune_epochs": 30, **ONE_VIEW},
+    "site": {"frozen_layers": 79, "augment": "site", "finetune_epochs": 30, **ONE_VIEW},
+    "block4": {"frozen_layers": 50, "augment": "site", "finetune_epochs": 5, **ONE_VIEW},
+    "block3": {"frozen_layers": 31, "augment": "site", "finetune_epochs": 4, **ONE_VIEW},
+    "block4-2views": {"frozen_layers": 50, "augment": "site", "finetune_epochs": 5, "test_time_scales": [0.9, 1.0]},
 }
+# Recipes that differ from another only in what is done after training (the test-time scales): they reuse its
+# trained weights (see `with_other_views`) instead of training again.
+SAME_TRAINING = {"block4-2views": "block4"}
 SENSITIVITY_TARGETS, SPECIFICITY_TARGET = (0.95, 0.90), 0.98
 
 
@@ -120,6 +128,33 @@ def trained(run_dir, config):
     external = read_labelled_folder(DATA / "external_dev", model.class_names)
     external.decode(config.img_size, run_dir / "cache")
     return model, dataset, external
+
+
+def with_other_views(trained_dir, run_dir, config):
+    """Save into `run_dir` the model of the run in `trained_dir` as a run with `config` would have saved it:
+    the same weights with `config.test_time_scales`, its operating point fitted on the same validation split
+    and evaluated on the same test split, as `cxr.run.train` does after training (its summary.json keeps the
+    metrics, and the training time of the run it came from)."""
+    from cxr import models
+    from cxr.data.split import prepare_splits
+    from cxr.evaluate import EvaluationOptions, evaluate_model
+    from cxr.run import fit_on_validation
+    from cxr.saved_model import SavedModel
+
+    dataset = prepare_splits(config)
+    dataset.decode(config.img_size, run_dir / "cache")
+    trained_model = SavedModel.load(trained_dir / "models" / "model.h5")
+    model = SavedModel.from_keras(models.with_test_time_scales(trained_model.keras_model, config.test_time_scales),
+                                  trained_model.class_names, config.img_size, config.backbone, config.test_time_scales)
+    model.operating_point = fit_on_validation(model, dataset, trained_model.operating_point["positive_class"], config)
+    evaluation = evaluate_model(model, dataset, "test", EvaluationOptions(bootstrap=0, seed=config.seed))
+    (run_dir / "models").mkdir(parents=True, exist_ok=True)
+    (run_dir / "reports").mkdir(exist_ok=True)
+    model.save(run_dir / "models")
+    timings = json.loads((trained_dir / "reports" / "summary.json").read_text())["timings"]
+    record = {"metrics": {k: float(evaluation.metrics[k]) for k in ("auc", "ece", "sensitivity", "specificity")},
+              "timings": timings, "trained_in": str(trained_dir)}
+    (run_dir / "reports" / "summary.json").write_text(json.dumps(record, default=float))
 
 
 def measure(run_dir, config):
@@ -291,7 +326,10 @@ def main():
                 run_dir.mkdir(exist_ok=True)
                 if not (run_dir / "cache").exists():
                     (run_dir / "cache").symlink_to(args.work / "cache")  # one decode cache for every run
-                run.train(config)
+                if recipe in SAME_TRAINING:
+                    with_other_views(args.work / f"{SAME_TRAINING[recipe]}-{seed}", run_dir, config)
+                else:
+                    run.train(config)
             measured = run_dir / "generalization.json"
             if args.remeasure or not measured.is_file():
                 result = measure(run_dir, config)
