@@ -99,6 +99,7 @@ def test_explain_gives_every_input_its_own_overlay_name(tmp_path):
     ('{"class_names": ["A", "A"]}', "a list of two or more distinct names"),
     ('{"class_names": ["NORMAL", "PNEUMONIA"], "positive_class": "COVID"}', "'COVID' is not one of its class_names"),
     ('{"class_names": ["NORMAL", "PNEUMONIA"], "temperature": -1}', "temperature must be a positive number"),
+    ('{"class_names": ["NORMAL", "PNEUMONIA"], "test_time_scales": "0.9"}', "test_time_scales must be a list"),
 ])
 def test_a_damaged_class_names_json_is_a_user_error(tmp_path, content, message):
     (tmp_path / "model.h5").write_bytes(b"a model")

@@ -71,11 +71,11 @@ def _build_lite0_imagenet(input_shape, input_tensor):
 # issue 13's measurements led (bench_generalization.py in benchmarks/README.md, three seeds each): fine-tuning
 # from block 5a did better at another site than the seed's point (recipe "deep"); burned-in markings and black
 # edges on every class ("site") made it read less of what lies outside the lungs and do better still; and
-# fine-tuning from block 4a (50 layers frozen) for 5 epochs ("block4") did as well as block 5a for up to 12,
-# steadier across seeds, in a run of fixed length: about 8 minutes here, against 11-16. Its saved model averages
-# two views of each image, as it is and shrunk to 0.9 inside a black frame: better on validation, the internal
-# test split and at another site for every model measured, for twice the inference (a third view, the centre
-# enlarged by 1.1, added a quarter as much again on validation for half as much again inference).
+# fine-tuning from block 4a (50 layers frozen) for 5 epochs ("block4") did as well as block 5a for up to 12, in
+# a run of fixed length: about 8 minutes here, against 11-16. Its saved model averages two views of each image,
+# as it is and shrunk to 0.9 inside a black frame: better on validation, the internal test split and at another
+# site for every model measured, for twice the inference (a third view, the centre enlarged by 1.1, added about
+# a third as much again on validation for half as much again inference).
 REGISTRY = {backbone.name: backbone for backbone in (
     Backbone("efficientnetb0", _build_b0, _build_b0_imagenet, fine_tune_from="block6c_se_reduce"),
     Backbone("efficientnet-lite0", _build_lite0, _build_lite0_imagenet, fine_tune_from="block4a_expand_conv",

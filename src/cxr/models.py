@@ -72,6 +72,10 @@ def build_classifier(backbone_name, num_classes, weights="imagenet", img_size=22
     return keras.Model(inputs, outputs, name=f"cxr_{backbone.name}")
 
 
+FEATURE_MAP = "feature_map"  # the backbone past its input normalisation, in a model with test-time scales
+VIEW = "view_"  # the name prefix of the layers that make the views
+
+
 def with_test_time_scales(model, scales):
     """The classifier `model` predicting from several zoomed views of each image: the softmax of the views' mean
     logits (their pooled features are averaged before the Dense head, which is linear).
@@ -93,10 +97,6 @@ def with_test_time_scales(model, scales):
     x = model.get_layer("head_dropout")(x)
     name = model.name.removesuffix("_multiscale")
     return keras.Model(image, model.get_layer("predictions")(x), name=name if len(pooled) == 1 else f"{name}_multiscale")
-
-
-FEATURE_MAP = "feature_map"  # the backbone past its input normalisation, in a model with test-time scales
-VIEW = "view_"  # the name prefix of the layers that make the views
 
 
 def has_test_time_scales(model):

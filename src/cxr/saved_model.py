@@ -61,6 +61,10 @@ def read_info(info_path):
     if (not isinstance(temperature, number) or isinstance(temperature, bool) or not temperature > 0
             or threshold is not None and (not isinstance(threshold, number) or isinstance(threshold, bool))):
         raise UserError(f"{info_path}: temperature must be a positive number and threshold a number or null; {fix}")
+    scales = info.get("test_time_scales", [1.0])
+    if (not isinstance(scales, list) or not scales
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in scales)):
+        raise UserError(f"{info_path}: test_time_scales must be a list of positive numbers; {fix}")
     positive = info.get("positive_class")
     if positive is not None and positive not in names:
         raise UserError(f"{info_path}: positive_class {positive!r} is not one of its class_names "
