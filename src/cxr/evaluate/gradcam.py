@@ -5,15 +5,24 @@ or without test-time scales): the heatmap is taken at the input of the head's gl
 convolutional feature map, of the image as it is (a model with test-time scales predicts from zoomed views too).
 """
 
+import weakref
+
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
 
-def _feature_map_and_head(model):
-    from cxr.models import feature_map_model
+# model -> (its feature-map model, its head): made once per model, because for a model with test-time scales
+# making it calls layers anew, which would grow their graphs with every request of a long-running server
+_PARTS = weakref.WeakKeyDictionary()
 
-    return feature_map_model(model), model.get_layer("predictions")
+
+def _feature_map_and_head(model):
+    if model not in _PARTS:
+        from cxr.models import feature_map_model
+
+        _PARTS[model] = feature_map_model(model), model.get_layer("predictions")
+    return _PARTS[model]
 
 
 def heatmaps(model, images, class_indices, batch_size=4):
