@@ -1,6 +1,7 @@
+import keras
 import numpy as np
 
-from cxr.data.augment import BurnedInMarkings, RandomBorders, render_stamps
+from cxr.data.augment import BurnedInMarkings, RandomBorders, augmentation, render_stamps
 
 
 def grey_batch(n=8, side=64, value=90.0):
@@ -48,6 +49,21 @@ def test_borders_black_out_bands_along_the_edges_and_keep_the_centre():
     assert 0.35 < touched < 0.65
 
 
+def test_site_aspect_zooms_height_and_width_apart_where_site_keeps_the_proportions():
+    squares = np.zeros((32, 64, 64, 3), np.float32)
+    squares[:, 16:48, 16:48] = 255.0
+
+    def height_over_width(kind, training=True):
+        zoom = next(layer for layer in augmentation(kind, seed=3).layers if isinstance(layer, keras.layers.RandomZoom))
+        white = np.asarray(zoom(squares, training=training))[..., 0] > 127
+        return white.any(axis=2).sum(axis=1) / white.any(axis=1).sum(axis=1)
+
+    np.testing.assert_allclose(height_over_width("site"), 1.0, atol=0.07)  # zoomed, proportions kept
+    stretched = height_over_width("site-aspect")
+    assert stretched.min() < 0.9 and stretched.max() > 1.1  # some squares made wide, some tall
+    np.testing.assert_array_equal(height_over_width("site-aspect", training=False), 1.0)  # never at inference
+
+
 def test_each_backbone_has_its_default_augmentation_and_fine_tuning_cap_and_the_options_override_them():
     from cxr.cli import build_parser, config_from_args
     from cxr.config import Config
@@ -58,10 +74,10 @@ def test_each_backbone_has_its_default_augmentation_and_fine_tuning_cap_and_the_
         return config_from_args(parser.parse_args(["train", *argv])).augment
 
     assert augment() == "seed"  # B0: the seed script's
-    assert augment("--backbone", "efficientnet-lite0") == "site"
+    assert augment("--backbone", "efficientnet-lite0") == "site-aspect"
     assert augment("--backbone", "efficientnet-lite0", "--augment", "seed") == "seed"
-    assert Config(backbone="efficientnet-lite0").augment == "site"
-    assert Config(backbone="efficientnet-lite0").to_dict()["augment"] == "site"  # summary.json names it
+    assert Config(backbone="efficientnet-lite0").augment == "site-aspect"
+    assert Config(backbone="efficientnet-lite0").to_dict()["augment"] == "site-aspect"  # summary.json names it
     assert Config(backbone="efficientnet-lite0").finetune_epochs == 5  # Lite0 stops phase 2 after 5 epochs
     assert Config(backbone="efficientnet-lite0", epochs=3).finetune_epochs == 3  # never more than --epochs
     assert Config().finetune_epochs == 30  # B0: the seed's --epochs for both phases

@@ -139,7 +139,7 @@ def test_evaluate_command_reproduces_the_test_metrics_of_training(trained, tmp_p
     for name in ("report.html", "metrics.csv", "classification_report.csv"):
         assert (tmp_path / "eval/reports" / name).is_file()
     check = summary["shortcut_check"]  # every evaluated image (fewer than evaluate.shortcuts.SAMPLE), three edits
-    assert check["n_images"] == summary["metrics"]["n_images"] and len(check["probes"]) == 3
+    assert check["n_images"] == summary["metrics"]["n_images"] and len(check["probes"]) == 4
     assert 0 <= check["negatives_called_positive"] <= 1
     assert "Shortcut check" in (tmp_path / "eval/reports/report.html").read_text()
     assert {p.name for p in (tmp_path / "eval/plots").iterdir()} == {

@@ -40,7 +40,7 @@ def grey_images(n):
 def test_each_edit_leaves_the_centre_alone_and_keeps_the_batch_shape():
     x = np.random.default_rng(0).integers(40, 200, (3, SIDE, SIDE, 3)).astype(np.uint8)
     edits = probes()
-    assert len(edits) == 3
+    assert len(edits) == 4
     for name, edit in edits.items():
         edited = edit(x)
         assert edited.shape == x.shape and edited.dtype == np.uint8, name
@@ -51,6 +51,10 @@ def test_each_edit_leaves_the_centre_alone_and_keeps_the_batch_shape():
     marked = edits["burned-in markings (a letter and a line of text)"](x)
     middle = slice(SIDE // 3, SIDE - SIDE // 3)
     assert np.array_equal(marked[:, middle], x[:, middle])  # markings start in the top or bottom tenth
+    square = np.zeros((1, SIDE, SIDE, 3), np.uint8)
+    square[:, 16:48, 16:48] = 255
+    tall = edits["taller (height stretched by 15%)"](square)[0, ..., 0] > 127
+    assert tall.any(axis=1).sum() >= 1.12 * tall.any(axis=0).sum()  # the square became a tall rectangle
 
 
 def test_a_model_that_reads_the_edges_is_caught_and_one_that_reads_the_centre_is_not():

@@ -97,8 +97,9 @@ def _add_train_options(parser):
         help="phase 1 on backbone features computed once (default); --no-feature-cache runs plain Keras")
     add("--feature-views", type=int, default=d.feature_views, help="augmented views per image in the feature cache")
     add("--augment", choices=AUGMENTATIONS, default=None,
-        help="training augmentation: seed (flip, rotate, zoom, shift), robust (+ brightness, contrast, sharpness, crops) "
-             "or site (+ burned-in markers and text, black edges); default: the backbone's (B0 seed, Lite0 site)")
+        help="training augmentation: seed (flip, rotate, zoom, shift), robust (+ brightness, contrast, sharpness, crops), "
+             "site (+ burned-in markers and text, black edges) or site-aspect (site, with height and width zoomed "
+             "apart); default: the backbone's (B0 seed, Lite0 site-aspect)")
     add("--monitor", choices=MONITORS, default=d.monitor,
         help="validation metric for early stopping, checkpoints and keeping phase 1 or 2")
     add("--label-smoothing", type=float, default=d.label_smoothing)

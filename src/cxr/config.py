@@ -51,7 +51,7 @@ class Config:
     group_pattern: Optional[str] = None
     feature_cache: bool = True
     feature_views: int = 2
-    augment: Optional[str] = None  # seed | robust | site (data.augment); None: the backbone's (B0 seed, Lite0 site)
+    augment: Optional[str] = None  # data.augment's AUGMENTATIONS; None: the backbone's (B0 seed, Lite0 site-aspect)
     monitor: str = "val_accuracy"  # what early stopping, checkpoints and the final phase's choice follow
     label_smoothing: float = 0.0
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 keeps the seed's Adam

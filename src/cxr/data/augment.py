@@ -7,6 +7,11 @@ inside one training folder, they can go with the label; a model then reads them 
 another site they move its answer. In Kermany's train/ folder they do (benchmarks/README.md, "Shortcuts
 outside the lungs"). `BurnedInMarkings` and `RandomBorders` put them on training images of every class, so
 that they stop telling the classes apart.
+
+X-rays of every shape are squeezed into one square (by `decode`; the Kermany copy at hand already was), so a
+chest's height-to-width ratio on the image depends on the detector's and the crop's shape as much as on the child. A
+model trained on one folder learns those proportions with the label: taller chests look like pneumonia to it
+(benchmarks/README.md, "Proportions"). The "site-aspect" augmentation zooms height and width apart.
 """
 
 import keras
@@ -15,6 +20,8 @@ import tensorflow as tf
 
 from cxr.data.pipeline import AUGMENTATIONS
 
+# RandomZoom's (height_factor, width_factor) per kind; a width factor of None keeps the image's proportions
+ZOOM = {"seed": (0.1, None), "robust": ((-0.25, 0.1), None), "site": (0.1, None), "site-aspect": (0.15, 0.15)}
 LETTERS = ("R", "L", "R", "L")
 TEXTS = ("PORTABLE", "AP", "SUPINE", "KV/59", "20:26:04", "09:13:52", "1/2", "ERECT")
 
@@ -136,19 +143,21 @@ def augmentation(kind, seed):
     blurred to over-sharpened), and wider zoom in (crops).
     "site": the seed's set, plus what differs between sites outside the lungs: burned-in markers and text, and
     black bands along the edges (`BurnedInMarkings`, `RandomBorders`).
+    "site-aspect": the site set with the height and the width zoomed apart, each by up to 15 %, so that a chest's
+    proportions (see the module's docstring) stop telling the classes apart.
     """
     if kind not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
-    zoom = keras.layers.RandomZoom((-0.25, 0.1) if kind == "robust" else 0.1, fill_mode="constant", seed=seed)
+    height_zoom, width_zoom = ZOOM[kind]
     layers = [keras.layers.RandomFlip("horizontal", seed=seed),
               keras.layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
-              zoom,
+              keras.layers.RandomZoom(height_zoom, width_zoom, fill_mode="constant", seed=seed),
               keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed)]
     if kind == "robust":
         layers += [keras.layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed),
                    keras.layers.RandomContrast(0.3, value_range=(0, 255), seed=seed),
                    keras.layers.RandomSharpness((0.25, 0.75), value_range=(0, 255), seed=seed)]
-    if kind == "site":
+    if kind.startswith("site"):
         # after the flip, so that a letter reads the right way round; borders last, to cut into the markings
         layers += [BurnedInMarkings(seed=seed), RandomBorders(seed=seed)]
     return keras.Sequential(layers, name="augmentation")

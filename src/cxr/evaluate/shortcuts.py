@@ -1,9 +1,11 @@
-"""The shortcut check: do the model's calls change when only what lies outside the lungs changes?
+"""The shortcut check: do the model's calls change when only what lies outside the lungs, or the image's
+proportions, change?
 
-Models trained on Kermany's train/ folder read burned-in markers, black edges (collimation) and a tight field
-of view as signs of pneumonia (benchmarks/README.md, "Shortcuts outside the lungs"): at another site, where
-those differ, normal children are called pneumonia. Each probe here makes one such edit to the evaluated
-images; a model that reads the lungs keeps its calls, one that reads the edit changes them.
+Models trained on Kermany's train/ folder read burned-in markers, black edges (collimation), a tight field
+of view and a tall chest as signs of pneumonia (benchmarks/README.md, "Shortcuts outside the lungs" and
+"Proportions"): at another site, where those differ, normal children are called pneumonia. Each probe here
+makes one such edit to the evaluated images; a model that reads the lungs keeps its calls, one that reads the
+edit changes them.
 """
 
 import numpy as np
@@ -33,9 +35,19 @@ def probes(seed=0):
         return np.stack([np.asarray(Image.fromarray(image[cut:side - cut, cut:side - cut]).resize(
             (side, side), Image.BILINEAR)) for image in x])
 
+    def taller(x, stretch=1.15):
+        from PIL import Image
+
+        side = x.shape[1]
+        height = int(round(side * stretch))
+        cut = (height - side) // 2
+        return np.stack([np.asarray(Image.fromarray(image).resize((side, height), Image.BILINEAR))[cut:cut + side]
+                         for image in x])
+
     return {"burned-in markings (a letter and a line of text)": burned_in_markings,
             "black edges (10% of each side)": black_edges,
-            "zoomed in (central 80%)": zoomed_in}
+            "zoomed in (central 80%)": zoomed_in,
+            "taller (height stretched by 15%)": taller}
 
 
 def shortcut_check(model, images, rows, y_true, seed=0, batch_size=32):
