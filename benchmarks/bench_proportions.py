@@ -11,12 +11,11 @@ negative (NORMAL) images. A model that reads the lungs barely moves. Nothing is 
 """
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
 
-from bench_test_time_scales import DATA, images
+from bench_test_time_scales import external_dev, run_splits
 
 EDITS = {"as is": (1.0, 1.0), "width x0.85": (1.0, 0.85), "height x0.85": (0.85, 1.0), "width x1.15": (1.0, 1.15),
          "height x1.15": (1.15, 1.0), "both x0.9": (0.9, 0.9)}
@@ -44,15 +43,10 @@ def main():
     parser.add_argument("--img-size", type=int, default=224)
     args = parser.parse_args()
 
-    external = sorted((DATA / "external_dev").glob("*/*.jpeg"))
-    data = {"external_dev": (images(external, args.img_size), np.array([p.parent.name == "PNEUMONIA" for p in external]))}
+    data = external_dev(args.img_size)
     print(f"{'run':18s} {'edit':14s} " + " ".join(f"{n + ' AUC':>17s} {'NORMAL median':>13s}" for n in ("val", "test", "external_dev")))
     for run in args.runs:
-        rows = list(csv.DictReader(open(run / "reports" / "splits.csv")))
-        for split in ("val", "test"):
-            chosen = [row for row in rows if row["split"] == split]
-            data[split] = (images([row["path"] for row in chosen], args.img_size),
-                           np.array([row["class"] == "PNEUMONIA" for row in chosen]))
+        data.update(run_splits(run, args.img_size))
         model = keras.models.load_model(run / "models" / "model.h5", compile=False)
         for edit, scales in EDITS.items():
             cells = []

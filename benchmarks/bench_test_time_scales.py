@@ -27,6 +27,23 @@ def images(paths, size):
     return np.stack([decode_image(p, size) for p in paths]).astype(np.float32)
 
 
+def external_dev(size):
+    """{"external_dev": (images, is-PNEUMONIA)}: external_dev's images, decoded as cxr decodes them."""
+    paths = sorted((DATA / "external_dev").glob("*/*.jpeg"))
+    return {"external_dev": (images(paths, size), np.array([p.parent.name == "PNEUMONIA" for p in paths]))}
+
+
+def run_splits(run, size):
+    """{"val" / "test": (images, is-PNEUMONIA)}: the validation and test splits of the `cxr train` run in `run`."""
+    rows = list(csv.DictReader(open(run / "reports" / "splits.csv")))
+    splits = {}
+    for split in ("val", "test"):
+        chosen = [row for row in rows if row["split"] == split]
+        splits[split] = (images([row["path"] for row in chosen], size),
+                         np.array([row["class"] == "PNEUMONIA" for row in chosen]))
+    return splits
+
+
 def log_odds(p):
     p = np.clip(p, 1e-7, 1 - 1e-7)
     return np.log(p / (1 - p))
@@ -43,15 +60,10 @@ def main():
     parser.add_argument("--img-size", type=int, default=224)
     args = parser.parse_args()
 
-    external = sorted((DATA / "external_dev").glob("*/*.jpeg"))
-    data = {"external_dev": (images(external, args.img_size), np.array([p.parent.name == "PNEUMONIA" for p in external]))}
+    data = external_dev(args.img_size)
     print(f"{'run':24s} {'scales':28s} {'val AUC':>8s} {'test AUC':>9s} {'external_dev AUC':>17s}")
     for run in args.runs:
-        rows = list(csv.DictReader(open(run / "reports" / "splits.csv")))
-        for split in ("val", "test"):
-            chosen = [row for row in rows if row["split"] == split]
-            data[split] = (images([row["path"] for row in chosen], args.img_size),
-                           np.array([row["class"] == "PNEUMONIA" for row in chosen]))
+        data.update(run_splits(run, args.img_size))
         model = keras.models.load_model(run / "models" / "model.h5", compile=False)
         one_view = with_test_time_scales(model, [1.0])
         odds = {(name, scale): log_odds(with_test_time_scales(one_view, [scale]).predict(x, batch_size=32, verbose=0)[:, 1])
