@@ -122,7 +122,7 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 """
 
 
-SHORTCUT_WARNING = 0.05  # share of calls an edit outside the lungs may change before the report flags it
+SHORTCUT_WARNING = 0.05  # share of calls an edit may change before the report flags it
 
 
 def shortcut_section(check, class_names, positive_class):
@@ -143,18 +143,19 @@ def shortcut_section(check, class_names, positive_class):
     flagged = [name.split(" (")[0] for name, numbers in check["probes"].items()
                if numbers["changed_calls"] > SHORTCUT_WARNING]
     limit = f"{100 * SHORTCUT_WARNING:g}%"
-    verdict = (f"<p class='limits'>Edits outside the lungs change more than {limit} of the calls: "
+    verdict = (f"<p class='limits'>Edits that leave the lungs' content alone change more than {limit} of the calls: "
                f"{e(', '.join(flagged))}. The model reads them, and where they differ (another site or device) "
-               "its calls will move. Training with <code>--augment site</code> (Lite0's default) reduces this; "
+               "its calls will move. Training with <code>--augment site-aspect</code> (Lite0's default) reduces this; "
                "check the model's Grad-CAM maps, and refit its operating point on that site's images "
                "(<code>cxr calibrate</code>) before use.</p>" if flagged else
                f"<p>No edit changed more than {limit} of the calls.</p>")
     negative_class = next((name for name in class_names if name != positive_class), "")
     header = "<th>edit</th><th>calls changed</th>" + (
         f"<th>{e(negative_class)} images called {e(positive_class)}: as they are &rarr; edited</th>" if binary else "")
-    return f"""<h2>Shortcut check: what lies outside the lungs</h2>
-<p>Each edit below changes only what lies outside the lungs (as markers, collimation and framing differ between
-devices and sites) on {check['n_images']} of the evaluated images. A model that reads the lungs keeps its calls.</p>
+    return f"""<h2>Shortcut check: what lies outside the lungs, and proportions</h2>
+<p>Each edit below changes only what lies outside the lungs or the image's proportions (as markers,
+collimation, framing and detector shapes differ between devices and sites) on {check['n_images']} of the
+evaluated images. A model that reads the lungs keeps its calls.</p>
 <table><tr>{header}</tr>{rows}</table>{verdict}"""
 
 
