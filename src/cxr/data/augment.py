@@ -9,9 +9,9 @@ outside the lungs"). `BurnedInMarkings` and `RandomBorders` put them on training
 that they stop telling the classes apart.
 
 X-rays of every shape are squeezed into one square (by `decode`; the Kermany copy at hand already was), so a
-chest's height-to-width ratio on the image depends on the detector's and the crop's shape as much as on the child. A
-model trained on one folder learns those proportions with the label: taller chests look like pneumonia to it
-(benchmarks/README.md, "Proportions"). The "site-aspect" augmentation zooms height and width apart.
+chest's height-to-width ratio on the image depends on the detector's and the crop's shape as much as on the
+child. A model trained on one folder learns those proportions with the label: taller chests look like pneumonia
+to it (benchmarks/README.md, "Proportions"). The "site-aspect" augmentation zooms height and width apart.
 """
 
 import keras
@@ -22,6 +22,7 @@ from cxr.data.pipeline import AUGMENTATIONS
 
 # RandomZoom's (height_factor, width_factor) per kind; a width factor of None keeps the image's proportions
 ZOOM = {"seed": (0.1, None), "robust": ((-0.25, 0.1), None), "site": (0.1, None), "site-aspect": (0.15, 0.15)}
+SITE_KINDS = ("site", "site-aspect")  # the kinds that burn in markings and black out edges
 LETTERS = ("R", "L", "R", "L")
 TEXTS = ("PORTABLE", "AP", "SUPINE", "KV/59", "20:26:04", "09:13:52", "1/2", "ERECT")
 
@@ -157,7 +158,7 @@ def augmentation(kind, seed):
         layers += [keras.layers.RandomBrightness(0.15, value_range=(0, 255), seed=seed),
                    keras.layers.RandomContrast(0.3, value_range=(0, 255), seed=seed),
                    keras.layers.RandomSharpness((0.25, 0.75), value_range=(0, 255), seed=seed)]
-    if kind.startswith("site"):
+    if kind in SITE_KINDS:
         # after the flip, so that a letter reads the right way round; borders last, to cut into the markings
         layers += [BurnedInMarkings(seed=seed), RandomBorders(seed=seed)]
     return keras.Sequential(layers, name="augmentation")

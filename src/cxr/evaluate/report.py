@@ -143,7 +143,7 @@ def shortcut_section(check, class_names, positive_class):
     flagged = [name.split(" (")[0] for name, numbers in check["probes"].items()
                if numbers["changed_calls"] > SHORTCUT_WARNING]
     limit = f"{100 * SHORTCUT_WARNING:g}%"
-    verdict = (f"<p class='limits'>Edits that leave the lungs' content alone change more than {limit} of the calls: "
+    verdict = (f"<p class='limits'>Edits that should not matter change more than {limit} of the calls: "
                f"{e(', '.join(flagged))}. The model reads them, and where they differ (another site or device) "
                "its calls will move. Training with <code>--augment site-aspect</code> (Lite0's default) reduces this; "
                "check the model's Grad-CAM maps, and refit its operating point on that site's images "
