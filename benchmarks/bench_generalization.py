@@ -40,10 +40,12 @@ DATA = ROOT.parent / "shared" / "data" / "chest_xray"
 # the seed's augmentation and no cap on phase 2 until 2026-11-25 evening ("block6c"), then block 5a ("deep"),
 # with the site augmentation from that night ("site"), block 4a for 5 epochs since 2026-11-26 ("block4"); block
 # 3a for 4 epochs ("block3") was measured and not adopted; the saved model averages two views since 2026-11-26
-# morning ("block4-2views"), and training zooms height and width apart since that midday ("aspect").
+# morning ("block4-2views"), training zooms height and width apart since that midday ("aspect"), from four
+# augmented views of each image in the feature cache instead of two since that afternoon ("aspect-4views").
 ONE_VIEW = {"test_time_scales": [1.0]}  # the saved model predicts from the image alone (as before 2026-11-26 morning)
-BLOCK6C = {"frozen_layers": 132, "augment": "seed", "finetune_epochs": 30, **ONE_VIEW}
-BLOCK4 = {"frozen_layers": 50, "augment": "site", "finetune_epochs": 5}
+TWO_CACHED = {"feature_views": 2}  # augmented views of each training image in the feature cache (until 2026-11-26 midday)
+BLOCK6C = {"frozen_layers": 132, "augment": "seed", "finetune_epochs": 30, **ONE_VIEW, **TWO_CACHED}
+BLOCK4 = {"frozen_layers": 50, "augment": "site", "finetune_epochs": 5, **TWO_CACHED}
 TWO_VIEWS = {"test_time_scales": [0.9, 1.0]}
 RECIPES = {
     "default": {},  # today's defaults (runs kept under this name from earlier are the defaults of their day)
@@ -52,12 +54,13 @@ RECIPES = {
     "robust": {**BLOCK6C, "augment": "robust", "class_weight": "balanced", "monitor": "val_auc"},
     "robust-ls": {**BLOCK6C, "augment": "robust", "class_weight": "balanced", "monitor": "val_auc",
                   "label_smoothing": 0.1, "weight_decay": 1e-4},
-    "deep": {"frozen_layers": 79, "augment": "seed", "finetune_epochs": 30, **ONE_VIEW},
-    "site": {"frozen_layers": 79, "augment": "site", "finetune_epochs": 30, **ONE_VIEW},
+    "deep": {"frozen_layers": 79, "augment": "seed", "finetune_epochs": 30, **ONE_VIEW, **TWO_CACHED},
+    "site": {"frozen_layers": 79, "augment": "site", "finetune_epochs": 30, **ONE_VIEW, **TWO_CACHED},
     "block4": {**BLOCK4, **ONE_VIEW},
-    "block3": {"frozen_layers": 31, "augment": "site", "finetune_epochs": 4, **ONE_VIEW},
+    "block3": {"frozen_layers": 31, "augment": "site", "finetune_epochs": 4, **ONE_VIEW, **TWO_CACHED},
     "block4-2views": {**BLOCK4, **TWO_VIEWS},
     "aspect": {**BLOCK4, "augment": "site-aspect", **TWO_VIEWS},
+    "aspect-4views": {**BLOCK4, "augment": "site-aspect", "feature_views": 4, **TWO_VIEWS},
 }
 # Recipes that differ from another only in what is done after training (the test-time scales): they reuse its
 # trained weights (see `with_other_views`) instead of training again.

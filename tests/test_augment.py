@@ -64,7 +64,7 @@ def test_site_aspect_zooms_height_and_width_apart_where_site_keeps_the_proportio
     np.testing.assert_array_equal(height_over_width("site-aspect", training=False), 1.0)  # never at inference
 
 
-def test_each_backbone_has_its_default_augmentation_and_fine_tuning_cap_and_the_options_override_them():
+def test_each_backbone_has_its_default_augmentation_views_and_fine_tuning_cap_and_the_options_override_them():
     from cxr.cli import build_parser, config_from_args
     from cxr.config import Config
 
@@ -78,6 +78,9 @@ def test_each_backbone_has_its_default_augmentation_and_fine_tuning_cap_and_the_
     assert augment("--backbone", "efficientnet-lite0", "--augment", "seed") == "seed"
     assert Config(backbone="efficientnet-lite0").augment == "site-aspect"
     assert Config(backbone="efficientnet-lite0").to_dict()["augment"] == "site-aspect"  # summary.json names it
+    assert Config().feature_views == 2 and Config(backbone="efficientnet-lite0").feature_views == 4
+    assert config_from_args(parser.parse_args(["train", "--backbone", "efficientnet-lite0", "--feature-views",
+                                               "1"])).feature_views == 1
     assert Config(backbone="efficientnet-lite0").finetune_epochs == 5  # Lite0 stops phase 2 after 5 epochs
     assert Config(backbone="efficientnet-lite0", epochs=3).finetune_epochs == 3  # never more than --epochs
     assert Config().finetune_epochs == 30  # B0: the seed's --epochs for both phases

@@ -95,7 +95,8 @@ def _add_train_options(parser):
         help="regex whose first group is the patient id in a file name (default: Kermany naming)")
     add("--feature-cache", action=argparse.BooleanOptionalAction, default=d.feature_cache,
         help="phase 1 on backbone features computed once (default); --no-feature-cache runs plain Keras")
-    add("--feature-views", type=int, default=d.feature_views, help="augmented views per image in the feature cache")
+    add("--feature-views", type=int, default=None,
+        help="augmented views per training image in the feature cache; default: the backbone's (B0 2, Lite0 4)")
     add("--augment", choices=AUGMENTATIONS, default=None,
         help="training augmentation: seed (flip, rotate, zoom, shift), robust (+ brightness, contrast, sharpness, crops), "
              "site (+ burned-in markers and text, black edges) or site-aspect (site, with height and width zoomed "

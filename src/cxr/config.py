@@ -50,7 +50,7 @@ class Config:
     val_from_train: Optional[bool] = None
     group_pattern: Optional[str] = None
     feature_cache: bool = True
-    feature_views: int = 2
+    feature_views: Optional[int] = None  # None: the backbone's (B0 2, Lite0 4)
     augment: Optional[str] = None  # data.augment's AUGMENTATIONS; None: the backbone's (B0 seed, Lite0 site-aspect)
     monitor: str = "val_accuracy"  # what early stopping, checkpoints and the final phase's choice follow
     label_smoothing: float = 0.0
@@ -79,6 +79,8 @@ class Config:
             self.finetune_epochs = min(self.epochs, backbone.finetune_epochs or self.epochs)
         if self.test_time_scales is None:
             self.test_time_scales = list(backbone.test_time_scales)
+        if self.feature_views is None:
+            self.feature_views = backbone.feature_views
 
     def validate(self):
         """Raise UserError for option values no run could use."""
@@ -102,7 +104,7 @@ class Config:
             (self.backbone in BACKBONES, f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}"),
             (self.class_weight in ("none", "balanced"), f"--class-weight must be none or balanced, got {self.class_weight!r}"),
             (self.port is None or 1 <= self.port <= 65535, f"--port must be between 1 and 65535, got {self.port}"),
-            (self.feature_views >= 1, f"--feature-views must be at least 1, got {self.feature_views}"),
+            (self.feature_views is None or self.feature_views >= 1, f"--feature-views must be at least 1, got {self.feature_views}"),
             (self.augment in AUGMENTATIONS, f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}"),
             (self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),

@@ -214,9 +214,10 @@ class CachedInputs:
         """The prefix's outputs for `feature_views` augmented views of the training images, stacked view after
         view, and for the validation images (unaugmented).
 
-        They are written to .npy files (14x14x80 float32 per image and view for Lite0 at 224 px) and read back a batch at
-        a time, so memory stays flat however many images there are; the operating system keeps them cached when
-        RAM allows. On a CPU the prefix runs in LiteRT (`litert.fast_inference`).
+        They are written to .npy files (28x28x40 float32 per image and view for Lite0 at 224 px, frozen up to
+        block 4a) and read back a batch at a time, so memory stays flat however many images there are; the
+        operating system keeps them cached when RAM allows. On a CPU the prefix runs in LiteRT
+        (`litert.fast_inference`).
         """
         if self._outputs is None:
             config, dataset = self.config, self.dataset
