@@ -154,8 +154,12 @@ def write_evaluation(outputs, evaluation, context):
 
 
 def _headline(metrics):
-    """The scalar metrics that have intervals ("auc" stays in summary.json for scripts; it equals auc_roc)."""
-    return {k: v for k, v in metrics.items() if k not in ("auc", "per_class", "confusion_matrix", "n_images")}
+    """The scalar metrics that have intervals ("auc" stays in summary.json for scripts; it equals auc_roc), and
+    a multi-label model's per-finding ones as "<finding> <metric>"."""
+    flat = {f"{name} {k}": v for name, values in metrics.get("per_finding", {}).items() for k, v in values.items()
+            if k not in ("status", "threshold")}
+    return {k: v for k, v in metrics.items()
+            if k not in ("auc", "per_class", "per_finding", "confusion_matrix", "n_images")} | flat
 
 
 def write_csv(rows, path):
@@ -165,7 +169,14 @@ def write_csv(rows, path):
 
 
 def write_splits(path, dataset):
-    """splits.csv: the split and class of every image the run used, so a carved test set can be audited."""
+    """splits.csv: the split and class of every image the run used, so a carved test set can be audited; for a
+    multi-label dataset the split, the path and one column per finding (1, 0, blank for unknown)."""
+    if dataset.multi_label:
+        rows = [("split", "path", *dataset.class_names)]
+        for split, image_rows in dataset.splits.items():
+            rows += [(split, str(dataset.paths[r]), *("" if v != v else int(v) for v in dataset.labels[r]))
+                     for r in image_rows]
+        return write_csv(rows, path)
     rows = [("split", "class", "path")]
     for split in dataset.splits:
         image_rows, labels = dataset.split(split)

@@ -22,6 +22,10 @@ def print_headline(summary, label="Test"):
     from cxr.saved_model import describe_fitted_on
 
     m, ci, point = summary["metrics"], summary["confidence_intervals"], summary["operating_point"]
+    if "per_finding" in m:
+        print_findings(m, ci, label)
+        print(f"Operating points fitted on {describe_fitted_on(point)}")
+        return
 
     def show(name):
         value, interval = m.get(name), ci.get(name)
@@ -34,6 +38,24 @@ def print_headline(summary, label="Test"):
     where = f" at threshold {point['threshold']:.3f} for {point['positive_class']}" if point["threshold"] is not None else ""
     print(f"{label}{where}: " + ", ".join(show(n) for n in names))
     print(f"Operating point fitted on {describe_fitted_on(point)}")
+
+
+def print_findings(metrics, intervals, label):
+    """A multi-label evaluation: the mean AUC, then one line per finding."""
+    def number(value, interval=None):
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval and interval[0] is not None
+                                 else "")
+
+    print(f"{label}: mean AUC {number(metrics['mean_auc'], intervals.get('mean_auc'))} over "
+          f"{len(metrics['per_finding'])} findings ({metrics['n_images']} images)")
+    width = max(len(name) for name in metrics["per_finding"])
+    print(f"  {'finding':{width}}  positives  AUC                  sensitivity  specificity  threshold")
+    for name, v in metrics["per_finding"].items():
+        auc = number(v["auc_roc"], intervals.get(f"{name} auc_roc")) if v["status"] == "ok" else v["status"]
+        print(f"  {name:{width}}  {v['n_positive']:>4}/{v['n_known']:<4}  {auc:<19}  {number(v['sensitivity']):<11}  "
+              f"{number(v['specificity']):<11}  {v['threshold']:.3f}")
 
 
 def count(minimum):
@@ -62,10 +84,48 @@ def sensitivity_or_youden(text):
     return value
 
 
+def comma_list(text):
+    """An argparse type: 'A,B,C' -> ['A', 'B', 'C']."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _add_label_options(parser, training=True):
+    """How a labels CSV is read (train, evaluate, calibrate)."""
+    add = parser.add_argument
+    add("--labels", type=Path, help="a labels CSV (NIH, CheXpert or one column per finding) instead of class "
+                                    "folders: trains a multi-label model")
+    add("--images", type=Path, help="with --labels: the folder the CSV's image paths are relative to")
+    add("--label-format", choices=("nih", "chexpert", "columns"), help="the CSV's format (default: from its header)")
+    add("--uncertain", choices=("ignore", "zeros", "ones"), default="ignore",
+        help="CheXpert's -1 (uncertain): ignore (unknown, out of the loss and metrics; default), zeros or ones")
+    add("--views", type=comma_list, default=["PA", "AP"],
+        help="views to use, comma-separated (default PA,AP: frontal); 'all' for every view")
+    add("--path-column", help="columns format: the image path column (default: path, image, filename...)")
+    add("--patient-column", help="columns format: the patient id column (splits never divide a patient)")
+    add("--view-column", help="columns format: the view column (PA, AP, LATERAL...)")
+    if training:
+        add("--findings", type=comma_list,
+            help="findings to learn, comma-separated (default: every finding with 5+ positives in the training split)")
+        add("--test-list", type=Path, help="an official list of test images, one path per line (NIH's test_list.txt)")
+
+
+def label_options(args):
+    """The LabelOptions of parsed evaluate / calibrate arguments."""
+    from cxr.data.labels_csv import LabelOptions
+
+    return LabelOptions(args.label_format, None, args.uncertain, views_or_all(args.views), args.path_column,
+                        args.patient_column, args.view_column)
+
+
+def views_or_all(views):
+    return None if views and [v.lower() for v in views] == ["all"] else views
+
+
 def _add_train_options(parser):
     d = Config()
     add = parser.add_argument
     add("--data-dir", type=Path, default=d.data_dir, help="folder with train/<Class>/ (+ val/, test/) or raw/<Class>/")
+    _add_label_options(parser)
     add("--output-dir", type=Path, default=d.output_dir, help="where models/, reports/, plots/ and logs/ go")
     add("--img-size", type=int, default=d.img_size, help="square input size in pixels")
     add("--batch-size", type=int, default=d.batch_size)
@@ -101,8 +161,9 @@ def _add_train_options(parser):
         help="training augmentation: seed (flip, rotate, zoom, shift), robust (+ brightness, contrast, sharpness, crops), "
              "site (+ burned-in markers and text, black edges) or site-aspect (site, with height and width zoomed "
              "apart); default: the backbone's (B0 seed, Lite0 site-aspect)")
-    add("--monitor", choices=MONITORS, default=d.monitor,
-        help="validation metric for early stopping, checkpoints and keeping phase 1 or 2")
+    add("--monitor", choices=MONITORS, default=None,
+        help="validation metric for early stopping, checkpoints and keeping phase 1 or 2 (default: val_accuracy; "
+             "val_auc, the mean over findings, for --labels)")
     add("--label-smoothing", type=float, default=d.label_smoothing)
     add("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (0: Adam)")
     add("--test-time-scales", type=float, nargs="+", default=None, metavar="SCALE",
@@ -185,7 +246,8 @@ def build_parser():
 
 def config_from_args(args):
     fields = Config.__dataclass_fields__
-    return Config(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    return Config(**values | {"views": views_or_all(values.get("views"))})
 
 
 def main(argv=None):

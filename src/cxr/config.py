@@ -23,6 +23,18 @@ MONITORS = ("val_accuracy", "val_auc", "val_loss")
 @dataclass
 class Config:
     data_dir: Path = Path("data")
+    # A labels table instead of class folders (data.labels_csv): the CSV, the folder its image paths are
+    # relative to, and how to read it. A run from a CSV trains a multi-label model, one sigmoid per finding.
+    labels: Optional[Path] = None
+    images: Optional[Path] = None
+    label_format: Optional[str] = None  # nih | chexpert | columns; None: from the header
+    findings: Optional[list] = None  # None: every finding with MIN_POSITIVES positives in the training split
+    uncertain: str = "ignore"  # CheXpert's -1: ignore (unknown, masked out of loss and metrics) | zeros | ones
+    views: Optional[list] = ("PA", "AP")  # frontal only; None: every view
+    path_column: Optional[str] = None
+    patient_column: Optional[str] = None
+    view_column: Optional[str] = None
+    test_list: Optional[Path] = None  # an official list of test images (NIH's test_list.txt)
     output_dir: Path = Path("outputs")
     img_size: int = 224
     batch_size: int = 32
@@ -52,7 +64,9 @@ class Config:
     feature_cache: bool = True
     feature_views: Optional[int] = None  # None: the backbone's (B0 2, Lite0 4)
     augment: Optional[str] = None  # data.augment's AUGMENTATIONS; None: the backbone's (B0 seed, Lite0 site-aspect)
-    monitor: str = "val_accuracy"  # what early stopping, checkpoints and the final phase's choice follow
+    # What early stopping, checkpoints and the final phase's choice follow; None: val_accuracy (the seed's), or
+    # val_auc (the mean over findings) for a multi-label run, where accuracy means little.
+    monitor: Optional[str] = None
     label_smoothing: float = 0.0
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 keeps the seed's Adam
     # The zoomed views of each image the saved model averages (models.with_test_time_scales); None: the
@@ -70,6 +84,10 @@ class Config:
     strategy: str = "auto"  # distribute.STRATEGIES; --batch-size is the global batch across its replicas
 
     def __post_init__(self):
+        if self.views is not None:
+            self.views = list(self.views)
+        if self.monitor is None:
+            self.monitor = "val_auc" if self.multi_label else "val_accuracy"
         if self.backbone not in BACKBONES:  # validate() reports it
             return
         backbone = backbones.get(self.backbone)
@@ -82,9 +100,23 @@ class Config:
         if self.feature_views is None:
             self.feature_views = backbone.feature_views
 
+    @property
+    def multi_label(self):
+        return self.labels is not None
+
+    def label_options(self):
+        from cxr.data.labels_csv import LabelOptions
+
+        return LabelOptions(self.label_format, self.findings, self.uncertain, self.views, self.path_column,
+                            self.patient_column, self.view_column)
+
     def validate(self):
         """Raise UserError for option values no run could use."""
         checks = [
+            (self.labels is None or self.images is not None, "--labels needs --images, the folder its paths start in"),
+            (self.images is None or self.labels is not None, "--images needs --labels, the CSV that labels them"),
+            (not (self.multi_label and self.monitor == "val_accuracy"),
+             "--monitor val_accuracy is for class folders; a multi-label run monitors val_auc or val_loss"),
             (self.img_size >= 32, f"--img-size must be at least 32, got {self.img_size}"),
             (self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),

@@ -43,6 +43,18 @@ def apply_temperature(probabilities, temperature):
     return scaled / scaled.sum(axis=1, keepdims=True)
 
 
+def apply_finding_temperatures(probabilities, temperatures):
+    """sigmoid(logit(p) / T) per finding: temperature scaling of (n, findings) sigmoid outputs, `temperatures`
+    (findings,)."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), _TINY, 1 - _TINY)
+    return 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p)) / np.asarray(temperatures, dtype=np.float64)))
+
+
+def decide_findings(probabilities, thresholds):
+    """(n, findings) 1 where a finding's calibrated probability reaches its threshold, else 0."""
+    return (np.asarray(probabilities) >= np.asarray(thresholds, dtype=np.float64)).astype(np.int64)
+
+
 def decide(probabilities, positive_index=None, threshold=None):
     """Predicted class per row: the positive class when its probability >= threshold (binary), else argmax."""
     if threshold is None or probabilities.shape[1] != 2:

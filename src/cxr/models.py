@@ -23,16 +23,17 @@ class Builder:
     the default scope without one.
     """
 
-    def __init__(self, strategy=None, weight_decay=0.0, label_smoothing=0.0):
+    def __init__(self, strategy=None, weight_decay=0.0, label_smoothing=0.0, multi_label=False, positive_weights=None):
         self.strategy = strategy
         self.weight_decay, self.label_smoothing = weight_decay, label_smoothing
+        self.multi_label, self.positive_weights = multi_label, positive_weights
 
     def scope(self):
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
     def classifier(self, backbone_name, num_classes, weights="imagenet", img_size=224, dropout=0.25):
         with self.scope():
-            return build_classifier(backbone_name, num_classes, weights, img_size, dropout)
+            return build_classifier(backbone_name, num_classes, weights, img_size, dropout, self.multi_label)
 
     def split_at_frozen_prefix(self, model, frozen_layers, backbone_name):
         with self.scope():
@@ -44,7 +45,8 @@ class Builder:
 
     def compile(self, model, learning_rate):
         with self.scope():
-            return compile_model(model, learning_rate, self.weight_decay, self.label_smoothing)
+            return compile_model(model, learning_rate, self.weight_decay, self.label_smoothing, self.multi_label,
+                                 self.positive_weights)
 
 
 def build_backbone(name, weights="imagenet", img_size=224, input_tensor=None):
@@ -62,13 +64,15 @@ def build_backbone(name, weights="imagenet", img_size=224, input_tensor=None):
     return backbone
 
 
-def build_classifier(backbone_name, num_classes, weights="imagenet", img_size=224, dropout=0.25):
-    """Image model: backbone -> GlobalAveragePooling2D -> Dropout -> Dense softmax (float32 output)."""
+def build_classifier(backbone_name, num_classes, weights="imagenet", img_size=224, dropout=0.25, multi_label=False):
+    """Image model: backbone -> GlobalAveragePooling2D -> Dropout -> Dense (float32 output): softmax over
+    exclusive classes, or one sigmoid per finding for a `multi_label` model."""
     inputs = keras.Input(shape=(img_size, img_size, 3), name="image")
     backbone = build_backbone(backbone_name, weights, img_size, input_tensor=inputs)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    outputs = keras.layers.Dense(num_classes, activation="sigmoid" if multi_label else "softmax", dtype="float32",
+                                 name="predictions")(x)
     return keras.Model(inputs, outputs, name=f"cxr_{backbone.name}")
 
 
@@ -209,13 +213,59 @@ def unfreeze_backbone(model, frozen_layers):
         layer.trainable = i >= frozen_layers and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def compile_model(model, learning_rate, weight_decay=0.0, label_smoothing=0.0):
-    """Adam (AdamW with `weight_decay`) on categorical cross-entropy, with accuracy and AUC as metrics."""
+def compile_model(model, learning_rate, weight_decay=0.0, label_smoothing=0.0, multi_label=False,
+                  positive_weights=None):
+    """Adam (AdamW with `weight_decay`) on categorical cross-entropy, with accuracy and AUC as metrics; for a
+    `multi_label` model, binary cross-entropy and the mean AUC over findings, both over known labels only."""
     optimizer = (keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay) if weight_decay
                  else keras.optimizers.Adam(learning_rate))
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        metrics=["accuracy", keras.metrics.AUC(name="auc")],
-    )
+    if multi_label:
+        loss = MaskedBinaryCrossentropy(positive_weights, label_smoothing)
+        metrics = [MaskedAUC(multi_label=True, num_labels=model.output_shape[-1], name="auc")]
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+        metrics = ["accuracy", keras.metrics.AUC(name="auc")]
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
     return model
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class MaskedBinaryCrossentropy(keras.losses.Loss):
+    """Binary cross-entropy of (batch, findings) sigmoid outputs over the known labels: a NaN label (unknown)
+    adds nothing, and each image's loss is the mean over its known findings.
+
+    `positive_weights`: (findings,) factors on the positive term (e.g. negatives / positives per finding).
+    """
+
+    def __init__(self, positive_weights=None, label_smoothing=0.0, name="masked_binary_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.positive_weights = None if positive_weights is None else [float(w) for w in positive_weights]
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        ops = keras.ops
+        y_pred = ops.cast(y_pred, "float32")
+        known = ops.logical_not(ops.isnan(y_true))
+        y = ops.where(known, y_true, 0.0)
+        if self.label_smoothing:
+            y = y * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        p = ops.clip(y_pred, 1e-7, 1 - 1e-7)
+        weight = 1.0 if self.positive_weights is None else ops.convert_to_tensor(self.positive_weights, "float32")
+        terms = -(weight * y * ops.log(p) + (1 - y) * ops.log(1 - p))
+        known = ops.cast(known, "float32")
+        return ops.sum(terms * known, axis=-1) / ops.maximum(ops.sum(known, axis=-1), 1.0)
+
+    def get_config(self):
+        return super().get_config() | {"positive_weights": self.positive_weights,
+                                       "label_smoothing": self.label_smoothing}
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class MaskedAUC(keras.metrics.AUC):
+    """AUC over the known labels only (NaN: unknown, weighted 0); with multi_label=True the mean over findings."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        ops = keras.ops
+        known = ops.logical_not(ops.isnan(y_true))
+        return super().update_state(ops.where(known, y_true, 0.0), y_pred,
+                                    sample_weight=ops.cast(known, "float32"))

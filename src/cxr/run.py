@@ -72,9 +72,15 @@ def _train(config, output_dir, chief):
 
     started = time.perf_counter()
     outputs = Outputs(output_dir).prepare(resume=config.resume)
-    dataset = prepare_splits(config, split_wait=None if chief else SPLIT_WAIT_SECONDS)
+    if config.multi_label:
+        from cxr.data.labels_csv import read_labelled_table
+
+        dataset = read_labelled_table(config.labels, config.images, config.label_options(), config, config.test_list)
+        positive = None
+    else:
+        dataset = prepare_splits(config, split_wait=None if chief else SPLIT_WAIT_SECONDS)
+        positive = positive_class(dataset.class_names, config.positive_class)
     print(describe(dataset), flush=True)
-    positive = positive_class(dataset.class_names, config.positive_class)
 
     distribution = setup_runtime(config, config.strategy)
     import keras
@@ -91,7 +97,8 @@ def _train(config, output_dir, chief):
     state = resume.RunState.load(Outputs(config.output_dir).staging, fingerprint) if config.resume else None
     dataset.decode(config.img_size, outputs.cache, strict=config.strict)
     class_names = dataset.class_names
-    builder = models.Builder(distribution.strategy, weight_decay=config.weight_decay, label_smoothing=config.label_smoothing)
+    builder = models.Builder(distribution.strategy, weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
+                             multi_label=dataset.multi_label, positive_weights=positive_weights(dataset, config))
     model = builder.classifier(config.backbone, len(class_names), config.weights, config.img_size, config.dropout)
     frozen_layers = (config.frozen_layers if config.frozen_layers is not None
                      else models.default_frozen_layers(model, config.backbone))
@@ -109,7 +116,8 @@ def _train(config, output_dir, chief):
     views = (f" (each image as the mean of {len(config.test_time_scales)} zoomed views)"
              if models.has_test_time_scales(model) else "")
     print(f"Fitting the calibration and the operating point on validation; evaluating on test{views}", flush=True)
-    classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone, config.test_time_scales)
+    classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone, config.test_time_scales,
+                                       multi_label=dataset.multi_label)
     classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]))
     classifier.operating_point = fit_on_validation(classifier, dataset, positive, config)
     evaluation = evaluate_model(classifier, dataset, "test",
@@ -118,7 +126,7 @@ def _train(config, output_dir, chief):
     artifacts.publish_model(classifier, outputs)
     result.seconds["total_seconds"] = time.perf_counter() - started
     context = ReportContext(
-        "cxr: test-set evaluation", f"{config.backbone} trained on {config.data_dir}; evaluated on its held-out "
+        "cxr: test-set evaluation", f"{config.backbone} trained on {data_source(config)}; evaluated on its held-out "
         "test split.", dataset.counts(), config.to_dict(),
         {"training_curves": plots.figure_png(plots.training_curves_figure(result.history))})
     artifacts.write_evaluation(outputs, evaluation, context)
@@ -131,17 +139,39 @@ def _train(config, output_dir, chief):
     return summary
 
 
+def data_source(config):
+    """The run's data in words: the data folder, or the labels CSV and its images folder."""
+    return f"{config.labels} (images in {config.images})" if config.multi_label else str(config.data_dir)
+
+
+def positive_weights(dataset, config):
+    """(findings,) negatives / positives per finding on the training split, for a multi-label run with
+    --class-weight balanced; None otherwise."""
+    if not dataset.multi_label or config.class_weight != "balanced":
+        return None
+    import numpy as np
+
+    labels = dataset.labels[dataset.splits["train"]]
+    positives, negatives = np.sum(labels == 1, axis=0), np.sum(labels == 0, axis=0)
+    return [float(w) for w in np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0)]
+
+
 def fit_on_validation(model, dataset, positive, config):
-    """The operating point (temperature, threshold) fitted on the validation split, and where it came from."""
-    from cxr.evaluate.metrics import fit_operating_point
+    """The operating point (temperature, threshold; per finding for a multi-label model) fitted on the
+    validation split, and where it came from."""
+    from cxr.evaluate.metrics import fit_finding_points, fit_operating_point
     from cxr.saved_model import fitted_on
 
     rows, y = dataset.split("val")
-    point = fit_operating_point(y, model.raw_probabilities(dataset.images, rows, config.batch_size),
-                                dataset.class_names, positive, config.target_sensitivity)
+    raw = model.raw_probabilities(dataset.images, rows, config.batch_size)
+    if dataset.multi_label:
+        point = fit_finding_points(y, raw, dataset.class_names, config.target_sensitivity)
+    else:
+        point = fit_operating_point(y, raw, dataset.class_names, positive, config.target_sensitivity)
     # The run's own data: the folders its splits came from (train/ alone when val and test were carved from it)
     folders = [os.path.commonpath([p.resolve().parent for p in dataset.files(split)]) for split in dataset.splits]
-    return point | {"fitted_on": fitted_on(f"the validation split of {config.data_dir}", config.data_dir,
+    where = config.images if dataset.multi_label else config.data_dir
+    return point | {"fitted_on": fitted_on(f"the validation split of {data_source(config)}", where,
                                            {"val": dataset.counts()["val"]}, same_data=folders)}
 
 

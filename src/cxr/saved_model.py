@@ -13,12 +13,13 @@ from pathlib import Path
 
 from cxr.atomic import atomic_path, file_sha256, write_json
 from cxr.errors import UserError
-from cxr.inference import apply_temperature, decide, positive_class, predict_probabilities
+from cxr.inference import (apply_finding_temperatures, apply_temperature, decide, decide_findings, positive_class,
+                           predict_probabilities)
 
 CLASS_NAMES_FILE = "class_names.json"
 MODEL_FILE = "model.h5"
 # class_names.json keys that describe the model; every other key belongs to the operating point
-MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "model_sha256")
+MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "model_sha256")
 
 
 def fitted_on(description, data_dir, counts, same_data=None):
@@ -39,7 +40,8 @@ def describe_fitted_on(operating_point):
     if not source:
         return ("nothing (no operating point was saved: argmax, uncalibrated)" if operating_point.get("method") == "argmax"
                 else "its training run's validation split (not recorded in this model's class_names.json)")
-    images = sum(n for per_class in source["counts"].values() for n in per_class.values())
+    images = sum(per_class["images"] if "images" in per_class else sum(per_class.values())
+                 for per_class in source["counts"].values())
     return f"{source['description']} ({images} images, {source['date']})"
 
 
@@ -65,6 +67,8 @@ def read_info(info_path):
     if (not isinstance(scales, list) or not scales
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in scales)):
         raise UserError(f"{info_path}: test_time_scales must be a list of positive numbers; {fix}")
+    if info.get("multi_label"):
+        return _check_finding_points(info, info_path, fix)
     positive = info.get("positive_class")
     if positive is not None and positive not in names:
         raise UserError(f"{info_path}: positive_class {positive!r} is not one of its class_names "
@@ -72,12 +76,32 @@ def read_info(info_path):
     return info
 
 
+def _check_finding_points(info, info_path, fix):
+    """A multi-label model's class_names.json: "findings" gives every finding's temperature and threshold."""
+    points = info.get("findings", {})
+    number = (int, float)
+    for name in info["class_names"]:
+        point = points.get(name) if isinstance(points, dict) else None
+        if (not isinstance(point, dict) or not isinstance(point.get("temperature"), number)
+                or not point["temperature"] > 0 or not isinstance(point.get("threshold"), number)):
+            raise UserError(f"{info_path}: \"findings\" needs a temperature and a threshold for {name!r}; {fix}")
+    return info
+
+
+def default_finding_points(findings):
+    """The operating point of a multi-label model before one is fitted: every finding at 0.5, uncalibrated."""
+    return {"findings": {f: {"temperature": 1.0, "threshold": 0.5, "method": "default 0.5"} for f in findings},
+            "method": "default 0.5"}
+
+
 class SavedModel:
     """A classifier and everything needed to use it.
 
     Attributes: `path` (the model file, None while the model exists only in memory), `class_names` (output
     order), `img_size`, `backbone`, `operating_point` ({"positive_class", "temperature", "threshold",
-    "method", ...}: argmax at temperature 1 for models saved without one).
+    "method", ...}: argmax at temperature 1 for models saved without one). A `multi_label` model has one
+    sigmoid output per finding, and its operating point one temperature and threshold per finding:
+    {"findings": {name: {"temperature", "threshold", "method", ...}}, "method", "target_sensitivity", ...}.
     """
 
     def __init__(self, info, path=None, keras_model=None):
@@ -87,9 +111,11 @@ class SavedModel:
         self.img_size = info.get("img_size")
         self.backbone = info.get("backbone")
         self.test_time_scales = info.get("test_time_scales", [1.0])  # the zoomed views the model averages
-        self.operating_point = {"positive_class": positive_class(self.class_names), "temperature": 1.0,
-                                "threshold": None, "method": "argmax"} | {
-            k: v for k, v in info.items() if k not in MODEL_KEYS}
+        self.multi_label = bool(info.get("multi_label", False))
+        default = (default_finding_points(self.class_names) if self.multi_label else
+                   {"positive_class": positive_class(self.class_names), "temperature": 1.0, "threshold": None,
+                    "method": "argmax"})
+        self.operating_point = default | {k: v for k, v in info.items() if k not in MODEL_KEYS}
         self._keras_model = keras_model
         self._predictor, self.engine = None, None
         self._sha256 = None
@@ -113,10 +139,10 @@ class SavedModel:
         return model
 
     @classmethod
-    def from_keras(cls, keras_model, class_names, img_size, backbone, test_time_scales=(1.0,)):
+    def from_keras(cls, keras_model, class_names, img_size, backbone, test_time_scales=(1.0,), multi_label=False):
         """A model still in memory (during training), with no operating point yet."""
         return cls({"class_names": list(class_names), "img_size": img_size, "backbone": backbone,
-                    "test_time_scales": list(test_time_scales)}, keras_model=keras_model)
+                    "test_time_scales": list(test_time_scales), "multi_label": multi_label}, keras_model=keras_model)
 
     @property
     def sha256(self):
@@ -127,7 +153,12 @@ class SavedModel:
 
     @property
     def positive_index(self):
-        return self.class_names.index(self.operating_point["positive_class"])
+        """The positive class's column (None for a multi-label model, where each finding is its own)."""
+        return None if self.multi_label else self.class_names.index(self.operating_point["positive_class"])
+
+    def finding_points(self, key):
+        """(findings,) values of `key` ("temperature", "threshold") of a multi-label model's operating point."""
+        return [self.operating_point["findings"][f][key] for f in self.class_names]
 
     @property
     def keras_model(self):
@@ -172,26 +203,32 @@ class SavedModel:
                        for root in source.get("same_data", [source["data_dir"]]))
 
     def raw_probabilities(self, images, rows=None, batch_size=32, tta=False):
-        """(n, classes) softmax outputs for `images[rows]` (uint8, N x H x W x 3), before calibration."""
+        """(n, classes) softmax (multi-label: sigmoid) outputs for `images[rows]` (uint8, N x H x W x 3), before
+        calibration."""
         return predict_probabilities(self.predictor(), images, rows, batch_size, tta)
 
     def calibrate(self, raw):
-        """(calibrated probabilities, labels) at the operating point, for (n, classes) raw softmax outputs."""
+        """(calibrated probabilities, labels) at the operating point, for (n, classes) raw outputs: labels are
+        (n,) class indices, or for a multi-label model an (n, findings) 0/1 matrix of the findings called."""
+        if self.multi_label:
+            probabilities = apply_finding_temperatures(raw, self.finding_points("temperature"))
+            return probabilities, decide_findings(probabilities, self.finding_points("threshold"))
         probabilities = apply_temperature(raw, self.operating_point["temperature"])
         return probabilities, decide(probabilities, self.positive_index, self.operating_point["threshold"])
 
     def predict(self, images, rows=None, batch_size=32, tta=False):
-        """(calibrated probabilities (n, classes), labels (n,)) for `images[rows]`."""
+        """(calibrated probabilities (n, classes), labels (n,) or (n, findings)) for `images[rows]`."""
         return self.calibrate(self.raw_probabilities(images, rows, batch_size, tta))
 
     def save(self, models_dir):
         """Write model.h5, then class_names.json with the operating point and the model file's hash."""
         self.path = Path(models_dir) / MODEL_FILE
         with atomic_path(self.path) as tmp:
-            self.keras_model.save(tmp)
+            # without the compile settings, a multi-label model's masked loss need not be known to load the file
+            self.keras_model.save(tmp, include_optimizer=not self.multi_label)
         self._sha256 = None
         self.info = {"class_names": self.class_names, "img_size": self.img_size, "backbone": self.backbone,
-                     "test_time_scales": self.test_time_scales,
+                     "test_time_scales": self.test_time_scales, **({"multi_label": True} if self.multi_label else {}),
                      **self.operating_point, "model_sha256": self.sha256}
         write_json(Path(models_dir) / CLASS_NAMES_FILE, self.info)
         return self.path

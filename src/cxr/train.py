@@ -281,7 +281,9 @@ def train(model, dataset, config, run):
              if config.feature_cache else None)
     inputs = (CachedInputs(run.builder, model, parts, dataset, config, run.staging_dir) if parts
               else ImageInputs(model, dataset, config))
-    targets = dataset.targets[dataset.splits["train"]]
+    # a multi-label run weighs positives inside its loss (run.positive_weights): Keras' class_weight is per image
+    weights = (None if dataset.multi_label else
+               class_weights(dataset.targets[dataset.splits["train"]], len(dataset.class_names), config.class_weight))
     sign = 1 if monitor_mode(config.monitor) == "max" else -1
     state = run.resume
     start_phase, start_epoch = (state.phase, state.epoch) if state else (run.start_phase, run.initial_epoch)
@@ -317,7 +319,7 @@ def train(model, dataset, config, run):
         else:
             history = trainable.fit(
                 train_ds, steps_per_epoch=steps, epochs=phase.epochs, initial_epoch=initial_epoch,
-                validation_data=val_ds, class_weight=class_weights(targets, len(dataset.class_names), config.class_weight),
+                validation_data=val_ds, class_weight=weights,
                 callbacks=callbacks + [saver] + restore, shuffle=False, verbose=2)
             if not np.isfinite(history.history["loss"][-1]):
                 raise UserError(f"training diverged in phase {phase.number}: the loss became NaN at learning rate "

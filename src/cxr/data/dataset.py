@@ -24,6 +24,7 @@ class Dataset:
     metadata: dict = field(default_factory=dict)  # column -> (N,) list: "patient" (key or None), ...
     splits: dict = field(default_factory=dict)  # split name -> (n,) int64 rows, in listing order
     images: object = None  # (N, size, size, 3) uint8 DiskArray once `decode` has run; unreadable rows are zeros
+    multi_label: bool = False  # findings that co-occur (sigmoid outputs) rather than exclusive classes (softmax)
 
     @classmethod
     def from_files(cls, class_names, files, metadata=None):
@@ -45,9 +46,15 @@ class Dataset:
         return np.nan_to_num(self.labels, nan=-1.0).argmax(axis=1)
 
     def split(self, name):
-        """(rows, targets) of split `name`: (n,) int64 indices into `images`, and their class indices."""
+        """(rows, y) of split `name`: (n,) int64 indices into `images`, and their labels: (n,) class indices for
+        a single-label dataset, the (n, findings) rows of `labels` (1 / 0 / NaN) for a multi-label one."""
         rows = self.splits[name]
-        return rows, self.targets[rows]
+        return rows, self.labels[rows] if self.multi_label else self.targets[rows]
+
+    def patients(self, rows):
+        """(n,) patient key of `rows` (the row itself where none is known): what a bootstrap resamples."""
+        keys = self.metadata.get("patient") or [None] * len(self.paths)
+        return np.array([keys[r] if keys[r] is not None else f"row-{r}" for r in rows], dtype=object)
 
     def files(self, name):
         return [self.paths[r] for r in self.splits[name]]
@@ -57,7 +64,10 @@ class Dataset:
         return [self.paths[r].name for r in rows]
 
     def counts(self):
-        """{split: {class: images}}."""
+        """{split: {class: images}}; for a multi-label dataset {split: {finding: positive images}} plus "images"."""
+        if self.multi_label:
+            return {split: {name: int(np.nansum(self.labels[rows, i])) for i, name in enumerate(self.class_names)}
+                    | {"images": int(len(rows))} for split, rows in self.splits.items()}
         return {split: {name: int((self.targets[rows] == i).sum()) for i, name in enumerate(self.class_names)}
                 for split, rows in self.splits.items()}
 

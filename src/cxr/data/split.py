@@ -334,6 +334,13 @@ def read_labelled_folder(folder, class_names, split="evaluated"):
 def describe(dataset):
     """Lines that show the class names and how many images of each class each split holds."""
     counts = dataset.counts()
+    if dataset.multi_label:
+        rows = ["images", *dataset.class_names]
+        width = max(len(n) for n in rows)
+        lines = [f"Findings (model output order): {', '.join(dataset.class_names)}; positive images per split:"]
+        lines.append(f"{'':{width}}  " + "  ".join(f"{s:>6}" for s in SPLITS))
+        return "\n".join(lines + [f"{name:{width}}  " + "  ".join(f"{counts[s][name]:>6}" for s in SPLITS)
+                                  for name in rows])
     width = max(len(n) for n in dataset.class_names)
     lines = [f"Classes (model output order): {', '.join(dataset.class_names)}"]
     lines.append(f"{'':{width}}  " + "  ".join(f"{s:>6}" for s in SPLITS))

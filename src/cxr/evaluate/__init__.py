@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cxr.evaluate import gradcam, plots
-from cxr.evaluate.metrics import (auc_score, classification, confidence_intervals, confusion,
-                                  expected_calibration_error, headline_metrics, reliability_bins, roc_band)
+from cxr.errors import warn
+from cxr.evaluate.metrics import (FINDING_METRICS, auc_score, classification, confidence_intervals, confusion,
+                                  expected_calibration_error, finding_calibration_error, finding_counts,
+                                  finding_metrics, headline_metrics, probability_bins, reliability_bins, roc_band)
 from cxr.evaluate.shortcuts import shortcut_check
 
 GALLERY_SIZE = 4
@@ -34,8 +36,8 @@ class Evaluation:
     calibration: dict
     classification: dict  # scikit-learn's report at the operating point
     probabilities: np.ndarray  # (n, classes) calibrated
-    raw_probabilities: np.ndarray  # (n, classes) the model's softmax, before temperature scaling
-    predictions: np.ndarray  # (n,) class index per image at the operating point
+    raw_probabilities: np.ndarray  # (n, classes) the model's softmax (sigmoid), before temperature scaling
+    predictions: np.ndarray  # (n,) class index per image at the operating point; (n, findings) 0/1 multi-label
     figures: dict = field(default_factory=dict)  # {name: PNG bytes}
     shortcuts: dict = field(default_factory=dict)  # evaluate.shortcuts.shortcut_check's result
 
@@ -46,6 +48,8 @@ def evaluate_model(model, dataset, split, options):
     The probabilities come from `model.predictor()` (LiteRT or Keras); Grad-CAM needs gradients, so the
     gallery runs on the Keras model.
     """
+    if model.multi_label:
+        return evaluate_findings(model, dataset, split, options)
     rows, y_true = dataset.split(split)
     raw = model.raw_probabilities(dataset.images, rows, options.batch_size, options.tta)
     probabilities, y_pred = model.calibrate(raw)
@@ -71,6 +75,83 @@ def evaluate_model(model, dataset, split, options):
     evaluation.shortcuts = shortcut_check(model, dataset.images, rows, y_true, options.seed, options.batch_size)
     evaluation.figures = figures(model, dataset, split, evaluation, options)
     return evaluation
+
+
+def evaluate_findings(model, dataset, split, options):
+    """`evaluate_model` for a multi-label model: every finding on its known labels, at its own threshold, with
+    patient-level bootstrap intervals, and the mean AUC over findings.
+
+    `metrics` holds "mean_auc" (also as "auc"), "mean_auc_pr", the mean sensitivity etc., "ece" and
+    "per_finding": {finding: {auc_roc, auc_pr, sensitivity, specificity, ppv, npv, f1, brier, threshold,
+    n_known, n_positive, prevalence, status}}; `confidence_intervals` "<finding> auc_roc" etc. and "mean_auc".
+    """
+    rows, labels = dataset.split(split)
+    raw = model.raw_probabilities(dataset.images, rows, options.batch_size, options.tta)
+    probabilities, called = model.calibrate(raw)
+    findings = model.class_names
+
+    def metrics_of(sample):
+        return finding_metrics(labels[sample], probabilities[sample], called[sample], findings)
+
+    flat = metrics_of(np.arange(len(rows)))
+    counts = finding_counts(labels, findings)
+    one_class = [f"{f} ({c['status']})" for f, c in counts.items() if c["status"] != "ok"]
+    if one_class:
+        warn(f"findings with one class only in the evaluated images, whose AUC is undefined and reported as "
+             f"null: {', '.join(one_class)}")
+    thresholds = model.finding_points("threshold")
+    per_finding = {f: {m: _finite_or_none(flat[f"{f} {m}"]) for m in FINDING_METRICS} | {"threshold": t} | counts[f]
+                   for f, t in zip(findings, thresholds)}
+    means = {k: _finite_or_none(v) for k, v in flat.items() if k.startswith("mean") or k == "ece"}
+    values = means | {"auc": means["mean_auc"], "per_finding": per_finding, "n_images": int(len(rows))}
+    calibration = {"temperature": None, "temperatures": dict(zip(findings, model.finding_points("temperature"))),
+                   "ece_before": finding_calibration_error(labels, raw), "ece_after": flat["ece"]}
+    intervals = confidence_intervals(metrics_of, labels, options.bootstrap, options.seed,
+                                     patients=dataset.patients(rows))
+    report = {f: {"precision": v["ppv"] or 0.0, "recall": v["sensitivity"] or 0.0, "f1-score": v["f1"] or 0.0,
+                  "support": v["n_positive"]} for f, v in per_finding.items()}
+    report["macro avg"] = {k: float(np.mean([report[f][k] for f in findings])) for k in ("precision", "recall",
+                                                                                         "f1-score")}
+    report["macro avg"]["support"] = sum(report[f]["support"] for f in findings)
+    evaluation = Evaluation(findings, model.operating_point, values, intervals, calibration, report,
+                            probabilities, raw, called)
+    evaluation.shortcuts = shortcut_check(model, dataset.images, rows, labels, options.seed, options.batch_size)
+    evaluation.figures = finding_figures(model, dataset, split, evaluation, options)
+    return evaluation
+
+
+def finding_figures(model, dataset, split, evaluation, options):
+    """A multi-label evaluation's plots: an ROC panel per finding, reliability over (image, finding) pairs,
+    and the Grad-CAM gallery."""
+    _, labels = dataset.split(split)
+    probabilities, intervals = evaluation.probabilities, evaluation.confidence_intervals
+    curves = []
+    for k, name in enumerate(model.class_names):
+        numbers = evaluation.metrics["per_finding"][name]
+        if numbers["status"] != "ok":
+            continue
+        known = ~np.isnan(labels[:, k])
+        is_positive, scores = labels[known, k] == 1, probabilities[known, k]
+        point = ((1 - numbers["specificity"], numbers["sensitivity"])
+                 if numbers["sensitivity"] is not None and numbers["specificity"] is not None else None)
+        curves.append({"name": name, "is_positive": is_positive, "scores": scores, "auc": numbers["auc_roc"],
+                       "auc_ci": intervals.get(f"{name} auc_roc"), "point": point,
+                       "band": roc_band(is_positive, scores, min(options.bootstrap, 200), options.seed)
+                       if options.bootstrap else None})
+    result = {}
+    if curves:
+        result["roc"] = plots.figure_png(plots.roc_grid_figure(curves))
+    known = ~np.isnan(labels)
+    if known.any():
+        calibration = evaluation.calibration
+        result["reliability"] = plots.figure_png(plots.reliability_figure(
+            (f"before scaling (ECE {calibration['ece_before']:.3f})",
+             *probability_bins(labels[known] == 1, evaluation.raw_probabilities[known])),
+            (f"after, a temperature per finding (ECE {calibration['ece_after']:.3f})",
+             *probability_bins(labels[known] == 1, probabilities[known])),
+            title="Reliability over every (image, finding) pair (test set)"))
+    result["gradcam_gallery"] = plots.figure_png(gallery(model, dataset, split, evaluation))
+    return result
 
 
 def figures(model, dataset, split, evaluation, options):
@@ -111,31 +192,41 @@ def figures(model, dataset, split, evaluation, options):
 
 
 def gallery(model, dataset, split, evaluation):
-    """Grad-CAM for the most confident true positives, false positives and false negatives of the positive class.
+    """Grad-CAM for the most confident true positives, false positives and false negatives of the positive class
+    (of any finding, for a multi-label model: over every known (image, finding) pair).
 
-    Each map explains the class the model predicted: what it saw when it made that call.
+    Each map explains the call made: the predicted class, or the finding.
     """
     rows, y_true = dataset.split(split)
-    positive, y_pred = model.positive_index, evaluation.predictions
-    p = evaluation.probabilities[:, positive]
-    name = model.class_names[positive]
+    y_pred = evaluation.predictions
+    if model.multi_label:
+        image, finding = np.nonzero(~np.isnan(y_true))
+        is_positive, said_positive = y_true[image, finding] == 1, y_pred[image, finding] == 1
+        p, explained = evaluation.probabilities[image, finding], finding
+        title = "Grad-CAM per finding (most confident first)"
+    else:
+        positive = model.positive_index
+        image, finding = np.arange(len(rows)), np.full(len(rows), positive)
+        is_positive, said_positive = y_true == positive, y_pred == positive
+        p, explained = evaluation.probabilities[:, positive], y_pred
+        title = f"Grad-CAM, positive class {model.class_names[positive]} (most confident first)"
     names = dataset.names(rows)
-    is_positive, said_positive = y_true == positive, y_pred == positive
     groups = [("true positives", np.flatnonzero(is_positive & said_positive), -p),
               ("false positives", np.flatnonzero(~is_positive & said_positive), -p),
               ("false negatives", np.flatnonzero(is_positive & ~said_positive), p)]
     picked = [(title, idx[np.argsort(order[idx], kind="stable")][:GALLERY_SIZE]) for title, idx, order in groups]
     chosen = np.concatenate([idx for _, idx in picked]).astype(int)
-    pictures = np.asarray(dataset.images[rows[chosen]])
-    maps = gradcam.heatmaps(model.keras_model, pictures, y_pred[chosen]) if len(chosen) else []
+    pictures = np.asarray(dataset.images[rows[image[chosen]]])
+    maps = gradcam.heatmaps(model.keras_model, pictures, explained[chosen]) if len(chosen) else []
     grid, k = [], 0
-    for title, idx in picked:
+    for group, idx in picked:
         items = []
         for i in idx:
-            items.append((gradcam.overlay(pictures[k], maps[k]), f"{names[i]}\np({name}) = {p[i]:.3f}"))
+            caption = f"{names[image[i]]}\np({model.class_names[finding[i]]}) = {p[i]:.3f}"
+            items.append((gradcam.overlay(pictures[k], maps[k]), caption))
             k += 1
-        grid.append((title, items))
-    return plots.gallery_figure(grid, f"Grad-CAM, positive class {name} (most confident first)")
+        grid.append((group, items))
+    return plots.gallery_figure(grid, title)
 
 
 def _finite_or_none(value):

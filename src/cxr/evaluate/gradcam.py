@@ -29,13 +29,15 @@ def heatmaps(model, images, class_indices, batch_size=4):
     """(N, h, w) Grad-CAM maps in [0, 1] for `images` (N, H, W, 3, 0-255), each for its own class index.
 
     The score explained is the class logit minus the mean logit: with a softmax head only differences between
-    logits change the prediction, so this is the evidence for the class against the others.
+    logits change the prediction, so this is the evidence for the class against the others. With a sigmoid
+    head (multi-label) it is the finding's logit.
     """
     import tensorflow as tf
 
     feature_model, dense = _feature_map_and_head(model)
     kernel = tf.cast(dense.kernel, tf.float32)
     bias = tf.cast(dense.bias, tf.float32)
+    independent = getattr(dense.activation, "__name__", "") == "sigmoid"
     maps = []
     for start in range(0, len(images), batch_size):
         x = tf.convert_to_tensor(np.asarray(images[start:start + batch_size], dtype=np.float32))
@@ -44,7 +46,8 @@ def heatmaps(model, images, class_indices, batch_size=4):
             features = tf.cast(feature_model(x, training=False), tf.float32)
             tape.watch(features)
             logits = tf.matmul(tf.reduce_mean(features, axis=[1, 2]), kernel) + bias
-            evidence = logits - tf.reduce_mean(logits, axis=1, keepdims=True)
+            # sigmoid findings are independent: a finding's evidence is its own logit
+            evidence = logits if independent else logits - tf.reduce_mean(logits, axis=1, keepdims=True)
             score = tf.gather(evidence, target, axis=1, batch_dims=1)
         grads = tape.gradient(score, features)
         weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)

@@ -1,7 +1,9 @@
 """Probabilities -> calibration, an operating point and test metrics with bootstrap confidence intervals.
 
-Everything is plain numpy in and out: `probabilities` are (N, classes) softmax outputs, `y_true` class indices.
-Calibration and the operating point are fitted on validation and only applied to test.
+Everything is plain numpy in and out: `probabilities` are (N, classes) softmax outputs, `y_true` class indices;
+for a multi-label model (N, findings) sigmoid outputs and an (N, findings) labels matrix, 1 / 0 / NaN
+(unknown: left out of every fit and metric of that finding). Calibration and the operating point are fitted
+on validation and only applied to test.
 """
 
 import warnings
@@ -12,7 +14,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, balanced_a
                              classification_report, confusion_matrix, roc_auc_score, roc_curve)
 
 from cxr.errors import warn
-from cxr.inference import apply_temperature, decide
+from cxr.inference import apply_finding_temperatures, apply_temperature, decide, decide_findings
 
 ECE_BINS = 15
 _TINY = 1e-12
@@ -27,6 +29,33 @@ def fit_temperature(y_true, probabilities):
         return -np.mean(np.log(np.clip(p[np.arange(len(y_true)), y_true], _TINY, 1.0)))
 
     return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
+def fit_finding_temperature(is_positive, probabilities):
+    """The temperature T minimising the negative log-likelihood of sigmoid(logit(p) / T) for one finding."""
+    def nll(log_t):
+        p = np.clip(apply_finding_temperatures(probabilities, np.exp(log_t)), _TINY, 1 - _TINY)
+        return -np.mean(np.where(is_positive, np.log(p), np.log1p(-p)))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
+def probability_bins(is_positive, probabilities, bins=ECE_BINS):
+    """(mean probability, share positive, count) per non-empty equal-width bin of per-finding probabilities:
+    the reliability of (image, finding) pairs, flattened over the known labels."""
+    which = np.minimum((probabilities * bins).astype(int), bins - 1)
+    used = [b for b in range(bins) if np.any(which == b)]
+    return (np.array([probabilities[which == b].mean() for b in used]),
+            np.array([is_positive[which == b].mean() for b in used]), np.array([np.sum(which == b) for b in used]))
+
+
+def finding_calibration_error(labels, probabilities, bins=ECE_BINS):
+    """ECE over every known (image, finding) pair of a multi-label model: |share positive - mean p| per bin."""
+    known = ~np.isnan(labels)
+    if not known.any():
+        return float("nan")
+    confidence, observed, counts = probability_bins(labels[known] == 1, probabilities[known], bins)
+    return float(np.sum(np.abs(observed - confidence) * counts) / np.sum(counts))
 
 
 def reliability_bins(y_true, probabilities, bins=ECE_BINS):
@@ -82,6 +111,38 @@ def fit_operating_point(y_val, probabilities_val, class_names, positive_class, t
                     "val_specificity": specificity}
 
 
+def fit_finding_points(labels, probabilities, findings, target_sensitivity=None, keep=None):
+    """A multi-label model's operating point: per finding, a temperature and a threshold (the same rules as
+    `fit_operating_point`) fitted on its known labels in `labels` (n, findings) for sigmoid outputs
+    `probabilities` (n, findings).
+
+    A finding without both positives and negatives among them gets no threshold from them: it keeps its point
+    in `keep` (a model's previous operating point, when recalibrating), else 0.5 uncalibrated; a warning says so.
+    """
+    method = "youden" if target_sensitivity is None else f"sensitivity >= {target_sensitivity:g}"
+    points, unfitted = {}, []
+    for k, name in enumerate(findings):
+        known = ~np.isnan(labels[:, k])
+        is_positive, scores = labels[known, k] == 1, probabilities[known, k]
+        counts = {"val_positives": int(is_positive.sum()), "val_negatives": int((~is_positive).sum())}
+        if is_positive.all() or not is_positive.any():
+            unfitted.append(f"{name} ({counts['val_positives']} positive, {counts['val_negatives']} negative)")
+            previous = (keep or {}).get("findings", {}).get(name)
+            points[name] = (dict(previous) if previous else
+                            {"temperature": 1.0, "threshold": 0.5, "method": "default 0.5"}) | counts
+            continue
+        temperature = fit_finding_temperature(is_positive, scores)
+        threshold, sensitivity, specificity = choose_threshold(
+            is_positive, apply_finding_temperatures(scores, temperature), target_sensitivity)
+        points[name] = {"temperature": temperature, "threshold": threshold, "method": method,
+                        "val_sensitivity": sensitivity, "val_specificity": specificity} | counts
+    if unfitted:
+        kept = "keep the model's previous operating point" if keep else "use 0.5, uncalibrated"
+        warn(f"no threshold can be fitted for findings without both positive and negative images: "
+             f"{', '.join(unfitted)}; they {kept}")
+    return {"findings": points, "method": method, "target_sensitivity": target_sensitivity}
+
+
 # --- metrics -----------------------------------------------------------------------------------------------
 
 def _ratio(num, den):
@@ -128,6 +189,56 @@ def headline_metrics(y_true, probabilities, class_names, positive_index, thresho
     return macro | overall | flat
 
 
+FINDING_METRICS = ("auc_roc", "auc_pr", "sensitivity", "specificity", "ppv", "npv", "f1", "brier")
+
+
+def finding_metrics(labels, probabilities, called, findings):
+    """A multi-label model's numbers as a flat {name: value} dict (NaN where undefined): "<finding> auc_roc",
+    "<finding> sensitivity", ... (FINDING_METRICS, each finding on its known labels, at its threshold:
+    `called` (n, findings) 0/1), their means over findings ("mean_auc", "mean_auc_pr", "mean sensitivity",
+    ...) and the ECE over every known (image, finding) pair."""
+    flat, nan = {}, float("nan")
+    for k, name in enumerate(findings):
+        known = ~np.isnan(labels[:, k])
+        is_positive = labels[known, k] == 1
+        values = (one_vs_rest(is_positive, called[known, k] == 1, probabilities[known, k]) if known.any()
+                  else dict.fromkeys(FINDING_METRICS, nan))
+        flat |= {f"{name} {m}": values[m] for m in FINDING_METRICS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a finding with one class in a resample: NaN, skipped
+        means = {m: float(np.nanmean([flat[f"{name} {m}"] for name in findings])) for m in FINDING_METRICS}
+    return ({"mean_auc": means["auc_roc"], "mean_auc_pr": means["auc_pr"]}
+            | {f"mean {m}": means[m] for m in FINDING_METRICS[2:]}
+            | {"ece": finding_calibration_error(labels, probabilities)} | flat)
+
+
+def finding_counts(labels, findings):
+    """{finding: {"n_known", "n_positive", "prevalence", "status"}}: status says when a finding's metrics are
+    undefined in these labels ("no labels", "no positives", "no negatives"), else "ok"."""
+    result = {}
+    for k, name in enumerate(findings):
+        known = ~np.isnan(labels[:, k])
+        positives = int(np.sum(labels[known, k] == 1))
+        negatives = int(known.sum()) - positives
+        status = ("no labels" if not known.any() else "no positives" if not positives
+                  else "no negatives" if not negatives else "ok")
+        result[name] = {"n_known": int(known.sum()), "n_positive": positives,
+                        "prevalence": positives / int(known.sum()) if known.any() else None, "status": status}
+    return result
+
+
+def patient_resamples(patients, n_resamples, seed):
+    """Row indices of `n_resamples` bootstrap samples that draw patients with replacement (every image of a
+    drawn patient comes along): images of one patient are not independent (seeded)."""
+    rng = np.random.default_rng(seed)
+    _, member = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
+    order = np.argsort(member, kind="stable")
+    starts = np.searchsorted(member[order], np.arange(member.max() + 2))
+    groups = [order[starts[g]:starts[g + 1]] for g in range(len(starts) - 1)]
+    for _ in range(n_resamples):
+        yield np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
+
+
 def stratified_resamples(y_true, n_resamples, seed):
     """Row indices of `n_resamples` bootstrap samples that keep each class's count (seeded)."""
     rng = np.random.default_rng(seed)
@@ -136,12 +247,15 @@ def stratified_resamples(y_true, n_resamples, seed):
         yield np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
 
 
-def confidence_intervals(statistics, y_true, n_resamples=2000, seed=0, level=0.95):
-    """{name: [low, high]}: percentile intervals of `statistics(rows) -> {name: value}` over stratified
-    bootstrap resamples of the rows of `y_true` (e.g. `headline_metrics` of those rows)."""
+def confidence_intervals(statistics, y_true, n_resamples=2000, seed=0, level=0.95, patients=None):
+    """{name: [low, high]}: percentile intervals of `statistics(rows) -> {name: value}` over bootstrap
+    resamples of the rows of `y_true` (e.g. `headline_metrics` of those rows): stratified by class, or with
+    `patients` ((n,) keys) by patient (`patient_resamples`)."""
     if n_resamples <= 0:
         return {}
-    samples = [statistics(rows) for rows in stratified_resamples(y_true, n_resamples, seed)]
+    resamples = (patient_resamples(patients, n_resamples, seed) if patients is not None
+                 else stratified_resamples(y_true, n_resamples, seed))
+    samples = [statistics(rows) for rows in resamples]
     tail = (1 - level) / 2 * 100
     intervals = {}
     for name in samples[0]:

@@ -38,6 +38,36 @@ def roc_figure(curves, operating_point=None, title="ROC curve (test set)"):
                         "lower right")
 
 
+def roc_grid_figure(curves, title="ROC curve per finding (test set)"):
+    """One small ROC panel per finding: `curves` as for `roc_figure`, plus "point" (fpr, tpr) at the finding's
+    threshold, or None."""
+    columns = min(4, max(1, len(curves)))
+    rows = -(-len(curves) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, curve in zip(axes.flat, curves):
+        ax.axis("on")
+        fpr, tpr, _ = roc_curve(curve["is_positive"], curve["scores"])
+        ax.plot(fpr, tpr)
+        if curve.get("band") is not None:
+            grid, low, high = curve["band"]
+            ax.fill_between(grid, low, high, alpha=0.2)
+        ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
+        if curve.get("point") is not None:
+            ax.plot(*curve["point"], "o", color="crimson", markersize=6)
+        ax.set_title(f"{curve['name']}\nAUC {_with_ci(curve['auc'], curve.get('auc_ci'))}", fontsize=8)
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.02)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}; the dot is the finding's threshold")
+    fig.supxlabel("1 - specificity", fontsize=9)
+    fig.supylabel("sensitivity", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def pr_figure(curves, title="Precision-recall curve (test set)"):
     fig, ax = plt.subplots(figsize=(6, 5.5))
     for curve in curves:
@@ -95,7 +125,7 @@ def training_curves_figure(history):
     """Loss and accuracy per epoch over both phases, with the phase boundary marked."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     steps = np.arange(1, len(history) + 1)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, ("loss", "accuracy" if "accuracy" in history[0] else "auc")):
         ax.plot(steps, [e[metric] for e in history], marker=".", label=f"train {metric}")
         ax.plot(steps, [e[f"val_{metric}"] for e in history], marker=".", label=f"val {metric}")
         boundary = sum(1 for e in history if e["phase"] == 1)

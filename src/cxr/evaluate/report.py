@@ -72,20 +72,29 @@ def render_html(context, evaluation, headline, figures):
     title, subtitle, counts, config = context.title, context.subtitle, context.counts, context.settings
     operating_point, calibration = evaluation.operating_point, evaluation.calibration
     intervals = evaluation.confidence_intervals
+    multi_label = "findings" in operating_point
     classes = list(next(iter(counts.values())))
+    total = (lambda per_class: "") if multi_label else (lambda per_class: f"<td>{sum(per_class.values())}</td>")
     count_rows = "".join(
-        f"<tr><th>{e(split)}</th>{''.join(f'<td>{n}</td>' for n in per_class.values())}"
-        f"<td>{sum(per_class.values())}</td></tr>" for split, per_class in counts.items())
+        f"<tr><th>{e(split)}</th>{''.join(f'<td>{n}</td>' for n in per_class.values())}{total(per_class)}</tr>"
+        for split, per_class in counts.items())
+    count_header = "" if multi_label else "<th>total</th>"
     metric_rows_html = "".join(
         f"<tr><th>{e(name)}</th><td>{_number(value, 3) or 'n/a'}</td><td>{_interval(intervals.get(name))}</td></tr>"
-        for name, value in headline.items())
+        for name, value in headline.items() if not multi_label or name.startswith("mean") or name == "ece")
     threshold = operating_point.get("threshold")
-    point = (f"Positive class <b>{e(operating_point['positive_class'])}</b>; "
-             + (f"threshold <b>{threshold:.4f}</b> on the calibrated probability ({e(operating_point['method'])})"
-                if threshold is not None else "multi-class: the most probable class")
-             + f". Temperature and threshold were fitted on {e(describe_fitted_on(operating_point))}"
-             + f". Temperature {calibration['temperature']:.3f}: expected calibration error "
-             f"{calibration['ece_before']:.3f} before, {calibration['ece_after']:.3f} after.")
+    if multi_label:
+        point = (f"One sigmoid output per finding, each with its own temperature and threshold "
+                 f"({e(operating_point['method'])}; table below), fitted on {e(describe_fitted_on(operating_point))}. "
+                 f"Expected calibration error over every (image, finding) pair {calibration['ece_before']:.3f} before "
+                 f"scaling, {calibration['ece_after']:.3f} after.")
+    else:
+        point = (f"Positive class <b>{e(operating_point['positive_class'])}</b>; "
+                 + (f"threshold <b>{threshold:.4f}</b> on the calibrated probability ({e(operating_point['method'])})"
+                    if threshold is not None else "multi-class: the most probable class")
+                 + f". Temperature and threshold were fitted on {e(describe_fitted_on(operating_point))}"
+                 + f". Temperature {calibration['temperature']:.3f}: expected calibration error "
+                 f"{calibration['ece_before']:.3f} before, {calibration['ece_after']:.3f} after.")
     figure_html = "".join(
         f"<figure><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         f"<figcaption>{e(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>"
@@ -108,18 +117,40 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 <p>{e(subtitle)}</p>
 <section class="limits"><h2>Limits of use</h2><ul>{limits}</ul></section>
 <h2>Images</h2>
-<table><tr><th>split</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}<th>total</th></tr>{count_rows}</table>
+{'<p>Positive images per finding (and images in all) per split.</p>' if multi_label else ''}
+<table><tr><th>split</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}{count_header}</tr>{count_rows}</table>
 <h2>Operating point and calibration</h2>
 <p>{point}</p>{f'<p class="limits">{e(context.note)}</p>' if context.note else ''}
 <h2>Test metrics (95% stratified bootstrap confidence intervals)</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metric_rows_html}</table>
-{shortcut_section(evaluation.shortcuts, evaluation.class_names, operating_point['positive_class'])}
+{finding_section(evaluation) if multi_label else ''}
+{shortcut_section(evaluation.shortcuts, evaluation.class_names, operating_point.get('positive_class'))}
 <h2>Figures</h2>
 {figure_html}
 <h2>Configuration</h2>
 <table>{config_rows}</table>
 </body></html>
 """
+
+
+def finding_section(evaluation):
+    """A multi-label evaluation's per-finding table: counts, threshold and every metric with its interval."""
+    e = html.escape
+    intervals = evaluation.confidence_intervals
+    shown = ("auc_roc", "auc_pr", "sensitivity", "specificity", "ppv", "npv")
+    rows = []
+    for name, numbers in evaluation.metrics["per_finding"].items():
+        cells = "".join(f"<td>{_number(numbers[m], 3) or 'n/a'}<br><small>{_interval(intervals.get(f'{name} {m}'))}"
+                        "</small></td>" for m in shown)
+        prevalence = _number(numbers["prevalence"], 3) or "n/a"
+        status = "" if numbers["status"] == "ok" else f" <small>({e(numbers['status'])})</small>"
+        rows.append(f"<tr><th>{e(name)}{status}</th><td>{numbers['n_positive']} / {numbers['n_known']}</td>"
+                    f"<td>{prevalence}</td><td>{numbers['threshold']:.3f}</td>{cells}</tr>")
+    header = "".join(f"<th>{m}</th>" for m in ("positives / labelled", "prevalence", "threshold", *shown))
+    return f"""<h2>Per finding (95% patient-level bootstrap confidence intervals)</h2>
+<p>Each finding on the images whose label for it is known, at its own threshold. A finding with one class
+only among these images has no AUC (marked).</p>
+<table><tr><th>finding</th>{header}</tr>{''.join(rows)}</table>"""
 
 
 SHORTCUT_WARNING = 0.05  # share of calls an edit may change before the report flags it

@@ -56,13 +56,14 @@ def shortcut_check(model, images, rows, y_true, seed=0, batch_size=32):
 
     Returns {"n_images": how many were probed, "negatives_called_positive": share of the probed negatives called
     positive as they are (binary models; None otherwise), "probes": {probe name: {"changed_calls": share of the
-    probed images whose call the edit changes, "negatives_called_positive": the same share after the edit}}}.
+    probed images whose call the edit changes (of a multi-label model: of the (image, finding) calls),
+    "negatives_called_positive": the same share after the edit}}}.
     """
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(y_true), min(SAMPLE, len(y_true)), replace=False))
     x, y = np.asarray(images[np.asarray(rows)[chosen]]), np.asarray(y_true)[chosen]
     negative = y != model.positive_index
-    binary = len(model.class_names) == 2 and negative.any()
+    binary = not model.multi_label and len(model.class_names) == 2 and negative.any()
 
     def called_positive(calls):
         return float(np.mean(calls[negative] == model.positive_index)) if binary else None
