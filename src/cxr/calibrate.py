@@ -15,24 +15,29 @@ MIN_IMAGES_PER_CLASS = 20
 
 
 def refit_operating_point(model, y, raw, target_sensitivity=None):
-    """The operating point `model` would have if fitted on labels `y` (n,) and raw softmax outputs `raw` (n, classes).
+    """The operating point `model` would have if fitted on labels `y` (n,) and raw softmax outputs `raw` (n, classes);
+    for a multi-label model, per finding on an (n, findings) labels matrix (a finding without both positives
+    and negatives in the sample keeps the model's point).
 
     Same rule as training (temperature by likelihood, then Youden's J or a sensitivity target on the
     calibrated probability), so a site's sample replaces the validation split.
     """
-    from cxr.evaluate.metrics import fit_operating_point
+    from cxr.evaluate.metrics import fit_finding_points, fit_operating_point
 
+    if model.multi_label:
+        return fit_finding_points(y, raw, model.class_names, target_sensitivity, keep=model.operating_point)
     return fit_operating_point(y, raw, model.class_names, model.operating_point["positive_class"], target_sensitivity)
 
 
 def small_classes(counts):
-    """Class names with fewer than MIN_IMAGES_PER_CLASS images in {class: images}."""
-    return [name for name, n in counts.items() if n < MIN_IMAGES_PER_CLASS]
+    """Class names with fewer than MIN_IMAGES_PER_CLASS images in {class: images} (findings: positives)."""
+    return [name for name, n in counts.items() if name != "images" and n < MIN_IMAGES_PER_CLASS]
 
 
-def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="model"):
+def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="model", labels=None):
     """Write output_dir/models/{model.h5, class_names.json} with the operating point refitted on
-    `data_dir`/<Class>/, and reports of that sample at the new point; returns the summary dict.
+    `data_dir`/<Class>/ (or, for a multi-label model, the labels CSV `labels`: (csv path, images folder,
+    `data.labels_csv.LabelOptions`)), and reports of that sample at the new point; returns the summary dict.
 
     `options` is an `evaluate.EvaluationOptions` (bootstrap resamples and seed for the intervals);
     `target_sensitivity`: a sensitivity target, None for Youden's J, "model" for the rule the model was
@@ -52,7 +57,17 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="mod
     if outputs.models.resolve() == model.path.parent.resolve():
         raise UserError(f"{output_dir}: this is the model's own folder; calibrate writes a copy, so choose "
                         "another --output-dir")
-    dataset = read_labelled_folder(data_dir, model.class_names, split="calibration")
+    if (labels is not None) != model.multi_label:
+        raise UserError(f"{model_path} is a multi-label model: calibrate it on a labelled sample given as --labels CSV "
+                        "--images DIR" if model.multi_label else f"{model_path} classifies class folders: calibrate it "
+                        "with --data-dir (--labels is for multi-label models)")
+    if labels is not None:
+        from cxr.data.labels_csv import read_evaluation_table
+
+        dataset = read_evaluation_table(labels[0], labels[1], labels[2], model.class_names, split="calibration")
+        data_dir = labels[1]
+    else:
+        dataset = read_labelled_folder(data_dir, model.class_names, split="calibration")
     refuse_training_run(outputs)
     outputs.prepare(training=False)
     outputs.models.mkdir(exist_ok=True)
@@ -67,7 +82,8 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="mod
     counts = dataset.counts()
     small = small_classes(counts["calibration"])
     if small:
-        warn(f"{data_dir}: fewer than {MIN_IMAGES_PER_CLASS} images of {', '.join(small)}; a threshold fitted on "
+        what = "positive images of" if model.multi_label else "images of"
+        warn(f"{data_dir}: fewer than {MIN_IMAGES_PER_CLASS} {what} {', '.join(small)}; a threshold fitted on "
              "so few moves a lot with the sample: add images before relying on it")
     rows, y = dataset.split("calibration")
     model.predictor(n_images=len(rows))

@@ -202,6 +202,7 @@ def build_parser():
     evaluate.add_argument("--splits", type=Path,
                           help="a training run's reports/splits.csv, instead of --data-dir: evaluate one of its splits")
     evaluate.add_argument("--split", default="test", help="with --splits: which split (default: test)")
+    _add_label_options(evaluate, training=False)
     evaluate.add_argument("--output-dir", type=Path, default=Path("outputs/evaluation"))
     evaluate.add_argument("--bootstrap", type=count(0), default=2000, help="resamples for the confidence intervals")
     evaluate.add_argument("--seed", type=count(0), default=42)
@@ -210,8 +211,9 @@ def build_parser():
 
     calibrate = commands.add_parser("calibrate", help="refit the operating point on a labelled sample of your site")
     calibrate.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
-    calibrate.add_argument("--data-dir", type=Path, required=True,
+    calibrate.add_argument("--data-dir", type=Path,
                            help="the site's labelled sample: a folder of <Class>/ subfolders")
+    _add_label_options(calibrate, training=False)
     calibrate.add_argument("--output-dir", type=Path, required=True,
                            help="where the calibrated copy (models/) and its reports go; the model is not changed")
     calibrate.add_argument("--target-sensitivity", type=sensitivity_or_youden, default=argparse.SUPPRESS,
@@ -270,19 +272,26 @@ def main(argv=None):
             from cxr import run
             from cxr.evaluate import EvaluationOptions
 
-            if (args.data_dir is None) == (args.splits is None):
-                raise UserError("give --data-dir FOLDER or --splits reports/splits.csv (one of them)")
+            if sum(x is not None for x in (args.data_dir, args.splits, args.labels)) != 1:
+                raise UserError("give --data-dir FOLDER, --splits reports/splits.csv or --labels CSV --images DIR "
+                                "(one of them)")
+            if (args.labels is None) != (args.images is None):
+                raise UserError("--labels and --images go together: the CSV and the folder its paths start in")
             options = EvaluationOptions(args.bootstrap, args.seed, args.tta, args.batch_size)
             splits = (args.splits, args.split) if args.splits else None
-            print_headline(run.evaluate(args.model, args.output_dir, options, args.data_dir, splits))
+            labels = (args.labels, args.images, label_options(args)) if args.labels else None
+            print_headline(run.evaluate(args.model, args.output_dir, options, args.data_dir, splits, labels))
             print(f"Outputs in {args.output_dir}/ (reports/report.html, reports/metrics.csv, reports/summary.json, "
                   "plots/)")
         elif args.command == "calibrate":
             from cxr.calibrate import calibrate
             from cxr.evaluate import EvaluationOptions
 
+            if (args.data_dir is None) == (args.labels is None) or (args.labels is None) != (args.images is None):
+                raise UserError("give the site's labelled sample as --data-dir FOLDER or as --labels CSV --images DIR")
+            labels = (args.labels, args.images, label_options(args)) if args.labels else None
             summary = calibrate(args.model, args.data_dir, args.output_dir, EvaluationOptions(args.bootstrap, args.seed),
-                                getattr(args, "target_sensitivity", "model"))
+                                getattr(args, "target_sensitivity", "model"), labels)
             print_headline(summary, "Calibration sample (in-sample, optimistic)")
             print(f"Calibrated model in {args.output_dir}/models/ (model.h5, class_names.json); reports in "
                   f"{args.output_dir}/reports/. {args.model} is unchanged.")

@@ -22,6 +22,7 @@ LIMITS = [
 ]
 HEADLINE = ("sensitivity", "specificity", "auc_roc", "auc_pr", "accuracy", "balanced_accuracy", "ppv", "npv",
             "brier", "ece", "n_images")
+MULTI_LABEL_HEADLINE = ("mean_auc", "mean_auc_pr", "mean sensitivity", "mean specificity", "per_finding")
 
 
 def package_version(*names):
@@ -46,7 +47,8 @@ def training_record(model):
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
         point = summary["operating_point"]
-        same = all(point.get(k) == model.operating_point.get(k) for k in ("threshold", "temperature", "positive_class"))
+        same = all(point.get(k) == model.operating_point.get(k)
+                   for k in ("threshold", "temperature", "positive_class", "findings"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if not same:
@@ -57,8 +59,10 @@ def training_record(model):
         evaluated = f"a labelled folder ({summary.get('config', {}).get('data_dir', 'unrecorded')}) after training"
     metrics = summary.get("metrics", {})
     return {"evaluated_on": evaluated, "counts": summary.get("counts"),
-            "metrics": {k: metrics[k] for k in HEADLINE if k in metrics},
-            "confidence_intervals": {k: v for k, v in summary.get("confidence_intervals", {}).items() if k in HEADLINE},
+            "metrics": {k: metrics[k] for k in (*HEADLINE, *MULTI_LABEL_HEADLINE) if k in metrics},
+            "confidence_intervals": {k: v for k, v in summary.get("confidence_intervals", {}).items()
+                                     if k in HEADLINE or k in MULTI_LABEL_HEADLINE
+                                     or k.endswith((" auc_roc", " sensitivity", " specificity"))},
             "trained_with": summary.get("versions")}
 
 
@@ -85,9 +89,12 @@ def describe(model):
                                    f"{model.img_size} x {model.img_size}, grey X-rays repeated into three channels"
                                    + views_note(model.test_time_scales)},
         "test_time_scales": model.test_time_scales,
-        "outputs": {"class_names": model.class_names, "activation": "softmax",
-                    "calibration": f"probabilities p are calibrated as softmax(log(p) / temperature), temperature "
-                                   f"{point['temperature']:.4g}"},
+        "outputs": ({"class_names": model.class_names, "activation": "sigmoid",
+                     "calibration": "each finding's probability p is calibrated as sigmoid(logit(p) / temperature) with "
+                                    "its own temperature (operating_point.findings)"} if model.multi_label else
+                    {"class_names": model.class_names, "activation": "softmax",
+                     "calibration": f"probabilities p are calibrated as softmax(log(p) / temperature), temperature "
+                                    f"{point['temperature']:.4g}"}),
         "operating_point": point | {"fitted_on_description": describe_fitted_on(point)},
         "decision_rule": decision_rule(point, model.class_names),
         "training": training_record(model),
@@ -98,7 +105,11 @@ def describe(model):
 
 
 def decision_rule(point, class_names):
-    """The operating point in words: how a label follows from the calibrated probabilities."""
+    """The operating point in words: how a label follows from the calibrated probabilities; for a multi-label
+    model {finding: its rule}."""
+    if "findings" in point:
+        return {name: f"{name} when its calibrated probability >= {p['threshold']:.4f} (threshold chosen by "
+                      f"{p.get('method', 'an unrecorded rule')})" for name, p in point["findings"].items()}
     if point.get("threshold") is None or len(class_names) != 2:
         return "the class with the highest probability"
     negative = next(n for n in class_names if n != point["positive_class"])

@@ -58,20 +58,44 @@ def predict_files(model, files, batch_size=64, tta=False):
     return readable, probabilities, labels
 
 
-def format_predictions(files, probabilities, labels, class_names, fmt="table"):
-    """One record per file: the label, its probability and every class's probability."""
-    records = [{"path": str(p), "label": class_names[k], "probability": float(prob[k]),
-                **{f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}}
-               for p, k, prob in zip(files, labels, probabilities)]
+NONE_CALLED = "none"  # a multi-label model's label when no finding reaches its threshold
+
+
+def called_findings(probabilities, called, class_names):
+    """The findings called for one image ((findings,) calibrated probabilities and 0/1 calls), most probable
+    first."""
+    return [class_names[k] for k in np.argsort(-probabilities, kind="stable") if called[k]]
+
+
+def format_predictions(files, probabilities, labels, class_names, fmt="table", multi_label=False):
+    """One record per file: the label, its probability and every class's probability; for a multi-label model
+    the findings called (`positive_findings`, joined by '|' as the label) and every finding's probability."""
+    if multi_label:
+        records = []
+        for p, prob, called in zip(files, probabilities, labels):
+            found = called_findings(prob, called, class_names)
+            records.append({"path": str(p), "label": "|".join(found) or NONE_CALLED, "positive_findings": found,
+                            **{f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}})
+        columns = ["path", "label"]
+    else:
+        records = [{"path": str(p), "label": class_names[k], "probability": float(prob[k]),
+                    **{f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}}
+                   for p, k, prob in zip(files, labels, probabilities)]
+        columns = ["path", "label", "probability"]
     if fmt == "json":
         return json.dumps(records, indent=2)
     if fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["path", "label", "probability", *(f"p_{n}" for n in class_names)])
+        writer = csv.DictWriter(buffer, fieldnames=[*columns, *(f"p_{n}" for n in class_names)], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
         return buffer.getvalue().rstrip("\n")
     width = max([len(r["path"]) for r in records] + [4])
+    if multi_label:
+        lines = [f"{'path':{width}}  findings called (calibrated probability)"]
+        lines += [f"{r['path']:{width}}  " + (", ".join(f"{f} {r[f'p_{f}']:.3f}" for f in r["positive_findings"])
+                                               or NONE_CALLED) for r in records]
+        return "\n".join(lines)
     lines = [f"{'path':{width}}  {'label':12}  probability"]
     lines += [f"{r['path']:{width}}  {r['label']:12}  {r['probability']:.4f}" for r in records]
     return "\n".join(lines)
@@ -82,11 +106,26 @@ def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False):
     model = SavedModel.load(model_path)
     model.predictor()  # LiteRT whenever it can run the model: the conversion is cached for the next call
     readable, probabilities, labels = predict_files(model, files, batch_size, tta)
-    return format_predictions(readable, probabilities, labels, model.class_names, fmt)
+    return format_predictions(readable, probabilities, labels, model.class_names, fmt, model.multi_label)
+
+
+EXPLAINED_FINDINGS = 3  # a multi-label model's default: the findings called, most probable first, at most this many
+
+
+def explained_classes(model, probability, label, class_name=None):
+    """Class indices to map for one image: `class_name`; else the predicted class, or for a multi-label model
+    the findings called (most probable first, at most EXPLAINED_FINDINGS; the most probable if none is)."""
+    if class_name is not None:
+        return [model.class_names.index(class_name)]
+    if not model.multi_label:
+        return [int(label)]
+    order = [int(k) for k in np.argsort(-probability, kind="stable")]
+    return [k for k in order if label[k]][:EXPLAINED_FINDINGS] or order[:1]
 
 
 def run_explain(paths, model_path, output_dir, class_name=None, tta=False):
-    """Write one Grad-CAM overlay PNG per image into `output_dir`; returns the written paths."""
+    """Write one Grad-CAM overlay PNG per image into `output_dir` (a multi-label model: a panel per explained
+    finding); returns the written paths."""
     from cxr.atomic import write_bytes
     from cxr.data.decode import decode_image
     from cxr.evaluate import gradcam, plots
@@ -98,18 +137,26 @@ def run_explain(paths, model_path, output_dir, class_name=None, tta=False):
         raise UserError(f"--class {class_name!r} is not one of the model's classes ({', '.join(class_names)})")
     model.predictor(n_images=len(files) * (2 if tta else 1))
     readable, probabilities, labels = predict_files(model, files, tta=tta)
-    targets = labels if class_name is None else np.full(len(readable), class_names.index(class_name))
     size = model.keras_model.input_shape[1]
     written = []
     names = overlay_names(readable)
-    for path, prob, label, target in zip(readable, probabilities, labels, targets):
-        heatmap = gradcam.heatmaps(model.keras_model, decode_image(path, size)[None], [target])[0]
+    for path, prob, label in zip(readable, probabilities, labels):
+        targets = explained_classes(model, prob, label, class_name)
+        maps = gradcam.heatmaps(model.keras_model, np.repeat(decode_image(path, size)[None], len(targets), 0), targets)
         shown = decode_image(path, max(size, 512))  # overlay on a sharper copy than the model's input
-        title = f"{path.name}\npredicted {class_names[label]} (p = {prob[label]:.3f})"
-        if target != label:
-            title += f"; map for {class_names[target]}"
+        if model.multi_label:
+            found = called_findings(prob, label, class_names)
+            title = f"{path.name}\nfindings called: {', '.join(found) or NONE_CALLED}"
+            panels = [(gradcam.overlay(shown, m), f"map for {class_names[t]} (p = {prob[t]:.3f}, threshold "
+                                                  f"{model.finding_points('threshold')[t]:.3f})")
+                      for t, m in zip(targets, maps)]
+        else:
+            title = f"{path.name}\npredicted {class_names[label]} (p = {prob[label]:.3f})"
+            if targets[0] != label:
+                title += f"; map for {class_names[targets[0]]}"
+            panels = [(gradcam.overlay(shown, maps[0]), "")]
         out = Path(output_dir) / names[path]
-        write_bytes(out, plots.figure_png(plots.explanation_figure(gradcam.overlay(shown, heatmap), title)))
+        write_bytes(out, plots.figure_png(plots.explanation_figure(panels, title)))
         written.append(out)
     return written
 

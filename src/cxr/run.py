@@ -188,10 +188,11 @@ def tensorboard(log_dir, port):
             server.terminate()
 
 
-def evaluate(model_path, output_dir, options, data_dir=None, splits=None):
+def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels=None):
     """Evaluate the saved model at `model_path` without retraining, on `data_dir`/<Class>/ (or its test/
-    subfolder) or on one split of a training run's splits.csv (`splits`: (csv path, split name)); writes
-    reports and plots under `output_dir` and returns the summary dict.
+    subfolder), on one split of a training run's splits.csv (`splits`: (csv path, split name)) or on a labels
+    CSV (`labels`: (csv path, images folder, `data.labels_csv.LabelOptions`)); writes reports and plots under
+    `output_dir` and returns the summary dict.
 
     `options` is an `evaluate.EvaluationOptions`.
     """
@@ -200,7 +201,17 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None):
     from cxr.saved_model import SavedModel, describe_fitted_on
 
     model = SavedModel.load(model_path)
-    if splits is not None:
+    if (labels is not None) != model.multi_label:
+        raise UserError(f"{model_path} is a multi-label model: evaluate it on a labels CSV with --labels CSV --images "
+                        "DIR" if model.multi_label else f"{model_path} classifies class folders: evaluate it with "
+                        "--data-dir (--labels is for multi-label models)")
+    if labels is not None:
+        from cxr.data.labels_csv import read_evaluation_table
+
+        dataset = read_evaluation_table(labels[0], labels[1], labels[2], model.class_names)
+        folder = Path(labels[1])
+        source = f"{labels[0]} (images in {labels[1]})"
+    elif splits is not None:
         dataset = read_splits_csv(splits[0], model.class_names, splits[1])
         folder = Path(os.path.commonpath([p.resolve().parent for p in dataset.paths]))
         source = f"the {splits[1]} split listed in {splits[0]}"
@@ -224,6 +235,8 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None):
                 "bootstrap": options.bootstrap, "seed": options.seed}
     if splits is not None:
         settings |= {"splits": str(splits[0]), "split": splits[1]}
+    if labels is not None:
+        settings |= {"labels": str(labels[0]), "images": str(labels[1])}
     note = ""
     if model.is_other_data(folder):
         note = (f"The operating point (temperature and threshold) was fitted on "

@@ -27,6 +27,7 @@ from cxr.data.decode import ImageTooLarge, RefusedImage, UnreadableImage, decode
 from cxr.data.dicom import has_dicom_marker
 from cxr.errors import UserError, warn
 from cxr.model_card import describe
+from cxr.predict import NONE_CALLED, called_findings, explained_classes
 
 MAX_BATCH = 32
 # A 43 cm flat-panel detector at 0.14 mm pixels gives about 9.5 MP; a decompression bomb needs far more.
@@ -248,8 +249,10 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
         for (name, data), (image, warnings), p, label in zip(uploads, decoded, probabilities, labels):
             record = prediction_record(name, p, label, warnings)
             if explain:
-                shown, overlay = await run_in_threadpool(classifier.explain, data, image.pixels, int(label))
+                target = explained_classes(model, p, label)[0]
+                shown, overlay = await run_in_threadpool(classifier.explain, data, image.pixels, target)
                 record["overlay"] = png_data_uri(overlay)
+                record["overlay_class"] = model.class_names[target]
                 if sniff(data) == DICOM:  # browsers can't show DICOM: the page shows it as cxr rendered it
                     record["image"] = png_data_uri(shown)
             predictions.append(record)
@@ -284,6 +287,15 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
 
     def prediction_record(name, p, label, warnings):
         point = model.operating_point
+        if model.multi_label:
+            found = called_findings(p, label, model.class_names)
+            thresholds = model.finding_points("threshold")
+            return {"filename": name, "label": "|".join(found) or NONE_CALLED, "positive_findings": found,
+                    "findings": [{"name": model.class_names[k], "probability": float(p[k]),
+                                  "threshold": thresholds[k], "positive": bool(label[k])}
+                                 for k in np.argsort(-p, kind="stable")],
+                    "probabilities": {c: float(v) for c, v in zip(model.class_names, p)},
+                    "decision_rule": card["decision_rule"], "warnings": warnings, "model_sha256": model.sha256}
         return {"filename": name, "label": model.class_names[label],
                 "probabilities": {c: float(v) for c, v in zip(model.class_names, p)},
                 "positive_class": point["positive_class"], "threshold": point["threshold"],

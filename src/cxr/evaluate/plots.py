@@ -140,12 +140,15 @@ def training_curves_figure(history):
     return fig
 
 
-def explanation_figure(overlay, title):
-    """One Grad-CAM overlay, titled with the label and probability."""
-    fig, ax = plt.subplots(figsize=(5, 5.3))
-    ax.imshow(overlay)
-    ax.set_title(title, fontsize=11)
-    ax.axis("off")
+def explanation_figure(panels, title):
+    """Grad-CAM overlays side by side, `panels` = [(overlay, caption), ...], titled with the label and
+    probability."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.3 + 0.3 * bool(panels[0][1])), squeeze=False)
+    for ax, (overlay, caption) in zip(axes[0], panels):
+        ax.imshow(overlay)
+        ax.set_title(caption, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 

@@ -34,9 +34,11 @@ function renderCard(card) {
   box.replaceChildren(el("h2", {}, "Model"));
   const facts = el("dl");
   const fact = (name, value) => facts.append(el("dt", {}, name), el("dd", {}, value));
-  fact("Classes", card.class_names.join(", "));
+  const multiLabel = card.outputs.activation === "sigmoid";
+  fact(multiLabel ? "Findings" : "Classes", card.class_names.join(", "));
   fact("Backbone", `${card.backbone} at ${card.img_size} px`);
-  fact("Decision", card.decision_rule);
+  fact("Decision", multiLabel ? "each finding is called when its calibrated probability reaches its threshold"
+                              : card.decision_rule);
   fact("Fitted on", point.fitted_on_description);
   fact("Model hash", card.model_sha256.slice(0, 16) + "...");
   box.append(facts);
@@ -44,7 +46,8 @@ function renderCard(card) {
   if (training) {
     box.append(el("h3", {}, "Test metrics (95% CI)"), el("p", { class: "muted" }, "On " + training.evaluated_on + "."));
     const table = el("table");
-    for (const name of ["sensitivity", "specificity", "auc_roc", "balanced_accuracy", "ppv", "npv"]) {
+    for (const name of ["sensitivity", "specificity", "auc_roc", "balanced_accuracy", "ppv", "npv", "mean_auc",
+                        "mean_auc_pr", "mean sensitivity", "mean specificity"]) {
       if (!(name in training.metrics)) continue;
       const ci = training.confidence_intervals[name];
       table.append(el("tr", {}, el("th", {}, name.replaceAll("_", " ")), el("td", {}, num(training.metrics[name])),
@@ -66,6 +69,33 @@ function renderCard(card) {
   box.append(limits, el("p", {}, card.intended_use));
 }
 
+function thresholdBar(p, threshold, title) {
+  const bar = el("div", { class: "bar", title }, el("div", { class: "fill", style: `width: ${pct(p)}` }));
+  if (threshold !== null) {
+    bar.append(el("div", { class: "threshold", style: `left: calc(${pct(threshold)} - 1px)` }),
+               el("span", { class: "threshold-label", style: `left: ${pct(threshold)}` }, "threshold"));
+  }
+  return bar;
+}
+
+// A multi-label answer: every finding, most probable first, with its bar and threshold; those called first.
+function renderFindings(prediction) {
+  const list = el("ul", { class: "findings" });
+  for (const finding of prediction.findings) {
+    list.append(el("li", { class: finding.positive ? "positive" : "negative", "data-finding": finding.name,
+                           "data-probability": String(finding.probability) },
+      el("span", { class: "finding-name" }, finding.name),
+      el("span", { class: "finding-prob" },
+         `${finding.probability.toFixed(3)} (threshold ${finding.threshold.toFixed(3)})`),
+      thresholdBar(finding.probability, finding.threshold, `P(${finding.name}) against its threshold`)));
+  }
+  const called = prediction.positive_findings;
+  return el("div", {},
+    el("p", { class: "label " + (called.length ? "positive" : "negative"), "data-label": prediction.label },
+       called.length ? called.join(", ") : "No finding called"),
+    list);
+}
+
 function renderPrediction(file, prediction) {
   const card = state.card;
   const positive = prediction.positive_class;
@@ -76,13 +106,8 @@ function renderPrediction(file, prediction) {
   const isPositive = prediction.label === positive;
   const result = el("article", { class: "result", "data-filename": prediction.filename });
   const threshold = prediction.threshold;
-  const bar = el("div", { class: "bar", title: `P(${positive}) against the threshold` },
-                 el("div", { class: "fill", style: `width: ${pct(p)}` }));
-  if (threshold !== null) {
-    bar.append(el("div", { class: "threshold", style: `left: calc(${pct(threshold)} - 1px)` }),
-               el("span", { class: "threshold-label", style: `left: ${pct(threshold)}` }, "threshold"));
-  }
-  const details = el("div", {},
+  const bar = prediction.findings ? null : thresholdBar(p, threshold, `P(${positive}) against the threshold`);
+  const details = prediction.findings ? renderFindings(prediction) : el("div", {},
     el("p", { class: "label " + (isPositive ? "positive" : "negative"), "data-label": prediction.label }, prediction.label),
     el("p", { class: "prob", "data-probability": String(p) },
        `P(${positive}) = ${p.toFixed(3)}` + (threshold !== null ? ` against threshold ${threshold.toFixed(3)}` : "")),
@@ -102,7 +127,7 @@ function renderPrediction(file, prediction) {
       image.classList.toggle("overlay", toggle.checked);
     });
     details.append(el("label", { class: "toggle" }, toggle, " Show Grad-CAM: where the model found evidence for " +
-                      prediction.label));
+                      (prediction.overlay_class || prediction.label)));
   }
   result.append(el("figure", {}, image, el("figcaption", {}, prediction.filename)), details);
   return result;
