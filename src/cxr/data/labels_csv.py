@@ -88,7 +88,7 @@ def read_rows(csv_path):
 
 
 def detect_format(header):
-    if all(c in header for c in ("Image Index", "Finding Labels")):
+    if "Image Index" in header or "Finding Labels" in header:
         return "nih"
     if "Path" in header and ("Frontal/Lateral" in header or any(c in header for c in CHEXPERT_OBSERVATIONS[1:])):
         return "chexpert"
