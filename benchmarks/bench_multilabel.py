@@ -30,6 +30,10 @@ SAMPLE = ROOT.parent / "shared" / "data" / "nih_chestxray14_sample"
 RECIPES = {
     "default": {},
     "img320": {"img_size": 320},
+    "lr1e-2": {"lr": 1e-2},
+    "lr1e-2-balanced": {"lr": 1e-2, "class_weight": "balanced"},
+    "lr1e-2-ft1e-4": {"lr": 1e-2, "finetune_lr": 1e-4, "finetune_epochs": 10},
+    "lr1e-2-ft1e-4-320": {"lr": 1e-2, "finetune_lr": 1e-4, "finetune_epochs": 10, "img_size": 320},
     "views8": {"feature_views": 8},
     "balanced": {"class_weight": "balanced"},
     "epochs10": {"finetune_epochs": 10},

@@ -143,6 +143,8 @@ def _add_train_options(parser):
     add("--dropout", type=float, default=d.dropout)
     add("--backbone", choices=BACKBONES, default=d.backbone)
     add("--weights", default=d.weights, help="imagenet, none, or the path to a backbone weights file")
+    add("--init-from", type=Path, help="start the backbone from another cxr model file of the same backbone (e.g. "
+                                       "one trained on another dataset); the head starts anew")
     add("--port", type=int, default=d.port, help="serve TensorBoard on this port while training")
     add("--mixed-precision", action=argparse.BooleanOptionalAction, default=d.mixed_precision,
         help="bfloat16 on CPU, float16 on GPU, float32 outputs (default: off; slower on the CPUs measured)")

@@ -52,6 +52,7 @@ class Config:
     dropout: float = 0.25
     backbone: str = "efficientnetb0"
     weights: str = "imagenet"  # imagenet | none | path to a weights file
+    init_from: Optional[Path] = None  # start the backbone from another cxr model of the same backbone
     port: Optional[int] = None
     # Off: on a CPU with avx512_bf16, bfloat16 ran this network slower than float32 (benchmarks/README.md).
     mixed_precision: bool = False
@@ -157,6 +158,8 @@ class Config:
             except re.error as error:
                 raise UserError(f"--group-pattern {self.group_pattern!r} is not a valid regular expression ({error}); "
                                 "give a pattern whose first group is the patient id") from None
+        if self.init_from is not None and not Path(self.init_from).is_file():
+            raise UserError(f"--init-from {self.init_from}: no such file; give a model.h5 written by cxr train")
         if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
             raise UserError(f"--weights {self.weights}: no such file; give imagenet, none or the path to a weights file")
         return self

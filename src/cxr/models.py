@@ -150,6 +150,37 @@ def feature_map_model(model):
     return keras.Model(image, feature_map(_apply(preprocessing, image)))
 
 
+def init_from(model, path):
+    """Copy the backbone of another model file (a cxr model.h5 or checkpoint of the same backbone, at any image
+    size and for any classes) into `model`, layer by layer by name; the head stays new. Returns how many
+    layers were copied; UserError when none match."""
+    try:
+        source = keras.models.load_model(path, compile=False)
+    except Exception as error:
+        raise UserError(f"--init-from {path}: could not load it ({str(error).splitlines()[0][:160]}); give a model "
+                        "file written by cxr train") from None
+    found = {}
+
+    def collect(container):  # a model with test-time scales nests its backbone once
+        for layer in container.layers:
+            if isinstance(layer, keras.Model):
+                collect(layer)
+            else:
+                found.setdefault(layer.name, layer)
+
+    collect(source)
+    copied = 0
+    for layer in backbone_layers(model):
+        other = found.get(layer.name)
+        if layer.weights and other is not None and [w.shape for w in other.weights] == [w.shape for w in layer.weights]:
+            layer.set_weights(other.get_weights())
+            copied += 1
+    if not copied:
+        raise UserError(f"--init-from {path}: none of its layers fits this backbone; give a model of the same "
+                        "--backbone")
+    return copied
+
+
 def default_frozen_layers(model, backbone_name):
     """How many backbone layers stay frozen in phase 2 by default: those before the registry's frozen point."""
     names = [layer.name for layer in backbone_layers(model)]

@@ -100,6 +100,10 @@ def _train(config, output_dir, chief):
     builder = models.Builder(distribution.strategy, weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
                              multi_label=dataset.multi_label, positive_weights=positive_weights(dataset, config))
     model = builder.classifier(config.backbone, len(class_names), config.weights, config.img_size, config.dropout)
+    if config.init_from is not None:
+        with builder.scope():
+            copied = models.init_from(model, config.init_from)
+        print(f"Backbone initialised from {config.init_from} ({copied} layers); the head starts anew", flush=True)
     frozen_layers = (config.frozen_layers if config.frozen_layers is not None
                      else models.default_frozen_layers(model, config.backbone))
     models.check_frozen_layers(model, frozen_layers)
@@ -201,7 +205,7 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels
     from cxr.saved_model import SavedModel, describe_fitted_on
 
     model = SavedModel.load(model_path)
-    if (labels is not None) != model.multi_label:
+    if model.multi_label and labels is None and splits is None or labels is not None and not model.multi_label:
         raise UserError(f"{model_path} is a multi-label model: evaluate it on a labels CSV with --labels CSV --images "
                         "DIR" if model.multi_label else f"{model_path} classifies class folders: evaluate it with "
                         "--data-dir (--labels is for multi-label models)")

@@ -349,6 +349,18 @@ def describe(dataset):
     return "\n".join(lines)
 
 
+def _multi_label_splits(path, rows, findings):
+    missing = [f for f in findings if f not in rows[0]]
+    if missing:
+        raise UserError(f"{path}: no column for {', '.join(missing)}; give the splits.csv of this model's training run")
+    gone = [r["path"] for r in rows if not Path(r["path"]).is_file()]
+    if gone:
+        raise UserError(f"{path}: listed images are gone: {list_paths(gone)}; evaluate where the data still is")
+    labels = np.array([[float(r[f]) if r[f] != "" else np.nan for f in findings] for r in rows], np.float32)
+    return Dataset(list(findings), [Path(r["path"]) for r in rows], labels, {},
+                   {"evaluated": np.arange(len(rows))}, multi_label=True)
+
+
 def read_splits_csv(path, class_names, split):
     """A Dataset of the images a training run listed under `split` in its reports/splits.csv, as one split
     "evaluated" (the run's carved test split can be evaluated again this way)."""
@@ -363,6 +375,8 @@ def read_splits_csv(path, class_names, split):
     if not rows:
         raise UserError(f"{path}: no images in split {split!r}; give a training run's reports/splits.csv and one of "
                         "its splits (train, val, test)")
+    if "class" not in rows[0]:  # a multi-label run's: one column per finding
+        return _multi_label_splits(path, rows, class_names)
     unknown = sorted({r["class"] for r in rows} - set(class_names))
     if unknown:
         raise UserError(f"{path}: classes {', '.join(unknown)} are not classes of the model ({', '.join(class_names)})")
