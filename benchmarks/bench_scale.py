@@ -30,26 +30,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = """
-import json, re, sys, threading, time
-peak = [0]
-def status(field):
-    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
-def sample():
-    while True:
-        peak[0] = max(peak[0], status("RssAnon"))
-        time.sleep(0.2)
-threading.Thread(target=sample, daemon=True).start()
-from cxr.cli import main
-start = time.perf_counter()
-code = main(sys.argv[1:])
-peak[0] = max(peak[0], status("RssAnon"))
-print(json.dumps({"code": code, "seconds": time.perf_counter() - start, "peak_anon_mb": peak[0],
-                  "vm_hwm_mb": status("VmHWM")}))
-"""
-
-
-CSV_CHILD = """
+# The child's memory sampler: `peak[0]` is the highest anonymous RSS (MB) seen, every 0.1 s.
+SAMPLER = """
 import json, re, sys, threading, time
 from pathlib import Path
 peak = [0]
@@ -60,6 +42,18 @@ def sample():
         peak[0] = max(peak[0], status("RssAnon"))
         time.sleep(0.1)
 threading.Thread(target=sample, daemon=True).start()
+"""
+
+CHILD = SAMPLER + """
+from cxr.cli import main
+start = time.perf_counter()
+code = main(sys.argv[1:])
+peak[0] = max(peak[0], status("RssAnon"))
+print(json.dumps({"code": code, "seconds": time.perf_counter() - start, "peak_anon_mb": peak[0],
+                  "vm_hwm_mb": status("VmHWM")}))
+"""
+
+CSV_CHILD = SAMPLER + """
 from cxr.data.labels_csv import read_table, stratified_patient_splits, to_dataset
 folder = Path(sys.argv[1])
 result = {}

@@ -57,6 +57,25 @@ def chromium():
     return found
 
 
+def headless_browser(tmp_path):
+    """A Selenium Chrome driver on the system Chromium, headless (skip, or fail in CI, without the driver)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None:
+        if os.environ.get("CXR_REQUIRE_CHROMIUM"):
+            pytest.fail("chromedriver is not installed (CI installs the Debian package chromium-driver)")
+        pytest.skip("chromedriver is not installed; apt-get install chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium()
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
 TINY = ["--img-size", "32", "--epochs", "1", "--batch-size", "8", "--backbone", "efficientnet-lite0",
         "--weights", "none", "--patience", "1"]
 

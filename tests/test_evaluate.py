@@ -141,6 +141,7 @@ def test_calibrating_on_a_site_refits_temperature_and_threshold_on_its_arrays():
     class Model:  # what refit_operating_point reads of a SavedModel
         class_names = NAMES
         operating_point = {"positive_class": "PNEUMONIA", "temperature": 1.0, "threshold": 0.5}
+        multi_label = False
 
     # a site where the model's scores run high: every normal scores 0.6-0.7, every pneumonia 0.8-0.95
     y = np.array([0] * 30 + [1] * 30)

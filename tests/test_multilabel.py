@@ -203,7 +203,7 @@ def test_splits_are_patient_disjoint_stratified_and_seeded(tmp_path):
 
 
 def test_an_official_test_list_is_the_test_split(tmp_path):
-    table = patient_table(tmp_path, patients=30)
+    patient_table(tmp_path, patients=30)  # writes labels.csv and img/
     listed = [f"p{p}_0.png" for p in range(0, 30, 5)]
     (tmp_path / "test_list.txt").write_text("\n".join(listed) + "\n")
     config = Config(labels=tmp_path / "labels.csv", images=tmp_path / "img", patient_column="patient",
@@ -369,11 +369,39 @@ def test_predict_explain_evaluate_calibrate_and_export(tiny_multilabel, tmp_path
     assert "calibration sample" in refitted["fitted_on"]["description"]
     assert json.loads((outputs / "models/class_names.json").read_text()) == info  # the original is untouched
 
+    assert main(["evaluate", "--model", model, "--splits", str(outputs / "reports/splits.csv"), "--split", "test",
+                 "--output-dir", str(tmp_path / "retest"), "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    retest = json.loads((tmp_path / "retest/reports/summary.json").read_text())["metrics"]
+    trained = json.loads((outputs / "reports/summary.json").read_text())["metrics"]
+    assert retest["mean_auc"] == pytest.approx(trained["mean_auc"], abs=1e-6)  # the run's own test split again
+
     assert main(["export", "--model", model, "--format", "tflite", "--output-dir", str(tmp_path / "export")]) == 0
     card = json.loads((tmp_path / "export/model-card.json").read_text())
     assert card["outputs"]["activation"] == "sigmoid" and set(card["decision_rule"]) == set(findings)
     assert card["training"]["metrics"]["mean_auc"] == json.loads(
         (outputs / "reports/summary.json").read_text())["metrics"]["mean_auc"]
+
+
+def test_init_from_copies_another_models_backbone_and_leaves_the_head_new(tiny_run, tmp_path):
+    import keras
+
+    from cxr.models import backbone_layers, build_classifier, init_from
+
+    source = keras.models.load_model(tiny_run / "models/model.h5", compile=False)  # two classes, test-time scales
+    target = build_classifier("efficientnet-lite0", 5, "none", 48, multi_label=True)
+    head_before = target.get_layer("predictions").get_weights()
+    copied = init_from(target, tiny_run / "models/model.h5")
+    assert copied > 50
+    conv = next(layer for layer in backbone_layers(target) if isinstance(layer, keras.layers.Conv2D))
+    source_conv = next(layer for m in [source, *[l for l in source.layers if isinstance(l, keras.Model)]]
+                       for layer in m.layers if layer.name == conv.name)
+    assert np.array_equal(conv.get_weights()[0], source_conv.get_weights()[0])
+    assert all(np.array_equal(a, b) for a, b in zip(target.get_layer("predictions").get_weights(), head_before))
+    other = build_classifier("efficientnetb0", 2, "none", 32)
+    other.save(tmp_path / "b0.h5")
+    with pytest.raises(UserError, match="layers with weights fit it"):
+        init_from(build_classifier("efficientnet-lite0", 2, "none", 32), tmp_path / "b0.h5")
 
 
 def test_serve_answers_with_every_finding_and_the_page_lists_them(tiny_multilabel, tmp_path):
@@ -404,26 +432,12 @@ def test_serve_answers_with_every_finding_and_the_page_lists_them(tiny_multilabe
 
 def page_findings(url, image, tmp_path):
     """[(finding, probability)] as the page in headless Chromium shows them for `image`."""
-    import shutil
-
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.conftest import chromium
+    from tests.conftest import headless_browser
 
-    driver_path = shutil.which("chromedriver")
-    if driver_path is None:
-        if os.environ.get("CXR_REQUIRE_CHROMIUM"):
-            pytest.fail("chromedriver is not installed (CI installs the Debian package chromium-driver)")
-        pytest.skip("chromedriver is not installed; apt-get install chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium()
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    browser = headless_browser(tmp_path)
     try:
         browser.get(url + "/")
         WebDriverWait(browser, 30).until(

@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import requests
 from PIL import Image
 
 from cxr.cli import main
-from tests.conftest import SAMPLE, chromium
+from tests.conftest import SAMPLE, headless_browser
 
 XRAYS = sorted((SAMPLE / "NORMAL").iterdir())[:2] + sorted((SAMPLE / "PNEUMONIA").iterdir())[:2]
 MAX_UPLOAD_MB = 1
@@ -221,23 +220,10 @@ def test_serve_mistakes_are_one_line_errors(tiny_run, tmp_path, capsys):
 
 
 def test_the_page_shows_the_apis_answer_and_the_overlay_in_chromium(server, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver_path = shutil.which("chromedriver")
-    if driver_path is None:
-        if os.environ.get("CXR_REQUIRE_CHROMIUM"):
-            pytest.fail("chromedriver is not installed (CI installs the Debian package chromium-driver)")
-        pytest.skip("chromedriver is not installed; apt-get install chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium()
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    browser = headless_browser(tmp_path)
     try:
         browser.get(server.url + "/")
         WebDriverWait(browser, 30).until(

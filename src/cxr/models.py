@@ -153,7 +153,7 @@ def feature_map_model(model):
 def init_from(model, path):
     """Copy the backbone of another model file (a cxr model.h5 or checkpoint of the same backbone, at any image
     size and for any classes) into `model`, layer by layer by name; the head stays new. Returns how many
-    layers were copied; UserError when none match."""
+    layers were copied; UserError unless every backbone layer with weights has its match."""
     try:
         source = keras.models.load_model(path, compile=False)
     except Exception as error:
@@ -169,16 +169,15 @@ def init_from(model, path):
                 found.setdefault(layer.name, layer)
 
     collect(source)
-    copied = 0
-    for layer in backbone_layers(model):
-        other = found.get(layer.name)
-        if layer.weights and other is not None and [w.shape for w in other.weights] == [w.shape for w in layer.weights]:
-            layer.set_weights(other.get_weights())
-            copied += 1
-    if not copied:
-        raise UserError(f"--init-from {path}: none of its layers fits this backbone; give a model of the same "
-                        "--backbone")
-    return copied
+    weighted = [layer for layer in backbone_layers(model) if layer.weights]
+    matches = [(layer, found[layer.name]) for layer in weighted if layer.name in found
+               and [w.shape for w in found[layer.name].weights] == [w.shape for w in layer.weights]]
+    if len(matches) < len(weighted):  # another backbone shares a few layer names and shapes, not all
+        raise UserError(f"--init-from {path}: only {len(matches)} of this backbone's {len(weighted)} layers with "
+                        "weights fit it; give a model of the same --backbone")
+    for layer, other in matches:
+        layer.set_weights(other.get_weights())
+    return len(matches)
 
 
 def default_frozen_layers(model, backbone_name):

@@ -66,8 +66,9 @@ class Dataset:
     def counts(self):
         """{split: {class: images}}; for a multi-label dataset {split: {finding: positive images}} plus "images"."""
         if self.multi_label:
-            return {split: {name: int(np.nansum(self.labels[rows, i])) for i, name in enumerate(self.class_names)}
-                    | {"images": int(len(rows))} for split, rows in self.splits.items()}
+            return {split: {"images": int(len(rows))} | {name: int(np.nansum(self.labels[rows, i]))
+                                                         for i, name in enumerate(self.class_names)}
+                    for split, rows in self.splits.items()}
         return {split: {name: int((self.targets[rows] == i).sum()) for i, name in enumerate(self.class_names)}
                 for split, rows in self.splits.items()}
 

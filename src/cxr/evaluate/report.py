@@ -121,7 +121,7 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 <table><tr><th>split</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}{count_header}</tr>{count_rows}</table>
 <h2>Operating point and calibration</h2>
 <p>{point}</p>{f'<p class="limits">{e(context.note)}</p>' if context.note else ''}
-<h2>Test metrics (95% stratified bootstrap confidence intervals)</h2>
+<h2>Test metrics (95% {'patient-level' if multi_label else 'stratified'} bootstrap confidence intervals)</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metric_rows_html}</table>
 {finding_section(evaluation) if multi_label else ''}
 {shortcut_section(evaluation.shortcuts, evaluation.class_names, operating_point.get('positive_class'))}
