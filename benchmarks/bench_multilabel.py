@@ -34,19 +34,24 @@ RECIPES = {
     "lr1e-2-balanced": {"lr": 1e-2, "class_weight": "balanced"},
     "lr1e-2-ft1e-4": {"lr": 1e-2, "finetune_lr": 1e-4, "finetune_epochs": 10},
     "lr1e-2-ft1e-4-320": {"lr": 1e-2, "finetune_lr": 1e-4, "finetune_epochs": 10, "img_size": 320},
+    "init": {"init_from": None},  # the model named by --init-from (e.g. the default run on Kermany's train/)
+    "init-lr1e-2": {"init_from": None, "lr": 1e-2},
+    "init-lr1e-2-views8": {"init_from": None, "lr": 1e-2, "feature_views": 8},
+    "lr1e-2-dropout0.5": {"lr": 1e-2, "dropout": 0.5},
     "views8": {"feature_views": 8},
     "balanced": {"class_weight": "balanced"},
     "epochs10": {"finetune_epochs": 10},
 }
 
 
-def train_recipe(name, seed, work):
+def train_recipe(name, seed, work, init_from=None):
     """summary.json of `cxr train --labels` with recipe `name` and `seed`."""
     from cxr.config import Config
     from cxr.run import train
 
+    options = RECIPES[name] | ({"init_from": init_from} if "init_from" in RECIPES[name] else {})
     config = Config(labels=SAMPLE / "Data_Entry_2017.csv", images=SAMPLE / "images", backbone="efficientnet-lite0",
-                    output_dir=work / f"{name}-{seed}", seed=seed, bootstrap=1000, **RECIPES[name])
+                    output_dir=work / f"{name}-{seed}", seed=seed, bootstrap=1000, **options)
     started = time.perf_counter()
     summary = train(config)
     summary["minutes"] = (time.perf_counter() - started) / 60
@@ -109,12 +114,13 @@ def main():
     parser.add_argument("--recipes", nargs="+", default=["default", "probe"], choices=[*RECIPES, "probe"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-multilabel"))
+    parser.add_argument("--init-from", type=Path, help="the model the init recipes start from")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = {}
     for seed in args.seeds:
         for name in args.recipes:
-            summary = probe(seed, args.work) if name == "probe" else train_recipe(name, seed, args.work)
+            summary = probe(seed, args.work) if name == "probe" else train_recipe(name, seed, args.work, args.init_from)
             m, ci = summary["metrics"], summary["confidence_intervals"]
             low, high = ci.get("mean_auc", [None, None])
             results.setdefault(name, []).append(m["mean_auc"])

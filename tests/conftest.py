@@ -14,6 +14,8 @@ from PIL import Image
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "chest_xray_sample" / "raw"
+NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih_chestxray14_sample"
+NIH_CSV, NIH_IMAGES = NIH / "Data_Entry_2017.csv", NIH / "images"
 
 
 def write_image(path, seed=0, size=40, mode="RGB"):
@@ -113,3 +115,31 @@ def kill_after_epoch(child, output_dir, phase, timeout=300):
         time.sleep(0.02)
     child.communicate(timeout=60)
     assert child.returncode == -signal.SIGKILL, f"the run ended before it could be killed in phase {phase}"
+
+
+def nih_rows(n, start=0):
+    """The header and `n` data lines of the real NIH ChestX-ray14 CSV, as text lines."""
+    lines = NIH_CSV.read_text().splitlines()
+    return [lines[0], *lines[1 + start:1 + start + n]]
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_multilabel(tmp_path_factory):
+    """(outputs folder, an evaluation CSV of other images) of one tiny `cxr train --labels` on 80 NIH images."""
+    if not NIH_CSV.is_file():
+        pytest.skip("../shared/data/nih_chestxray14_sample is not here")
+    root = tmp_path_factory.mktemp("multilabel")
+    train_csv = write_lines(root / "train.csv", nih_rows(80))
+    other_csv = write_lines(root / "other.csv", nih_rows(30, start=100))
+    result = subprocess.run([sys.executable, "-m", "cxr", "train", "--labels", str(train_csv), "--images",
+                             str(NIH_IMAGES), "--output-dir", str(root / "outputs"), *TINY, "--bootstrap", "30"],
+                            capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mean AUC" in result.stdout
+    return root / "outputs", other_csv

@@ -5,7 +5,6 @@ labels, per-finding operating points, and every command on a tiny multi-label mo
 import csv
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,24 +19,10 @@ from cxr.data.labels_csv import (LabelOptions, read_labelled_table, read_table, 
                                  stratified_patient_splits)
 from cxr.errors import UserError
 from cxr.evaluate.metrics import confidence_intervals, finding_metrics, fit_finding_points
-from tests.conftest import write_image
+from tests.conftest import NIH_CSV, NIH_IMAGES, TINY as TINY_TRAINING, nih_rows, write_image, write_lines
 
-NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih_chestxray14_sample"
-NIH_CSV, NIH_IMAGES = NIH / "Data_Entry_2017.csv", NIH / "images"
-TINY = ["--img-size", "32", "--epochs", "1", "--batch-size", "8", "--backbone", "efficientnet-lite0",
-        "--weights", "none", "--patience", "1", "--bootstrap", "30"]
+TINY = [*TINY_TRAINING, "--bootstrap", "30"]
 needs_nih = pytest.mark.skipif(not NIH_CSV.is_file(), reason="../shared/data/nih_chestxray14_sample is not here")
-
-
-def nih_rows(n, start=0):
-    """The header and `n` data lines of the real NIH CSV, as text lines."""
-    lines = NIH_CSV.read_text().splitlines()
-    return [lines[0], *lines[1 + start:1 + start + n]]
-
-
-def write_lines(path, lines):
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def write_csv(path, header, rows):
@@ -280,23 +265,6 @@ def test_patient_bootstrap_draws_whole_patients():
 
 # --- a tiny multi-label model through every command ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_multilabel(tmp_path_factory):
-    """(outputs folder, an evaluation CSV of other images) of one tiny `cxr train --labels` on 80 NIH images."""
-    if not NIH_CSV.is_file():
-        pytest.skip("../shared/data/nih_chestxray14_sample is not here")
-    root = tmp_path_factory.mktemp("multilabel")
-    train_csv = write_lines(root / "train.csv", nih_rows(80))
-    other_csv = write_lines(root / "other.csv", nih_rows(30, start=100))
-    result = subprocess.run([sys.executable, "-m", "cxr", "train", "--labels", str(train_csv), "--images",
-                             str(NIH_IMAGES), "--output-dir", str(root / "outputs"), *TINY],
-                            capture_output=True, text=True, timeout=600,
-                            env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "mean AUC" in result.stdout
-    return root / "outputs", other_csv
-
-
 def test_training_writes_a_multi_label_model_and_its_reports(tiny_multilabel):
     outputs, _ = tiny_multilabel
     info = json.loads((outputs / "models/class_names.json").read_text())
@@ -329,6 +297,20 @@ def test_the_saved_model_loads_in_stock_keras(tiny_multilabel):
     assert result.returncode == 0, result.stderr[-2000:]
     findings = json.loads((outputs / "models/class_names.json").read_text())["class_names"]
     assert f"(1, {len(findings)}) True" in result.stdout
+
+
+@needs_nih
+def test_plain_keras_training_saves_a_file_stock_keras_loads(tmp_path):
+    """Without the feature cache and with one view, the saved model is the very one Keras compiled with the
+    masked loss: the file must still load in a Python that never imported cxr."""
+    train_csv = write_lines(tmp_path / "train.csv", nih_rows(60))
+    assert main(["train", "--labels", str(train_csv), "--images", str(NIH_IMAGES), "--output-dir",
+                 str(tmp_path / "out"), "--no-feature-cache", "--test-time-scales", "1", "--class-weight",
+                 "balanced", *TINY]) == 0
+    code = "import keras; m = keras.models.load_model(%r); print(m.layers[-1].activation.__name__)" % str(
+        tmp_path / "out/models/model.h5")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "sigmoid", result.stderr[-2000:]
 
 
 def test_predict_explain_evaluate_calibrate_and_export(tiny_multilabel, tmp_path, capsys):
@@ -379,6 +361,8 @@ def test_predict_explain_evaluate_calibrate_and_export(tiny_multilabel, tmp_path
     assert main(["export", "--model", model, "--format", "tflite", "--output-dir", str(tmp_path / "export")]) == 0
     card = json.loads((tmp_path / "export/model-card.json").read_text())
     assert card["outputs"]["activation"] == "sigmoid" and set(card["decision_rule"]) == set(findings)
+    covered = card["training"]["subgroups"]  # which subgroups the test split covered, and the gaps
+    assert {"sex", "age", "view"} <= set(covered) and "gaps" in covered["sex"]
     assert card["training"]["metrics"]["mean_auc"] == json.loads(
         (outputs / "reports/summary.json").read_text())["metrics"]["mean_auc"]
 

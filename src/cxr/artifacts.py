@@ -211,6 +211,7 @@ def summary(evaluation, context, **extra):
         "operating_point": evaluation.operating_point,
         "calibration": evaluation.calibration,
         "shortcut_check": evaluation.shortcuts,
+        "subgroups": evaluation.subgroups,
         "config": context.settings,
         "versions": versions(),
         **extra,

@@ -103,6 +103,9 @@ def _add_label_options(parser, training=True):
     add("--path-column", help="columns format: the image path column (default: path, image, filename...)")
     add("--patient-column", help="columns format: the patient id column (splits never divide a patient)")
     add("--view-column", help="columns format: the view column (PA, AP, LATERAL...)")
+    add("--subgroup", action="append", default=None, metavar="COLUMN", dest="subgroups",
+        help="also report metrics by this column of the labels CSV (repeatable); sex, age, view and device are "
+             "reported wherever the data has them")
     if training:
         add("--findings", type=comma_list,
             help="findings to learn, comma-separated (default: every finding with 5+ positives in the training split)")
@@ -114,7 +117,18 @@ def label_options(args):
     from cxr.data.labels_csv import LabelOptions
 
     return LabelOptions(args.label_format, None, args.uncertain, views_or_all(args.views), args.path_column,
-                        args.patient_column, args.view_column)
+                        args.patient_column, args.view_column, args.subgroups or ())
+
+
+def age_bands(text):
+    """An argparse type: '18,40,60,80' -> (18, 40, 60, 80), rising band edges."""
+    try:
+        edges = tuple(int(x) for x in comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give rising whole ages separated by commas, got {text!r}") from None
+    if not edges or list(edges) != sorted(set(edges)) or edges[0] <= 0:
+        raise argparse.ArgumentTypeError(f"give rising whole ages separated by commas, got {text!r}")
+    return edges
 
 
 def views_or_all(views):
@@ -141,7 +155,8 @@ def _add_train_options(parser):
     add("--frozen-layers", type=int, default=d.frozen_layers,
         help="backbone layers kept frozen in phase 2 (default: 200 for B0, the same blocks, 132 layers, for Lite0)")
     add("--dropout", type=float, default=d.dropout)
-    add("--backbone", choices=BACKBONES, default=d.backbone)
+    add("--backbone", choices=BACKBONES, default=None,
+        help="default: efficientnetb0 (the seed's) for class folders, efficientnet-lite0 for --labels")
     add("--weights", default=d.weights, help="imagenet, none, or the path to a backbone weights file")
     add("--init-from", type=Path, help="start the backbone from another cxr model file of the same backbone (e.g. "
                                        "one trained on another dataset); the head starts anew")
@@ -177,6 +192,8 @@ def _add_train_options(parser):
         help="pick the highest threshold reaching this sensitivity on validation (default 0.90); "
              "'youden' maximises Youden's J instead")
     add("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the confidence intervals")
+    add("--age-bands", type=age_bands, default=d.age_bands,
+        help="the subgroup analysis's age band edges (default 18,40,60,80: 0-17, 18-39, 40-59, 60-79, 80+)")
     add("--strategy", choices=STRATEGIES, default=d.strategy,
         help="tf.distribute: auto (mirrored on 2+ GPUs, else none), none, mirrored (every GPU, else every logical "
              "CPU), or multiworker (the machines in $TF_CONFIG; run the same command on each); --batch-size is the "
@@ -210,6 +227,8 @@ def build_parser():
     evaluate.add_argument("--seed", type=count(0), default=42)
     evaluate.add_argument("--batch-size", type=count(1), default=32)
     evaluate.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    evaluate.add_argument("--age-bands", type=age_bands, default=(18, 40, 60, 80),
+                          help="age band edges of the subgroup analysis (default 18,40,60,80)")
 
     calibrate = commands.add_parser("calibrate", help="refit the operating point on a labelled sample of your site")
     calibrate.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
@@ -279,7 +298,8 @@ def main(argv=None):
                                 "(one of them)")
             if (args.labels is None) != (args.images is None):
                 raise UserError("--labels and --images go together: the CSV and the folder its paths start in")
-            options = EvaluationOptions(args.bootstrap, args.seed, args.tta, args.batch_size)
+            options = EvaluationOptions(args.bootstrap, args.seed, args.tta, args.batch_size,
+                                        tuple(args.subgroups or ()), args.age_bands)
             splits = (args.splits, args.split) if args.splits else None
             labels = (args.labels, args.images, label_options(args)) if args.labels else None
             print_headline(run.evaluate(args.model, args.output_dir, options, args.data_dir, splits, labels))

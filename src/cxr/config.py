@@ -35,6 +35,8 @@ class Config:
     patient_column: Optional[str] = None
     view_column: Optional[str] = None
     test_list: Optional[Path] = None  # an official list of test images (NIH's test_list.txt)
+    subgroups: Optional[list] = None  # further labels-CSV columns the evaluation reports subgroups of
+    age_bands: tuple = (18, 40, 60, 80)  # the subgroup analysis's age band edges: 0-17, 18-39, 40-59, 60-79, 80+
     output_dir: Path = Path("outputs")
     img_size: int = 224
     batch_size: int = 32
@@ -50,7 +52,9 @@ class Config:
     # None: the backbone's own default (B0: the seed's 200; Lite0: up to block 4a, 50).
     frozen_layers: Optional[int] = None
     dropout: float = 0.25
-    backbone: str = "efficientnetb0"
+    # None: the seed's efficientnetb0 for class folders; efficientnet-lite0 for a labels CSV, which has no
+    # seed to match and whose ImageNet weights ship with cxr (B0's must be downloaded)
+    backbone: Optional[str] = None
     weights: str = "imagenet"  # imagenet | none | path to a weights file
     init_from: Optional[Path] = None  # start the backbone from another cxr model of the same backbone
     port: Optional[int] = None
@@ -87,8 +91,11 @@ class Config:
     def __post_init__(self):
         if self.views is not None:
             self.views = list(self.views)
+        self.age_bands = list(self.age_bands)
         if self.monitor is None:
             self.monitor = "val_auc" if self.multi_label else "val_accuracy"
+        if self.backbone is None:
+            self.backbone = "efficientnet-lite0" if self.multi_label else "efficientnetb0"
         if self.backbone not in BACKBONES:  # validate() reports it
             return
         backbone = backbones.get(self.backbone)
@@ -109,7 +116,7 @@ class Config:
         from cxr.data.labels_csv import LabelOptions
 
         return LabelOptions(self.label_format, self.findings, self.uncertain, self.views, self.path_column,
-                            self.patient_column, self.view_column)
+                            self.patient_column, self.view_column, self.subgroups or ())
 
     def validate(self):
         """Raise UserError for option values no run could use."""

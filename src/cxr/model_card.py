@@ -63,7 +63,14 @@ def training_record(model):
             "confidence_intervals": {k: v for k, v in summary.get("confidence_intervals", {}).items()
                                      if k in HEADLINE or k in MULTI_LABEL_HEADLINE
                                      or k.endswith((" auc_roc", " sensitivity", " specificity"))},
+            "subgroups": subgroup_record(summary.get("subgroups") or {}),
             "trained_with": summary.get("versions")}
+
+
+def subgroup_record(subgroups):
+    """Which subgroups the evaluated images covered (images per group) and the gaps found between them."""
+    return {attribute: {"images": {g: v["n_images"] for g, v in entry["groups"].items()},
+                        "gaps": entry["gaps"]} for attribute, entry in subgroups.items()}
 
 
 def views_note(scales):

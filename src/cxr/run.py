@@ -125,7 +125,8 @@ def _train(config, output_dir, chief):
     classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]))
     classifier.operating_point = fit_on_validation(classifier, dataset, positive, config)
     evaluation = evaluate_model(classifier, dataset, "test",
-                                EvaluationOptions(config.bootstrap, config.seed, batch_size=config.batch_size))
+                                EvaluationOptions(config.bootstrap, config.seed, batch_size=config.batch_size,
+                                                  subgroups=tuple(config.subgroups or ()), age_bands=config.age_bands))
 
     artifacts.publish_model(classifier, outputs)
     result.seconds["total_seconds"] = time.perf_counter() - started

@@ -55,9 +55,11 @@ def read_info(info_path):
     if isinstance(info, list):  # the oldest format: the class names alone
         info = {"class_names": info}
     names = info.get("class_names") if isinstance(info, dict) else None
-    if (not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names)
+    fewest = 1 if isinstance(info, dict) and info.get("multi_label") else 2  # one finding is a model; one class isn't
+    if (not isinstance(names, list) or len(names) < fewest or not all(isinstance(n, str) for n in names)
             or len(set(names)) != len(names)):
-        raise UserError(f"{info_path}: needs \"class_names\", a list of two or more distinct names; {fix}")
+        raise UserError(f"{info_path}: needs \"class_names\", a list of {'one' if fewest == 1 else 'two'} or more "
+                        f"distinct names; {fix}")
     temperature, threshold = info.get("temperature", 1.0), info.get("threshold")
     number = (int, float)
     if (not isinstance(temperature, number) or isinstance(temperature, bool) or not temperature > 0

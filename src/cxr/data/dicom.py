@@ -101,6 +101,21 @@ def patient_key(path):
     return "dicom-" + hashlib.sha256(PATIENT_SALT + str(patient).strip().encode("utf-8")).hexdigest()[:16]
 
 
+SUBGROUP_TAGS = {"sex": "PatientSex", "age": "PatientAge", "view": "ViewPosition", "manufacturer": "Manufacturer",
+                 "device_model": "ManufacturerModelName"}
+
+
+def subgroup_tags(path):
+    """{"sex", "age", "view", "manufacturer", "device_model"} from the file's DICOM header (None where a tag is
+    missing or the file unreadable): what a subgroup analysis groups by, aggregated before any report."""
+    try:
+        ds = _open(path, stop_before_pixels=True, specific_tags=list(SUBGROUP_TAGS.values()))
+    except Exception:  # noqa: BLE001 - unreadable files are reported when they are decoded
+        return dict.fromkeys(SUBGROUP_TAGS)
+    return {key: (str(ds.get(tag)).strip() or None) if ds.get(tag) is not None else None
+            for key, tag in SUBGROUP_TAGS.items()}
+
+
 def read_dicom(source, name, max_pixels=None):
     """(uint8 array (H, W) grey or (H, W, 3) RGB, [warnings]) for a DICOM X-ray; DicomError naming `name`,
     TooManyPixels when Rows x Columns exceeds `max_pixels` (checked before the pixel data is decoded)."""

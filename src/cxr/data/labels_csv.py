@@ -57,6 +57,7 @@ class LabelOptions:
     path_column: str = None  # columns format; None: the first of PATH_COLUMNS in the header
     patient_column: str = None
     view_column: str = None
+    subgroups: list = ()  # further columns kept as metadata, for the subgroup analysis (--subgroup)
 
 
 @dataclass
@@ -111,7 +112,12 @@ def read_table(csv_path, images_dir, options=LabelOptions()):
     if options.uncertain not in UNCERTAIN:
         raise UserError(f"--uncertain must be one of {', '.join(UNCERTAIN)}, got {options.uncertain!r}")
     reader = {"nih": _nih, "chexpert": _chexpert, "columns": _columns}[fmt]
-    findings, entries = reader(csv_path, header, rows, options)
+    findings, entries = reader(csv_path, header, rows, options)  # one entry per row, in order
+    for column in options.subgroups or ():
+        if column not in header:
+            raise UserError(f"{csv_path}: no column {column!r} for --subgroup; its columns are {', '.join(header)}")
+        for (_, row), (_, _, _, meta) in zip(rows, entries):
+            meta[column] = _cell(row, header.index(column)) or None
     table = _collect(csv_path, images_dir, findings, entries)
     return _filter_views(csv_path, table, options.views)
 
@@ -181,7 +187,7 @@ def _columns(csv_path, header, rows, options):
     if path_column is None:
         raise UserError(f"{csv_path}: no path column (one of {', '.join(PATH_COLUMNS)}) in its header; name it with "
                         "--path-column, or choose the format with --label-format nih|chexpert")
-    named = [c for c in (path_column, options.patient_column, options.view_column) if c]
+    named = [c for c in (path_column, options.patient_column, options.view_column, *(options.subgroups or ())) if c]
     at = _require(csv_path, header, named, "columns")
     others = [c for c in header if c not in named and c]
     findings = [c for c in others if all(_cell(row, at[c]) in BINARY_VALUES for _, row in rows)]

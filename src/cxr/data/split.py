@@ -302,8 +302,17 @@ def prepare_splits(config, split_wait=None):
         if not files[split]:
             raise UserError(f"{data_dir}: the {split} split is empty; add images (each class needs a few per split)")
     patient = group_key(config.group_pattern)
+    paths = [p for listed in files.values() for p, _ in listed]
     return Dataset.from_files(class_names, {split: files[split] for split in SPLITS},
-                              metadata={"patient": {p: patient(p) for listed in files.values() for p, _ in listed}})
+                              metadata={"patient": {p: patient(p) for p in paths}, **dicom_metadata(paths)})
+
+
+def dicom_metadata(paths):
+    """{column: {path: value}} of the DICOM files' subgroup tags (sex, age, view, device); {} without DICOM."""
+    tags = {p: dicom.subgroup_tags(p) for p in paths if is_dicom_file(p)}
+    if not tags:
+        return {}
+    return {column: {p: values[column] for p, values in tags.items()} for column in dicom.SUBGROUP_TAGS}
 
 
 def labelled(class_names, images):
@@ -328,7 +337,11 @@ def read_labelled_folder(folder, class_names, split="evaluated"):
     listed = [(p, class_names.index(c)) for c in found for p in images[c]]
     if not listed:
         raise UserError(f"{folder}: no images in its class folders; add {IMAGE_KINDS} files")
-    return Dataset.from_files(class_names, {split: listed})
+    paths = [p for p, _ in listed]
+    patient = group_key(None)  # a DICOM file's PatientID: the bootstrap resamples patients
+    return Dataset.from_files(class_names, {split: listed},
+                              metadata={"patient": {p: patient(p) if is_dicom_file(p) else None for p in paths},
+                                        **dicom_metadata(paths)})
 
 
 def describe(dataset):

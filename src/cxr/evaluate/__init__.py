@@ -15,6 +15,9 @@ from cxr.evaluate.metrics import (FINDING_METRICS, auc_score, classification, co
                                   expected_calibration_error, finding_calibration_error, finding_counts,
                                   finding_metrics, headline_metrics, probability_bins, reliability_bins, roc_band)
 from cxr.evaluate.shortcuts import shortcut_check
+from cxr.evaluate.subgroups import AGE_BANDS, groups_of, subgroup_analysis
+
+SUBGROUP_RESAMPLES = 500  # at most: every group of every attribute is recomputed on each draw
 
 GALLERY_SIZE = 4
 
@@ -25,6 +28,8 @@ class EvaluationOptions:
     seed: int = 0  # of the bootstrap
     tta: bool = False  # average each image's probabilities with its mirror image's
     batch_size: int = 32
+    subgroups: tuple = ()  # metadata columns reported by subgroup besides sex, age, view and device
+    age_bands: tuple = AGE_BANDS
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Evaluation:
     predictions: np.ndarray  # (n,) class index per image at the operating point; (n, findings) 0/1 multi-label
     figures: dict = field(default_factory=dict)  # {name: PNG bytes}
     shortcuts: dict = field(default_factory=dict)  # evaluate.shortcuts.shortcut_check's result
+    subgroups: dict = field(default_factory=dict)  # evaluate.subgroups.subgroup_analysis's; {} without metadata
 
 
 def evaluate_model(model, dataset, split, options):
@@ -73,8 +79,18 @@ def evaluate_model(model, dataset, split, options):
     evaluation = Evaluation(class_names, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, y_pred)
     evaluation.shortcuts = shortcut_check(model, dataset.images, rows, y_true, options.seed, options.batch_size)
+    evaluation.subgroups = subgroups(model, dataset, split, evaluation, options)
     evaluation.figures = figures(model, dataset, split, evaluation, options)
     return evaluation
+
+
+def subgroups(model, dataset, split, evaluation, options):
+    """The subgroup analysis of the evaluated images (`evaluate.subgroups`), at the saved operating point."""
+    rows, y = dataset.split(split)
+    groups = groups_of(dataset.metadata, rows, options.subgroups, options.age_bands)
+    return subgroup_analysis(groups, y, evaluation.probabilities, evaluation.predictions, dataset.patients(rows),
+                             model.class_names, model.multi_label, model.positive_index,
+                             min(options.bootstrap, SUBGROUP_RESAMPLES), options.seed) if groups else {}
 
 
 def evaluate_findings(model, dataset, split, options):
@@ -116,6 +132,7 @@ def evaluate_findings(model, dataset, split, options):
     evaluation = Evaluation(findings, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, called)
     evaluation.shortcuts = shortcut_check(model, dataset.images, rows, labels, options.seed, options.batch_size)
+    evaluation.subgroups = subgroups(model, dataset, split, evaluation, options)
     evaluation.figures = finding_figures(model, dataset, split, evaluation, options)
     return evaluation
 
@@ -150,6 +167,8 @@ def finding_figures(model, dataset, split, evaluation, options):
             (f"after, a temperature per finding (ECE {calibration['ece_after']:.3f})",
              *probability_bins(labels[known] == 1, probabilities[known])),
             title="Reliability over every (image, finding) pair (test set)"))
+    if evaluation.subgroups:
+        result["subgroups"] = plots.figure_png(plots.forest_figure(evaluation.subgroups, overall(evaluation.metrics)))
     result["gradcam_gallery"] = plots.figure_png(gallery(model, dataset, split, evaluation))
     return result
 
@@ -187,8 +206,19 @@ def figures(model, dataset, split, evaluation, options):
          *reliability_bins(y_true, probabilities))))
     result["confusion_matrix"] = plots.figure_png(plots.confusion_matrix_figure(
         evaluation.metrics["confusion_matrix"], class_names))
+    if evaluation.subgroups:
+        result["subgroups"] = plots.figure_png(plots.forest_figure(evaluation.subgroups, overall(evaluation.metrics)))
     result["gradcam_gallery"] = plots.figure_png(gallery(model, dataset, split, evaluation))
     return result
+
+
+def overall(metrics):
+    """The whole set's AUC, sensitivity and specificity (a multi-label model's means over findings), the line a
+    subgroup is compared with."""
+    if "per_finding" in metrics:
+        return {"auc_roc": metrics["mean_auc"], "sensitivity": metrics["mean sensitivity"],
+                "specificity": metrics["mean specificity"]}
+    return {k: metrics.get(k) for k in ("auc_roc", "sensitivity", "specificity")}
 
 
 def gallery(model, dataset, split, evaluation):

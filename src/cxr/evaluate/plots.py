@@ -68,6 +68,37 @@ def roc_grid_figure(curves, title="ROC curve per finding (test set)"):
     return fig
 
 
+def forest_figure(subgroups, overall, metrics=("auc_roc", "sensitivity", "specificity")):
+    """A forest plot: per subgroup (rows, grouped by attribute) each metric with its 95% interval, the whole
+    set's value as a dashed line; groups under the stable size are drawn hollow. `subgroups` is
+    `evaluate.subgroups.subgroup_analysis`'s result, `overall` {metric: whole-set value}."""
+    rows = [(attribute, group, numbers) for attribute, entry in subgroups.items()
+            for group, numbers in entry["groups"].items()]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 1.5, 0.9 + 0.32 * len(rows)),
+                             sharey=True, squeeze=False)
+    y = np.arange(len(rows))[::-1]
+    for ax, metric in zip(axes[0], metrics):
+        for k, (attribute, group, numbers) in enumerate(rows):
+            value, (low, high) = numbers.get(metric), numbers["ci"].get(metric, [None, None])
+            if value is None:
+                continue
+            if low is not None:
+                ax.plot([low, high], [y[k], y[k]], color="#1f6fb2", linewidth=1.5)
+            ax.plot([value], [y[k]], "o", color="#1f6fb2", markerfacecolor="white" if numbers["small"] else "#1f6fb2")
+        if overall.get(metric) is not None:
+            ax.axvline(overall[metric], color="grey", linestyle="--", linewidth=1, label="whole set")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_title(metric.replace("_", " "), fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].set_yticks(y, [f"{a}: {g} (n={n['n_images']}{', small' if n['small'] else ''})" for a, g, n in rows],
+                          fontsize=8)
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.suptitle("Subgroups: value and 95% bootstrap interval (hollow: too few images for a stable number)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def pr_figure(curves, title="Precision-recall curve (test set)"):
     fig, ax = plt.subplots(figsize=(6, 5.5))
     for curve in curves:

@@ -26,6 +26,8 @@ FIGURE_CAPTIONS = {
     "gradcam_gallery": "Grad-CAM: where the model found evidence, for its most confident true positives, "
                        "false positives and false negatives.",
     "training_curves": "Loss and accuracy per epoch, both training phases.",
+    "subgroups": "Subgroups: each group's AUC, sensitivity and specificity with its 95% bootstrap interval; the "
+                 "dashed line is the whole set's value.",
 }
 
 
@@ -125,6 +127,7 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metric_rows_html}</table>
 {finding_section(evaluation) if multi_label else ''}
 {shortcut_section(evaluation.shortcuts, evaluation.class_names, operating_point.get('positive_class'))}
+{subgroup_section(evaluation.subgroups)}
 <h2>Figures</h2>
 {figure_html}
 <h2>Configuration</h2>
@@ -151,6 +154,42 @@ def finding_section(evaluation):
 <p>Each finding on the images whose label for it is known, at its own threshold. A finding with one class
 only among these images has no AUC (marked).</p>
 <table><tr><th>finding</th>{header}</tr>{''.join(rows)}</table>"""
+
+
+def subgroup_section(subgroups):
+    """The report's subgroup table and gaps (`evaluate.subgroups`), or why there are none."""
+    from cxr.evaluate.subgroups import MIN_GROUP, NO_METADATA
+
+    e = html.escape
+    if not subgroups:
+        return f"<h2>Subgroups</h2><p>{e(NO_METADATA)}</p>"
+    shown = ("auc_roc", "sensitivity", "specificity")
+    rows = []
+    for attribute, entry in subgroups.items():
+        for group, numbers in entry["groups"].items():
+            cells = "".join(f"<td>{_number(numbers[m], 3) or 'n/a'}<br><small>{_interval(numbers['ci'].get(m))}"
+                            "</small></td>" for m in shown)
+            mark = f" <small>(under {MIN_GROUP} images: unstable)</small>" if numbers["small"] else ""
+            rows.append(f"<tr><th>{e(attribute)}: {e(group)}{mark}</th><td>{numbers['n_images']}</td>"
+                        f"<td>{_number(numbers['prevalence'], 3) or 'n/a'}</td>{cells}</tr>")
+    gaps = []
+    for attribute, entry in subgroups.items():
+        for metric, gap in entry["gaps"].items():
+            if gap is None:
+                continue
+            low, high = gap["groups"]
+            verdict = "<b>flagged: the interval excludes zero</b>" if gap["flagged"] else "the interval includes zero"
+            gaps.append(f"<li>{e(attribute)}, {metric}: {e(high)} {_number(gap['difference'], 3)} higher than "
+                        f"{e(low)} ({_interval(gap['ci'])}); {verdict}</li>")
+    return f"""<h2>Subgroups (95% patient-level bootstrap intervals)</h2>
+<p>The same metrics within each group of the evaluated images, at the saved operating point (a multi-label
+model's: means over findings). Groups under {MIN_GROUP} images are shown and marked; their numbers move a lot
+with the sample. A difference between groups can come from the groups' prevalence or case mix as well as
+from the model.</p>
+<table><tr><th>group</th><th>images</th><th>prevalence</th>{''.join(f'<th>{m}</th>' for m in shown)}</tr>
+{''.join(rows)}</table>
+<p>Largest gaps between groups of {MIN_GROUP} images or more (a lower sensitivity is more underdiagnosis):</p>
+<ul>{''.join(gaps) or '<li>no attribute has two groups that large</li>'}</ul>"""
 
 
 SHORTCUT_WARNING = 0.05  # share of calls an edit may change before the report flags it
