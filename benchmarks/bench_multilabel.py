@@ -36,8 +36,9 @@ RECIPES = {
     "lr1e-2-ft1e-4-320": {"lr": 1e-2, "finetune_lr": 1e-4, "finetune_epochs": 10, "img_size": 320},
     "init": {"init_from": None},  # the model named by --init-from (e.g. the default run on Kermany's train/)
     "init-lr1e-2": {"init_from": None, "lr": 1e-2},
-    "init-lr1e-2-views8": {"init_from": None, "lr": 1e-2, "feature_views": 8},
-    "lr1e-2-dropout0.5": {"lr": 1e-2, "dropout": 0.5},
+    "lr1e-2-seedaug": {"lr": 1e-2, "augment": "seed"},
+    "lr1e-2-wd": {"lr": 1e-2, "weight_decay": 0.05},
+    "init-lr1e-2-seedaug": {"init_from": None, "lr": 1e-2, "augment": "seed"},
     "views8": {"feature_views": 8},
     "balanced": {"class_weight": "balanced"},
     "epochs10": {"finetune_epochs": 10},
