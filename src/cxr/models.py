@@ -152,32 +152,31 @@ def feature_map_model(model):
 
 def init_from(model, path):
     """Copy the backbone of another model file (a cxr model.h5 or checkpoint of the same backbone, at any image
-    size and for any classes) into `model`, layer by layer by name; the head stays new. Returns how many
+    size and for any classes) into `model`, layer by layer in order; the head stays new. Returns how many
     layers were copied; UserError unless every backbone layer with weights has its match."""
     try:
         source = keras.models.load_model(path, compile=False)
     except Exception as error:
         raise UserError(f"--init-from {path}: could not load it ({str(error).splitlines()[0][:160]}); give a model "
                         "file written by cxr train") from None
-    found = {}
-
-    def collect(container):  # a model with test-time scales nests its backbone once
+    def flat(container):  # a model with test-time scales nests its backbone once, after the input normalisation
         for layer in container.layers:
-            if isinstance(layer, keras.Model):
-                collect(layer)
-            else:
-                found.setdefault(layer.name, layer)
+            yield from flat(layer) if isinstance(layer, keras.Model) else [layer]
 
-    collect(source)
-    weighted = [layer for layer in backbone_layers(model) if layer.weights]
-    matches = [(layer, found[layer.name]) for layer in weighted if layer.name in found
-               and [w.shape for w in found[layer.name].weights] == [w.shape for w in layer.weights]]
-    if len(matches) < len(weighted):  # another backbone shares a few layer names and shapes, not all
-        raise UserError(f"--init-from {path}: only {len(matches)} of this backbone's {len(weighted)} layers with "
-                        "weights fit it; give a model of the same --backbone")
-    for layer, other in matches:
-        layer.set_weights(other.get_weights())
-    return len(matches)
+    # In order, not by name: Keras numbers the names of layers it named itself (normalization_1) per process.
+    theirs = [layer for layer in flat(source) if layer.weights]
+    ours = [layer for layer in backbone_layers(model) if layer.weights]
+    fitting = 0
+    for mine, other in zip(ours, theirs):
+        if [w.shape for w in other.weights] != [w.shape for w in mine.weights]:
+            break
+        fitting += 1
+    if fitting < len(ours):  # another backbone: a few first layers may fit, never all
+        raise UserError(f"--init-from {path}: only {fitting} of this backbone's {len(ours)} layers with weights fit "
+                        "it; give a model of the same --backbone")
+    for mine, other in zip(ours, theirs):
+        mine.set_weights(other.get_weights())
+    return len(ours)
 
 
 def default_frozen_layers(model, backbone_name):
