@@ -150,7 +150,7 @@ def _add_train_options(parser):
     add("--test-split", type=float, default=d.test_split, help="test fraction per class when splitting")
     add("--patience", type=int, default=d.patience, help="EarlyStopping patience (epochs)")
     add("--seed", type=int, default=d.seed)
-    add("--lr", type=float, default=d.lr, help="phase 1 (head) learning rate")
+    add("--lr", type=float, default=None, help="phase 1 (head) learning rate (default 1e-3; 1e-2 for --labels)")
     add("--finetune-lr", type=float, default=d.finetune_lr, help="phase 2 (fine-tuning) learning rate")
     add("--frozen-layers", type=int, default=d.frozen_layers,
         help="backbone layers kept frozen in phase 2 (default: 200 for B0, the same blocks, 132 layers, for Lite0)")
@@ -177,7 +177,7 @@ def _add_train_options(parser):
     add("--augment", choices=AUGMENTATIONS, default=None,
         help="training augmentation: seed (flip, rotate, zoom, shift), robust (+ brightness, contrast, sharpness, crops), "
              "site (+ burned-in markers and text, black edges) or site-aspect (site, with height and width zoomed "
-             "apart); default: the backbone's (B0 seed, Lite0 site-aspect)")
+             "apart); default: the backbone's (B0 seed, Lite0 site-aspect), seed for --labels")
     add("--monitor", choices=MONITORS, default=None,
         help="validation metric for early stopping, checkpoints and keeping phase 1 or 2 (default: val_accuracy; "
              "val_auc, the mean over findings, for --labels)")
