@@ -433,3 +433,14 @@ def page_findings(url, image, tmp_path):
                 for li in browser.find_elements(By.CSS_SELECTOR, ".result .findings li")]
     finally:
         browser.quit()
+
+
+def test_a_labels_csv_has_its_own_defaults_and_class_folders_keep_the_seeds():
+    table = Config(labels=Path("labels.csv"), images=Path("images"))
+    assert (table.backbone, table.lr, table.augment, table.monitor) == ("efficientnet-lite0", 1e-2, "seed", "val_auc")
+    folders = Config()
+    assert (folders.backbone, folders.lr, folders.augment, folders.monitor) == (
+        "efficientnetb0", 1e-3, "seed", "val_accuracy")
+    assert Config(backbone="efficientnet-lite0").augment == "site-aspect"
+    with pytest.raises(UserError, match="val_accuracy is for class folders"):
+        Config(labels=Path("labels.csv"), images=Path("images"), monitor="val_accuracy").validate()
