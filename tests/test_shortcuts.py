@@ -13,6 +13,7 @@ class ReadsRegion:
     tenth of the image is a shortcut; reading the centre is what a model should do."""
 
     class_names, positive_index = ["NORMAL", "PNEUMONIA"], 1
+    multi_label = False
 
     def __init__(self, region):
         self.region = region
