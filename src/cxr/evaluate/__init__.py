@@ -78,9 +78,15 @@ def evaluate_model(model, dataset, split, options):
     intervals = confidence_intervals(metrics_of, y_true, options.bootstrap, options.seed)
     evaluation = Evaluation(class_names, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, y_pred)
-    evaluation.shortcuts = shortcut_check(model, dataset.images, rows, y_true, options.seed, options.batch_size)
+    return with_checks(evaluation, model, dataset, split, options, figures)
+
+
+def with_checks(evaluation, model, dataset, split, options, make_figures):
+    """`evaluation` with its shortcut check, subgroup analysis and figures (`make_figures`' PNGs) added."""
+    rows, y = dataset.split(split)
+    evaluation.shortcuts = shortcut_check(model, dataset.images, rows, y, options.seed, options.batch_size)
     evaluation.subgroups = subgroups(model, dataset, split, evaluation, options)
-    evaluation.figures = figures(model, dataset, split, evaluation, options)
+    evaluation.figures = make_figures(model, dataset, split, evaluation, options)
     return evaluation
 
 
@@ -131,10 +137,7 @@ def evaluate_findings(model, dataset, split, options):
     report["macro avg"]["support"] = sum(report[f]["support"] for f in findings)
     evaluation = Evaluation(findings, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, called)
-    evaluation.shortcuts = shortcut_check(model, dataset.images, rows, labels, options.seed, options.batch_size)
-    evaluation.subgroups = subgroups(model, dataset, split, evaluation, options)
-    evaluation.figures = finding_figures(model, dataset, split, evaluation, options)
-    return evaluation
+    return with_checks(evaluation, model, dataset, split, options, finding_figures)
 
 
 def finding_figures(model, dataset, split, evaluation, options):
