@@ -57,10 +57,7 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="mod
     if outputs.models.resolve() == model.path.parent.resolve():
         raise UserError(f"{output_dir}: this is the model's own folder; calibrate writes a copy, so choose "
                         "another --output-dir")
-    if (labels is not None) != model.multi_label:
-        raise UserError(f"{model_path} is a multi-label model: calibrate it on a labelled sample given as --labels CSV "
-                        "--images DIR" if model.multi_label else f"{model_path} classifies class folders: calibrate it "
-                        "with --data-dir (--labels is for multi-label models)")
+    model.require_data(labels is not None, "calibrate")
     if labels is not None:
         from cxr.data.labels_csv import read_evaluation_table
 

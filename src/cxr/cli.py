@@ -227,7 +227,7 @@ def build_parser():
     evaluate.add_argument("--seed", type=count(0), default=42)
     evaluate.add_argument("--batch-size", type=count(1), default=32)
     evaluate.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
-    evaluate.add_argument("--age-bands", type=age_bands, default=(18, 40, 60, 80),
+    evaluate.add_argument("--age-bands", type=age_bands, default=Config().age_bands,
                           help="age band edges of the subgroup analysis (default 18,40,60,80)")
 
     calibrate = commands.add_parser("calibrate", help="refit the operating point on a labelled sample of your site")

@@ -206,10 +206,8 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels
     from cxr.saved_model import SavedModel, describe_fitted_on
 
     model = SavedModel.load(model_path)
-    if model.multi_label and labels is None and splits is None or labels is not None and not model.multi_label:
-        raise UserError(f"{model_path} is a multi-label model: evaluate it on a labels CSV with --labels CSV --images "
-                        "DIR" if model.multi_label else f"{model_path} classifies class folders: evaluate it with "
-                        "--data-dir (--labels is for multi-label models)")
+    if splits is None:  # a run's splits.csv serves either kind
+        model.require_data(labels is not None, "evaluate")
     if labels is not None:
         from cxr.data.labels_csv import read_evaluation_table
 

@@ -158,6 +158,16 @@ class SavedModel:
         """The positive class's column (None for a multi-label model, where each finding is its own)."""
         return None if self.multi_label else self.class_names.index(self.operating_point["positive_class"])
 
+    def require_data(self, labels_csv, command):
+        """UserError unless the data given to `command` (evaluate, calibrate) suits this model: a labels CSV
+        (`labels_csv` True) for a multi-label model, class folders otherwise."""
+        if labels_csv and not self.multi_label:
+            raise UserError(f"{self.path} classifies class folders: {command} it with --data-dir (--labels is for "
+                            "multi-label models)")
+        if not labels_csv and self.multi_label:
+            raise UserError(f"{self.path} is a multi-label model: {command} it on a labels CSV with --labels CSV "
+                            "--images DIR")
+
     def finding_points(self, key):
         """(findings,) values of `key` ("temperature", "threshold") of a multi-label model's operating point."""
         return [self.operating_point["findings"][f][key] for f in self.class_names]

@@ -22,13 +22,18 @@ _TINY = 1e-12
 
 # --- calibration -------------------------------------------------------------------------------------------
 
+def _best_temperature(nll):
+    """The temperature in [0.05, 20] minimising `nll(log temperature)`."""
+    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
 def fit_temperature(y_true, probabilities):
     """The temperature minimising the negative log-likelihood of `y_true` (Guo et al., 2017)."""
     def nll(log_t):
         p = apply_temperature(probabilities, np.exp(log_t))
         return -np.mean(np.log(np.clip(p[np.arange(len(y_true)), y_true], _TINY, 1.0)))
 
-    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+    return _best_temperature(nll)
 
 
 def fit_finding_temperature(is_positive, probabilities):
@@ -37,16 +42,20 @@ def fit_finding_temperature(is_positive, probabilities):
         p = np.clip(apply_finding_temperatures(probabilities, np.exp(log_t)), _TINY, 1 - _TINY)
         return -np.mean(np.where(is_positive, np.log(p), np.log1p(-p)))
 
-    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+    return _best_temperature(nll)
 
 
-def probability_bins(is_positive, probabilities, bins=ECE_BINS):
-    """(mean probability, share positive, count) per non-empty equal-width bin of per-finding probabilities:
-    the reliability of (image, finding) pairs, flattened over the known labels."""
+def probability_bins(hits, probabilities, bins=ECE_BINS):
+    """(mean probability, share of hits, count) per non-empty equal-width bin of `probabilities` (n,), for
+    `hits` (n,) bool: whether each call was right (top-label reliability) or each finding present."""
     which = np.minimum((probabilities * bins).astype(int), bins - 1)
     used = [b for b in range(bins) if np.any(which == b)]
     return (np.array([probabilities[which == b].mean() for b in used]),
-            np.array([is_positive[which == b].mean() for b in used]), np.array([np.sum(which == b) for b in used]))
+            np.array([hits[which == b].mean() for b in used]), np.array([np.sum(which == b) for b in used]))
+
+
+def _calibration_error(confidence, observed, counts):
+    return float(np.sum(np.abs(observed - confidence) * counts) / np.sum(counts))
 
 
 def finding_calibration_error(labels, probabilities, bins=ECE_BINS):
@@ -54,24 +63,17 @@ def finding_calibration_error(labels, probabilities, bins=ECE_BINS):
     known = ~np.isnan(labels)
     if not known.any():
         return float("nan")
-    confidence, observed, counts = probability_bins(labels[known] == 1, probabilities[known], bins)
-    return float(np.sum(np.abs(observed - confidence) * counts) / np.sum(counts))
+    return _calibration_error(*probability_bins(labels[known] == 1, probabilities[known], bins))
 
 
 def reliability_bins(y_true, probabilities, bins=ECE_BINS):
     """(mean confidence, accuracy, count) per non-empty equal-width bin of top-label confidence."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == y_true
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    used = [b for b in range(bins) if np.any(which == b)]
-    return (np.array([confidence[which == b].mean() for b in used]), np.array([correct[which == b].mean() for b in used]),
-            np.array([np.sum(which == b) for b in used]))
+    return probability_bins(probabilities.argmax(axis=1) == y_true, probabilities.max(axis=1), bins)
 
 
 def expected_calibration_error(y_true, probabilities, bins=ECE_BINS):
     """Top-label ECE: |accuracy - confidence| per confidence bin, weighted by the bin's share of images."""
-    confidence, accuracy, counts = reliability_bins(y_true, probabilities, bins)
-    return float(np.sum(np.abs(accuracy - confidence) * counts) / np.sum(counts))
+    return _calibration_error(*reliability_bins(y_true, probabilities, bins))
 
 
 # --- operating point ---------------------------------------------------------------------------------------
