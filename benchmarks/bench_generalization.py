@@ -153,7 +153,8 @@ def with_other_views(trained_dir, run_dir, config):
     trained_model = SavedModel.load(trained_dir / "models" / "model.h5")
     model = SavedModel.from_keras(models.with_test_time_scales(trained_model.keras_model, config.test_time_scales),
                                   trained_model.class_names, config.img_size, config.backbone, config.test_time_scales)
-    model.operating_point = fit_on_validation(model, dataset, trained_model.operating_point["positive_class"], config)
+    model.operating_point, model.population = fit_on_validation(model, dataset,
+                                                                trained_model.operating_point["positive_class"], config)
     evaluation = evaluate_model(model, dataset, "test", EvaluationOptions(bootstrap=0, seed=config.seed))
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
     (run_dir / "reports").mkdir(exist_ok=True)
@@ -237,7 +238,7 @@ def linear_probe(work):
 
     from cxr.config import Config
     from cxr.data.split import prepare_splits, read_labelled_folder
-    from cxr.inference import predict_probabilities
+    from cxr.inference import predict_outputs
     from cxr.litert import fast_inference
     from cxr.models import build_classifier
 
@@ -251,7 +252,7 @@ def linear_probe(work):
 
     def pooled(data, split):
         rows, y = data.split(split)
-        return predict_probabilities(features, data.images, rows), y
+        return predict_outputs(features, data.images, rows), y
 
     x_train, y_train = pooled(dataset, "train")
     probe = LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000).fit(x_train, y_train)

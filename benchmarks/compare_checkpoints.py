@@ -32,7 +32,7 @@ def main():
     from cxr.config import Config
     from cxr.data.split import prepare_splits
     from cxr.evaluate.metrics import auc_score
-    from cxr.inference import predict_probabilities
+    from cxr.inference import predict_outputs
     from cxr.litert import fast_inference
 
     dataset = prepare_splits(Config(data_dir=args.data_dir, seed=args.seed, img_size=args.img_size))
@@ -45,7 +45,7 @@ def main():
             scores = {}
             for split in ("val", "test"):
                 rows, y = dataset.split(split)
-                p = predict_probabilities(predictor, dataset.images, rows)
+                p = predict_outputs(predictor, dataset.images, rows)
                 scores[split] = (auc_score(y, p, n), (p.argmax(1) == y).mean(), balanced_accuracy_score(y, p.argmax(1)))
             print(f"{str(path)[-70:]:70} {scores['val'][0]:8.4f} {scores['test'][0]:8.4f} {scores['test'][1]:8.4f} "
                   f"{scores['test'][2]:12.4f}")

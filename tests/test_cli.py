@@ -291,6 +291,7 @@ def test_calibrate_writes_a_copy_refitted_on_the_site_and_leaves_the_model_alone
     assert {p.name: p.read_bytes() for p in models.iterdir() if p.is_file()} == before  # untouched
     assert "fewer than 20 images" in err and "is unchanged" in out
     assert (tmp_path / "site/models/model.h5").read_bytes() == before["model.h5"]
+    assert (tmp_path / "site/models/population.npz").read_bytes() == before["population.npz"]  # the check travels
     info = json.loads((tmp_path / "site/models/class_names.json").read_text())
     assert info["fitted_on"]["data_dir"] == str(site.resolve())
     assert info["fitted_on"]["counts"]["calibration"] == {

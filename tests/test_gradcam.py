@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cxr.evaluate import gradcam
-from cxr.inference import predict_probabilities
+from cxr.inference import predict_outputs
 from cxr.models import build_classifier
 
 
@@ -40,9 +40,9 @@ def test_tta_averages_the_image_and_its_mirror():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Flatten(), keras.layers.Dense(2, "softmax")])
     images = np.random.default_rng(1).integers(0, 255, (5, 6, 6, 3), dtype=np.uint8)
-    plain = predict_probabilities(model, images, batch_size=2)
-    mirrored = predict_probabilities(model, images[:, :, ::-1], batch_size=2)
-    tta = predict_probabilities(model, images, batch_size=2, tta=True)
+    plain = predict_outputs(model, images, batch_size=2)
+    mirrored = predict_outputs(model, images[:, :, ::-1], batch_size=2)
+    tta = predict_outputs(model, images, batch_size=2, tta=True)
     np.testing.assert_allclose(tta, (plain + mirrored) / 2, atol=1e-6)
     assert not np.allclose(plain, mirrored)
-    np.testing.assert_allclose(predict_probabilities(model, images, rows=[4, 0]), plain[[4, 0]], atol=1e-6)
+    np.testing.assert_allclose(predict_outputs(model, images, rows=[4, 0]), plain[[4, 0]], atol=1e-6)

@@ -5,7 +5,7 @@ import pytest
 from cxr import litert
 from cxr.litert import fast_inference
 from cxr.models import build_classifier, split_at_frozen_prefix
-from cxr.saved_model import SavedModel
+from cxr.saved_model import TAPS, SavedModel
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +60,26 @@ def test_conversion_is_cached_by_model_file(model, tmp_path, monkeypatch):
     convert = litert.to_flatbuffer
     monkeypatch.setattr(litert, "to_flatbuffer", no_conversion)
     assert fast_inference(model, model_path, n_images=1)[1] == "litert"  # converted already: always worth it
+    monkeypatch.setattr(litert, "to_flatbuffer", convert)
 
     (tmp_path / "class_names.json").write_text('{"class_names": ["A", "B"]}')
+    SavedModel.load(model_path).predictor()  # the model with the population check's taps, converted and cached
+    tapped = tmp_path / "cache" / "cxr" / "litert"
+    assert len(list(tapped.glob(f"model-*-{TAPS}.tflite"))) == 1
 
     def no_keras(*args, **kwargs):
         raise AssertionError("loaded the Keras model")
     with monkeypatch.context() as patched:
         patched.setattr(keras.models, "load_model", no_keras)
+        patched.setattr(litert, "to_flatbuffer", no_conversion)
         saved = SavedModel.load(model_path)
         predictor = saved.predictor()  # start-up without Keras
     assert saved.engine == "litert" and predictor.input_shape == (None, 32, 32, 3)
-    np.testing.assert_array_equal(predictor.predict_on_batch(x), expected)
-    monkeypatch.setattr(litert, "to_flatbuffer", convert)
+    np.testing.assert_allclose(saved.raw_probabilities(x), expected, atol=1e-5)
 
     keras.models.clone_model(model).save(model_path)  # new weights: a new key, never the old conversion
     SavedModel.load(model_path).predictor()
-    assert len(list((tmp_path / "cache" / "cxr" / "litert").glob("model-*.tflite"))) == 2
+    assert len(list(tapped.glob(f"model-*-{TAPS}.tflite"))) == 2
 
 
 def test_unconvertible_model_falls_back_to_keras(model, monkeypatch, capsys):
@@ -91,10 +95,10 @@ def test_a_damaged_cached_conversion_is_rebuilt(model, tmp_path, capsys):
     model_path = tmp_path / "model.keras"
     model.save(model_path)
     (tmp_path / "class_names.json").write_text('{"class_names": ["A", "B"]}')
-    cached = litert.cache_path(model_path)
+    cached = litert.cache_path(model_path, tag=TAPS)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(b"not a flatbuffer")
     saved = SavedModel.load(model_path)
     saved.predictor()
     assert saved.engine == "litert" and "damaged LiteRT conversion" in capsys.readouterr().err
-    assert litert.cached_conversion(model_path) is not None  # replaced by a good one
+    assert litert.cached_conversion(model_path, tag=TAPS) is not None  # replaced by a good one

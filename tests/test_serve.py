@@ -102,6 +102,8 @@ def test_model_endpoint_describes_the_model_and_its_training(server, tiny_run):
     assert card["training"]["confidence_intervals"]["sensitivity"] == summary["confidence_intervals"]["sensitivity"]
     assert card["versions"]["cxr"] and card["versions"]["tensorflow"] and card["engine"] == "litert"
     assert any("substitute" in limit for limit in card["limits"])
+    assert card["population_check"]["available"] and card["population_check"]["threshold"] > 0
+    assert card["population_check"]["layers"][-1] == "avg_pool"
     assert requests.get(server.url + "/docs", timeout=10).status_code == 200
     assert "/v1/predict" in requests.get(server.url + "/openapi.json", timeout=10).json()["paths"]
 
@@ -242,9 +244,23 @@ def test_the_page_shows_the_apis_answer_and_the_overlay_in_chromium(server, tmp_
         browser.find_element(By.CSS_SELECTOR, ".overlay-toggle").click()
         assert image.get_attribute("src").startswith("data:image/png;base64,")
         WebDriverWait(browser, 10).until(lambda b: b.execute_script("return arguments[0].complete", image))
+        assert bool(browser.find_elements(By.CSS_SELECTOR, ".result .population-notice")) == (
+            expected["in_distribution"] is False)
         shot = tmp_path / "page.png"
         browser.save_screenshot(str(shot))
         assert "Classifying" not in browser.find_element(By.ID, "status").text
+        # a photo is not an X-ray: the population check's notice stands above its label
+        from skimage import data
+
+        Image.fromarray(data.astronaut()).save(tmp_path / "photo.png")
+        assert predict(server, [tmp_path / "photo.png"]).json()["predictions"][0]["in_distribution"] is False
+        browser.find_element(By.ID, "files").send_keys(str(tmp_path / "photo.png"))
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".result[data-filename='photo.png']"))
+        result = browser.find_element(By.CSS_SELECTOR, ".result[data-filename='photo.png']")
+        notice = result.find_element(By.CSS_SELECTOR, ".population-notice")
+        assert "not reliable" in notice.text
+        assert notice.location["y"] < result.find_element(By.CSS_SELECTOR, ".label").location["y"]
+        browser.save_screenshot(str(tmp_path / "flagged.png"))
     finally:
         browser.quit()
     with Image.open(shot) as picture:

@@ -212,6 +212,7 @@ def summary(evaluation, context, **extra):
         "calibration": evaluation.calibration,
         "shortcut_check": evaluation.shortcuts,
         "subgroups": evaluation.subgroups,
+        "population_check": evaluation.population,
         "config": context.settings,
         "versions": versions(),
         **extra,

@@ -19,6 +19,9 @@ def kerasapp_block(layer_name):
     return match.group(1) if match else None
 
 
+POPULATION_TAPS = ("block4c_add", "block5c_add", "block6d_add")
+
+
 @dataclass(frozen=True)
 class Backbone:
     name: str
@@ -33,6 +36,10 @@ class Backbone:
     test_time_scales: tuple = (1.0,)  # the default --test-time-scales: the zoomed views a saved model averages
     feature_views: int = 2  # the default --feature-views: augmented views of each training image in the cache
     block_of: Callable[[str], Optional[str]] = kerasapp_block  # layer name -> its block, None outside blocks
+    # The layers whose pooled outputs the population check reads, besides the last feature map: the ends of
+    # blocks 4, 5 and 6 separated adults, photos and edited X-rays from a pediatric model's own population best
+    # of the depths measured (bench_population.py in benchmarks/README.md).
+    population_taps: tuple = POPULATION_TAPS
 
 
 def _build_b0(input_shape, input_tensor):
@@ -87,6 +94,12 @@ REGISTRY = {backbone.name: backbone for backbone in (
              augment="site-aspect", finetune_epochs=5, test_time_scales=(0.9, 1.0), feature_views=4),
 )}
 NAMES = tuple(REGISTRY)
+
+
+def population_taps(name):
+    """The population check's layers for backbone `name`; the shared default for a model saved without its
+    backbone's name."""
+    return REGISTRY[name].population_taps if name in REGISTRY else POPULATION_TAPS
 
 
 def get(name):

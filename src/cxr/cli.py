@@ -192,6 +192,9 @@ def _add_train_options(parser):
         help="pick the highest threshold reaching this sensitivity on validation (default 0.90); "
              "'youden' maximises Youden's J instead")
     add("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the confidence intervals")
+    add("--false-flag-rate", type=float, default=d.false_flag_rate,
+        help="the population check flags this share of validation images as unlike the training images "
+             "(default 0.01): lower flags fewer images of the training population, and fewer of other ones")
     add("--age-bands", type=age_bands, default=d.age_bands,
         help="the subgroup analysis's age band edges (default 18,40,60,80: 0-17, 18-39, 40-59, 60-79, 80+)")
     add("--strategy", choices=STRATEGIES, default=d.strategy,

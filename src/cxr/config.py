@@ -85,6 +85,7 @@ class Config:
     # there (benchmarks/README.md, "Fine-tuning from block 4a, the 0.90 threshold rule, and the field of view").
     target_sensitivity: Optional[float] = 0.90
     bootstrap: int = 2000  # resamples for the confidence intervals; 0 turns them off
+    false_flag_rate: float = 0.01  # the share of validation images the population check flags (cxr.population)
     resume: bool = False  # go on with the killed run in output_dir (same options and data) from its last epoch
     strategy: str = "auto"  # distribute.STRATEGIES; --batch-size is the global batch across its replicas
 
@@ -162,6 +163,7 @@ class Config:
             (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
              f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}"),
             (self.bootstrap >= 0, f"--bootstrap must be 0 or more, got {self.bootstrap}"),
+            (0 < self.false_flag_rate < 0.5, f"--false-flag-rate must be between 0 and 0.5, got {self.false_flag_rate}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -12,8 +12,9 @@ from cxr.errors import UserError
 _TINY = 1e-12
 
 
-def predict_probabilities(model, images, rows=None, batch_size=32, tta=False):
-    """Softmax outputs for `images[rows]` (uint8, N x H x W x 3); with `tta`, averaged with the mirror image."""
+def predict_outputs(model, images, rows=None, batch_size=32, tta=False):
+    """`model`'s (n, outputs) outputs for `images[rows]` (uint8, N x H x W x 3); with `tta`, averaged with the
+    mirror image's."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     batches = []
     for start in range(0, len(rows), batch_size):

@@ -24,12 +24,13 @@ CACHED_MODELS = 8
 MIN_IMAGES_TO_CONVERT = 600
 
 
-def fast_inference(model, model_path=None, n_images=None, digest=None):
+def fast_inference(model, model_path=None, n_images=None, digest=None, tag=""):
     """`model` itself, or its LiteRT twin where that is possible: float32, no GPU, every op convertible.
 
     Returns (predictor, engine name); the predictor has `predict_on_batch`, `input_shape` and `output_shape`.
     With `model_path` (the file `model` was loaded from; `digest`: its SHA-256 if known), the conversion is
-    cached by the file's contents under ~/.cache/cxr/litert (the most recently used few). Without a cached
+    cached by the file's contents under ~/.cache/cxr/litert (the most recently used few; `tag` names what
+    `model` computes from that file, e.g. "taps" for `models.with_population_taps`). Without a cached
     conversion, a model that will see fewer than `MIN_IMAGES_TO_CONVERT` images (`n_images`) stays in Keras.
     """
     import tensorflow as tf
@@ -38,7 +39,7 @@ def fast_inference(model, model_path=None, n_images=None, digest=None):
     if tf.config.list_physical_devices("GPU") or any(layer.compute_dtype != "float32" for layer in model.layers):
         return keras_predictor(model), "keras"
     try:
-        cached = cache_path(model_path, digest) if model_path else None
+        cached = cache_path(model_path, digest, tag) if model_path else None
         if cached and cached.is_file():
             return load_cached(cached), "litert"
         if n_images is not None and n_images < MIN_IMAGES_TO_CONVERT:
@@ -72,12 +73,13 @@ class _CalledModel:
         return self._call(np.asarray(x, dtype=np.float32)).numpy()
 
 
-def cached_conversion(model_path, digest=None):
-    """The cached LiteRT conversion of the model file at `model_path`, or None (none cached, or damaged).
+def cached_conversion(model_path, digest=None, tag=""):
+    """The cached LiteRT conversion of the model file at `model_path` (`tag`: as `fast_inference`'s), or None
+    (none cached, or damaged).
 
     Using it needs neither TensorFlow nor the Keras model, so a command that finds one starts fast.
     """
-    cached = cache_path(model_path, digest)
+    cached = cache_path(model_path, digest, tag)
     if not cached.is_file():
         return None
     try:
@@ -152,8 +154,8 @@ def _interpreter(flatbuffer, num_threads):
     return Interpreter(model_content=flatbuffer, num_threads=num_threads)
 
 
-def cache_path(model_path, digest=None):
-    digest = (digest or file_sha256(model_path))[:24]
+def cache_path(model_path, digest=None, tag=""):
+    digest = (digest or file_sha256(model_path))[:24] + (f"-{tag}" if tag else "")
     cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache_home / "cxr" / "litert" / f"{Path(model_path).stem}-{digest}.tflite"
 

@@ -73,6 +73,22 @@ def subgroup_record(subgroups):
                         "gaps": entry["gaps"]} for attribute, entry in subgroups.items()}
 
 
+def population_record(model):
+    """The population check in words and numbers, or why the model has none."""
+    from cxr.population import POPULATION_FILE, UNAVAILABLE
+
+    if model.population is None:
+        return {"available": False, "note": UNAVAILABLE}
+    return {"available": True, "file": POPULATION_FILE, **model.population.describe(),
+            "answer": "every prediction carries in_distribution (false: the image is unlike the training images and "
+                      "its result is not reliable), population_score and population_percentile (the share of "
+                      "validation images scoring at most as much)",
+            "promise": "catches other populations (adults for a pediatric model), images that are not chest X-rays, "
+                       "inverted, rotated or heavily cropped X-rays; a shift inside the training population (another "
+                       "device or hospital for the same age group) may not be caught",
+            "exports": "exported files give the model's outputs only: the check runs in cxr (predict, serve)"}
+
+
 def views_note(scales):
     """'' for a one-view model; else a sentence saying that the model averages zoomed views itself."""
     if list(scales) == [1.0]:
@@ -104,6 +120,7 @@ def describe(model):
                                     f"{point['temperature']:.4g}"}),
         "operating_point": point | {"fitted_on_description": describe_fitted_on(point)},
         "decision_rule": decision_rule(point, model.class_names),
+        "population_check": population_record(model),
         "training": training_record(model),
         "intended_use": INTENDED_USE,
         "limits": LIMITS,

@@ -140,6 +140,42 @@ def _apply(layers, x):
     return x
 
 
+def with_population_taps(model, taps, scales=(1.0,)):
+    """image -> [the classifier's outputs | the pooled outputs of the layers `taps` | its pooled last feature map],
+    one (batch, classes + features) tensor, in one forward pass: what the population check (`cxr.population`)
+    reads beside every prediction. `scales`: the model's test-time scales (`with_test_time_scales`); the taps
+    read the image as it is (the view at scale 1, or the closest).
+    """
+    if not has_test_time_scales(model):
+        pooled = [keras.layers.GlobalAveragePooling2D(name=f"tap_{t}")(model.get_layer(t).output) for t in taps]
+        return keras.Model(model.input, keras.layers.Concatenate(name="outputs_and_taps")(
+            [model.output, *pooled, model.get_layer("avg_pool").output]), name=f"{model.name}_taps")
+    # Rebuilt from its config, the nested backbone's layers are outputs of its own graph (built in this process
+    # from the flat classifier, they would belong to that one's)
+    rebuilt = keras.Model.from_config(model.get_config())
+    rebuilt.set_weights(model.get_weights())
+    model = rebuilt
+    preprocessing, feature_map = _preprocessing_and_feature_map(model)
+    tapped = keras.Model(feature_map.input, [*(feature_map.get_layer(t).output for t in taps), feature_map.output],
+                         name="tapped_feature_map")
+    side, pool = model.input.shape[1], model.get_layer("avg_pool")
+    as_is = min(range(len(scales)), key=lambda k: abs(scales[k] - 1))
+    image = keras.Input(shape=model.input.shape[1:], name="image")
+    pooled, tap_features = [], []
+    for k, scale in enumerate(scales):
+        x = _apply(preprocessing, zoomed(image, scale, side))
+        if k == as_is:
+            *maps, last = tapped(x)
+            tap_features = [keras.layers.GlobalAveragePooling2D(name=f"tap_{t}")(m) for t, m in zip(taps, maps)]
+            pooled.append(pool(last))
+        else:
+            pooled.append(pool(feature_map(x)))
+    x = keras.layers.Average(name="mean_over_views")(pooled) if len(pooled) > 1 else pooled[0]
+    outputs = model.get_layer("predictions")(model.get_layer("head_dropout")(x))
+    return keras.Model(image, keras.layers.Concatenate(name="outputs_and_taps")(
+        [outputs, *tap_features, pooled[as_is]]), name=f"{model.name}_taps")
+
+
 def feature_map_model(model):
     """image -> the last convolutional feature map (the input of the head's pooling) of the image as it is,
     for a classifier with or without test-time scales."""

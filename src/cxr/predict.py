@@ -35,13 +35,15 @@ def list_inputs(paths):
 
 
 def predict_files(model, files, batch_size=64, tta=False):
-    """The readable files, in order, and (calibrated probabilities (n, classes), labels (n,)) for them.
+    """The readable files, in order, and for them: calibrated probabilities (n, classes), labels (n,) and the
+    population check (a `population.PopulationCheck`, None for a model without one), saying on stderr how many
+    images it flagged.
 
     `model` is a `SavedModel`. The next chunk of files is decoded in threads while the model runs on this one.
     """
     size = model.predictor().input_shape[1]
     chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
-    raw, readable, unreadable = [], [], {}
+    raw, features, readable, unreadable = [], [], [], {}
     with ThreadPoolExecutor() as pool:
         pending = [pool.submit(try_decode, path, size) for path in chunks[0]] if chunks else []
         for k, chunk in enumerate(chunks):
@@ -51,11 +53,28 @@ def predict_files(model, files, batch_size=64, tta=False):
             readable += [p for p, (img, _) in zip(chunk, results) if img is not None]
             unreadable |= {p: reason for p, (img, reason) in zip(chunk, results) if img is None}
             if batch:
-                raw.append(model.raw_probabilities(np.stack(batch), batch_size=len(batch), tta=tta))
+                outputs, taps = model.raw_outputs(np.stack(batch), batch_size=len(batch), tta=tta)
+                raw.append(outputs)
+                features.append(taps)
     if unreadable:
         warn(f"skipped {len(unreadable)} unreadable or refused images: {describe_skipped(unreadable)}")
     probabilities, labels = model.calibrate(np.concatenate(raw) if raw else np.zeros((0, len(model.class_names))))
-    return readable, probabilities, labels
+    check = model.check_population(np.concatenate(features)) if features else None
+    warn_population(check, len(readable))
+    return readable, probabilities, labels, check
+
+
+def warn_population(check, n_images):
+    """Say on stderr how many images the population check flagged, or that the model has none."""
+    from cxr.population import UNAVAILABLE
+
+    if check is None:
+        if n_images:
+            warn(UNAVAILABLE)
+    elif check.flagged:
+        warn(f"{check.flagged} of {n_images} images are unlike the images this model was trained on (flagged: "
+             "in_distribution false): their results are not reliable; they may be from another population (other "
+             "ages, devices or views) or not chest X-rays")
 
 
 NONE_CALLED = "none"  # a multi-label model's label when no finding reaches its threshold
@@ -67,21 +86,31 @@ def called_findings(probabilities, called, class_names):
     return [class_names[k] for k in np.argsort(-probabilities, kind="stable") if called[k]]
 
 
-def format_predictions(files, probabilities, labels, class_names, fmt="table", multi_label=False):
+POPULATION_FIELDS = ("in_distribution", "population_score", "population_percentile")
+
+
+def population_fields(check, k):
+    """Image `k`'s population check fields (`PopulationCheck.record`), all None for a model without a check."""
+    return check.record(k) if check is not None else dict.fromkeys(POPULATION_FIELDS)
+
+
+def format_predictions(files, probabilities, labels, class_names, fmt="table", multi_label=False, check=None):
     """One record per file: the label, its probability and every class's probability; for a multi-label model
-    the findings called (`positive_findings`, joined by '|' as the label) and every finding's probability."""
+    the findings called (`positive_findings`, joined by '|' as the label) and every finding's probability. Each
+    also carries the population check (`check`: "in_distribution", its score and percentile; None without)."""
     if multi_label:
         records = []
-        for p, prob, called in zip(files, probabilities, labels):
+        for k, (p, prob, called) in enumerate(zip(files, probabilities, labels)):
             found = called_findings(prob, called, class_names)
             records.append({"path": str(p), "label": "|".join(found) or NONE_CALLED, "positive_findings": found,
+                            **population_fields(check, k),
                             **{f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}})
-        columns = ["path", "label"]
+        columns = ["path", "label", *POPULATION_FIELDS]
     else:
-        records = [{"path": str(p), "label": class_names[k], "probability": float(prob[k]),
-                    **{f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}}
-                   for p, k, prob in zip(files, labels, probabilities)]
-        columns = ["path", "label", "probability"]
+        records = [{"path": str(p), "label": class_names[label], "probability": float(prob[label]),
+                    **population_fields(check, k), **{f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}}
+                   for k, (p, label, prob) in enumerate(zip(files, labels, probabilities))]
+        columns = ["path", "label", "probability", *POPULATION_FIELDS]
     if fmt == "json":
         return json.dumps(records, indent=2)
     if fmt == "csv":
@@ -91,13 +120,17 @@ def format_predictions(files, probabilities, labels, class_names, fmt="table", m
         writer.writerows(records)
         return buffer.getvalue().rstrip("\n")
     width = max([len(r["path"]) for r in records] + [4])
+
+    def population(r):
+        return {None: "n/a", True: "ok", False: "FLAGGED: unlike its training images"}[r["in_distribution"]]
+
     if multi_label:
-        lines = [f"{'path':{width}}  findings called (calibrated probability)"]
-        lines += [f"{r['path']:{width}}  " + (", ".join(f"{f} {r[f'p_{f}']:.3f}" for f in r["positive_findings"])
-                                               or NONE_CALLED) for r in records]
+        lines = [f"{'path':{width}}  {'population':10}  findings called (calibrated probability)"]
+        lines += [f"{r['path']:{width}}  {population(r)[:10]:10}  " + (", ".join(
+            f"{f} {r[f'p_{f}']:.3f}" for f in r["positive_findings"]) or NONE_CALLED) for r in records]
         return "\n".join(lines)
-    lines = [f"{'path':{width}}  {'label':12}  probability"]
-    lines += [f"{r['path']:{width}}  {r['label']:12}  {r['probability']:.4f}" for r in records]
+    lines = [f"{'path':{width}}  {'label':12}  probability  population"]
+    lines += [f"{r['path']:{width}}  {r['label']:12}  {r['probability']:.4f}       {population(r)}" for r in records]
     return "\n".join(lines)
 
 
@@ -105,8 +138,8 @@ def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False):
     files = list_inputs(paths)
     model = SavedModel.load(model_path)
     model.predictor()  # LiteRT whenever it can run the model: the conversion is cached for the next call
-    readable, probabilities, labels = predict_files(model, files, batch_size, tta)
-    return format_predictions(readable, probabilities, labels, model.class_names, fmt, model.multi_label)
+    readable, probabilities, labels, check = predict_files(model, files, batch_size, tta)
+    return format_predictions(readable, probabilities, labels, model.class_names, fmt, model.multi_label, check)
 
 
 EXPLAINED_FINDINGS = 3  # a multi-label model's default: the findings called, most probable first, at most this many
@@ -123,6 +156,16 @@ def explained_classes(model, probability, label, class_name=None):
     return [k for k in order if label[k]][:EXPLAINED_FINDINGS] or order[:1]
 
 
+def population_notice(check, k):
+    """The line a figure's title adds for image `k` of a population check (`check`; None: the model has none)."""
+    if check is None:
+        return "\npopulation check unavailable for this model"
+    if check.in_distribution[k]:
+        return ""
+    return (f"\nFLAGGED: unlike the model's training images (score above {check.percentiles[k]:.0f}% of validation "
+            "images): not reliable")
+
+
 def run_explain(paths, model_path, output_dir, class_name=None, tta=False):
     """Write one Grad-CAM overlay PNG per image into `output_dir` (a multi-label model: a panel per explained
     finding); returns the written paths."""
@@ -136,11 +179,11 @@ def run_explain(paths, model_path, output_dir, class_name=None, tta=False):
     if class_name is not None and class_name not in class_names:
         raise UserError(f"--class {class_name!r} is not one of the model's classes ({', '.join(class_names)})")
     model.predictor(n_images=len(files) * (2 if tta else 1))
-    readable, probabilities, labels = predict_files(model, files, tta=tta)
+    readable, probabilities, labels, check = predict_files(model, files, tta=tta)
     size = model.keras_model.input_shape[1]
     written = []
     names = overlay_names(readable)
-    for path, prob, label in zip(readable, probabilities, labels):
+    for k, (path, prob, label) in enumerate(zip(readable, probabilities, labels)):
         targets = explained_classes(model, prob, label, class_name)
         maps = gradcam.heatmaps(model.keras_model, np.repeat(decode_image(path, size)[None], len(targets), 0), targets)
         shown = decode_image(path, max(size, 512))  # overlay on a sharper copy than the model's input
@@ -155,6 +198,7 @@ def run_explain(paths, model_path, output_dir, class_name=None, tta=False):
             if targets[0] != label:
                 title += f"; map for {class_names[targets[0]]}"
             panels = [(gradcam.overlay(shown, maps[0]), "")]
+        title += population_notice(check, k)
         out = Path(output_dir) / names[path]
         write_bytes(out, plots.figure_png(plots.explanation_figure(panels, title)))
         written.append(out)

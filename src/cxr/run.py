@@ -17,6 +17,7 @@ from cxr.config import Config
 from cxr.errors import UserError, warn
 
 SPLIT_WAIT_SECONDS = 600  # how long a multi-worker job's other workers wait for the chief to split raw/
+FIT_IMAGES = 1000  # training images the population check's Gaussians are fitted on
 
 
 def setup_runtime(config, strategy="none"):
@@ -122,8 +123,8 @@ def _train(config, output_dir, chief):
     print(f"Fitting the calibration and the operating point on validation; evaluating on test{views}", flush=True)
     classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone, config.test_time_scales,
                                        multi_label=dataset.multi_label)
-    classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]))
-    classifier.operating_point = fit_on_validation(classifier, dataset, positive, config)
+    classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]) + FIT_IMAGES)
+    classifier.operating_point, classifier.population = fit_on_validation(classifier, dataset, positive, config)
     evaluation = evaluate_model(classifier, dataset, "test",
                                 EvaluationOptions(config.bootstrap, config.seed, batch_size=config.batch_size,
                                                   subgroups=tuple(config.subgroups or ()), age_bands=config.age_bands))
@@ -161,14 +162,29 @@ def positive_weights(dataset, config):
     return [float(w) for w in np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0)]
 
 
+def fit_population(model, dataset, config, val_features):
+    """The population check (`cxr.population`): Gaussians fitted on a seeded sample of FIT_IMAGES training
+    images, flagging `config.false_flag_rate` of the validation split (`val_features`: its features)."""
+    import numpy as np
+
+    from cxr import population
+
+    train_rows = dataset.splits["train"]
+    sample = np.sort(np.random.default_rng(config.seed).choice(train_rows, min(FIT_IMAGES, len(train_rows)),
+                                                               replace=False))
+    _, train_features = model.raw_outputs(dataset.images, sample, config.batch_size)
+    taps, dims = model.population_layers()
+    return population.fit(train_features, val_features, taps, dims, config.false_flag_rate)
+
+
 def fit_on_validation(model, dataset, positive, config):
-    """The operating point (temperature, threshold; per finding for a multi-label model) fitted on the
-    validation split, and where it came from."""
+    """(the operating point: temperature and threshold, per finding for a multi-label model, and where it came
+    from; the population check) fitted on the validation split."""
     from cxr.evaluate.metrics import fit_finding_points, fit_operating_point
     from cxr.saved_model import fitted_on
 
     rows, y = dataset.split("val")
-    raw = model.raw_probabilities(dataset.images, rows, config.batch_size)
+    raw, features = model.raw_outputs(dataset.images, rows, config.batch_size)
     if dataset.multi_label:
         point = fit_finding_points(y, raw, dataset.class_names, config.target_sensitivity)
     else:
@@ -176,8 +192,9 @@ def fit_on_validation(model, dataset, positive, config):
     # The run's own data: the folders its splits came from (train/ alone when val and test were carved from it)
     folders = [os.path.commonpath([p.resolve().parent for p in dataset.files(split)]) for split in dataset.splits]
     where = config.images if dataset.multi_label else config.data_dir
-    return point | {"fitted_on": fitted_on(f"the validation split of {data_source(config)}", where,
-                                           {"val": dataset.counts()["val"]}, same_data=folders)}
+    point |= {"fitted_on": fitted_on(f"the validation split of {data_source(config)}", where,
+                                     {"val": dataset.counts()["val"]}, same_data=folders)}
+    return point, fit_population(model, dataset, config, features)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """A trained model as cxr saves it: the model file and `class_names.json` beside it, loaded and checked once.
 
 `SavedModel` is what predict, evaluate, explain (and every later command) start from: the class names, image
-size, backbone, operating point (and where it was fitted) and the model file's hash, with one
-`predict(images)` that returns calibrated probabilities and labels from LiteRT or Keras. Loading it imports
+size, backbone, operating point (and where it was fitted), the model file's hash and its population check
+(`population.npz`, `cxr.population`), with one `predict(images)` that returns calibrated probabilities and
+labels from LiteRT or Keras, and `raw_outputs(images)` that also returns the features the check reads. Loading it imports
 neither TensorFlow nor Keras: `cxr predict` with a cached LiteRT conversion never needs them.
 """
 
@@ -14,12 +15,14 @@ from pathlib import Path
 from cxr.atomic import atomic_path, file_sha256, write_json
 from cxr.errors import UserError
 from cxr.inference import (apply_finding_temperatures, apply_temperature, decide, decide_findings, positive_class,
-                           predict_probabilities)
+                           predict_outputs)
+from cxr.population import POPULATION_FILE, Population
 
 CLASS_NAMES_FILE = "class_names.json"
 MODEL_FILE = "model.h5"
 # class_names.json keys that describe the model; every other key belongs to the operating point
 MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "model_sha256")
+TAPS = "taps"  # the LiteRT cache's name for the network with the population taps (models.with_population_taps)
 
 
 def fitted_on(description, data_dir, counts, same_data=None):
@@ -104,6 +107,7 @@ class SavedModel:
     "method", ...}: argmax at temperature 1 for models saved without one). A `multi_label` model has one
     sigmoid output per finding, and its operating point one temperature and threshold per finding:
     {"findings": {name: {"temperature", "threshold", "method", ...}}, "method", "target_sensitivity", ...}.
+    `population`: its `population.Population` check, None for a model saved before cxr had one.
     """
 
     def __init__(self, info, path=None, keras_model=None):
@@ -119,8 +123,9 @@ class SavedModel:
                     "method": "argmax"})
         self.operating_point = default | {k: v for k, v in info.items() if k not in MODEL_KEYS}
         self._keras_model = keras_model
-        self._predictor, self.engine = None, None
+        self._predictor, self.engine, self._tapped = None, None, None
         self._sha256 = None
+        self.population = None
 
     @classmethod
     def load(cls, path):
@@ -138,6 +143,8 @@ class SavedModel:
         if recorded is not None and recorded != model.sha256:
             raise UserError(f"{path}: this model file is not the one {info_path} describes (its hash differs); "
                             "use the model.h5 and class_names.json of one training run")
+        if (path.parent / POPULATION_FILE).is_file():
+            model.population = Population.load(path.parent / POPULATION_FILE, model.sha256)
         return model
 
     @classmethod
@@ -187,7 +194,8 @@ class SavedModel:
         return self._keras_model
 
     def predictor(self, n_images=None):
-        """What computes probabilities: the LiteRT conversion where it pays, else the Keras model.
+        """What computes the outputs and the population check's features (`models.with_population_taps`): its
+        LiteRT conversion where it pays, else the Keras model.
 
         A conversion cached for this model file is used without loading TensorFlow or Keras; otherwise
         `litert.fast_inference` decides (`n_images`: how many images it will see; None: convert if possible).
@@ -195,14 +203,34 @@ class SavedModel:
         from cxr import litert
 
         if self._predictor is None:
-            cached = litert.cached_conversion(self.path, self.sha256) if self.path is not None else None
+            cached = litert.cached_conversion(self.path, self.sha256, TAPS) if self.path is not None else None
             if cached is not None:
                 self._predictor, self.engine = cached, "litert"
             else:
-                self._predictor, self.engine = litert.fast_inference(self.keras_model, self.path, n_images,
-                                                                     digest=self.sha256)
-            self._check_outputs(self._predictor)
+                self._predictor, self.engine = litert.fast_inference(self.tapped_model(), self.path, n_images,
+                                                                     digest=self.sha256, tag=TAPS)
+            features = self._predictor.output_shape[-1] - len(self.class_names)
+            if features < 1 or self.population is not None and features != sum(self.population.dims):
+                raise UserError(f"{self.path}: the model's outputs don't match {CLASS_NAMES_FILE} and "
+                                f"{POPULATION_FILE}; use the files of one training run")
         return self._predictor
+
+    def tapped_model(self):
+        """The Keras model with the population check's taps: image -> [outputs | features]."""
+        from cxr import backbones, models
+
+        if self._tapped is None:
+            self._tapped = models.with_population_taps(self.keras_model, backbones.population_taps(self.backbone),
+                                                       self.test_time_scales)
+        return self._tapped
+
+    def population_layers(self):
+        """(layer names, their feature counts) in the order of `raw_outputs`' features."""
+        from cxr import backbones
+
+        taps = backbones.population_taps(self.backbone)
+        dims = [int(self.tapped_model().get_layer(f"tap_{t}").output.shape[-1]) for t in taps]
+        return [*taps, "avg_pool"], [*dims, int(self.keras_model.get_layer("avg_pool").output.shape[-1])]
 
     def is_other_data(self, folder):
         """True when `folder` lies outside the folders of the data the operating point was fitted on (or those
@@ -214,10 +242,19 @@ class SavedModel:
         return not any(folder == Path(root) or Path(root) in folder.parents
                        for root in source.get("same_data", [source["data_dir"]]))
 
+    def raw_outputs(self, images, rows=None, batch_size=32, tta=False):
+        """((n, classes) softmax (multi-label: sigmoid) outputs before calibration, (n, features) the population
+        check's features) for `images[rows]` (uint8, N x H x W x 3)."""
+        outputs = predict_outputs(self.predictor(), images, rows, batch_size, tta)
+        return outputs[:, :len(self.class_names)], outputs[:, len(self.class_names):]
+
     def raw_probabilities(self, images, rows=None, batch_size=32, tta=False):
-        """(n, classes) softmax (multi-label: sigmoid) outputs for `images[rows]` (uint8, N x H x W x 3), before
-        calibration."""
-        return predict_probabilities(self.predictor(), images, rows, batch_size, tta)
+        """(n, classes) the model's outputs for `images[rows]`, before calibration."""
+        return self.raw_outputs(images, rows, batch_size, tta)[0]
+
+    def check_population(self, features):
+        """The `population.PopulationCheck` of (n, features) features, or None when this model has no check."""
+        return self.population.check(features) if self.population is not None else None
 
     def calibrate(self, raw):
         """(calibrated probabilities, labels) at the operating point, for (n, classes) raw outputs: labels are
@@ -239,6 +276,8 @@ class SavedModel:
             # without the compile settings, a multi-label model's masked loss need not be known to load the file
             self.keras_model.save(tmp, include_optimizer=not self.multi_label)
         self._sha256 = None
+        if self.population is not None:
+            self.population.save(Path(models_dir) / POPULATION_FILE, self.sha256)
         self.info = {"class_names": self.class_names, "img_size": self.img_size, "backbone": self.backbone,
                      "test_time_scales": self.test_time_scales, **({"multi_label": True} if self.multi_label else {}),
                      **self.operating_point, "model_sha256": self.sha256}
@@ -251,9 +290,13 @@ class SavedModel:
 
         copy = Path(models_dir) / MODEL_FILE
         copy_file(self.path, copy)
+        if self.population is not None:
+            copy_file(self.path.parent / POPULATION_FILE, Path(models_dir) / POPULATION_FILE)
         info = {k: v for k, v in self.info.items() if k in MODEL_KEYS} | operating_point | {"model_sha256": self.sha256}
         write_json(Path(models_dir) / CLASS_NAMES_FILE, info)
-        return SavedModel(info, copy, keras_model=self._keras_model)
+        copied = SavedModel(info, copy, keras_model=self._keras_model)
+        copied.population = self.population
+        return copied
 
     def _check_outputs(self, model):
         outputs = model.output_shape[-1]

@@ -27,7 +27,7 @@ from cxr.data.decode import ImageTooLarge, RefusedImage, UnreadableImage, decode
 from cxr.data.dicom import has_dicom_marker
 from cxr.errors import UserError, warn
 from cxr.model_card import describe
-from cxr.predict import NONE_CALLED, called_findings, explained_classes
+from cxr.predict import NONE_CALLED, called_findings, explained_classes, population_fields
 
 MAX_BATCH = 32
 # A 43 cm flat-panel detector at 0.14 mm pixels gives about 9.5 MP; a decompression bomb needs far more.
@@ -67,8 +67,9 @@ class Classifier:
     def start(self):
         threading.Thread(target=self._work, name="cxr-model", daemon=True).start()
 
-    def probabilities(self, pixels):
-        """A Future of the raw softmax row for one (size, size, 3) uint8 image."""
+    def outputs(self, pixels):
+        """A Future of (the raw softmax row, the population check's features) for one (size, size, 3) uint8
+        image."""
         future = Future()
         self._requests.put((pixels, future))
         return future
@@ -107,13 +108,13 @@ class Classifier:
             if not waiting:
                 continue
             try:
-                raw = self.model.raw_probabilities(np.stack([p for p, _ in waiting]), batch_size=len(waiting))
+                raw, features = self.model.raw_outputs(np.stack([p for p, _ in waiting]), batch_size=len(waiting))
             except Exception as error:  # noqa: BLE001 - each waiting request answers with the error
                 for _, future in waiting:
                     future.set_exception(error)
                 continue
-            for (_, future), row in zip(waiting, raw):
-                future.set_result(row)
+            for (_, future), row, taps in zip(waiting, raw, features):
+                future.set_result((row, taps))
 
 
 class UploadLimit:
@@ -243,11 +244,12 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
         require_ready()
         uploads = await read_uploads(request)
         decoded = await asyncio.gather(*(run_in_threadpool(decode_upload, name, data) for name, data in uploads))
-        raw = await asyncio.gather(*(asyncio.wrap_future(classifier.probabilities(d.pixels)) for d, _ in decoded))
-        probabilities, labels = model.calibrate(np.stack(raw))
+        outputs = await asyncio.gather(*(asyncio.wrap_future(classifier.outputs(d.pixels)) for d, _ in decoded))
+        probabilities, labels = model.calibrate(np.stack([raw for raw, _ in outputs]))
+        check = model.check_population(np.stack([taps for _, taps in outputs]))
         predictions = []
-        for (name, data), (image, warnings), p, label in zip(uploads, decoded, probabilities, labels):
-            record = prediction_record(name, p, label, warnings)
+        for k, ((name, data), (image, warnings), p, label) in enumerate(zip(uploads, decoded, probabilities, labels)):
+            record = prediction_record(name, p, label, warnings) | population_fields(check, k)
             if explain:
                 target = explained_classes(model, p, label)[0]
                 shown, overlay = await run_in_threadpool(classifier.explain, data, image.pixels, target)

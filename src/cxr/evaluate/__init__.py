@@ -5,6 +5,7 @@ The operating point (positive class, temperature, threshold) is fitted on valida
 `metrics.fit_operating_point`, stored in the `SavedModel`, and only applied here.
 """
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,8 @@ class Evaluation:
     figures: dict = field(default_factory=dict)  # {name: PNG bytes}
     shortcuts: dict = field(default_factory=dict)  # evaluate.shortcuts.shortcut_check's result
     subgroups: dict = field(default_factory=dict)  # evaluate.subgroups.subgroup_analysis's; {} without metadata
+    population: dict = field(default_factory=dict)  # population_summary's: the check's flags and metrics without them
+    in_distribution: np.ndarray = None  # (n,) bool, the population check's answer per image; None without a check
 
 
 def evaluate_model(model, dataset, split, options):
@@ -57,7 +60,7 @@ def evaluate_model(model, dataset, split, options):
     if model.multi_label:
         return evaluate_findings(model, dataset, split, options)
     rows, y_true = dataset.split(split)
-    raw = model.raw_probabilities(dataset.images, rows, options.batch_size, options.tta)
+    raw, features = model.raw_outputs(dataset.images, rows, options.batch_size, options.tta)
     probabilities, y_pred = model.calibrate(raw)
     class_names, positive = model.class_names, model.positive_index
     threshold = model.operating_point["threshold"]
@@ -78,16 +81,45 @@ def evaluate_model(model, dataset, split, options):
     intervals = confidence_intervals(metrics_of, y_true, options.bootstrap, options.seed)
     evaluation = Evaluation(class_names, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, y_pred)
-    return with_checks(evaluation, model, dataset, split, options, figures)
+    return with_checks(evaluation, model, features, metrics_of, dataset, split, options, figures)
 
 
-def with_checks(evaluation, model, dataset, split, options, make_figures):
-    """`evaluation` with its shortcut check, subgroup analysis and figures (`make_figures`' PNGs) added."""
+def with_checks(evaluation, model, features, metrics_of, dataset, split, options, make_figures):
+    """`evaluation` with its population check (of the images' (n, features) `features`; `metrics_of(rows)`: the
+    metrics of those images), shortcut check, subgroup analysis and figures (`make_figures`' PNGs) added."""
     rows, y = dataset.split(split)
+    check = model.check_population(features)
+    evaluation.population = population_summary(check, metrics_of, model)
+    evaluation.in_distribution = None if check is None else check.in_distribution
     evaluation.shortcuts = shortcut_check(model, dataset.images, rows, y, options.seed, options.batch_size)
     evaluation.subgroups = subgroups(model, dataset, split, evaluation, options)
     evaluation.figures = make_figures(model, dataset, split, evaluation, options)
     return evaluation
+
+
+POPULATION_METRICS = ("auc_roc", "sensitivity", "specificity", "accuracy", "balanced_accuracy", "mean_auc",
+                      "mean sensitivity", "mean specificity", "macro auc_roc", "ece")
+
+
+def population_summary(check, metrics_of, model):
+    """How many evaluated images the population check flagged, and the headline metrics on all of them and on
+    the unflagged ones; {"available": False, ...} for a model without a check."""
+    from cxr.population import UNAVAILABLE
+
+    if check is None:
+        return {"available": False, "note": UNAVAILABLE}
+    n = len(check.in_distribution)
+    kept = np.flatnonzero(check.in_distribution)
+
+    def headline(sample):
+        if not len(sample):
+            return {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a subset may lack a class: its metrics are None
+            return {k: _finite_or_none(v) for k, v in metrics_of(sample).items() if k in POPULATION_METRICS}
+
+    return {"available": True, "n_images": n, "flagged": check.flagged, "flagged_share": check.flagged / n if n else 0.0,
+            **model.population.describe(), "metrics_all": headline(np.arange(n)), "metrics_in_distribution": headline(kept)}
 
 
 def subgroups(model, dataset, split, evaluation, options):
@@ -108,7 +140,7 @@ def evaluate_findings(model, dataset, split, options):
     n_known, n_positive, prevalence, status}}; `confidence_intervals` "<finding> auc_roc" etc. and "mean_auc".
     """
     rows, labels = dataset.split(split)
-    raw = model.raw_probabilities(dataset.images, rows, options.batch_size, options.tta)
+    raw, features = model.raw_outputs(dataset.images, rows, options.batch_size, options.tta)
     probabilities, called = model.calibrate(raw)
     findings = model.class_names
 
@@ -137,7 +169,7 @@ def evaluate_findings(model, dataset, split, options):
     report["macro avg"]["support"] = sum(report[f]["support"] for f in findings)
     evaluation = Evaluation(findings, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, called)
-    return with_checks(evaluation, model, dataset, split, options, finding_figures)
+    return with_checks(evaluation, model, features, metrics_of, dataset, split, options, finding_figures)
 
 
 def finding_figures(model, dataset, split, evaluation, options):

@@ -127,6 +127,7 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metric_rows_html}</table>
 {finding_section(evaluation) if multi_label else ''}
 {shortcut_section(evaluation.shortcuts, evaluation.class_names, operating_point.get('positive_class'))}
+{population_section(evaluation.population)}
 {subgroup_section(evaluation.subgroups)}
 <h2>Figures</h2>
 {figure_html}
@@ -154,6 +155,26 @@ def finding_section(evaluation):
 <p>Each finding on the images whose label for it is known, at its own threshold. A finding with one class
 only among these images has no AUC (marked).</p>
 <table><tr><th>finding</th>{header}</tr>{''.join(rows)}</table>"""
+
+
+def population_section(population):
+    """The report's population check (`evaluate.population_summary`): the share flagged as unlike the training
+    images, and the metrics with and without them."""
+    e = html.escape
+    if not population:
+        return ""
+    if not population["available"]:
+        return f"<h2>Population check</h2><p>{e(population['note'])}</p>"
+    names = [k for k in population["metrics_all"] if population["metrics_all"][k] is not None
+             or population["metrics_in_distribution"].get(k) is not None]
+    rows = "".join(f"<tr><th>{e(k)}</th><td>{_number(population['metrics_all'][k], 3) or 'n/a'}</td>"
+                   f"<td>{_number(population['metrics_in_distribution'].get(k), 3) or 'n/a'}</td></tr>" for k in names)
+    return f"""<h2>Population check</h2>
+<p><b>{population['flagged']} of {population['n_images']} images ({100 * population['flagged_share']:.1f}%)
+were flagged as unlike the model's training images</b>: their results are not reliable. The check flags
+{100 * population['false_flag_rate']:.1f}% of its own validation images by design; far more than that here means
+these images come from another population (other ages, devices or views) or are not chest X-rays.</p>
+<table><tr><th>metric</th><th>all images</th><th>images not flagged</th></tr>{rows}</table>"""
 
 
 def subgroup_section(subgroups):

@@ -96,6 +96,22 @@ function renderFindings(prediction) {
     list);
 }
 
+// Above the label: the population check's notice when the X-ray is unlike the model's training images.
+function populationNotice(prediction) {
+  if (prediction.in_distribution === false) {
+    return el("div", { class: "population-notice", role: "alert" },
+      el("strong", {}, "This result is not reliable for this image."),
+      ` It is unlike the X-rays the model was trained on (population score above ` +
+      `${prediction.population_percentile.toFixed(0)}% of its validation images): it may come from another ` +
+      `population (other ages, devices or views) or not be a chest X-ray.`);
+  }
+  if (prediction.in_distribution === null) {
+    return el("p", { class: "population-unavailable" },
+      "This model has no population check: it can't say whether this image is like its training images.");
+  }
+  return null;
+}
+
 function renderPrediction(file, prediction) {
   const card = state.card;
   const positive = prediction.positive_class;
@@ -115,6 +131,8 @@ function renderPrediction(file, prediction) {
     el("div", { class: "bar-legend" }, el("span", {}, "0"), el("span", {}, "1")),
     el("p", { class: "probs" }, Object.entries(prediction.probabilities)
        .map(([c, v]) => `${c} ${v.toFixed(3)}`).join(" · ")));
+  const notice = populationNotice(prediction);
+  if (notice) details.prepend(notice);
   if (prediction.warnings.length) {
     const list = el("ul", { class: "warnings" });
     for (const warning of prediction.warnings) list.append(el("li", {}, warning));

@@ -1,0 +1,228 @@
+"""The population check (`cxr.population`) against the images it must catch and those it must not flag.
+
+    .venv/bin/python benchmarks/bench_population.py --run outputs            # a cxr train output folder
+
+For the trained model in RUN/models (with the population.npz its training fitted) and its RUN/reports/splits.csv,
+on the same machine in one run:
+- must not flag: the run's own test split, and ../shared/data/chest_xray/external_dev (another period);
+- must flag: the NIH ChestX-ray14 adults (../shared/data/nih_chestxray14_sample), the adult DICOM, images that are
+  not chest X-rays (photographs and drawings scikit-image ships, charts, a text page and shapes drawn with
+  matplotlib and scikit-image), and 200 of the test split's X-rays inverted, rotated 90 degrees and cropped to
+  their central 40 %. No lateral view is available offline here, so laterals are not measured.
+For each candidate score (the saved check, Mahalanobis distances at 4 depths; "Mahalanobis last", on the last
+feature map alone; "kNN last", cosine k=10 nearest neighbours there; the maximum softmax probability and the
+energy score as baselines), each thresholded on the validation split at
+the saved check's false-flag rate: the share flagged per set and the AUROC of each set against the two
+must-not-flag sets together. Then the time the check adds per image.
+"""
+
+import argparse
+import csv
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EDITED = 200  # test X-rays inverted, rotated and cropped
+
+
+def split_paths(splits_csv, split):
+    with open(splits_csv) as f:
+        return [Path(row["path"]) for row in csv.DictReader(f) if row["split"] == split]
+
+
+def not_xrays(size):
+    """(n, size, size, 3) uint8 images that are not chest X-rays: photographs, drawings, charts, text, shapes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    from skimage import data, draw
+
+    from cxr.evaluate.plots import figure_png
+
+    shipped = ["astronaut", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "horse",
+               "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket", "text",
+               "brick", "grass", "gravel", "checkerboard", "binary_blobs"]
+    pictures = []
+    for name in shipped:
+        try:
+            pictures.append(np.asarray(getattr(data, name)()))
+        except Exception:  # a picture this scikit-image must download: left out
+            continue
+    rng = np.random.default_rng(0)
+    for k in range(8):  # charts and a text page, as a screenshot would bring them
+        fig, ax = plt.subplots(figsize=(4, 4))
+        if k % 4 == 0:
+            ax.plot(np.cumsum(rng.normal(size=200)))
+        elif k % 4 == 1:
+            ax.bar(range(8), rng.random(8))
+        elif k % 4 == 2:
+            ax.imshow(rng.random((16, 16)), cmap="viridis")
+        else:
+            ax.axis("off")
+            ax.text(0, 1, "\n".join("Lorem ipsum dolor sit amet, consectetur" for _ in range(18)), va="top", fontsize=7)
+        pictures.append(np.asarray(Image.open(io.BytesIO(figure_png(fig))).convert("RGB")))
+        plt.close(fig)
+    for k in range(8):
+        shapes, _ = draw.random_shapes((256, 256), max_shapes=8, rng=k, channel_axis=-1)
+        pictures.append(shapes)
+    out = []
+    for picture in pictures:
+        image = Image.fromarray(picture.astype(np.uint8) if picture.dtype != bool else picture.astype(np.uint8) * 255)
+        out.append(np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR)))
+    return np.stack(out)
+
+
+def edited(images):
+    """{name: images} of the X-rays `images` inverted, rotated 90 degrees and cropped to their central 40 %."""
+    from PIL import Image
+
+    side = images.shape[1]
+    inner = int(side * 0.4)
+    start = (side - inner) // 2
+    crop = [np.asarray(Image.fromarray(x[start:start + inner, start:start + inner]).resize((side, side),
+                                                                                          Image.BILINEAR))
+            for x in images]
+    return {"inverted": 255 - images, "rotated 90": np.rot90(images, 1, axes=(1, 2)).copy(), "crop 40 %": np.stack(crop)}
+
+
+def decoded(paths, size):
+    from cxr.data.decode import decode_image
+
+    return np.stack([decode_image(p, size) for p in paths])
+
+
+class Candidates:
+    """The scores compared, each fitted on training features and thresholded on validation at `rate`."""
+
+    def __init__(self, model, train, val, rate):
+        from sklearn.covariance import LedoitWolf
+
+        self.model, self.rate = model, rate
+        last = slice(sum(model.population.dims[:-1]), None)
+        self.last = last
+        gaussian = LedoitWolf().fit(train[1][:, last].astype(np.float64))
+        self.mean, self.precision = gaussian.location_, gaussian.precision_
+        self.reference = self._normalised(train[1][:, last])
+        self.head = model.keras_model.get_layer("predictions").get_weights()
+        self.thresholds = {name: np.quantile(score(val), 1 - rate) for name, score in self.scores().items()}
+
+    @staticmethod
+    def _normalised(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def scores(self):
+        """{name: (raw, features) -> (n,) score, higher = less alike}"""
+        def saved(outputs):
+            return self.model.population.scores(outputs[1])
+
+        def mahalanobis_last(outputs):
+            centred = outputs[1][:, self.last] - self.mean
+            return np.sqrt(np.maximum(((centred @ self.precision) * centred).sum(axis=1), 0))
+
+        def knn(outputs, k=10):
+            similarity = self._normalised(outputs[1][:, self.last]) @ self.reference.T
+            return -np.sort(similarity, axis=1)[:, -k]
+
+        def max_probability(outputs):
+            return -outputs[0].max(axis=1)
+
+        def energy(outputs):  # of the head's logits on the image as it is (the view the taps read)
+            weights, bias = self.head
+            logits = outputs[1][:, self.last] @ weights + bias
+            top = logits.max(axis=1)
+            return -(top + np.log(np.exp(logits - top[:, None]).sum(axis=1)))
+
+        return {"saved check": saved, "Mahalanobis last": mahalanobis_last, "kNN last": knn,
+                "max softmax": max_probability, "energy": energy}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a cxr train output folder")
+    args = parser.parse_args()
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.saved_model import SavedModel
+
+    model = SavedModel.load(args.run / "models" / "model.h5")
+    if model.population is None:
+        sys.exit(f"{args.run}/models has no population.npz: train it with this cxr")
+    size = model.img_size
+    splits = args.run / "reports" / "splits.csv"
+    rng = np.random.default_rng(0)
+    train_paths = split_paths(splits, "train")
+    train_paths = [train_paths[k] for k in np.sort(rng.choice(len(train_paths), min(1000, len(train_paths)), replace=False))]
+    test_images = decoded(split_paths(splits, "test"), size)
+    external = sorted(p for p in (SHARED / "chest_xray" / "external_dev").rglob("*") if p.is_file())
+    sets = {"test split": test_images, "external_dev": decoded(external, size),
+            "NIH adults": decoded(sorted((SHARED / "nih_chestxray14_sample" / "images").iterdir()), size),
+            "adult DICOM": decoded([SHARED / "dicom" / "nih-chestxray14-dx.dcm"], size),
+            "not chest X-rays": not_xrays(size),
+            **edited(test_images[np.sort(rng.choice(len(test_images), min(EDITED, len(test_images)), replace=False))])}
+    model.predictor(n_images=10_000)
+    print(f"model {args.run}/models/model.h5 ({model.backbone}, {size} px, engine {model.engine}); check fitted on "
+          f"{model.population.counts}, false-flag rate {model.population.false_flag_rate}")
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    print("CPU flags:", " ".join(sorted(f for f in flags if f.startswith(("avx", "amx")))))
+    outputs = {name: model.raw_outputs(images) for name, images in sets.items()}
+    train = model.raw_outputs(decoded(train_paths, size))
+    val = model.raw_outputs(decoded(split_paths(splits, "val"), size))
+    candidates = Candidates(model, train, val, model.population.false_flag_rate)
+    names = list(sets)
+    print(f"\nshare flagged at each score's threshold (validation's {100 * candidates.rate:g} % highest); "
+          "AUROC against test split + external_dev")
+    print(f"{'set':18} {'images':>6}  " + "  ".join(f"{n:>22}" for n in candidates.scores()))
+    for name in names:
+        cells = []
+        for score_name, score in candidates.scores().items():
+            values = score(outputs[name])
+            flagged = np.mean(values > (model.population.threshold if score_name.startswith("saved")
+                                        else candidates.thresholds[score_name]))
+            cell = f"{100 * flagged:5.1f} %"
+            if name not in ("test split", "external_dev"):
+                inside = np.concatenate([score(outputs[s]) for s in ("test split", "external_dev")])
+                auroc = roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(values))], np.r_[inside, values])
+                cell += f" AUROC {auroc:.3f}"
+            cells.append(f"{cell:>22}")
+        print(f"{name:18} {len(sets[name]):6}  " + "  ".join(cells))
+
+    images = sets["test split"][:256]
+    plain = model.keras_model
+    from cxr import litert
+
+    plain_runner = litert.LiteRTModel(litert.to_flatbuffer(plain))
+    for runner in (plain_runner, model.predictor()):
+        runner.predict_on_batch(images[:8].astype(np.float32))
+    timings = {}
+    for label, runner in (("forward pass, outputs only", plain_runner), ("forward pass with the taps", model.predictor())):
+        start = time.perf_counter()
+        for s in range(0, len(images), 32):
+            runner.predict_on_batch(images[s:s + 32].astype(np.float32))
+        timings[label] = (time.perf_counter() - start) / len(images)
+    features = model.raw_outputs(images)[1]
+    start = time.perf_counter()
+    for _ in range(10):
+        model.population.check(features)
+    timings["scoring the check"] = (time.perf_counter() - start) / 10 / len(images)
+    print(f"\ntime per image on {len(images)} test images (LiteRT, batches of 32):")
+    for label, seconds in timings.items():
+        print(f"  {label:28} {1000 * seconds:7.3f} ms")
+    added = timings["forward pass with the taps"] - timings["forward pass, outputs only"] + timings["scoring the check"]
+    print(f"  the check adds {1000 * added:.3f} ms per image, "
+          f"{100 * added / timings['forward pass, outputs only']:.1f} % of the forward pass")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The population check: every answer says whether an X-ray is like the images the model was trained on."""
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.cli import main
+from cxr.population import POPULATION_FILE
+
+from tests.conftest import NIH_IMAGES, TINY
+
+KERMANY_TRAIN = NIH_IMAGES.parents[2] / "data" / "chest_xray" / "train"
+
+
+@pytest.fixture(scope="module")
+def kermany_run(tmp_path_factory):
+    """The outputs of a small `cxr train` on 120 real pediatric X-rays per class of the Kermany train folder (at
+    64 px, Lite0's ImageNet weights): a model with a population to know."""
+    if not KERMANY_TRAIN.is_dir():
+        pytest.skip("../shared/data/chest_xray is not here")
+    root = tmp_path_factory.mktemp("kermany")
+    for name in ("NORMAL", "PNEUMONIA"):
+        (root / "data/raw" / name).mkdir(parents=True)
+        for f in sorted((KERMANY_TRAIN / name).iterdir())[:120]:
+            shutil.copy2(f, root / "data/raw" / name / f.name)
+    result = subprocess.run([sys.executable, "-m", "cxr", "train", "--data-dir", str(root / "data"), "--output-dir",
+                             str(root / "outputs"), "--img-size", "64", "--epochs", "1", "--batch-size", "16",
+                             "--backbone", "efficientnet-lite0", "--patience", "1", "--bootstrap", "20",
+                             "--false-flag-rate", "0.05"],
+                            capture_output=True, text=True, timeout=900,
+                            env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def predictions(capsys, paths, model, fmt="json"):
+    assert main(["predict", *map(str, paths), "--model", str(model), "--format", fmt]) == 0
+    out, err = capsys.readouterr()
+    return (json.loads(out) if fmt == "json" else out), err
+
+
+def photo(path):
+    from skimage import data
+
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+def test_the_check_flags_adults_photos_and_edited_xrays_but_not_the_training_hospitals_images(kermany_run, capsys,
+                                                                                                  tmp_path):
+    model = kermany_run / "outputs/models/model.h5"
+    with open(kermany_run / "outputs/reports/splits.csv") as f:
+        held_out = [row["path"] for row in csv.DictReader(f) if row["split"] == "test"]
+    records, _ = predictions(capsys, held_out, model)
+    assert len(records) == len(held_out) >= 30
+    assert np.mean([not r["in_distribution"] for r in records]) <= 0.1
+    adults, err = predictions(capsys, sorted(NIH_IMAGES.iterdir())[:30], model)
+    assert np.mean([not r["in_distribution"] for r in adults]) >= 0.9
+    assert "unlike the images this model was trained on" in err
+    with Image.open(held_out[0]) as xray:
+        grey = np.asarray(xray.convert("L"))
+    Image.fromarray(255 - grey).save(tmp_path / "inverted.png")
+    Image.fromarray(np.rot90(grey).copy()).save(tmp_path / "rotated.png")
+    edited, _ = predictions(capsys, [tmp_path / "inverted.png", tmp_path / "rotated.png",
+                                     photo(tmp_path / "photo.png")], model)
+    assert [r["in_distribution"] for r in edited] == [False, False, False]
+    for r in [*records, *adults, *edited]:  # a flagged image still gets its probabilities, and a percentile
+        assert 0 <= r["population_percentile"] <= 100 and r["p_PNEUMONIA"] + r["p_NORMAL"] == pytest.approx(1)
+    # the training report says how many test images were flagged, with the metrics without them
+    summary = json.loads((kermany_run / "outputs/reports/summary.json").read_text())
+    check = summary["population_check"]
+    assert check["available"] and check["n_images"] == len(held_out)
+    assert check["flagged"] == sum(not r["in_distribution"] for r in records)
+    assert check["false_flag_rate"] == 0.05 and check["metrics_in_distribution"]["auc_roc"] is not None
+    assert "Population check" in (kermany_run / "outputs/reports/report.html").read_text()
+
+
+def test_every_output_format_carries_the_check(tiny_run, capsys):
+    model = tiny_run / "models/model.h5"
+    xrays = sorted((tiny_run.parent / "data/test/NORMAL").iterdir())[:2]
+    records, _ = predictions(capsys, xrays, model)
+    assert all(isinstance(r["in_distribution"], bool) and isinstance(r["population_score"], float) for r in records)
+    rows = list(csv.DictReader(io.StringIO(predictions(capsys, xrays, model, "csv")[0])))
+    assert [row["in_distribution"] for row in rows] == [str(r["in_distribution"]) for r in records]
+    assert [float(row["population_percentile"]) for row in rows] == [r["population_percentile"] for r in records]
+    table = predictions(capsys, xrays, model, "table")[0].splitlines()
+    assert "population" in table[0]
+    for line, r in zip(table[1:], records):
+        assert line.endswith("ok") if r["in_distribution"] else "FLAGGED" in line
+
+
+def copy_model(source, target, population_from=None):
+    target.mkdir()
+    for name in ("model.h5", "class_names.json"):
+        shutil.copy2(source / name, target / name)
+    if population_from is not None:
+        shutil.copy2(population_from / POPULATION_FILE, target / POPULATION_FILE)
+    return target / "model.h5"
+
+
+def test_a_population_check_fitted_for_another_model_is_refused(tiny_run, kermany_run, tmp_path, capsys):
+    model = copy_model(tiny_run / "models", tmp_path / "mixed", population_from=kermany_run / "outputs/models")
+    xray = sorted((tiny_run.parent / "data/test/NORMAL").iterdir())[0]
+    assert main(["predict", str(xray), "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert "population.npz" in err and "fitted for another model file" in err and "Traceback" not in err
+
+
+def test_a_model_saved_before_the_check_still_predicts_and_says_the_check_is_unavailable(tiny_run, tmp_path, capsys):
+    model = copy_model(tiny_run / "models", tmp_path / "old")
+    xray = sorted((tiny_run.parent / "data/test/NORMAL").iterdir())[0]
+    records, err = predictions(capsys, [xray], model)
+    assert records[0]["in_distribution"] is None and records[0]["label"] in ("NORMAL", "PNEUMONIA")
+    assert "without a population check" in err
+    assert main(["evaluate", "--model", str(model), "--data-dir", str(tiny_run.parent / "data"),
+                 "--output-dir", str(tmp_path / "evaluated"), "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    summary = json.loads((tmp_path / "evaluated/reports/summary.json").read_text())
+    assert summary["population_check"]["available"] is False
