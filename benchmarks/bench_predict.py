@@ -73,7 +73,7 @@ def main():
         for engine, model in (("litert", litert), ("keras", keras)):
             predict_files(model, files[:64])  # warm-up: graph tracing, thread pools
             start = time.perf_counter()
-            outputs[engine] = predict_files(model, files)[1]
+            outputs[engine] = predict_files(model, files).probabilities
             seconds = time.perf_counter() - start
             print(f"predict_files after start-up, {engine:6}     {seconds:7.1f} s  {len(files) / seconds:6.1f} images/s")
         print(f"largest |LiteRT - Keras| probability difference: {np.abs(outputs['litert'] - outputs['keras']).max():.1e}")

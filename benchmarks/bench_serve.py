@@ -1,4 +1,5 @@
-"""Load on `cxr serve`: 1, 4 and 16 concurrent clients on loopback, each for a bounded time.
+"""Load on `cxr serve`: 1, 4 and 16 concurrent clients on loopback, each for a bounded time; then an explain-heavy
+level and a large-image level.
 
     .venv/bin/python benchmarks/bench_serve.py --model outputs/models/model.h5 [--seconds 20]
 
@@ -7,6 +8,12 @@ that many client threads, each posting one real X-ray per request (raw body, ima
 time is up. Prints images/s, p50/p95/p99 latency, errors (any status but 200), and the server's resident
 memory before the first level and after the last. Targets (issue 14, 2-core machine): >= 150 images/s at 16
 clients, p95 < 300 ms at 4, 0 errors, RSS growth < 50 MB. The clients share the server's 2 cores.
+
+Then two stress levels, each `--seconds` long, while a monitor samples the server's memory and times
+GET /health/live every 0.5 s: 48 clients asking for Grad-CAM (`explain=true`), and 4 clients each sending four
+7000 x 7000 16-bit grey PNGs per request (under the 50 MP limit, about 100 KB each: they compress well). Printed:
+answers by status (503 is the server shedding load, with Retry-After), images/s answered, the health check's
+p95 and worst latency, and the server's memory at the start, its peak and at the end.
 """
 
 import argparse
@@ -47,8 +54,14 @@ def start_server(model, port):
     raise SystemExit("the server did not get ready in 5 minutes")
 
 
-def load(url, bodies, clients, seconds):
-    """(latencies in seconds of the successful requests, error count, wall time) for `clients` threads."""
+def post_jpeg(session, url, body, params=None):
+    return session.post(url + "/v1/predict", data=body, headers={"Content-Type": "image/jpeg"}, params=params,
+                        timeout=120)
+
+
+def load(url, bodies, clients, seconds, send=post_jpeg, statuses=None):
+    """(latencies in seconds of the successful requests, error count, wall time) for `clients` threads, each
+    sending `send(session, url, body)` in a loop; `statuses`: a list that collects every answer's status."""
     latencies, errors, lock = [], [0], threading.Lock()
     stop = time.perf_counter() + seconds
 
@@ -60,8 +73,10 @@ def load(url, bodies, clients, seconds):
             i += clients
             start = time.perf_counter()
             try:
-                answer = session.post(url + "/v1/predict", data=body, headers={"Content-Type": "image/jpeg"}, timeout=30)
+                answer = send(session, url, body)
                 ok = answer.status_code == 200
+                if statuses is not None:
+                    statuses.append(answer.status_code)
             except requests.RequestException:
                 ok = False
             if ok:
@@ -79,6 +94,57 @@ def load(url, bodies, clients, seconds):
     for t in threads:
         t.join()
     return np.array(latencies), errors[0], time.perf_counter() - began
+
+
+def monitored(url, pid, run):
+    """`run()`'s result, and (health-check latencies in s, RSS samples in MB) taken while it ran."""
+    health, memory, done = [], [rss_mb(pid)], threading.Event()
+
+    def monitor():
+        while not done.is_set():
+            start = time.perf_counter()
+            try:
+                requests.get(url + "/health/live", timeout=30)
+                health.append(time.perf_counter() - start)
+            except requests.RequestException:
+                health.append(float("inf"))
+            memory.append(rss_mb(pid))
+            done.wait(0.5)
+
+    watcher = threading.Thread(target=monitor)
+    watcher.start()
+    try:
+        result = run()
+    finally:
+        done.set()
+        watcher.join()
+    memory.append(rss_mb(pid))
+    return result, np.array(health), np.array(memory)
+
+
+def big_png():
+    """A 7000 x 7000 16-bit grey PNG's bytes, flat regions as an X-ray export's borders (it compresses well)."""
+    import io
+
+    from PIL import Image
+
+    array = np.full((7000, 7000), 1000, np.uint16)
+    array[1750:3500] = 30000
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def stress(url, pid, name, clients, seconds, bodies, send, images_per_request=1):
+    from collections import Counter
+
+    statuses = []
+    (latencies, errors, wall), health, memory = monitored(
+        url, pid, lambda: load(url, bodies, clients, seconds, send, statuses))
+    counts = ", ".join(f"{n} x {status}" for status, n in sorted(Counter(statuses).items()))
+    print(f"| {name} | {clients} | {counts or 'none'} ({errors - (len(statuses) - len(latencies))} failed to "
+          f"connect) | {len(latencies) * images_per_request / wall:.1f} | {np.percentile(health, 95) * 1000:.0f} / "
+          f"{health.max() * 1000:.0f} | {memory[0]:.0f} / {memory.max():.0f} / {memory[-1]:.0f} |", flush=True)
 
 
 def main():
@@ -109,6 +175,18 @@ def main():
                   flush=True)
         after = rss_mb(process.pid)
         print(f"server RSS: {before:.0f} MB before, {after:.0f} MB after ({after - before:+.0f} MB)")
+        print("\n| stress level | clients | answers by status | images/s answered | /health/live p95 / max ms | "
+              "RSS MB start / peak / end |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        stress(url, process.pid, "explain=true", 48, args.seconds, bodies,
+               lambda session, url, body: post_jpeg(session, url, body, {"explain": "true"}))
+        png = big_png()
+
+        def four_big_pngs(session, url, body):
+            return session.post(url + "/v1/predict", timeout=300,
+                                files=[("files", (f"big{k}.png", png, "image/png")) for k in range(4)])
+        stress(url, process.pid, f"4 x 7000 x 7000 16-bit PNG ({len(png) // 1024} KB each)", 4, args.seconds,
+               bodies, four_big_pngs, images_per_request=4)
     finally:
         process.terminate()
         process.wait(timeout=30)

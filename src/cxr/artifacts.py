@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cxr.atomic import write_bytes, write_text
+from cxr.atomic import spreadsheet_safe, write_bytes, write_text
 from cxr.errors import UserError
 
 LOCK_FILE = ".cxr-lock"
@@ -41,6 +41,8 @@ class Outputs:
         """
         folders = (self.models, self.reports, self.plots, self.logs, self.cache) if training else (
             self.reports, self.plots, self.cache)
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"{self.root}: is a file, not a folder; give --output-dir a folder (new or existing)")
         try:
             for folder in folders:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -164,7 +166,7 @@ def _headline(metrics):
 
 def write_csv(rows, path):
     buffer = io.StringIO()
-    csv.writer(buffer).writerows(rows)
+    csv.writer(buffer).writerows([[spreadsheet_safe(cell) for cell in row] for row in rows])
     write_text(path, buffer.getvalue())
 
 

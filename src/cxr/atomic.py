@@ -62,3 +62,19 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula (OWASP)
+
+
+def spreadsheet_safe(value):
+    """`value` for a CSV cell: a text that a spreadsheet would run as a formula (a file named
+    '=HYPERLINK(...).jpeg') gets a leading apostrophe, as OWASP advises; numbers and other text are as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def from_spreadsheet_safe(text):
+    """The text `spreadsheet_safe` made a cell of, read back."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_STARTS) else text

@@ -65,6 +65,12 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="mod
         data_dir = labels[1]
     else:
         dataset = read_labelled_folder(data_dir, model.class_names, split="calibration")
+        missing = [name for name, n in dataset.counts()["calibration"].items() if n == 0]
+        if missing:
+            # a temperature fitted on one class only drives it to its bound: a confidently wrong copy
+            raise UserError(f"{data_dir}: the sample has no images of {', '.join(missing)}; a temperature and "
+                            "threshold can only be fitted on images of every class (20 or more each): add them "
+                            f"as {data_dir}/<Class>/ folders")
     refuse_training_run(outputs)
     outputs.prepare(training=False)
     outputs.models.mkdir(exist_ok=True)

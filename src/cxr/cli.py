@@ -194,7 +194,7 @@ def _add_train_options(parser):
     add("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the confidence intervals")
     add("--false-flag-rate", type=float, default=d.false_flag_rate,
         help="the population check flags this share of validation images as unlike the training images "
-             "(default 0.01): lower flags fewer images of the training population, and fewer of other ones")
+             "(default 0.005): lower flags fewer images of the training population, and fewer of other ones")
     add("--age-bands", type=age_bands, default=d.age_bands,
         help="the subgroup analysis's age band edges (default 18,40,60,80: 0-17, 18-39, 40-59, 60-79, 80+)")
     add("--strategy", choices=STRATEGIES, default=d.strategy,
@@ -216,6 +216,8 @@ def build_parser():
     predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
     predict.add_argument("--batch-size", type=count(1), default=64)
     predict.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    predict.add_argument("--skipped-list", type=Path, default=None, metavar="FILE",
+                         help="write every file that could not be predicted, and why, to this CSV")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved model on a folder of class subfolders")
     evaluate.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
@@ -291,7 +293,7 @@ def main(argv=None):
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # predict imports TensorFlow only to convert
             from cxr.predict import run_predict
 
-            print(run_predict(args.paths, args.model, args.format, args.batch_size, args.tta))
+            print(run_predict(args.paths, args.model, args.format, args.batch_size, args.tta, args.skipped_list))
         elif args.command == "evaluate":
             from cxr import run
             from cxr.evaluate import EvaluationOptions
@@ -343,9 +345,14 @@ def main(argv=None):
         print(f"cxr: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a write that failed after the first checks: a full disk, permissions changed
+        if error.errno in (errno.EEXIST, errno.ENOTDIR):
+            print(f"cxr: error: {error.filename or 'an output folder'}: a file is where cxr needs a folder; give "
+                  "an output folder path that is not a file", file=sys.stderr)
+            return 2
         hint = "free some space" if error.errno == errno.ENOSPC else "check that folder's permissions"
         print(f"cxr: error: {error.filename or 'an output file'}: {error.strerror}; {hint} and run again "
-              "(files already written are complete; nothing was left half-written)", file=sys.stderr)
+              "(finished outputs are complete and unfinished ones are temporary files the next run removes; "
+              "an interrupted training goes on from its last saved epoch with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cxr: interrupted; finished outputs are intact, unfinished ones were not written (an interrupted "

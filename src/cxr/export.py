@@ -37,6 +37,27 @@ def export(model_path, formats, output_dir):
     output_dir.mkdir(parents=True, exist_ok=True)
     for leftover in [*output_dir.glob(".export-*"), *output_dir.glob(f".{FORMATS['savedmodel']}.old-*")]:
         shutil.rmtree(leftover, ignore_errors=True)  # the work folders of an export that was killed
+    try:
+        written = _export(model, formats, output_dir, card)
+    except OSError:
+        raise  # the CLI names the file and says what to do
+    except Exception as error:
+        import tensorflow as tf
+
+        if not isinstance(error, tf.errors.OpError):
+            raise
+        # TensorFlow reports a full disk or a refused write in its own error type, the file's name inside it
+        reason = error.message.split(";")[-1].strip().splitlines()[0][:120] or type(error).__name__
+        hint = "free some space" if "space" in reason.lower() else "check that folder's permissions"
+        raise UserError(f"{output_dir}: could not write the export ({reason}); {hint} and run again (nothing of this "
+                        "export was left behind)") from None
+    write_json(output_dir / CARD_FILE, card)
+    return written + [output_dir / CARD_FILE]
+
+
+def _export(model, formats, output_dir, card):
+    """`export`'s writing: each format into a work folder inside `output_dir`, then into place; returns the
+    written paths and fills `card["exports"]`."""
     written = []
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as work:
         saved_model_dir = Path(work) / FORMATS["savedmodel"]
@@ -62,8 +83,7 @@ def export(model_path, formats, output_dir):
                            "converter": f"tf2onnx {package_version('tf2onnx')}"}
             card["exports"][fmt] = {"path": FORMATS[fmt], **names, **details}
             written.append(target)
-    write_json(output_dir / CARD_FILE, card)
-    return written + [output_dir / CARD_FILE]
+    return written
 
 
 def _card_to_extend(output_dir, model):

@@ -23,7 +23,6 @@ from cxr.atomic import atomic_path
 from cxr.errors import UserError
 
 POPULATION_FILE = "population.npz"
-FALSE_FLAG_RATE = 0.01  # the default share of validation images flagged: the check's false alarms at home
 UNAVAILABLE = ("this model was saved without a population check (trained before cxr had one): its answers can't "
                "say whether an image is unlike its training images; train it again to get the check")
 
@@ -128,7 +127,7 @@ class Population:
         return population
 
 
-def fit(train_features, val_features, taps, dims, false_flag_rate=FALSE_FLAG_RATE):
+def fit(train_features, val_features, taps, dims, false_flag_rate):
     """The population check of training images' (n, sum(dims)) features (the layers `taps`, `dims` features each), standardised and thresholded on
     validation images' features so that `false_flag_rate` of them are flagged."""
     from sklearn.covariance import LedoitWolf

@@ -6,12 +6,14 @@ import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cxr.data.decode import IMAGE_KINDS, describe_skipped, is_image_file, try_decode
+from cxr.data.decode import IMAGE_KINDS, UnreadableImage, decode, describe_skipped, image_warnings, is_image_file
 from cxr.data.split import walk_files
+from cxr.atomic import spreadsheet_safe
 from cxr.errors import UserError, warn
 from cxr.saved_model import SavedModel
 
@@ -29,39 +31,72 @@ def list_inputs(paths):
             if not is_image_file(path):
                 raise UserError(f"{path}: not an image file; give {IMAGE_KINDS} files or a folder")
             files.append(path)
+        elif path.exists():
+            raise UserError(f"{path}: not a regular file (a FIFO, socket or device); give {IMAGE_KINDS} files or "
+                            "a folder")
         else:
             raise UserError(f"{path}: no such file or folder")
     return files
 
 
+@dataclass
+class Predictions:
+    """What `predict_files` found: the readable `files` in order, their calibrated `probabilities` (n, classes),
+    `labels` (n,) (multi-label: (n, findings) 0/1), `warnings` (n lists of sentences: why an image may not be the
+    X-ray the model expects, as the server says them), the population `check` (None for a model without one),
+    and the `skipped` files: {path: why it could not be used}."""
+    files: list
+    probabilities: np.ndarray
+    labels: np.ndarray
+    warnings: list
+    check: object
+    skipped: dict
+
+
+def decode_with_warnings(path, size):
+    """(pixels, None, [warnings]) for a readable image, (None, why not, []) otherwise."""
+    try:
+        image = decode(path, size)
+    except UnreadableImage as error:
+        return None, str(error).removeprefix(f"{path}: "), []
+    return image.pixels, None, image_warnings(image, size)
+
+
 def predict_files(model, files, batch_size=64, tta=False):
-    """The readable files, in order, and for them: calibrated probabilities (n, classes), labels (n,) and the
-    population check (a `population.PopulationCheck`, None for a model without one), saying on stderr how many
-    images it flagged.
+    """`Predictions` for the image files `files`, saying on stderr which files were skipped, each readable image's
+    warnings and how many images the population check flagged.
 
     `model` is a `SavedModel`. The next chunk of files is decoded in threads while the model runs on this one.
     """
     size = model.predictor().input_shape[1]
     chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
-    raw, features, readable, unreadable = [], [], [], {}
+    raw, features, readable, warnings, skipped = [], [], [], [], {}
     with ThreadPoolExecutor() as pool:
-        pending = [pool.submit(try_decode, path, size) for path in chunks[0]] if chunks else []
+        pending = [pool.submit(decode_with_warnings, path, size) for path in chunks[0]] if chunks else []
         for k, chunk in enumerate(chunks):
             results = [future.result() for future in pending]
-            pending = [pool.submit(try_decode, path, size) for path in chunks[k + 1]] if k + 1 < len(chunks) else []
-            batch = [img for img, _ in results if img is not None]
-            readable += [p for p, (img, _) in zip(chunk, results) if img is not None]
-            unreadable |= {p: reason for p, (img, reason) in zip(chunk, results) if img is None}
+            pending = ([pool.submit(decode_with_warnings, path, size) for path in chunks[k + 1]]
+                       if k + 1 < len(chunks) else [])
+            batch = [pixels for pixels, _, _ in results if pixels is not None]
+            for path, (pixels, reason, notes) in zip(chunk, results):
+                if pixels is None:
+                    skipped[path] = reason
+                else:
+                    readable.append(path)
+                    warnings.append(notes)
             if batch:
                 outputs, taps = model.raw_outputs(np.stack(batch), batch_size=len(batch), tta=tta)
                 raw.append(outputs)
                 features.append(taps)
-    if unreadable:
-        warn(f"skipped {len(unreadable)} unreadable or refused images: {describe_skipped(unreadable)}")
+    if skipped:
+        warn(f"skipped {len(skipped)} unreadable or refused images: {describe_skipped(skipped)}")
+    for path, notes in zip(readable, warnings):
+        if notes:
+            warn(f"{path}: {'; '.join(notes)}")
     probabilities, labels = model.calibrate(np.concatenate(raw) if raw else np.zeros((0, len(model.class_names))))
     check = model.check_population(np.concatenate(features)) if features else None
     warn_population(check, len(readable))
-    return readable, probabilities, labels, check
+    return Predictions(readable, probabilities, labels, warnings, check, skipped)
 
 
 def warn_population(check, n_images):
@@ -94,30 +129,30 @@ def population_fields(check, k):
     return check.record(k) if check is not None else dict.fromkeys(POPULATION_FIELDS)
 
 
-def format_predictions(files, probabilities, labels, class_names, fmt="table", multi_label=False, check=None):
-    """One record per file: the label, its probability and every class's probability; for a multi-label model
-    the findings called (`positive_findings`, joined by '|' as the label) and every finding's probability. Each
-    also carries the population check (`check`: "in_distribution", its score and percentile; None without)."""
-    if multi_label:
-        records = []
-        for k, (p, prob, called) in enumerate(zip(files, probabilities, labels)):
-            found = called_findings(prob, called, class_names)
-            records.append({"path": str(p), "label": "|".join(found) or NONE_CALLED, "positive_findings": found,
-                            **population_fields(check, k),
-                            **{f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}})
-        columns = ["path", "label", *POPULATION_FIELDS]
-    else:
-        records = [{"path": str(p), "label": class_names[label], "probability": float(prob[label]),
-                    **population_fields(check, k), **{f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}}
-                   for k, (p, label, prob) in enumerate(zip(files, labels, probabilities))]
-        columns = ["path", "label", "probability", *POPULATION_FIELDS]
+def format_predictions(predictions, class_names, fmt="table", multi_label=False):
+    """One record per file of `predictions` (`Predictions`): the label, its probability and every class's
+    probability; for a multi-label model the findings called (`positive_findings`, joined by '|' as the label)
+    and every finding's probability. Each also carries the population check ("in_distribution", its score and
+    percentile; None without one) and the image's warnings (csv: joined by '; ')."""
+    check, records = predictions.check, []
+    for k, (p, prob, label, notes) in enumerate(zip(predictions.files, predictions.probabilities, predictions.labels,
+                                                    predictions.warnings)):
+        if multi_label:
+            found = called_findings(prob, label, class_names)
+            record = {"path": str(p), "label": "|".join(found) or NONE_CALLED, "positive_findings": found}
+        else:
+            record = {"path": str(p), "label": class_names[label], "probability": float(prob[label])}
+        records.append(record | population_fields(check, k) | {"warnings": notes}
+                       | {f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)})
+    columns = ["path", "label", *([] if multi_label else ["probability"]), *POPULATION_FIELDS, "warnings"]
     if fmt == "json":
         return json.dumps(records, indent=2)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=[*columns, *(f"p_{n}" for n in class_names)], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows({k: spreadsheet_safe("; ".join(v) if k == "warnings" else v) for k, v in r.items()}
+                         for r in records)
         return buffer.getvalue().rstrip("\n")
     width = max([len(r["path"]) for r in records] + [4])
 
@@ -134,12 +169,34 @@ def format_predictions(files, probabilities, labels, class_names, fmt="table", m
     return "\n".join(lines)
 
 
-def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False):
+def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False, skipped_list=None):
+    """The predictions for the images `paths` name, formatted; `skipped_list`: a CSV file to write every skipped
+    file and the reason into. UserError when no image could be predicted."""
     files = list_inputs(paths)
     model = SavedModel.load(model_path)
     model.predictor()  # LiteRT whenever it can run the model: the conversion is cached for the next call
-    readable, probabilities, labels, check = predict_files(model, files, batch_size, tta)
-    return format_predictions(readable, probabilities, labels, model.class_names, fmt, model.multi_label, check)
+    predictions = predict_files(model, files, batch_size, tta)
+    if skipped_list is not None:
+        write_skipped(skipped_list, predictions.skipped)
+    if not predictions.files:
+        more = f" (every one listed in {skipped_list})" if skipped_list else "; --skipped-list FILE lists them all"
+        raise UserError(f"none of the {len(files)} images could be predicted: {describe_skipped(predictions.skipped)}"
+                        f"{more}")
+    return format_predictions(predictions, model.class_names, fmt, model.multi_label)
+
+
+def write_skipped(path, skipped):
+    """A CSV of every skipped file and why (`skipped`: {path: reason})."""
+    from cxr.atomic import write_text
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "reason"])
+    writer.writerows([spreadsheet_safe(str(p)), spreadsheet_safe(reason)] for p, reason in skipped.items())
+    try:
+        write_text(Path(path), buffer.getvalue())
+    except OSError as error:
+        raise UserError(f"--skipped-list {path}: can't write it ({error.strerror}); choose another file") from None
 
 
 EXPLAINED_FINDINGS = 3  # a multi-label model's default: the findings called, most probable first, at most this many
@@ -179,7 +236,9 @@ def run_explain(paths, model_path, output_dir, class_name=None, tta=False):
     if class_name is not None and class_name not in class_names:
         raise UserError(f"--class {class_name!r} is not one of the model's classes ({', '.join(class_names)})")
     model.predictor(n_images=len(files) * (2 if tta else 1))
-    readable, probabilities, labels, check = predict_files(model, files, tta=tta)
+    predictions = predict_files(model, files, tta=tta)
+    readable, probabilities, labels, check = (predictions.files, predictions.probabilities, predictions.labels,
+                                              predictions.check)
     size = model.keras_model.input_shape[1]
     written = []
     names = overlay_names(readable)

@@ -33,6 +33,10 @@ MAX_BATCH = 32
 # A 43 cm flat-panel detector at 0.14 mm pixels gives about 9.5 MP; a decompression bomb needs far more.
 MAX_PIXELS = 50_000_000
 MAX_FILES = 64  # per request
+# Images decoded at once, whatever the number of requests: a 50 MP 16-bit image takes about 300 MB while it
+# decodes (benchmarks/README.md, "bench_serve.py"), so this bounds the server's decoding memory
+DECODE_SLOTS = 4
+MAX_EXPLAIN_REQUESTS = 4  # Grad-CAM requests answered or waiting at once; more get 503 with Retry-After
 MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png", b"BM": "image/bmp"}
 DICOM = "application/dicom"
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
@@ -174,6 +178,9 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
 
     classifier = Classifier(model)
     card = describe(model)
+    # Grad-CAM runs one at a time on the Keras model: requests past this many get 503 instead of a thread each
+    explaining = {"requests": 0}
+    decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -214,17 +221,19 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
             raise HTTPException(503, classifier.error or "the model is still loading; retry when /health/ready "
                                                          "answers 200", headers={"Retry-After": "5"})
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page():
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
+    async def page():
         return resources.files("cxr").joinpath("static/index.html").read_text(encoding="utf-8")
 
+    # The health checks run on the event loop itself, not in the thread pool that decoding and Grad-CAM keep busy:
+    # they answer at once under any load
     @app.get("/health/live", tags=["health"])
-    def live():
+    async def live():
         """The process answers."""
         return {"status": "live"}
 
     @app.get("/health/ready", tags=["health"])
-    def ready():
+    async def ready():
         """The model is loaded (and converted to LiteRT where that runs it): predictions will be answered."""
         require_ready()
         return {"status": "ready", "engine": model.engine}
@@ -242,13 +251,35 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
         field name, `files` in the examples) or one image as the body with its content type. `explain=true` adds
         each image's Grad-CAM overlay as a PNG data URI, and for DICOM the image as cxr rendered it (`image`)."""
         require_ready()
+        if explain and explaining["requests"] >= MAX_EXPLAIN_REQUESTS:
+            raise HTTPException(503, f"busy: {MAX_EXPLAIN_REQUESTS} Grad-CAM requests are being answered; retry "
+                                     "shortly, or ask without explain=true", headers={"Retry-After": "2"})
+        explaining["requests"] += explain
+        try:
+            return await answer(request, explain)
+        finally:
+            explaining["requests"] -= explain
+
+    async def answer(request, explain):
+        """Every image's answer, in the order sent; an image that can't be used gets its own status and detail
+        beside the others' predictions, and a request none of whose images can be used gets the first one's
+        error status."""
         uploads = await read_uploads(request)
-        decoded = await asyncio.gather(*(run_in_threadpool(decode_upload, name, data) for name, data in uploads))
-        outputs = await asyncio.gather(*(asyncio.wrap_future(classifier.outputs(d.pixels)) for d, _ in decoded))
+        attempts = await asyncio.gather(*(run_in_threadpool(decode_upload, name, data) for name, data in uploads),
+                                        return_exceptions=True)
+        failures = [a for a in attempts if isinstance(a, BaseException)]
+        if len(failures) == len(attempts):
+            raise failures[0]
+        for failure in failures:
+            if not isinstance(failure, HTTPException):
+                raise failure
+        usable = [(k, upload, a) for k, (upload, a) in enumerate(zip(uploads, attempts))
+                  if not isinstance(a, BaseException)]
+        outputs = await asyncio.gather(*(asyncio.wrap_future(classifier.outputs(d.pixels)) for _, _, (d, _) in usable))
         probabilities, labels = model.calibrate(np.stack([raw for raw, _ in outputs]))
         check = model.check_population(np.stack([taps for _, taps in outputs]))
-        predictions = []
-        for k, ((name, data), (image, warnings), p, label) in enumerate(zip(uploads, decoded, probabilities, labels)):
+        answered = {}
+        for k, ((sent, (name, data), (image, warnings)), p, label) in enumerate(zip(usable, probabilities, labels)):
             record = prediction_record(name, p, label, warnings) | population_fields(check, k)
             if explain:
                 target = explained_classes(model, p, label)[0]
@@ -257,7 +288,10 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
                 record["overlay_class"] = model.class_names[target]
                 if sniff(data) == DICOM:  # browsers can't show DICOM: the page shows it as cxr rendered it
                     record["image"] = png_data_uri(shown)
-            predictions.append(record)
+            answered[sent] = record
+        predictions = [answered[k] if k in answered else
+                       {"filename": name, "status": a.status_code, "error": HTTPStatus(a.status_code).phrase.lower()
+                        .replace(" ", "_"), "detail": a.detail} for k, ((name, _), a) in enumerate(zip(uploads, attempts))]
         return {"model_sha256": model.sha256, "predictions": predictions}
 
     async def read_uploads(request):
@@ -278,7 +312,8 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
             raise HTTPException(415, f"{name}: not a JPEG, PNG, BMP or DICOM image (judged by its bytes, not its "
                                      "name or content type)")
         try:
-            image = decode(data, model.img_size, max_pixels, name=name)
+            with decoding:
+                image = decode(data, model.img_size, max_pixels, name=name)
         except ImageTooLarge as error:
             raise HTTPException(413, f"{error}; downscale it first") from None
         except RefusedImage as error:

@@ -105,6 +105,12 @@ def decode(source, size, max_pixels=None, name=None):
     """
     if name is None:
         name = "the uploaded image" if isinstance(source, (bytes, bytearray)) else source
+    try:
+        empty = len(source) == 0 if isinstance(source, (bytes, bytearray)) else Path(source).stat().st_size == 0
+    except OSError as error:
+        raise UnreadableImage(f"{name}: {error.strerror}") from None
+    if empty:
+        raise UnreadableImage(f"{name}: an empty file (0 bytes)")
     if is_dicom_file(source):
         return _decode_dicom(source, size, max_pixels, name)
     try:
@@ -117,14 +123,26 @@ def decode(source, size, max_pixels=None, name=None):
             if img.getexif().get(ORIENTATION, 1) != 1:  # a phone's or camera's export, shown as it was taken
                 img = ImageOps.exif_transpose(img)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                array = np.clip(np.asarray(img, dtype=np.float64), 0, None)
-                top = full_scale(source, array)
-                img = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+                img = Image.fromarray(_high_depth_to_uint8(source, np.asarray(img), size))
             return DecodedImage(_resized(img, size), width, height, mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(f"{name}: {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError) as error:  # UnidentifiedImageError is an OSError
         if isinstance(error, ImageTooLarge):
             raise
         raise UnreadableImage(f"{name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
+def _high_depth_to_uint8(source, array, size):
+    """A 16-bit (or 32-bit, float) grey image `array` scaled to 0-255 (`full_scale`) and, when it is more than twice
+    the model's `size`, averaged over blocks first: at full size its float copy would take eight bytes a pixel
+    (a 7000 x 7000 export, 400 MB), and the resize that follows averages as much anyway."""
+    top = full_scale(source, array)
+    factor = min(array.shape[:2]) // (2 * size)
+    if factor > 1:
+        h, w = array.shape[0] // factor * factor, array.shape[1] // factor * factor
+        array = array[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+    return np.clip(np.asarray(array, dtype=np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _decode_dicom(source, size, max_pixels, name):

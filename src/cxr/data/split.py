@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.atomic import write_json
+from cxr.atomic import from_spreadsheet_safe, write_json
 from cxr.data.dataset import Dataset
 from cxr.data import dicom
 from cxr.data.decode import IMAGE_KINDS, is_dicom_file, is_image_file
@@ -50,9 +50,13 @@ def list_class_folders(folder):
     return classes
 
 
+_SKIPPED_SPECIAL = set()  # non-regular files already warned about (folders are walked more than once)
+
+
 def walk_files(folder):
-    """Every file under `folder`, sorted: symlinked folders are followed (each real folder once, so a link
-    loop ends), hidden files and folders (.ipynb_checkpoints/) are left out."""
+    """Every regular file under `folder`, sorted: symlinked folders are followed (each real folder once, so a
+    link loop ends), hidden files and folders (.ipynb_checkpoints/) are left out, and so are FIFOs, sockets and
+    devices (reading a FIFO would wait forever), with a warning."""
     seen, found = set(), []
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -61,7 +65,15 @@ def walk_files(folder):
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(root) / f for f in files if not f.startswith(".")]
+        for name in files:
+            path = Path(root) / name
+            if name.startswith("."):
+                continue
+            if path.is_file():
+                found.append(path)
+            elif path.exists() and path not in _SKIPPED_SPECIAL:  # a broken link is left out silently
+                _SKIPPED_SPECIAL.add(path)
+                warn(f"{path}: not a regular file (a FIFO, socket or device); skipped")
     return sorted(found)
 
 
@@ -382,7 +394,8 @@ def read_splits_csv(path, class_names, split):
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("split") == split]
+            rows = [{k: from_spreadsheet_safe(v) for k, v in r.items()} for r in csv.DictReader(f)
+                    if r.get("split") == split]
     except OSError as error:
         raise UserError(f"{path}: can't read it ({error.strerror}); give a training run's reports/splits.csv") from None
     if not rows:

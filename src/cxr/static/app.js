@@ -161,7 +161,10 @@ async function classify(files) {
   try {
     const answer = await call("/v1/predict?explain=true", { method: "POST", body: form });
     const results = document.getElementById("results");
-    answer.predictions.forEach((prediction, k) => results.prepend(renderPrediction(files[k], prediction)));
+    answer.predictions.forEach((prediction, k) => results.prepend(prediction.detail && !prediction.label
+      ? el("article", { class: "result refused", "data-filename": prediction.filename },
+           el("p", { class: "warnings" }, `${prediction.filename}: ${prediction.detail}`))
+      : renderPrediction(files[k], prediction)));
     status.textContent = `Done: ${files.length} image${files.length > 1 ? "s" : ""}.`;
   } catch (error) {
     status.className = "error";
