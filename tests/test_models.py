@@ -157,3 +157,23 @@ def test_test_time_scales_default_to_the_backbones_and_are_checked():
                                                "1"])).test_time_scales == [1.0]
     with pytest.raises(UserError, match="--test-time-scales"):
         Config(test_time_scales=[0.1]).validate()
+
+
+def test_the_population_taps_leave_the_outputs_as_they_are(tmp_path):
+    """models.with_population_taps rebuilds a model with test-time scales: its outputs must stay the model's, in
+    this process and after an .h5 round trip (a rebuild once lost the input normalisation's statistics)."""
+    from cxr.models import with_population_taps, with_test_time_scales
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=64)
+    x = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+    taps = backbones.population_taps("efficientnet-lite0")
+    for scales in ([1.0], [0.9, 1.0]):
+        views = with_test_time_scales(model, scales)
+        views.save(tmp_path / "model.h5")
+        restored = keras.models.load_model(tmp_path / "model.h5", compile=False)
+        expected = views.predict(x, verbose=0)
+        for source in (views, restored):
+            outputs = with_population_taps(source, taps, scales).predict(x, verbose=0)
+            np.testing.assert_allclose(outputs[:, :2], expected, atol=1e-5)
+            assert outputs.shape[1] == 2 + 80 + 112 + 192 + 1280  # Lite0's blocks 4c, 5c, 6d and last feature map

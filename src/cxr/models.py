@@ -154,6 +154,9 @@ def with_population_taps(model, taps, scales=(1.0,)):
     # from the flat classifier, they would belong to that one's)
     rebuilt = keras.Model.from_config(model.get_config())
     rebuilt.set_weights(model.get_weights())
+    for layer in rebuilt.layers:
+        if isinstance(layer, keras.layers.Normalization):
+            layer.finalize_state()  # its statistics are weights: only this reads them into what it computes with
     model = rebuilt
     preprocessing, feature_map = _preprocessing_and_feature_map(model)
     tapped = keras.Model(feature_map.input, [*(feature_map.get_layer(t).output for t in taps), feature_map.output],
