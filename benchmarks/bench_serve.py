@@ -12,8 +12,9 @@ clients, p95 < 300 ms at 4, 0 errors, RSS growth < 50 MB. The clients share the 
 Then two stress levels, each `--seconds` long, while a monitor samples the server's memory and times
 GET /health/live every 0.5 s: 48 clients asking for Grad-CAM (`explain=true`), and 4 clients each sending four
 7000 x 7000 16-bit grey PNGs per request (under the 50 MP limit, about 100 KB each: they compress well). Printed:
-answers by status (503 is the server shedding load, with Retry-After), images/s answered, the health check's
-p95 and worst latency, and the server's memory at the start, its peak and at the end.
+answers by status (503 is the server shedding load, with Retry-After, which the clients wait out), images/s
+answered, the health check's p95 and worst latency, and the server's memory through the level and at its peak.
+`--levels` picks which run (default: all).
 """
 
 import argparse
@@ -77,6 +78,8 @@ def load(url, bodies, clients, seconds, send=post_jpeg, statuses=None):
                 ok = answer.status_code == 200
                 if statuses is not None:
                     statuses.append(answer.status_code)
+                if answer.status_code == 503 and "Retry-After" in answer.headers:  # as a well-behaved client does
+                    time.sleep(min(float(answer.headers["Retry-After"]), max(0.0, stop - time.perf_counter())))
             except requests.RequestException:
                 ok = False
             if ok:
@@ -142,9 +145,10 @@ def stress(url, pid, name, clients, seconds, bodies, send, images_per_request=1)
     (latencies, errors, wall), health, memory = monitored(
         url, pid, lambda: load(url, bodies, clients, seconds, send, statuses))
     counts = ", ".join(f"{n} x {status}" for status, n in sorted(Counter(statuses).items()))
+    quarters = " / ".join(f"{memory[round(q * (len(memory) - 1))]:.0f}" for q in (0, 0.25, 0.5, 0.75, 1))
     print(f"| {name} | {clients} | {counts or 'none'} ({errors - (len(statuses) - len(latencies))} failed to "
           f"connect) | {len(latencies) * images_per_request / wall:.1f} | {np.percentile(health, 95) * 1000:.0f} / "
-          f"{health.max() * 1000:.0f} | {memory[0]:.0f} / {memory.max():.0f} / {memory[-1]:.0f} |", flush=True)
+          f"{health.max() * 1000:.0f} | {quarters} (peak {memory.max():.0f}) |", flush=True)
 
 
 def main():
@@ -153,6 +157,8 @@ def main():
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="a folder of X-rays (JPEG) to send")
     parser.add_argument("--seconds", type=float, default=20, help="per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--levels", nargs="+", default=["clients", "explain", "large"],
+                        choices=["clients", "explain", "large"])
     args = parser.parse_args()
 
     files = sorted(args.images.rglob("*.jpeg"))[::25][:200]
@@ -166,20 +172,24 @@ def main():
         before = rss_mb(process.pid)
         print(f"cxr serve {args.model} on {os.cpu_count()} CPUs; {len(bodies)} X-rays "
               f"({np.mean([len(b) for b in bodies]) / 1024:.0f} KB mean), one per request, {args.seconds:g} s per level")
-        print("| clients | images/s | p50 ms | p95 ms | p99 ms | errors |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for clients in args.clients:
-            latencies, errors, wall = load(url, bodies, clients, args.seconds)
-            p50, p95, p99 = np.percentile(latencies * 1000, [50, 95, 99]) if len(latencies) else (np.nan,) * 3
-            print(f"| {clients} | {len(latencies) / wall:.1f} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {errors} |",
-                  flush=True)
-        after = rss_mb(process.pid)
-        print(f"server RSS: {before:.0f} MB before, {after:.0f} MB after ({after - before:+.0f} MB)")
+        if "clients" in args.levels:
+            print("| clients | images/s | p50 ms | p95 ms | p99 ms | errors |")
+            print("| --- | --- | --- | --- | --- | --- |")
+            for clients in args.clients:
+                latencies, errors, wall = load(url, bodies, clients, args.seconds)
+                p50, p95, p99 = np.percentile(latencies * 1000, [50, 95, 99]) if len(latencies) else (np.nan,) * 3
+                print(f"| {clients} | {len(latencies) / wall:.1f} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {errors} |",
+                      flush=True)
+            after = rss_mb(process.pid)
+            print(f"server RSS: {before:.0f} MB before, {after:.0f} MB after ({after - before:+.0f} MB)")
         print("\n| stress level | clients | answers by status | images/s answered | /health/live p95 / max ms | "
-              "RSS MB start / peak / end |")
+              "RSS MB at 0 / 25 / 50 / 75 / 100 % of the level |")
         print("| --- | --- | --- | --- | --- | --- |")
-        stress(url, process.pid, "explain=true", 48, args.seconds, bodies,
-               lambda session, url, body: post_jpeg(session, url, body, {"explain": "true"}))
+        if "explain" in args.levels:
+            stress(url, process.pid, "explain=true", 48, args.seconds, bodies,
+                   lambda session, url, body: post_jpeg(session, url, body, {"explain": "true"}))
+        if "large" not in args.levels:
+            return
         png = big_png()
 
         def four_big_pngs(session, url, body):

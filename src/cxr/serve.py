@@ -9,14 +9,16 @@ a thread pool, so the server answers exactly as `cxr predict` does.
 
 import asyncio
 import base64
+import functools
 import io
 import ipaddress
+import os
 import queue
 import secrets
 import socket
 import sys
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from importlib import resources
@@ -24,7 +26,7 @@ from importlib import resources
 import numpy as np
 
 from cxr.data.decode import ImageTooLarge, RefusedImage, UnreadableImage, decode, image_warnings
-from cxr.data.dicom import has_dicom_marker
+from cxr.data.dicom import is_dicom
 from cxr.errors import UserError, warn
 from cxr.model_card import describe
 from cxr.predict import NONE_CALLED, called_findings, explained_classes, population_fields
@@ -33,9 +35,9 @@ MAX_BATCH = 32
 # A 43 cm flat-panel detector at 0.14 mm pixels gives about 9.5 MP; a decompression bomb needs far more.
 MAX_PIXELS = 50_000_000
 MAX_FILES = 64  # per request
-# Images decoded at once, whatever the number of requests: a 50 MP 16-bit image takes about 300 MB while it
-# decodes (benchmarks/README.md, "bench_serve.py"), so this bounds the server's decoding memory
-DECODE_SLOTS = 4
+# Images decoded at once, whatever the number of requests (more than the cores would not decode faster): a 50 MP
+# 16-bit image takes about 300 MB while it decodes, so this bounds the server's decoding memory
+DECODE_SLOTS = min(4, os.cpu_count() or 1)
 MAX_EXPLAIN_REQUESTS = 4  # Grad-CAM requests answered or waiting at once; more get 503 with Retry-After
 MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png", b"BM": "image/bmp"}
 DICOM = "application/dicom"
@@ -45,7 +47,8 @@ PREDICT_BODY = {  # the request body in /docs: FastAPI can't infer a body the en
     "required": True,
     "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}},
+            "required": ["files"]}},
         **{kind: {"schema": {"type": "string", "format": "binary"}} for kind in [*MAGIC.values(), DICOM]},
     },
 }
@@ -53,7 +56,7 @@ PREDICT_BODY = {  # the request body in /docs: FastAPI can't infer a body the en
 
 def sniff(data):
     """The image type that `data` (bytes) is by its content (a DICOM file: 'DICM' after its preamble), or None."""
-    if has_dicom_marker(data):
+    if is_dicom(data):
         return DICOM
     return next((kind for magic, kind in MAGIC.items() if data.startswith(magic)), None)
 
@@ -66,7 +69,10 @@ class Classifier:
         self.ready = threading.Event()
         self.error = None
         self._requests = queue.SimpleQueue()
-        self._keras_lock = threading.Lock()  # Grad-CAM: one at a time, and the Keras model loaded once
+        self._keras_lock = threading.Lock()  # the Keras model loaded once
+        # Grad-CAM runs on one thread of its own: one image at a time (more would only share the cores), and not
+        # on the request threads, whose many allocator arenas made a server under an explain load keep growing
+        self._explainer = ThreadPoolExecutor(1, thread_name_prefix="cxr-gradcam")
 
     def start(self):
         threading.Thread(target=self._work, name="cxr-model", daemon=True).start()
@@ -79,8 +85,11 @@ class Classifier:
         return future
 
     def explain(self, data, pixels, target):
-        """(the uploaded image decoded at 512 px or more, the Grad-CAM map of class index `target` over it), both
-        uint8 RGB arrays; `pixels` is the model's input decoded from the same bytes `data`."""
+        """A Future of (the uploaded image decoded at 512 px or more, the Grad-CAM map of class index `target` over
+        it), both uint8 RGB arrays; `pixels` is the model's input decoded from the same bytes `data`."""
+        return self._explainer.submit(self._explain, data, pixels, target)
+
+    def _explain(self, data, pixels, target):
         from cxr.evaluate import gradcam
 
         with self._keras_lock:
@@ -155,6 +164,33 @@ class UploadLimit:
         await self.app(scope, counted_receive, send)
 
 
+ERROR_MEANINGS = {
+    400: "an image that can't be decoded (the detail names it)",
+    401: "a missing or wrong API key",
+    413: "a request over --max-upload-mb, or an image over the pixel limit (a decompression bomb)",
+    415: "a file that is not a JPEG, PNG, BMP or DICOM image (judged by its bytes)",
+    422: "bad parameters, no image in the request, or a DICOM the model may not classify",
+    503: "the model is still loading, or too many Grad-CAM requests are being answered (see Retry-After)",
+}
+
+
+def errors(*statuses):
+    """The OpenAPI `responses` of an endpoint that can answer these error statuses, in `error_response`'s shape
+    (FastAPI would otherwise document its own validation-error shape for 422, which this API never sends)."""
+    return {status: {"model": _error_model(), "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+@functools.cache
+def _error_model():
+    from pydantic import BaseModel
+
+    class Error(BaseModel):
+        error: str  # the status in words: "payload_too_large"
+        detail: str  # what went wrong and what to do
+
+    return Error
+
+
 def error_response(status, detail, headers=None):
     """The API's one error shape: {"error": "payload_too_large", "detail": "what went wrong and what to do"}."""
     from fastapi.responses import JSONResponse
@@ -170,9 +206,9 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
     from fastapi.responses import HTMLResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from fastapi.staticfiles import StaticFiles
-    from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     import cxr
 
@@ -180,18 +216,31 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
     card = describe(model)
     # Grad-CAM runs one at a time on the Keras model: requests past this many get 503 instead of a thread each
     explaining = {"requests": 0}
-    decoding = threading.BoundedSemaphore(DECODE_SLOTS)
+    # Uploads decode on threads of their own, a few at once: on the request threads, each large image left memory
+    # behind in another thread's allocator arena, and a server under a load of large images kept growing
+    decoder = ThreadPoolExecutor(DECODE_SLOTS, thread_name_prefix="cxr-decode")
 
     @asynccontextmanager
     async def lifespan(app):
         classifier.start()
         yield
 
-    app = FastAPI(title="cxr", version=cxr.__version__, lifespan=lifespan,
+    # docs_url=None: FastAPI's own /docs loads Swagger UI from a CDN; cxr serves its copy (static/swagger/), so the
+    # API docs work offline, as the page does
+    app = FastAPI(title="cxr", version=cxr.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Chest X-ray classification with a model trained by cxr. Decision support only: "
                               "not a substitute for the judgement of a radiologist or clinician.")
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
     app.mount("/static", StaticFiles(packages=[("cxr", "static")]), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def api_docs():
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="cxr API",
+                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger/favicon-32x32.png")
     bearer = HTTPBearer(auto_error=False, description=f"the server's --api-key (or ${API_KEY_VARIABLE})")
 
     @app.exception_handler(StarletteHTTPException)
@@ -203,9 +252,17 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         return error_response(422, problems)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, error):
+        # the client closed the connection before sending all it announced (a body shorter than its
+        # Content-Length): nobody is left to read an answer
+        warn(f"{request.method} {request.url.path}: the client disconnected before sending the whole request")
+        return error_response(400, "the request body ended before its Content-Length; send the whole file")
+
     @app.exception_handler(Exception)
     async def server_error(request, error):
-        warn(f"{request.method} {request.url.path} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        warn(f"{request.method} {request.url.path} failed: {type(error).__name__}: {first_line}")
         return error_response(500, "the server failed on this request; its log says why")
 
     def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
@@ -232,19 +289,24 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
         """The process answers."""
         return {"status": "live"}
 
-    @app.get("/health/ready", tags=["health"])
+    @app.get("/health/ready", tags=["health"], responses=errors(503))
     async def ready():
         """The model is loaded (and converted to LiteRT where that runs it): predictions will be answered."""
         require_ready()
         return {"status": "ready", "engine": model.engine}
 
-    @app.get("/v1/model", tags=["model"], dependencies=[Depends(require_key)])
+    # Without a key the API is open, and its spec says so: a bearer scheme is declared only where one is asked for
+    guarded = [Depends(require_key)] if api_key is not None else []
+    auth_errors = (401,) if api_key is not None else ()
+
+    @app.get("/v1/model", tags=["model"], dependencies=guarded, responses=errors(*auth_errors))
     def model_card():
         """Classes, input, operating point and where it was fitted, training data and test metrics with CIs,
         versions, and the model file's SHA-256."""
         return card | {"engine": model.engine}
 
-    @app.post("/v1/predict", tags=["model"], dependencies=[Depends(require_key)],
+    @app.post("/v1/predict", tags=["model"], dependencies=guarded,
+              responses=errors(400, *auth_errors, 413, 415, 422, 503),
               openapi_extra={"requestBody": PREDICT_BODY})
     async def predict(request: Request, explain: bool = False):
         """Label and calibrated probabilities for each image (JPEG, PNG, BMP or DICOM): multipart files (any
@@ -265,8 +327,8 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
         beside the others' predictions, and a request none of whose images can be used gets the first one's
         error status."""
         uploads = await read_uploads(request)
-        attempts = await asyncio.gather(*(run_in_threadpool(decode_upload, name, data) for name, data in uploads),
-                                        return_exceptions=True)
+        attempts = await asyncio.gather(*(asyncio.wrap_future(decoder.submit(decode_upload, name, data))
+                                          for name, data in uploads), return_exceptions=True)
         failures = [a for a in attempts if isinstance(a, BaseException)]
         if len(failures) == len(attempts):
             raise failures[0]
@@ -283,7 +345,7 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
             record = prediction_record(name, p, label, warnings) | population_fields(check, k)
             if explain:
                 target = explained_classes(model, p, label)[0]
-                shown, overlay = await run_in_threadpool(classifier.explain, data, image.pixels, target)
+                shown, overlay = await asyncio.wrap_future(classifier.explain(data, image.pixels, target))
                 record["overlay"] = png_data_uri(overlay)
                 record["overlay_class"] = model.class_names[target]
                 if sniff(data) == DICOM:  # browsers can't show DICOM: the page shows it as cxr rendered it
@@ -312,8 +374,7 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
             raise HTTPException(415, f"{name}: not a JPEG, PNG, BMP or DICOM image (judged by its bytes, not its "
                                      "name or content type)")
         try:
-            with decoding:
-                image = decode(data, model.img_size, max_pixels, name=name)
+            image = decode(data, model.img_size, max_pixels, name=name)
         except ImageTooLarge as error:
             raise HTTPException(413, f"{error}; downscale it first") from None
         except RefusedImage as error:

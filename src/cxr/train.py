@@ -66,7 +66,28 @@ class TrainResult:
     final_phase: int = 2
 
 
-class CheckpointOf(keras.callbacks.ModelCheckpoint):
+class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint whose file appears complete or not at all: Keras writes the file in place, so a full disk
+    left a corrupt zip under the checkpoint's name; this one writes `.NAME.partial.keras` and renames it."""
+
+    def _get_file_path(self, epoch, batch, logs):
+        self._final_path = Path(super()._get_file_path(epoch, batch, logs))
+        return str(self._partial())
+
+    def _save_model(self, epoch, batch, logs):
+        try:
+            super()._save_model(epoch, batch, logs)
+        except BaseException:
+            self._partial().unlink(missing_ok=True)
+            raise
+        if self._partial().exists():  # saved this epoch (save_best_only saves only an improvement)
+            self._partial().replace(self._final_path)
+
+    def _partial(self):
+        return self._final_path.with_name(f".{self._final_path.stem}.partial{self._final_path.suffix}")
+
+
+class CheckpointOf(AtomicCheckpoint):
     """ModelCheckpoint that saves `target` while another model that shares its layers trains."""
 
     def __init__(self, target, *args, **kwargs):
@@ -119,7 +140,7 @@ def phase_callbacks(config, checkpoint_path, log_dir, checkpoint_target=None):
     mode = monitor_mode(config.monitor)
     checkpoint_args = dict(filepath=str(checkpoint_path), monitor=config.monitor, mode=mode, save_best_only=True)
     checkpoint = (CheckpointOf(checkpoint_target, **checkpoint_args) if checkpoint_target is not None
-                  else keras.callbacks.ModelCheckpoint(**checkpoint_args))
+                  else AtomicCheckpoint(**checkpoint_args))
     return [
         keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience,
                                       restore_best_weights=True),

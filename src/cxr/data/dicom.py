@@ -64,10 +64,30 @@ def has_dicom_marker(source):
 
 
 def is_dicom(source):
-    """A DICOM file by its extension (.dcm, .dicom) or by its content (PACS exports often have no extension)."""
+    """A DICOM file by its extension (.dcm, .dicom) or by its content (PACS exports often have no extension):
+    'DICM' after the preamble, or, for a file written without one, a first element of group 0002 or 0008."""
     if not isinstance(source, (bytes, bytearray)) and Path(source).suffix.lower() in DICOM_EXTENSIONS:
         return True
-    return has_dicom_marker(source)
+    if has_dicom_marker(source):
+        return True
+    if isinstance(source, (bytes, bytearray)):
+        head = bytes(source[:4])
+    else:
+        try:
+            with open(source, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            return False
+    return _bare_data_set(head)
+
+
+def _bare_data_set(head):
+    """True when `head`, a file's first 4 bytes, is the tag of a data set's first element written without the
+    preamble: group 0002 (file meta) or 0008 (identification), little endian, an element below 0x0100."""
+    if len(head) < 4:
+        return False
+    group, element = int.from_bytes(head[:2], "little"), int.from_bytes(head[2:4], "little")
+    return group in (0x0002, 0x0008) and element < 0x0100
 
 
 def _open(source, **options):
