@@ -326,6 +326,8 @@ def test_predict_explain_evaluate_calibrate_and_export(tiny_multilabel, tmp_path
         called = [f for f in findings if p[f] >= info["findings"][f]["threshold"]]
         assert sorted(record["positive_findings"]) == sorted(called)
         assert record["label"] == ("|".join(record["positive_findings"]) or "none")
+        assert isinstance(record["in_distribution"], bool)  # a multi-label model has its population check too
+    assert (outputs / "models/population.npz").is_file()
     assert main(["predict", str(images[0]), "--model", model, "--format", "csv"]) == 0
     header = capsys.readouterr().out.splitlines()[0].split(",")
     assert header == ["path", "label", *(f"p_{f}" for f in findings)]
