@@ -35,4 +35,21 @@ def test_the_wheel_carries_the_served_page(tmp_path):
                     str(tmp_path / "dist"), str(project)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("cxr-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"cxr/static/index.html", "cxr/static/app.js", "cxr/static/style.css"} <= names
+    assert {"cxr/static/index.html", "cxr/static/app.js", "cxr/static/style.css",
+            "cxr/static/swagger/swagger-ui-bundle.js", "cxr/static/swagger/swagger-ui.css"} <= names
+
+
+def test_every_subcommand_has_its_help_in_the_docs_and_the_readme_stays_short():
+    from cxr.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    documented = "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    missing = [c for c in commands if f"<!-- cxr-help {c} -->" not in documented]
+    assert not missing, f"no docs page shows the --help of: {', '.join(missing)}"
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_the_docs_dependencies_are_pinned():
+    lines = [l for l in (ROOT / "requirements-docs.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert all(re.match(r"^[A-Za-z0-9_.\-]+==[^=;\s]+$", l) for l in lines)
+    assert {"mkdocs", "mkdocs-material", "mkdocstrings-python"} <= {name(l) for l in lines}
