@@ -219,8 +219,9 @@ def population_notice(check, k):
         return "\npopulation check unavailable for this model"
     if check.in_distribution[k]:
         return ""
-    return (f"\nFLAGGED: unlike the model's training images (score above {check.percentiles[k]:.0f}% of validation "
-            "images): not reliable")
+    share = ("every validation image's" if check.percentiles[k] >= 100
+             else f"{check.percentiles[k]:.0f}% of validation images")
+    return f"\nFLAGGED: unlike the training images, not reliable\n(population score above {share})"
 
 
 def run_explain(paths, model_path, output_dir, class_name=None, tta=False):

@@ -101,9 +101,10 @@ function populationNotice(prediction) {
   if (prediction.in_distribution === false) {
     return el("div", { class: "population-notice", role: "alert" },
       el("strong", {}, "This result is not reliable for this image."),
-      ` It is unlike the X-rays the model was trained on (population score above ` +
-      `${prediction.population_percentile.toFixed(0)}% of its validation images): it may come from another ` +
-      `population (other ages, devices or views) or not be a chest X-ray.`);
+      ` It is unlike the X-rays the model was trained on (its population score is higher than ` +
+      (prediction.population_percentile >= 100 ? "every validation image's"
+        : `${prediction.population_percentile.toFixed(0)}% of the validation images'`) +
+      `): it may come from another population (other ages, devices or views) or not be a chest X-ray.`);
   }
   if (prediction.in_distribution === null) {
     return el("p", { class: "population-unavailable" },
