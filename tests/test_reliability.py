@@ -108,15 +108,20 @@ def test_the_cli_gives_every_decode_warning_the_server_gives(server, tiny_run, t
     assert [row["warnings"] for row in rows] == ["; ".join(r["warnings"]) for r in records]
 
 
+def mounted_tmpfs(folder, size):
+    """`folder` made a tmpfs of `size` ("1m"), to be a disk that fills up (needs root, as CI runs); a generator
+    for a fixture, unmounting it afterwards."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("can't mount a tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture
 def full_disk(tmp_path):
-    """A 1 MB tmpfs mounted in the test's folder (needs root, as CI runs)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("can't mount a tmpfs here (needs root)")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    """A 1 MB disk: no room for an export."""
+    yield from mounted_tmpfs(tmp_path / "disk", "1m")
 
 
 def test_export_on_a_full_disk_says_so_in_one_line(tiny_run, full_disk, capsys):
@@ -276,13 +281,8 @@ def test_the_api_docs_load_offline_in_chromium(server, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 6 MB tmpfs in the test's folder: room for a tiny run's caches and logs, not for a Lite0 checkpoint."""
-    disk = tmp_path / "small"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("can't mount a tmpfs here (needs root)")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    """A 6 MB disk: room for a tiny run's caches and logs, not for a Lite0 checkpoint."""
+    yield from mounted_tmpfs(tmp_path / "small", "6m")
 
 
 def test_training_on_a_full_disk_leaves_no_corrupt_checkpoint(xray_raw, small_disk):
