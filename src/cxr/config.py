@@ -86,8 +86,8 @@ class Config:
     target_sensitivity: Optional[float] = 0.90
     bootstrap: int = 2000  # resamples for the confidence intervals; 0 turns them off
     # The share of validation images the population check flags (cxr.population). At 0.01 the full default model
-    # flagged 2.6 % of its test split and 1.6 % of external_dev; at 0.005, 1.3 % and 1.0 %, and still every NIH
-    # adult (bench_population.py in benchmarks/README.md).
+    # flagged 2.6 % of its own test split; at 0.005, 1.3 %, and still every NIH adult and every non-X-ray
+    # (bench_population.py in benchmarks/README.md).
     false_flag_rate: float = 0.005
     resume: bool = False  # go on with the killed run in output_dir (same options and data) from its last epoch
     strategy: str = "auto"  # distribute.STRATEGIES; --batch-size is the global batch across its replicas

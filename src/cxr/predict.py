@@ -187,14 +187,10 @@ def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False, skippe
 
 def write_skipped(path, skipped):
     """A CSV of every skipped file and why (`skipped`: {path: reason})."""
-    from cxr.atomic import write_text
+    from cxr.artifacts import write_csv
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "reason"])
-    writer.writerows([spreadsheet_safe(str(p)), spreadsheet_safe(reason)] for p, reason in skipped.items())
     try:
-        write_text(Path(path), buffer.getvalue())
+        write_csv([("path", "reason"), *((str(p), reason) for p, reason in skipped.items())], Path(path))
     except OSError as error:
         raise UserError(f"--skipped-list {path}: can't write it ({error.strerror}); choose another file") from None
 

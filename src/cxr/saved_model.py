@@ -3,8 +3,8 @@
 `SavedModel` is what predict, evaluate, explain (and every later command) start from: the class names, image
 size, backbone, operating point (and where it was fitted), the model file's hash and its population check
 (`population.npz`, `cxr.population`), with one `predict(images)` that returns calibrated probabilities and
-labels from LiteRT or Keras, and `raw_outputs(images)` that also returns the features the check reads. Loading it imports
-neither TensorFlow nor Keras: `cxr predict` with a cached LiteRT conversion never needs them.
+labels from LiteRT or Keras, and `raw_outputs(images)` that also returns the features the check reads. Loading
+it imports neither TensorFlow nor Keras: `cxr predict` with a cached LiteRT conversion never needs them.
 """
 
 import datetime

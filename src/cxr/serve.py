@@ -195,8 +195,12 @@ def error_response(status, detail, headers=None):
     """The API's one error shape: {"error": "payload_too_large", "detail": "what went wrong and what to do"}."""
     from fastapi.responses import JSONResponse
 
-    error = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+    return JSONResponse({"error": error_name(status), "detail": detail}, status_code=status, headers=headers)
+
+
+def error_name(status):
+    """413 -> 'payload_too_large': the "error" of the API's error shape."""
+    return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
 
 
 def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MAX_PIXELS):
@@ -352,8 +356,8 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
                     record["image"] = png_data_uri(shown)
             answered[sent] = record
         predictions = [answered[k] if k in answered else
-                       {"filename": name, "status": a.status_code, "error": HTTPStatus(a.status_code).phrase.lower()
-                        .replace(" ", "_"), "detail": a.detail} for k, ((name, _), a) in enumerate(zip(uploads, attempts))]
+                       {"filename": name, "status": a.status_code, "error": error_name(a.status_code), "detail": a.detail}
+                       for k, ((name, _), a) in enumerate(zip(uploads, attempts))]
         return {"model_sha256": model.sha256, "predictions": predictions}
 
     async def read_uploads(request):
