@@ -264,6 +264,19 @@ def build_parser():
                        help="require 'Authorization: Bearer KEY' on /v1/ (default: $CXR_API_KEY; none if unset)")
     serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body accepted (MB)")
 
+    listen = commands.add_parser("listen", help="a DICOM node: receive X-rays from a PACS, send the results back")
+    listen.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
+    listen.add_argument("--send-to", metavar="AE@HOST:PORT",
+                        help="the PACS (or any DICOM node) that stores the results, by C-STORE")
+    listen.add_argument("--output-dir", type=Path,
+                        help="also write every result here (default: only results that can't be sent are kept, in "
+                             "./cxr-listen/unsent/)")
+    listen.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    listen.add_argument("--port", type=count(1), default=11112)
+    listen.add_argument("--ae-title", default="CXR", help="cxr's AE title, the one the PACS sends to (default CXR)")
+    listen.add_argument("--max-associations", type=count(1), default=4,
+                        help="associations served at once; more are rejected, and the PACS tries again")
+
     export = commands.add_parser("export", help="write the model as a SavedModel, TFLite or ONNX file for deployment")
     export.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
     export.add_argument("--format", nargs="+", choices=EXPORT_FORMATS, required=True, dest="formats",
@@ -328,6 +341,12 @@ def main(argv=None):
             from cxr.serve import serve
 
             serve(args.model, args.host, args.port, args.api_key or None, args.max_upload_mb)
+        elif args.command == "listen":
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            from cxr.listen import listen
+
+            listen(args.model, args.send_to, args.output_dir, args.host, args.port, args.ae_title,
+                   args.max_associations)
         elif args.command == "export":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             from cxr.export import export

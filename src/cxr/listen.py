@@ -1,0 +1,296 @@
+"""`cxr listen`: a DICOM Storage SCP (pynetdicom) between a PACS and a `SavedModel`.
+
+A PACS routes X-rays to cxr's AE title by C-STORE. Each radiograph (Modality CR, DX or DR, frontal) is written to
+a spool folder before its C-STORE is acknowledged, then a worker thread predicts it (with the population check),
+makes its structured report and Grad-CAM Secondary Capture (`dicom_results`) and sends both back by C-STORE to
+`--send-to`, and/or writes them to `--output-dir`. A result that can't be sent after a few tries is kept in
+`--output-dir`/unsent/ and sent again when the listener next starts; a spooled image is deleted only once its
+result is stored somewhere, and the spool is worked through again at start: a killed listener loses nothing.
+
+What gets no result is still acknowledged as the standard says (Success: the SCP accepted the object) and the
+reason logged: other modalities (a CT), lateral views, cxr's own results routed back to it. A dataset that
+can't be decoded is refused with a failure status (0xC000, cannot understand). Logs name an image only by a
+short hash of its SOP Instance UID and never carry patient names, IDs or dates.
+"""
+
+import hashlib
+import logging
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxr.errors import UserError
+
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+MAX_QUEUED = 200  # images acknowledged but not yet answered; past this the SCP answers "out of resources"
+SEND_TRIES = 3
+RETRY_WAIT_S = 2.0  # doubled after every failed try
+TIMEOUT_S = 30  # ACSE, DIMSE and network timeouts, both as SCP and as SCU
+
+
+def log(message):
+    print(f"cxr listen: {message}", file=sys.stderr, flush=True)
+
+
+def image_key(sop_instance_uid):
+    """How logs and file names name an image: 12 hex digits of its SOP Instance UID's SHA-256."""
+    return hashlib.sha256(str(sop_instance_uid).encode("ascii", "replace")).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node to send results to: AE title, host and port."""
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text):
+        """'AE@HOST:PORT' -> Destination; UserError saying the form otherwise."""
+        ae, at, address = text.partition("@")
+        host, colon, port = address.rpartition(":")
+        if not (at and colon and ae and host and port.isdigit() and 0 < int(port) < 65536 and len(ae) <= 16):
+            raise UserError(f"--send-to {text!r}: give the PACS as AE@HOST:PORT (an AE title of at most 16 "
+                            "characters), e.g. ORTHANC@127.0.0.1:4242")
+        return cls(ae, host.strip("[]"), int(port))
+
+    def __str__(self):
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Listener:
+    """The SCP, its spool and the worker that answers what it received.
+
+    `model`: a loaded `SavedModel`; `send_to`: a `Destination` or None; `output_dir`: where results (when given),
+    unsent results and the spool go.
+    """
+
+    def __init__(self, model, ae_title, send_to, output_dir, keep_results, max_associations=4):
+        self.model, self.ae_title, self.send_to = model, ae_title, send_to
+        self.output_dir, self.keep_results = Path(output_dir), keep_results
+        self.spool, self.unsent = self.output_dir / ".spool", self.output_dir / "unsent"
+        self.max_associations = max_associations
+        self.jobs = queue.Queue()
+        self.server = None
+
+    # --- receiving -----------------------------------------------------------------------------------------
+    def handle_echo(self, event):
+        return SUCCESS
+
+    def handle_store(self, event):
+        """Acknowledge one C-STORE: spool a radiograph for the worker, or say why there is no result."""
+        from cxr.data.decode import RefusedImage, UnreadableImage, decode
+        from cxr.data.dicom import LATERAL_VIEWS
+        from cxr.dicom_results import MANUFACTURER
+
+        try:
+            ds = event.dataset
+            key = image_key(ds.get("SOPInstanceUID", ""))
+        except Exception as error:  # noqa: BLE001 - a dataset pydicom can't parse
+            log(f"refused a dataset from {event.assoc.requestor.ae_title}: not readable ({type(error).__name__})")
+            return _status(CANNOT_UNDERSTAND, "the dataset can't be read")
+        where = f"image {key} from {event.assoc.requestor.ae_title}"
+        if str(ds.get("Manufacturer", "")) == MANUFACTURER:
+            log(f"{where}: no result (a result cxr made; it is not analysed again)")
+            return SUCCESS
+        view = str(ds.get("ViewPosition", "")).upper()
+        if view in LATERAL_VIEWS:
+            log(f"{where}: no result (a lateral view, ViewPosition {view}: the model reads frontal X-rays)")
+            return SUCCESS
+        if self.jobs.qsize() >= MAX_QUEUED:
+            log(f"{where}: refused for now, {MAX_QUEUED} images are waiting (the PACS may send it again later)")
+            return _status(OUT_OF_RESOURCES, "too many images waiting; send again later")
+        data = event.encoded_dataset()
+        try:
+            image = decode(data, self.model.img_size, name=where)
+        except RefusedImage as error:
+            log(f"{error}: no result")
+            return SUCCESS
+        except UnreadableImage as error:
+            log(f"{error}: refused (C-STORE failure 0xC000)")
+            return _status(CANNOT_UNDERSTAND, "cxr can't decode this image")
+        from cxr.atomic import write_bytes
+
+        spooled = self.spool / f"{time.time_ns()}-{key}.dcm"
+        write_bytes(spooled, data)  # acknowledged only once it is on disk
+        self.jobs.put((spooled, image))
+        return SUCCESS
+
+    # --- answering -----------------------------------------------------------------------------------------
+    def work(self):
+        while True:
+            spooled, image = self.jobs.get()
+            try:
+                self.answer(spooled, image)
+            except Exception as error:  # noqa: BLE001 - one bad image must not stop the worker
+                log(f"{spooled.name}: no result ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the "
+                    "received image stays in the spool and is tried again when cxr listen next starts")
+
+    def answer(self, spooled, image=None):
+        """Predict the spooled image, make its results, store them, then delete it from the spool."""
+        import pydicom
+
+        from cxr import dicom_results
+        from cxr.data.decode import decode, image_warnings
+        from cxr.evaluate import gradcam
+        from cxr.predict import explained_classes
+
+        data = spooled.read_bytes()
+        source = pydicom.dcmread(spooled)
+        key = image_key(source.SOPInstanceUID)
+        if image is None:
+            image = decode(data, self.model.img_size, name=f"image {key}")
+        started = time.perf_counter()
+        raw, taps = self.model.raw_outputs(image.pixels[None], batch_size=1)
+        probabilities, labels = self.model.calibrate(raw)
+        check = self.model.check_population(taps)
+        population = (check.record(0) if check is not None else
+                      {"in_distribution": None, "population_score": None, "population_percentile": None})
+        result = dicom_results.result_from_prediction(self.model, probabilities[0], labels[0], population)
+        target = explained_classes(self.model, probabilities[0], labels[0])[0]
+        heatmap = gradcam.heatmaps(self.model.keras_model, image.pixels[None], [target])[0]
+        from cxr.data.dicom import read_dicom
+
+        display, _ = read_dicom(data, f"image {key}")
+        results = {"sr": dicom_results.structured_report(source, result),
+                   "sc": dicom_results.secondary_capture(source, display, heatmap, result)}
+        notes = image_warnings(image, self.model.img_size)
+        flagged = {None: "population check unavailable", True: "like the training images",
+                   False: "FLAGGED: unlike the training images"}[population["in_distribution"]]
+        log(f"image {key}: {result.label} ({flagged}) in {time.perf_counter() - started:.1f} s"
+            + (f"; {'; '.join(notes)}" if notes else ""))
+        self.store(key, results)
+        spooled.unlink()
+
+    def store(self, key, results):
+        """Write `results` ({kind: Dataset}) to --output-dir when asked, and send them to --send-to; what can't be
+        sent is written to unsent/."""
+        from cxr.atomic import write_bytes
+        from cxr.dicom_results import to_bytes
+
+        if self.keep_results:
+            for kind, ds in results.items():
+                write_bytes(self.output_dir / f"{kind}-{key}.dcm", to_bytes(ds))
+        if self.send_to is None:
+            return
+        failure = self.send(list(results.values()))
+        if failure is None:
+            log(f"image {key}: structured report and overlay stored at {self.send_to}")
+            return
+        for kind, ds in results.items():
+            write_bytes(self.unsent / f"{kind}-{key}.dcm", to_bytes(ds))
+        log(f"image {key}: could not send the results to {self.send_to} after {SEND_TRIES} tries ({failure}); kept "
+            f"in {self.unsent}/, sent again when cxr listen next starts (or send them with any DICOM sender)")
+
+    def send(self, datasets):
+        """C-STORE `datasets` to --send-to, up to SEND_TRIES times; None when every one was stored, else why not."""
+        from pynetdicom import AE
+
+        wait, failure = RETRY_WAIT_S, None
+        for attempt in range(SEND_TRIES):
+            if attempt:
+                time.sleep(wait)
+                wait *= 2
+            ae = AE(ae_title=self.ae_title)
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+            for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+                ae.add_requested_context(sop_class)
+            assoc = ae.associate(self.send_to.host, self.send_to.port, ae_title=self.send_to.ae_title)
+            if not assoc.is_established:
+                failure = "the association was rejected or the PACS did not answer"
+                continue
+            try:
+                statuses = [assoc.send_c_store(ds) for ds in datasets]
+            finally:
+                assoc.release()
+            bad = [s for s in statuses if not s or s.Status not in (0x0000, 0xB000, 0xB006, 0xB007)]
+            if not bad:
+                return None
+            failure = ("no answer to a C-STORE" if not bad[0] else f"C-STORE status 0x{bad[0].Status:04X}")
+        return failure
+
+    def resend_unsent(self):
+        """Send the results kept in unsent/ by an earlier run; those sent are deleted."""
+        import pydicom
+
+        files = sorted(self.unsent.glob("*.dcm")) if self.unsent.is_dir() else []
+        if not files or self.send_to is None:
+            return
+        if self.send([pydicom.dcmread(f) for f in files]) is None:
+            for f in files:
+                f.unlink()
+            log(f"sent {len(files)} results kept from an earlier run to {self.send_to}")
+        else:
+            log(f"{len(files)} results in {self.unsent}/ still can't be sent to {self.send_to}")
+
+    # --- running -------------------------------------------------------------------------------------------
+    def start(self, host, port):
+        """Start the worker and the SCP (in the background); returns the server."""
+        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        for spooled in sorted(self.spool.glob("*.dcm")) if self.spool.is_dir() else []:
+            self.jobs.put((spooled, None))  # acknowledged by an earlier run, not yet answered
+        threading.Thread(target=self.work, name="cxr-listen-worker", daemon=True).start()
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = self.max_associations
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+        ae.require_called_aet = True
+        # every storage class, so that a CT is answered with a reason rather than a rejected association
+        ae.supported_contexts = StoragePresentationContexts
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store)]
+        try:
+            self.server = ae.start_server((host, port), block=False, evt_handlers=handlers)
+        except OSError as error:
+            raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host") from None
+        return self.server
+
+
+def _status(code, comment):
+    from pydicom.dataset import Dataset
+
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+def listen(model_path, send_to=None, output_dir=None, host="127.0.0.1", port=11112, ae_title="CXR",
+           max_associations=4):
+    """Run `cxr listen` until interrupted. UserError for bad options, an unusable model or a port in use."""
+    from cxr.errors import warn
+    from cxr.saved_model import SavedModel
+
+    if send_to is None and output_dir is None:
+        raise UserError("give --send-to AE@HOST:PORT (the PACS that stores the results), --output-dir DIR, or both")
+    if not 0 < len(ae_title) <= 16 or not ae_title.isascii() or "\\" in ae_title:
+        raise UserError(f"--ae-title {ae_title!r}: an AE title is 1 to 16 ASCII characters, without backslashes")
+    destination = Destination.parse(send_to) if send_to else None
+    model = SavedModel.load(model_path)
+    if model.population is None:
+        warn("this model has no population check (trained before cxr had one): its results can't say whether an "
+             "X-ray is like its training images")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its debug logs print datasets, patient data included
+    folder = Path(output_dir) if output_dir else Path("cxr-listen")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output-dir {folder}: a file is there; give a folder")
+    model.predictor()
+    model.keras_model  # Grad-CAM's, loaded now rather than by the first image
+    listener = Listener(model, ae_title, destination, folder, keep_results=output_dir is not None,
+                        max_associations=max_associations)
+    listener.resend_unsent()
+    server = listener.start(host, port)
+    where = [f"sending results to {destination}"] if destination else []
+    where += [f"writing them to {folder}/"] if output_dir else [f"keeping unsent results in {folder}/unsent/"]
+    log(f"ready: AE title {ae_title} on {host}:{port}, {', '.join(where)} (model {model_path}, {model.engine})")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("stopping; images not yet answered stay in the spool for the next start")
+    finally:
+        server.shutdown()

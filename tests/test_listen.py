@@ -1,0 +1,217 @@
+"""`cxr listen` between a real PACS (Orthanc, Debian's package, on loopback) and a trained model."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from tests.pacs import Listener, Orthanc, free_port, orthanc_binary, routing_script
+
+REAL_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "nih-chestxray14-dx.dcm"
+PATIENT_DATA = ("Covid0000", "CompressedSamples", "1CT1", "20040119")  # the two files' patient names, IDs, dates
+
+
+def orthanc_or_skip():
+    if orthanc_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("Orthanc is not installed (.ci/run installs the Debian package orthanc)")
+        pytest.skip("Orthanc is not installed; apt-get install orthanc")
+    if not REAL_DICOM.is_file():
+        pytest.skip("../shared/data/dicom is not here")
+
+
+@pytest.fixture
+def orthanc_and_port(tmp_path):
+    """(Orthanc with cxr as a modality on the returned port, that port)."""
+    orthanc_or_skip()
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", port)
+    yield orthanc, port
+    orthanc.stop()
+
+
+@pytest.fixture
+def routing_orthanc_and_port(tmp_path):
+    """The same, routing every new radiograph to cxr with the Lua script of docs/pacs.md."""
+    orthanc_or_skip()
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", port, lua=routing_script())
+    yield orthanc, port
+    orthanc.stop()
+
+
+def copy_with_new_uids(path):
+    """The DICOM file's dataset as another study of the same patient (new study, series and instance UIDs)."""
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+def content_items(ds):
+    """Every content item of an SR, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
+
+
+def read_report(sr):
+    """{finding meaning: (probability, threshold or None, called)} and the population's (score, in distribution)
+    from cxr's structured report."""
+    groups, population = {}, None
+    for group in (i for i in content_items(sr) if i.ConceptNameCodeSequence[0].CodeMeaning == "Measurement Group"):
+        items = list(group.ContentSequence)
+        finding = next(i.ConceptCodeSequence[0].CodeMeaning for i in items
+                       if i.ConceptNameCodeSequence[0].CodeMeaning == "Finding")
+        numbers = {i.ConceptNameCodeSequence[0].CodeMeaning: float(i.MeasuredValueSequence[0].NumericValue)
+                   for i in items if i.ValueType == "NUM"}
+        verdict = next(i.ConceptCodeSequence[0].CodeMeaning for i in items
+                       if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning != "Finding")
+        if finding.startswith("Like the images"):
+            population = (numbers["Population check score"], verdict == "Yes")
+        else:
+            groups[finding] = (numbers["Probability"], numbers.get("Decision threshold on the calibrated probability"),
+                               verdict == "Present")
+    return groups, population
+
+
+def results_by_kind(orthanc, series):
+    found = {}
+    for s in series:
+        description = s["MainDicomTags"].get("SeriesDescription", "")
+        kind = "sr" if "structured report" in description else "sc" if "overlay" in description else "source"
+        found[kind] = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(s["Instances"][0])))
+    return found
+
+
+def c_store(port, datasets, abort=False):
+    """Send `datasets` to cxr listen on `port` as another modality would; their statuses. `abort`: abort the
+    association after the last one instead of releasing it."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="MODALITY")
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXR")
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+    assoc.abort() if abort else assoc.release()
+    return statuses
+
+
+def test_pacs_gets_a_report_and_an_overlay_in_the_study_a_ct_none_and_the_listener_keeps_answering(
+        orthanc_and_port, tiny_run, tmp_path):
+    from cxr.predict import predict_files
+    from cxr.saved_model import SavedModel
+
+    orthanc, port = orthanc_and_port
+    model_path = tiny_run / "models" / "model.h5"
+    listener = Listener(model_path, port=port, send_to=orthanc.destination, cache=tmp_path / "cache")
+    try:
+        # Orthanc routes the real adult X-ray to cxr; the results come back into its study
+        uploaded = orthanc.upload(REAL_DICOM.read_bytes())
+        assert orthanc.send_to_cxr([uploaded["ID"]])["FailedInstancesCount"] == 0
+        found = results_by_kind(orthanc, orthanc.wait_for_series(uploaded["ParentStudy"], 3))
+        source, sr, sc = found["source"], found["sr"], found["sc"]
+        for result in (sr, sc):
+            assert result.StudyInstanceUID == source.StudyInstanceUID and result.PatientID == source.PatientID
+            assert result.SeriesInstanceUID != source.SeriesInstanceUID and result.Manufacturer == "cxr"
+        assert sr.SeriesInstanceUID != sc.SeriesInstanceUID
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.BurnedInAnnotation == "YES"
+
+        # the report says what cxr predict says of the same file
+        model = SavedModel.load(model_path)
+        expected = predict_files(model, [REAL_DICOM])
+        groups, population = read_report(sr)
+        assert list(groups) == ["Normal", "Pneumonia"]  # NORMAL, PNEUMONIA as SNOMED CT names them
+        probabilities = np.array([groups[g][0] for g in groups])
+        np.testing.assert_allclose(probabilities, expected.probabilities[0], atol=1e-5)
+        called = [name for name, (_, _, yes) in zip(model.class_names, groups.values()) if yes]
+        assert called == [model.class_names[expected.labels[0]]]
+        threshold = model.operating_point["threshold"]
+        assert groups["Pneumonia"][1] == pytest.approx(threshold) and groups["Normal"][1] is None
+        assert population[1] == bool(expected.check.in_distribution[0])
+        assert population[0] == pytest.approx(float(expected.check.scores[0]), abs=1e-3)
+        parameters = [i.TextValue for i in content_items(sr) if i.ConceptNameCodeSequence[0].CodeMeaning ==
+                      "Algorithm Parameters"]
+        assert f"model SHA-256 {model.sha256}" in parameters
+        referenced = {r.ReferencedSOPInstanceUID for i in content_items(sr) for r in i.get("ReferencedSOPSequence", [])}
+        assert referenced == {source.SOPInstanceUID}
+        label = model.class_names[expected.labels[0]]
+        assert sc.ImageComments.startswith(f"AI result, not for diagnosis: {label} p=")
+        assert sc.pixel_array.shape[2] == 3 and sc.pixel_array.shape[0] > sc.Columns  # the banner above the X-ray
+
+        # a CT gets no result, and the listener still answers
+        ct = orthanc.upload(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+        assert orthanc.send_to_cxr([ct["ID"]])["FailedInstancesCount"] == 0
+        listener.wait_for_log("a CT image")
+        assert orthanc.echo_cxr()
+        assert len(orthanc.series_of_study(ct["ParentStudy"])) == 1
+
+        # an X-ray whose pixels can't be decoded is refused with a failure status
+        broken = copy_with_new_uids(REAL_DICOM)
+        broken.PixelData = broken.PixelData[:1000]
+        # an association aborted after an X-ray was acknowledged: its results still arrive
+        other = copy_with_new_uids(REAL_DICOM)
+        assert c_store(port, [broken, other], abort=True) == [0xC000, 0x0000]
+        deadline = time.monotonic() + 120
+        while not orthanc.post("/tools/lookup", data=other.StudyInstanceUID).json():
+            assert time.monotonic() < deadline, listener.stderr[-3000:]
+            time.sleep(0.2)
+        study = orthanc.post("/tools/lookup", data=other.StudyInstanceUID).json()[0]["ID"]
+        assert len(orthanc.wait_for_series(study, 2)) == 2  # the report and the overlay (the X-ray stayed with cxr)
+        assert orthanc.echo_cxr()
+    finally:
+        log = listener.stop()
+    assert "refused (C-STORE failure 0xC000)" in log and "Traceback" not in log
+    assert not any(item in log for item in PATIENT_DATA), log
+
+
+def test_results_that_cannot_be_sent_are_kept_and_sent_at_the_next_start(routing_orthanc_and_port, tiny_run,
+                                                                        tmp_path):
+    orthanc, port = routing_orthanc_and_port
+    model_path, out = tiny_run / "models" / "model.h5", tmp_path / "results"
+    nobody = f"ORTHANC@127.0.0.1:{free_port()}"  # nothing listens there
+    listener = Listener(model_path, port=port, send_to=nobody, output_dir=out, cache=tmp_path / "cache")
+    try:
+        uploaded = orthanc.upload(REAL_DICOM.read_bytes())  # docs/pacs.md's script routes it to cxr
+        listener.wait_for_log("could not send the results")
+    finally:
+        log = listener.stop()
+    assert sorted(p.name.split("-")[0] for p in (out / "unsent").iterdir()) == ["sc", "sr"]
+    assert sorted(p.name.split("-")[0] for p in out.glob("*.dcm")) == ["sc", "sr"]  # --output-dir keeps them all
+    assert not any(item in log for item in PATIENT_DATA)
+
+    # an X-ray acknowledged by a listener that was stopped before answering it waits in the spool
+    spooled = copy_with_new_uids(REAL_DICOM)
+    spooled.save_as(out / ".spool" / "1-waiting.dcm", enforce_file_format=True)
+    listener = Listener(model_path, port=port, send_to=orthanc.destination, output_dir=out, cache=tmp_path / "cache")
+    try:
+        orthanc.wait_for_series(uploaded["ParentStudy"], 3)
+        listener.wait_for_log("structured report and overlay stored")
+        assert orthanc.post("/tools/lookup", data=spooled.StudyInstanceUID).json()
+    finally:
+        log = listener.stop()
+    assert "sent 2 results kept from an earlier run" in log
+    assert not list((out / "unsent").iterdir()) and not list((out / ".spool").iterdir())
+
+
+@pytest.mark.parametrize("options, message", [
+    ([], "give --send-to AE@HOST:PORT"),
+    (["--send-to", "ORTHANC@localhost"], "give the PACS as AE@HOST:PORT"),
+    (["--send-to", "A@h:1", "--ae-title", "A" * 17], "an AE title is 1 to 16 ASCII characters"),
+])
+def test_listen_options_are_checked_in_one_line(options, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cxr", "listen", "--model", str(tmp_path / "none.h5"), *options],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
