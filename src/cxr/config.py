@@ -89,6 +89,7 @@ class Config:
     # flagged 2.6 % of its own test split; at 0.005, 1.3 %, and still every NIH adult and every non-X-ray
     # (bench_population.py in benchmarks/README.md).
     false_flag_rate: float = 0.005
+    precision: str = "auto"  # precision.PRECISIONS: int8 where it passes the accuracy guard on validation
     resume: bool = False  # go on with the killed run in output_dir (same options and data) from its last epoch
     strategy: str = "auto"  # distribute.STRATEGIES; --batch-size is the global batch across its replicas
 
@@ -167,6 +168,7 @@ class Config:
              f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}"),
             (self.bootstrap >= 0, f"--bootstrap must be 0 or more, got {self.bootstrap}"),
             (0 < self.false_flag_rate < 0.5, f"--false-flag-rate must be between 0 and 0.5, got {self.false_flag_rate}"),
+            (self.precision in ("auto", "float32", "int8"), f"--precision must be auto, float32 or int8, got {self.precision!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -3,6 +3,9 @@
 - savedmodel: a TensorFlow SavedModel (TF Serving, Vertex AI). Signature `serving_default`: `image`, float32
   (N, S, S, 3), RGB, raw 0-255 values -> `probabilities`, (N, classes) softmax.
 - tflite: the LiteRT flatbuffer that cxr itself runs on CPU (same input and output).
+- tflite-int8: the same, full-integer int8 inside (float32 in and out; `litert.to_int8_flatbuffer`), calibrated
+  on 200 training images (the run's reports/splits.csv, or `--calibration-images`). Whether int8 kept the
+  model's accuracy is what training's guard measured (`precision`): the model card carries its record.
 - onnx: tf2onnx's conversion of that SavedModel at opset `ONNX_OPSET` (onnxruntime, Triton, C#/Java apps).
 
 Preprocessing (ImageNet normalisation) is inside every export; resizing, calibration (the temperature) and the
@@ -22,23 +25,26 @@ from cxr.errors import UserError
 from cxr.model_card import describe, package_version
 from cxr.saved_model import SavedModel
 
-FORMATS = {"savedmodel": "saved_model", "tflite": "model.tflite", "onnx": "model.onnx"}
+FORMATS = {"savedmodel": "saved_model", "tflite": "model.tflite", "tflite-int8": "model.int8.tflite",
+           "onnx": "model.onnx"}
 CARD_FILE = "model-card.json"
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 
 
-def export(model_path, formats, output_dir):
+def export(model_path, formats, output_dir, calibration_images=None):
     """Write each of `formats` (keys of FORMATS) for the model at `model_path` into `output_dir`, then its
-    model-card.json; returns the written paths. Each file or folder appears complete or not at all."""
+    model-card.json; returns the written paths. Each file or folder appears complete or not at all.
+    `calibration_images`: a folder of X-rays to calibrate tflite-int8 on (default: the run's training split)."""
     model = SavedModel.load(model_path)
     output_dir = Path(output_dir)
+    calibration = _calibration_images(model, calibration_images) if "tflite-int8" in formats else None
     card = _card_to_extend(output_dir, model)
     output_dir.mkdir(parents=True, exist_ok=True)
     for leftover in [*output_dir.glob(".export-*"), *output_dir.glob(f".{FORMATS['savedmodel']}.old-*")]:
         shutil.rmtree(leftover, ignore_errors=True)  # the work folders of an export that was killed
     try:
-        written = _export(model, formats, output_dir, card)
+        written = _export(model, formats, output_dir, card, calibration)
     except OSError:
         raise  # the CLI names the file and says what to do
     except Exception as error:
@@ -55,7 +61,7 @@ def export(model_path, formats, output_dir):
     return written + [output_dir / CARD_FILE]
 
 
-def _export(model, formats, output_dir, card):
+def _export(model, formats, output_dir, card, calibration=None):
     """`export`'s writing: each format into a work folder inside `output_dir`, then into place; returns the
     written paths and fills `card["exports"]`."""
     written = []
@@ -77,6 +83,15 @@ def _export(model, formats, output_dir, card):
                 write_bytes(target, flatbuffer)
                 names = dict(zip(("input_name", "output_name"), litert.tensor_names(flatbuffer)))
                 details = {"runtime": "LiteRT (TensorFlow Lite)", "sha256": file_sha256(target)}
+            elif fmt == "tflite-int8":
+                from cxr import litert
+
+                flatbuffer = litert.to_int8_flatbuffer(model.keras_model, calibration)
+                write_bytes(target, flatbuffer)
+                names = dict(zip(("input_name", "output_name"), litert.tensor_names(flatbuffer)))
+                details = {"runtime": "LiteRT (TensorFlow Lite)", "precision": "int8 (float32 input and output)",
+                           "calibration_images": len(calibration), "sha256": file_sha256(target),
+                           "accuracy_guard": (model.inference or {}).get("guard")}
             else:
                 _write_onnx(saved_model_dir, target)
                 details = {"runtime": "ONNX Runtime", "opset": ONNX_OPSET, "sha256": file_sha256(target),
@@ -84,6 +99,33 @@ def _export(model, formats, output_dir, card):
             card["exports"][fmt] = {"path": FORMATS[fmt], **names, **details}
             written.append(target)
     return written
+
+
+def _calibration_images(model, folder):
+    """(n, S, S, 3) uint8 X-rays to calibrate int8 on: up to 200 of `folder`'s images, or of the training split
+    in the run's reports/splits.csv beside the model's folder (seeded)."""
+    import numpy as np
+
+    from cxr.data.decode import is_image_file, try_decode
+    from cxr.data.split import read_splits_csv, walk_files
+    from cxr.precision import calibration_rows
+
+    if folder is not None:
+        paths = [p for p in walk_files(Path(folder)) if is_image_file(p)] if Path(folder).is_dir() else []
+        if not paths:
+            raise UserError(f"--calibration-images {folder}: no images there; give a folder of X-rays like the "
+                            "training images")
+    else:
+        splits = model.path.parent.parent / "reports" / "splits.csv"
+        if not splits.is_file():
+            raise UserError(f"tflite-int8 needs X-rays to calibrate on and {splits} is not there; give "
+                            "--calibration-images DIR (a folder of X-rays like the training images)")
+        paths = read_splits_csv(splits, model.class_names, "train").paths
+    decoded = [try_decode(paths[k], model.img_size)[0] for k in calibration_rows(np.arange(len(paths)), seed=0)]
+    images = [image for image in decoded if image is not None]
+    if not images:
+        raise UserError(f"none of the calibration images could be read ({paths[0]} ...); give --calibration-images DIR")
+    return np.stack(images)
 
 
 def _card_to_extend(output_dir, model):

@@ -260,7 +260,7 @@ def _status(code, comment):
 
 
 def listen(model_path, send_to=None, output_dir=None, host="127.0.0.1", port=11112, ae_title="CXR",
-           max_associations=4):
+           max_associations=4, precision="auto"):
     """Run `cxr listen` until interrupted. UserError for bad options, an unusable model or a port in use."""
     from cxr.errors import warn
     from cxr.saved_model import SavedModel
@@ -270,7 +270,7 @@ def listen(model_path, send_to=None, output_dir=None, host="127.0.0.1", port=111
     if not 0 < len(ae_title) <= 16 or not ae_title.isascii() or "\\" in ae_title:
         raise UserError(f"--ae-title {ae_title!r}: an AE title is 1 to 16 ASCII characters, without backslashes")
     destination = Destination.parse(send_to) if send_to else None
-    model = SavedModel.load(model_path)
+    model = SavedModel.load(model_path, precision)
     if model.population is None:
         warn("this model has no population check (trained before cxr had one): its results can't say whether an "
              "X-ray is like its training images")

@@ -10,6 +10,7 @@ needs gradients stays in Keras.
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,33 @@ def to_flatbuffer(model):
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints every variable it captures
         return converter.convert()
+
+
+FLOAT_OPS = ["CONCATENATION", "MEAN", "FULLY_CONNECTED", "SOFTMAX", "LOGISTIC"]  # the head and the taps: kept float32
+
+
+def to_int8_flatbuffer(model, calibration_images):
+    """`model` as full-integer int8 LiteRT (post-training quantization: int8 weights per channel, int8
+    activations whose ranges come from `calibration_images`, (n, S, S, 3) uint8), float32 in and out.
+
+    The global pooling and the concatenation of outputs stay float32 (LiteRT's selective quantization): the
+    probabilities and each depth's features would otherwise share one int8 scale.
+    """
+    import tensorflow as tf
+
+    def representative():
+        for image in calibration_images:
+            yield [np.asarray(image[None], dtype=np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=FLOAT_OPS)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the debugger's own tf.lite.Interpreter deprecation notices
+        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative,
+                                                             debug_options=options)
+        return debugger.get_nondebug_quantized_model()
 
 
 def tensor_names(flatbuffer):

@@ -121,11 +121,20 @@ def describe(model):
         "operating_point": point | {"fitted_on_description": describe_fitted_on(point)},
         "decision_rule": decision_rule(point, model.class_names),
         "population_check": population_record(model),
+        "inference": inference_record(model),
         "training": training_record(model),
         "intended_use": INTENDED_USE,
         "limits": LIMITS,
         "versions": {"cxr": package_version("cxr"), "tensorflow": package_version("tensorflow", "tensorflow-cpu")},
     }
+
+
+def inference_record(model):
+    """Which engine and precision cxr serves the model with, and why (training's int8 accuracy guard)."""
+    chosen = model.inference or {"precision": "float32", "reason": "trained before cxr had int8"}
+    served = model.served_precision()
+    return chosen | {"served": f"LiteRT {served} on CPU where LiteRT runs (Keras elsewhere)",
+                     "asked": model.precision}
 
 
 def decision_rule(point, class_names):

@@ -169,11 +169,11 @@ def format_predictions(predictions, class_names, fmt="table", multi_label=False)
     return "\n".join(lines)
 
 
-def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False, skipped_list=None):
+def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False, skipped_list=None, precision="auto"):
     """The predictions for the images `paths` name, formatted; `skipped_list`: a CSV file to write every skipped
-    file and the reason into. UserError when no image could be predicted."""
+    file and the reason into; `precision`: as `SavedModel.load`'s. UserError when no image could be predicted."""
     files = list_inputs(paths)
-    model = SavedModel.load(model_path)
+    model = SavedModel.load(model_path, precision)
     model.predictor()  # LiteRT whenever it can run the model: the conversion is cached for the next call
     predictions = predict_files(model, files, batch_size, tta)
     if skipped_list is not None:

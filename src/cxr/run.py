@@ -86,7 +86,7 @@ def _train(config, output_dir, chief):
     distribution = setup_runtime(config, config.strategy)
     import keras
 
-    from cxr import artifacts, models, resume
+    from cxr import artifacts, models, precision, resume
     from cxr.data.pipeline import cache_key
     from cxr.evaluate import EvaluationOptions, evaluate_model, plots
     from cxr.evaluate.report import ReportContext
@@ -124,6 +124,7 @@ def _train(config, output_dir, chief):
     classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone, config.test_time_scales,
                                        multi_label=dataset.multi_label)
     classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]) + FIT_IMAGES)
+    precision.choose(classifier, dataset, config.precision, config.seed)  # then fit and evaluate what is served
     classifier.operating_point, classifier.population = fit_on_validation(classifier, dataset, positive, config)
     evaluation = evaluate_model(classifier, dataset, "test",
                                 EvaluationOptions(config.bootstrap, config.seed, batch_size=config.batch_size,
@@ -210,19 +211,19 @@ def tensorboard(log_dir, port):
             server.terminate()
 
 
-def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels=None):
+def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels=None, precision="auto"):
     """Evaluate the saved model at `model_path` without retraining, on `data_dir`/<Class>/ (or its test/
     subfolder), on one split of a training run's splits.csv (`splits`: (csv path, split name)) or on a labels
     CSV (`labels`: (csv path, images folder, `data.labels_csv.LabelOptions`)); writes reports and plots under
     `output_dir` and returns the summary dict.
 
-    `options` is an `evaluate.EvaluationOptions`.
+    `options` is an `evaluate.EvaluationOptions`; `precision` as `SavedModel.load`'s.
     """
     from cxr.artifacts import Outputs, refuse_training_run
     from cxr.data.split import read_labelled_folder, read_splits_csv
     from cxr.saved_model import SavedModel, describe_fitted_on
 
-    model = SavedModel.load(model_path)
+    model = SavedModel.load(model_path, precision)
     if splits is None:  # a run's splits.csv serves either kind
         model.require_data(labels is not None, "evaluate")
     if labels is not None:

@@ -8,11 +8,12 @@ it imports neither TensorFlow nor Keras: `cxr predict` with a cached LiteRT conv
 """
 
 import datetime
+import hashlib
 import json
 from pathlib import Path
 
 
-from cxr.atomic import atomic_path, file_sha256, write_json
+from cxr.atomic import atomic_path, file_sha256, write_bytes, write_json
 from cxr.errors import UserError
 from cxr.inference import (apply_finding_temperatures, apply_temperature, decide, decide_findings, positive_class,
                            predict_outputs)
@@ -21,7 +22,7 @@ from cxr.population import POPULATION_FILE, Population
 CLASS_NAMES_FILE = "class_names.json"
 MODEL_FILE = "model.h5"
 # class_names.json keys that describe the model; every other key belongs to the operating point
-MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "model_sha256")
+MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "model_sha256", "inference")
 TAPS = "taps"  # the LiteRT cache's name for the network with the population taps (models.with_population_taps)
 
 
@@ -126,10 +127,17 @@ class SavedModel:
         self._predictor, self.engine, self._tapped = None, None, None
         self._sha256 = None
         self.population = None
+        # the precision chosen at training ({"precision": "int8" | "float32", "reason", "guard", ...}; None for
+        # models saved before cxr had int8) and the one asked for now: "auto" (the chosen one), "float32", "int8"
+        self.inference = info.get("inference")
+        self.precision = "auto"
+        self._int8 = None  # an int8 conversion still in memory (during training)
 
     @classmethod
-    def load(cls, path):
-        """The model at `path` and the class_names.json beside it; UserError when either is missing or unusable."""
+    def load(cls, path, precision="auto"):
+        """The model at `path` and the class_names.json beside it, to be run at `precision` ("auto": the one its
+        training chose; "float32"; "int8"); UserError when either file is missing or unusable, or int8 is asked
+        of a model without an int8 conversion."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such model file; train one first or pass --model PATH")
@@ -145,6 +153,8 @@ class SavedModel:
                             "use the model.h5 and class_names.json of one training run")
         if (path.parent / POPULATION_FILE).is_file():
             model.population = Population.load(path.parent / POPULATION_FILE, model.sha256)
+        model.precision = precision
+        model.served_precision()
         return model
 
     @classmethod
@@ -202,6 +212,8 @@ class SavedModel:
         """
         from cxr import litert
 
+        if self._predictor is None and self.served_precision() == "int8":
+            self._predictor, self.engine = litert.LiteRTModel(self._read_int8()), "litert int8"
         if self._predictor is None:
             cached = litert.cached_conversion(self.path, self.sha256, TAPS) if self.path is not None else None
             if cached is not None:
@@ -214,6 +226,42 @@ class SavedModel:
                 raise UserError(f"{self.path}: the model's outputs don't match {CLASS_NAMES_FILE} and "
                                 f"{POPULATION_FILE}; use the files of one training run")
         return self._predictor
+
+    @property
+    def int8_path(self):
+        from cxr.precision import INT8_FILE
+
+        return self.path.parent / INT8_FILE if self.path is not None else None
+
+    def served_precision(self):
+        """"int8" or "float32": what `self.precision` asks for, "auto" being the precision training chose.
+        UserError for int8 asked of a model without an int8 conversion."""
+        chosen = (self.inference or {}).get("precision", "float32")
+        if self.precision == "float32" or self.precision == "auto" and chosen != "int8":
+            return "float32"
+        if self._int8 is None and not (self.int8_path and self.int8_path.is_file()):
+            why = (self.inference or {}).get("reason", "it was trained before cxr had int8")
+            raise UserError(f"{self.path}: no int8 conversion beside it (training served it in float32: {why}); "
+                            "use --precision float32 or auto" if chosen != "int8" else
+                            f"{self.int8_path}: not found; use the files of one training run")
+        return "int8"
+
+    def use_int8(self, flatbuffer):
+        """Serve the int8 conversion `flatbuffer` (of `tapped_model`) from now on, and save it with the model."""
+        from cxr import litert
+
+        self._int8, self.precision = flatbuffer, "int8"
+        self._predictor, self.engine = litert.LiteRTModel(flatbuffer), "litert int8"
+
+    def _read_int8(self):
+        if self._int8 is not None:
+            return self._int8
+        data = self.int8_path.read_bytes()
+        recorded = (self.inference or {}).get("int8_sha256")
+        if recorded is not None and recorded != hashlib.sha256(data).hexdigest():
+            raise UserError(f"{self.int8_path}: not the int8 conversion {CLASS_NAMES_FILE} describes (its hash "
+                            "differs); use the files of one training run")
+        return data
 
     def tapped_model(self):
         """The Keras model with the population check's taps: image -> [outputs | features]."""
@@ -278,9 +326,13 @@ class SavedModel:
         self._sha256 = None
         if self.population is not None:
             self.population.save(Path(models_dir) / POPULATION_FILE, self.sha256)
+        if self._int8 is not None:
+            write_bytes(self.int8_path, self._int8)
+            self.inference = self.inference | {"int8_sha256": hashlib.sha256(self._int8).hexdigest()}
         self.info = {"class_names": self.class_names, "img_size": self.img_size, "backbone": self.backbone,
                      "test_time_scales": self.test_time_scales, **({"multi_label": True} if self.multi_label else {}),
-                     **self.operating_point, "model_sha256": self.sha256}
+                     **self.operating_point, "model_sha256": self.sha256,
+                     **({"inference": self.inference} if self.inference is not None else {})}
         write_json(Path(models_dir) / CLASS_NAMES_FILE, self.info)
         return self.path
 
@@ -292,6 +344,8 @@ class SavedModel:
         copy_file(self.path, copy)
         if self.population is not None:
             copy_file(self.path.parent / POPULATION_FILE, Path(models_dir) / POPULATION_FILE)
+        if self.int8_path.is_file():
+            copy_file(self.int8_path, Path(models_dir) / self.int8_path.name)
         info = {k: v for k, v in self.info.items() if k in MODEL_KEYS} | operating_point | {"model_sha256": self.sha256}
         write_json(Path(models_dir) / CLASS_NAMES_FILE, info)
         copied = SavedModel(info, copy, keras_model=self._keras_model)

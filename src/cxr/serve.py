@@ -425,13 +425,13 @@ def is_loopback(host):
         return False
 
 
-def serve(model_path, host="127.0.0.1", port=8000, api_key=None, max_upload_mb=20):
+def serve(model_path, host="127.0.0.1", port=8000, api_key=None, max_upload_mb=20, precision="auto"):
     """Run the server until interrupted. UserError for an unusable model or a port that can't be bound."""
     import uvicorn
 
     from cxr.saved_model import SavedModel
 
-    model = SavedModel.load(model_path)
+    model = SavedModel.load(model_path, precision)
     if not is_loopback(host):
         warn(f"serving on {host}: anyone who can reach this machine on port {port} can use the model"
              + ("" if api_key else f"; set --api-key (or ${API_KEY_VARIABLE}) to require a key"))

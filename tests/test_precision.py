@@ -1,0 +1,152 @@
+"""int8 inference: the conversion, the accuracy guard that decides whether it is served, and how the choice is
+recorded and used."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import SAMPLE, TINY
+
+
+@pytest.fixture(scope="module")
+def imagenet_run(tmp_path_factory):
+    """The outputs of a 64 px Lite0 from ImageNet weights, one epoch on the 120 sample X-rays: a model whose
+    features are real, as int8 meets them in practice (a tiny model from random weights is not)."""
+    root = tmp_path_factory.mktemp("imagenet-run")
+    for name in ("NORMAL", "PNEUMONIA"):
+        (root / "data" / "raw" / name).mkdir(parents=True)
+        for f in sorted((SAMPLE / name).iterdir()):
+            (root / "data" / "raw" / name / f.name).write_bytes(f.read_bytes())
+    result = cxr("train", "--data-dir", root / "data", "--output-dir", root / "outputs", "--img-size", "64", "--epochs",
+                 "1", "--batch-size", "16", "--backbone", "efficientnet-lite0", "--bootstrap", "20", "--precision",
+                 "float32", cache=root / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "outputs"
+
+
+def run_dataset(run, size=32):
+    """A run's train, val and test splits as a Dataset, decoded at `size`."""
+    from cxr.data.dataset import Dataset
+    from cxr.data.decode import decode_image
+
+    with open(run / "reports" / "splits.csv") as f:
+        rows = list(csv.DictReader(f))
+    names = sorted({r["class"] for r in rows})
+    dataset = Dataset.from_files(names, {s: [(r["path"], names.index(r["class"])) for r in rows if r["split"] == s]
+                                         for s in ("train", "val", "test")})
+    dataset.images = np.stack([decode_image(p, size) for p in dataset.paths])
+    return dataset
+
+
+def test_int8_probabilities_stay_close_to_float32_on_real_xrays(imagenet_run):
+    from cxr import litert
+    from cxr.precision import PROBABILITY_TOLERANCE
+    from cxr.saved_model import SavedModel
+
+    model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
+    dataset = run_dataset(imagenet_run, 64)
+    int8 = litert.LiteRTModel(litert.to_int8_flatbuffer(model.tapped_model(), dataset.images[dataset.splits["train"]]))
+    rows = np.concatenate([dataset.splits["val"], dataset.splits["test"]])
+    images = dataset.images[rows]
+    float_p, float_labels = model.calibrate(model.raw_outputs(images)[0])
+    int8_p, int8_labels = model.calibrate(int8.predict_on_batch(images.astype(np.float32))[:, :2])
+    difference = np.abs(int8_p - float_p).max()
+    assert difference <= PROBABILITY_TOLERANCE, (difference, float_p[:, 1], int8_p[:, 1])
+    # a label may change only where float32's probability lies within that tolerance of the threshold
+    threshold = model.operating_point["threshold"]
+    near = np.abs(float_p[:, 1] - threshold) <= difference if threshold is not None else np.ones(len(rows), bool)
+    assert np.all((int8_labels == float_labels) | near), (threshold, float_p[:, 1], int8_p[:, 1])
+    assert np.mean(int8_labels == float_labels) >= 0.95, (threshold, float_p[:, 1], int8_p[:, 1])
+
+
+def sample_dataset(size):
+    """The 120 X-rays of the committed sample as a validation split (and a training split of 8), decoded at `size`."""
+    from cxr.data.dataset import Dataset
+    from cxr.data.decode import decode_image
+
+    files = [(p, k) for k, name in enumerate(("NORMAL", "PNEUMONIA")) for p in sorted((SAMPLE / name).iterdir())]
+    dataset = Dataset.from_files(["NORMAL", "PNEUMONIA"], {"val": files, "train": files[:4] + files[-4:]})
+    dataset.images = np.stack([decode_image(p, size) for p in dataset.paths])
+    return dataset
+
+
+def test_the_guard_serves_float32_when_int8_fails_it_and_says_why(imagenet_run, tiny_run):
+    from cxr import precision
+    from cxr.saved_model import SavedModel
+
+    dataset = sample_dataset(64)
+    assert len(dataset.splits["val"]) >= precision.MIN_VALIDATION_IMAGES
+    black = np.zeros((16, 64, 64, 3), np.uint8)  # calibrated on black images, int8 can represent no X-ray
+    model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
+    model.predictor()
+    record = precision.choose(model, dataset, "auto", seed=0, calibration=black)
+    assert record["precision"] == "float32" and model.engine == "litert"
+    failed = ("lower than float32's", "differ from float32's", "not faster")
+    assert any(f in record["reason"] for f in failed), record
+    assert record["guard"]["val_auc_float32"] is not None
+
+    # a tiny validation split can't tell 0.002 of AUC from chance: float32, saying so
+    small = SavedModel.load(tiny_run / "models" / "model.h5")
+    small.predictor()
+    few = precision.choose(small, run_dataset(tiny_run), "auto", seed=0)
+    assert few["precision"] == "float32" and few["reason"].startswith("too few validation images")
+
+    # asked for int8 all the same, it is served, with the guard's verdict kept
+    forced = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
+    forced.predictor()
+    record = precision.choose(forced, dataset, "int8", seed=0, calibration=black)
+    assert record["precision"] == "int8" and forced.engine == "litert int8"
+    assert any(f in record["guard"]["reason"] for f in failed)
+
+
+def cxr(*args, cache):
+    return subprocess.run([sys.executable, "-m", "cxr", *map(str, args)], capture_output=True, text=True,
+                          timeout=900, env=os.environ | {"XDG_CACHE_HOME": str(cache)})
+
+
+def test_the_choice_is_recorded_saved_and_used_by_predict_and_export(tmp_path):
+    data = tmp_path / "data"
+    for name in ("NORMAL", "PNEUMONIA"):
+        (data / "raw" / name).mkdir(parents=True)
+        for f in sorted((SAMPLE / name).iterdir())[:14]:
+            (data / "raw" / name / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    trained = cxr("train", "--data-dir", data, "--output-dir", out, "--bootstrap", "20", *TINY, "--precision", "int8",
+                  cache=tmp_path / "cache")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Inference precision: int8" in trained.stdout
+    info = json.loads((out / "models" / "class_names.json").read_text())
+    assert info["inference"]["precision"] == "int8" and info["inference"]["guard"]["validation_images"] > 0
+    assert (out / "models" / "model.int8.tflite").is_file()
+    assert json.loads((out / "reports" / "summary.json").read_text())["inference"] == "litert int8"
+
+    image = sorted((SAMPLE / "PNEUMONIA").iterdir())[-1]
+    answers = {}
+    for precision in ("auto", "float32"):
+        result = cxr("predict", image, "--model", out / "models" / "model.h5", "--format", "json", "--precision",
+                     precision, cache=tmp_path / "cache")
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers[precision] = json.loads(result.stdout)[0]["p_PNEUMONIA"]
+    assert answers["auto"] != answers["float32"]  # auto serves int8, and int8 is not float32
+    assert abs(answers["auto"] - answers["float32"]) < 0.2
+
+    exported = cxr("export", "--model", out / "models" / "model.h5", "--format", "tflite-int8", "--output-dir",
+                   tmp_path / "exported", cache=tmp_path / "cache")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    card = json.loads((tmp_path / "exported" / "model-card.json").read_text())
+    assert card["inference"]["precision"] == "int8"
+    assert card["exports"]["tflite-int8"]["calibration_images"] == len(
+        [r for r in csv.DictReader(open(out / "reports" / "splits.csv")) if r["split"] == "train"])
+
+
+def test_int8_asked_of_a_float32_model_is_one_clear_line(tiny_run, tmp_path):
+    image = sorted((SAMPLE / "NORMAL").iterdir())[0]
+    result = cxr("predict", image, "--model", tiny_run / "models" / "model.h5", "--precision", "int8",
+                 cache=tmp_path / "cache")
+    assert result.returncode == 2 and "no int8 conversion beside it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
