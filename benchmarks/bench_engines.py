@@ -15,6 +15,7 @@ For the model in RUN/models and its RUN/reports/splits.csv, in one run on this m
 - AUC on the internal test split and on external_dev (../shared/data/chest_xray/external_dev), with a paired
   stratified bootstrap 95 % CI of the difference from LiteRT float32.
 The CPU's model name and flags that matter to int8 (avx2, avx512f, avx512_vnni, avx512_bf16, amx) are printed.
+The OpenVINO rows need `pip install openvino nncf` (neither is a dependency of cxr).
 """
 
 import argparse

@@ -215,3 +215,12 @@ def test_listen_options_are_checked_in_one_line(options, message, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_an_error_quoting_patient_data_is_logged_without_it():
+    from cxr.listen import scrubbed
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    message = scrubbed("invalid person name 'CompressedSamples^CT1' (ID 1CT1), study date 20040119", ct)
+    assert not any(item in message for item in PATIENT_DATA), message
+    assert message.startswith("invalid person name")

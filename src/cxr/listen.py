@@ -115,7 +115,12 @@ class Listener:
         from cxr.atomic import write_bytes
 
         spooled = self.spool / f"{time.time_ns()}-{key}.dcm"
-        write_bytes(spooled, data)  # acknowledged only once it is on disk
+        try:
+            write_bytes(spooled, data)  # acknowledged only once it is on disk
+        except OSError as error:
+            log(f"{where}: refused for now, the spool {self.spool} can't be written ({error.strerror}); free some "
+                "space (the PACS may send it again later)")
+            return _status(OUT_OF_RESOURCES, "cxr can't store it now; send again later")
         self.jobs.put((spooled, image))
         return SUCCESS
 
@@ -126,8 +131,9 @@ class Listener:
             try:
                 self.answer(spooled, image)
             except Exception as error:  # noqa: BLE001 - one bad image must not stop the worker
-                log(f"{spooled.name}: no result ({type(error).__name__}: {str(error).splitlines()[0][:200]}); the "
-                    "received image stays in the spool and is tried again when cxr listen next starts")
+                why = scrubbed(str(error).splitlines()[0][:200] if str(error) else "", spooled)
+                log(f"{spooled.name}: no result ({type(error).__name__}: {why}); the received image stays in the "
+                    "spool and is tried again when cxr listen next starts")
 
     def answer(self, spooled, image=None):
         """Predict the spooled image, make its results, store them, then delete it from the spool."""
@@ -248,6 +254,23 @@ class Listener:
         except OSError as error:
             raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host") from None
         return self.server
+
+
+def scrubbed(message, spooled):
+    """`message` with the spooled image's patient names, IDs and dates (and its study's) blanked out: a library's
+    error may quote them, and the log must not."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(spooled, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - nothing to quote if it can't be read
+        return message
+    for element in header:
+        if element.VR in ("PN", "DA", "DT", "TM", "LO", "SH") and str(element.value).strip():
+            for part in {str(element.value)} | set(str(element.value).split("^")) - {""}:
+                if len(part) > 2:
+                    message = message.replace(part, "<withheld>")
+    return message
 
 
 def _status(code, comment):

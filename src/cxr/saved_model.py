@@ -239,7 +239,8 @@ class SavedModel:
         chosen = (self.inference or {}).get("precision", "float32")
         if self.precision == "float32" or self.precision == "auto" and chosen != "int8":
             return "float32"
-        if self._int8 is None and not (self.int8_path and self.int8_path.is_file()):
+        on_disk = self.int8_path is not None and self.int8_path.is_file() and "int8_sha256" in (self.inference or {})
+        if self._int8 is None and not on_disk:
             why = (self.inference or {}).get("reason", "it was trained before cxr had int8")
             raise UserError(f"{self.path}: no int8 conversion beside it (training served it in float32: {why}); "
                             "use --precision float32 or auto" if chosen != "int8" else
@@ -329,6 +330,8 @@ class SavedModel:
         if self._int8 is not None:
             write_bytes(self.int8_path, self._int8)
             self.inference = self.inference | {"int8_sha256": hashlib.sha256(self._int8).hexdigest()}
+        else:  # an earlier run's conversion would not be this model's
+            self.int8_path.unlink(missing_ok=True)
         self.info = {"class_names": self.class_names, "img_size": self.img_size, "backbone": self.backbone,
                      "test_time_scales": self.test_time_scales, **({"multi_label": True} if self.multi_label else {}),
                      **self.operating_point, "model_sha256": self.sha256,
