@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,15 +123,18 @@ class Orthanc:
 
 
 class Listener:
-    """`cxr listen` in a subprocess on a free port, started once it says it is ready; `stderr` once stopped."""
+    """`cxr listen` in a subprocess on a free port, started once it says it is ready; `stderr` once stopped.
+    It runs in `cache`'s parent folder, where its default ./cxr-listen/ goes (never in the repository)."""
 
     def __init__(self, model, port=None, send_to=None, output_dir=None, cache=None, extra=()):
         self.port = port or free_port()
-        command = [sys.executable, "-m", "cxr", "listen", "--model", str(model), "--port", str(self.port), *extra]
+        command = [sys.executable, "-m", "cxr", "listen", "--model", str(Path(model).resolve()), "--port",
+                   str(self.port), *extra]
         command += ["--send-to", send_to] if send_to else []
         command += ["--output-dir", str(output_dir)] if output_dir else []
         env = os.environ | ({"XDG_CACHE_HOME": str(cache)} if cache else {})
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, bufsize=1)
+        folder = Path(cache).parent if cache else Path(tempfile.mkdtemp(prefix="cxr-listen-"))
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, bufsize=1, cwd=folder)
         self.lines = []
         deadline = time.monotonic() + 180
         while True:
