@@ -142,7 +142,7 @@ class Listener:
         from cxr import dicom_results
         from cxr.data.decode import decode, image_warnings
         from cxr.evaluate import gradcam
-        from cxr.predict import explained_classes
+        from cxr.predict import explained_classes, population_fields
 
         data = spooled.read_bytes()
         source = pydicom.dcmread(spooled)
@@ -152,9 +152,7 @@ class Listener:
         started = time.perf_counter()
         raw, taps = self.model.raw_outputs(image.pixels[None], batch_size=1)
         probabilities, labels = self.model.calibrate(raw)
-        check = self.model.check_population(taps)
-        population = (check.record(0) if check is not None else
-                      {"in_distribution": None, "population_score": None, "population_percentile": None})
+        population = population_fields(self.model.check_population(taps), 0)
         result = dicom_results.result_from_prediction(self.model, probabilities[0], labels[0], population)
         target = explained_classes(self.model, probabilities[0], labels[0])[0]
         heatmap = gradcam.heatmaps(self.model.keras_model, image.pixels[None], [target])[0]

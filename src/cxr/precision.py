@@ -104,6 +104,7 @@ def choose(model, dataset, requested, seed, calibration=None):
     `calibration`: the images to calibrate on instead of the seeded training sample (tests make a model fail
     this way)."""
     from cxr import litert
+    from cxr.inference import predict_outputs
 
     if requested == "float32" or model.engine != "litert":
         model.inference = {"precision": "float32", "engine": model.engine,
@@ -123,7 +124,7 @@ def choose(model, dataset, requested, seed, calibration=None):
     int8 = litert.LiteRTModel(flatbuffer)
     classes = len(model.class_names)
     float_outputs = model.raw_outputs(dataset.images, rows)[0]
-    int8_outputs = np.asarray(int8.predict_on_batch(np.asarray(dataset.images[rows], dtype=np.float32)))[:, :classes]
+    int8_outputs = predict_outputs(int8, dataset.images, rows)[:, :classes]  # in batches, as float32's
     timed = dataset.images[rows[:TIMED_IMAGES]]
     speeds = {"float32": images_per_second(model.predictor(), timed), "int8": images_per_second(int8, timed)}
     passed, record = guard(y, float_outputs, int8_outputs, model.multi_label, speeds)

@@ -241,10 +241,11 @@ class SavedModel:
             return "float32"
         on_disk = self.int8_path is not None and self.int8_path.is_file() and "int8_sha256" in (self.inference or {})
         if self._int8 is None and not on_disk:
+            if chosen == "int8":
+                raise UserError(f"{self.int8_path}: not found; use the files of one training run")
             why = (self.inference or {}).get("reason", "it was trained before cxr had int8")
             raise UserError(f"{self.path}: no int8 conversion beside it (training served it in float32: {why}); "
-                            "use --precision float32 or auto" if chosen != "int8" else
-                            f"{self.int8_path}: not found; use the files of one training run")
+                            "use --precision float32 or auto")
         return "int8"
 
     def use_int8(self, flatbuffer):
