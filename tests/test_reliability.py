@@ -158,7 +158,10 @@ def test_health_answers_at_once_and_grad_cam_is_bounded_under_an_explain_load(se
         stop.set()
         for thread in clients:
             thread.join()
-    assert max(latencies) < 1.0
+    # The fault took 6-7 s on every probe. The 48 client threads share the 2 cores with the server, so one probe in
+    # ten can wait a scheduler slice or a garbage collection (1.4 s seen once): the bound is on the typical probe and
+    # a looser one on the worst, both far below the fault.
+    assert sorted(latencies)[len(latencies) // 2] < 0.5 and max(latencies) < 3.0
     assert {status for status, _ in statuses} <= {200, 503} and (200, None) in statuses
     assert all(retry for status, retry in statuses if status == 503) and any(s == 503 for s, _ in statuses)
 
