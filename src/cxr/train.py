@@ -172,6 +172,21 @@ def training_order(n_rows, n_images, batch_size, epochs, seed, start_epoch=0):
     return order[start_epoch * per_epoch:epochs * per_epoch], steps
 
 
+def staged_array(folder, name, shape, blocks):
+    """The float32 .npy array `name` in the staging folder `folder`, as a `DiskArray`: reused when a complete one
+    of `shape` is there, else written (under a temporary name, renamed when complete) from the row blocks
+    `blocks()` yields."""
+    path = Path(folder) / f"{name}.npy"
+    if path.is_file():
+        array = DiskArray(path)
+        if array.shape == tuple(shape):
+            return array
+        array.close()
+    with atomic_path(path) as tmp:
+        write_array(tmp, shape, np.float32, blocks()).close()
+    return DiskArray(path)
+
+
 class ImageInputs:
     """Plain Keras training: every phase runs the whole image model on freshly augmented images."""
 
@@ -219,17 +234,7 @@ class CachedInputs:
         return trainable, train_ds, val_ds, steps
 
     def _array(self, name, shape, blocks):
-        """The .npy array `name` in the staging folder: reused when a complete one is there, else written
-        (under a temporary name, renamed when complete) from the row blocks `blocks()` yields."""
-        path = self.folder / f"{name}.npy"
-        if path.is_file():
-            array = DiskArray(path)
-            if array.shape == tuple(shape):
-                return array
-            array.close()
-        with atomic_path(path) as tmp:
-            write_array(tmp, shape, np.float32, blocks()).close()
-        return DiskArray(path)
+        return staged_array(self.folder, name, shape, blocks)
 
     def outputs(self):
         """The prefix's outputs for `feature_views` augmented views of the training images, stacked view after
