@@ -50,7 +50,15 @@ def test_int8_probabilities_stay_close_to_float32_on_real_xrays(imagenet_run):
 
     model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
     dataset = run_dataset(imagenet_run, 64)
-    int8 = litert.LiteRTModel(litert.to_int8_flatbuffer(model.tapped_model(), dataset.images[dataset.splits["train"]]))
+    flatbuffer = litert.to_int8_flatbuffer(model.tapped_model(), dataset.images[dataset.splits["train"]])
+    int8 = litert.LiteRTModel(flatbuffer)
+    # the convolutions of the stem and block 1a stay float32, the backbone's others are int8
+    convolutions = conv_output_types(flatbuffer)
+    first = {name: any(part.startswith(("stem_", "block1a_")) for part in name.split(";")[0].split("/"))
+             for name in convolutions}
+    views = sum(first.values()) / 3  # per view: the stem's convolution, block 1a's depthwise and its projection
+    assert views >= 1 and views == int(views), convolutions
+    assert all(t == (np.float32 if first[name] else np.int8) for name, t in convolutions.items()), convolutions
     rows = np.concatenate([dataset.splits["val"], dataset.splits["test"]])
     images = dataset.images[rows]
     float_p, float_labels = model.calibrate(model.raw_outputs(images)[0])
@@ -62,6 +70,16 @@ def test_int8_probabilities_stay_close_to_float32_on_real_xrays(imagenet_run):
     near = np.abs(float_p[:, 1] - threshold) <= difference if threshold is not None else np.ones(len(rows), bool)
     assert np.all((int8_labels == float_labels) | near), (threshold, float_p[:, 1], int8_p[:, 1])
     assert np.mean(int8_labels == float_labels) >= 0.95, (threshold, float_p[:, 1], int8_p[:, 1])
+
+
+def conv_output_types(flatbuffer):
+    """{output tensor name: dtype} of every convolution in a LiteRT flatbuffer."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    tensors = interpreter.get_tensor_details()
+    return {tensors[op["outputs"][0]]["name"]: tensors[op["outputs"][0]]["dtype"]
+            for op in interpreter._get_ops_details() if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")}
 
 
 def sample_dataset(size):
