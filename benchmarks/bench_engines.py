@@ -6,7 +6,8 @@ For the model in RUN/models and its RUN/reports/splits.csv, in one run on this m
 - engines: Keras (the reference), LiteRT float32 (what cxr runs today) and int8 (`litert.to_int8_flatbuffer`,
   what `cxr export --format tflite-int8` writes), ONNX Runtime float32 (cxr's ONNX export) and int8 (static QDQ,
   int8 weights per channel, `reduce_range` on CPUs without VNNI), OpenVINO float32 (inference precision f32
-  forced: on CPUs with bfloat16 it would otherwise pick bf16) and int8 (NNCF post-training quantization).
+  forced: on CPUs with bfloat16 it would otherwise pick bf16), bfloat16 (the hint OpenVINO picks by itself on
+  CPUs with AMX or avx512_bf16) and int8 (NNCF post-training quantization).
   Every int8 engine is calibrated on the same 200 seeded training images.
 - speed: images/s over `--images` images (the test split, external_dev and validation and training images to
   make up the number), already decoded, at batch 1 (with p50/p95 latency per image) and at the best of
@@ -37,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 THREADS = len(os.sched_getaffinity(0))
 CALIBRATION = 200
 ENGINES = ("keras", "litert-fp32", "litert-int8", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32",
-           "openvino-int8")
+           "openvino-bf16", "openvino-int8")
 
 
 def cpu_flags():
@@ -116,11 +117,11 @@ def openvino_engines(onnx_path, calibration, wanted):
     import openvino as ov
 
     core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": THREADS, "INFERENCE_PRECISION_HINT": "f32"}
     model = core.read_model(str(onnx_path))
     engines = []
 
-    def engine(name, ov_model):
+    def engine(name, ov_model, precision="f32"):
+        config = {"INFERENCE_NUM_THREADS": THREADS, "INFERENCE_PRECISION_HINT": precision}
         compiled = {}
 
         def run(x):
@@ -136,6 +137,8 @@ def openvino_engines(onnx_path, calibration, wanted):
 
     if "openvino-fp32" in wanted:
         engines.append(engine("openvino-fp32", model))
+    if "openvino-bf16" in wanted:
+        engines.append(engine("openvino-bf16", model, "bf16"))
     if "openvino-int8" in wanted:
         import nncf
 
@@ -217,7 +220,7 @@ def main():
             flatbuffer = litert.to_int8_flatbuffer(model.keras_model, calibration)
             print(f"litert-int8: converted in {time.perf_counter() - start:.0f} s")
             engines["litert-int8"] = litert_engine("litert-int8", flatbuffer)
-        if {"onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8"} & set(args.engines):
+        if {"onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8"} & set(args.engines):
             onnx_path = next(p for p in export(args.run / "models" / "model.h5", ["onnx"], folder / "onnx")
                              if p.suffix == ".onnx")
             if "onnxruntime-fp32" in args.engines:

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_predict.py                       # 2,000 training X-rays, fresh Lite0
     .venv/bin/python benchmarks/bench_predict.py --model outputs/models/model.h5 --limit 500
+    .venv/bin/python benchmarks/bench_predict.py --model outputs/models/model.h5 --stock
 
 Without --model it saves an ImageNet Lite0 with an untrained 2-class head (speed doesn't depend on the
 head's weights). It then times, on the same image files:
@@ -9,6 +10,9 @@ head's weights). It then times, on the same image files:
   once with an empty LiteRT cache (includes the conversion) and once with the cache filled;
 - `predict.predict_files` in this process, after start-up: LiteRT vs the Keras model, with the largest
   difference between their calibrated probabilities.
+With --stock, also what a user would write instead: the model's `cxr export --format tflite` file run by the
+stock LiteRT script below (PIL to decode and resize, one image per `invoke`), with LiteRT's default thread count
+and with every core, in a child process on the same files.
 """
 
 import argparse
@@ -31,6 +35,37 @@ def fresh_model(folder, img_size):
     return SavedModel.from_keras(model, ["NORMAL", "PNEUMONIA"], img_size, "efficientnet-lite0").save(folder)
 
 
+STOCK_SCRIPT = '''
+import sys
+import numpy as np
+from PIL import Image
+from ai_edge_litert.interpreter import Interpreter
+
+model, files, threads = sys.argv[1], open(sys.argv[2]).read().split("\\n"), int(sys.argv[3])
+interpreter = Interpreter(model_path=model, num_threads=threads or None)
+interpreter.allocate_tensors()
+source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+side = int(source["shape"][1])
+for path in files:
+    image = Image.open(path).convert("RGB").resize((side, side), Image.BILINEAR)
+    interpreter.set_tensor(source["index"], np.asarray(image, dtype=np.float32)[None])
+    interpreter.invoke()
+    print(path, *interpreter.get_tensor(target["index"])[0], sep=",")
+'''
+
+
+def time_stock(files, model, folder, threads):
+    """Seconds the stock LiteRT script takes for `files` on the exported `model.tflite` (`threads` 0: LiteRT's
+    default)."""
+    script, listing = Path(folder) / "stock_litert.py", Path(folder) / "files.txt"
+    script.write_text(STOCK_SCRIPT)
+    listing.write_text("\n".join(map(str, files)))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(script), str(model), str(listing), str(threads)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    return time.perf_counter() - start
+
+
 def time_cli(files, model, cache_home):
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "TF_CPP_MIN_LOG_LEVEL": "2"}
     start = time.perf_counter()
@@ -45,6 +80,7 @@ def main():
     parser.add_argument("--limit", type=int, default=2000, help="number of images")
     parser.add_argument("--model", type=Path, help="a saved cxr model (default: a fresh ImageNet Lite0)")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--stock", action="store_true", help="also time the stock LiteRT script on the tflite export")
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -59,6 +95,14 @@ def main():
               f"{len(os.sched_getaffinity(0))} CPU cores")
         print(f"cxr predict, end to end, LiteRT cache empty  {cold:7.1f} s  {len(files) / cold:6.1f} images/s")
         print(f"cxr predict, end to end, LiteRT cache filled {warm:7.1f} s  {len(files) / warm:6.1f} images/s")
+        if args.stock:
+            from cxr.export import export
+
+            tflite = export(model_path, ["tflite"], Path(tmp) / "export")[0]
+            for threads, label in ((0, "LiteRT's default threads"), (len(os.sched_getaffinity(0)), "every core")):
+                seconds = time_stock(files, tflite, tmp, threads)
+                print(f"stock LiteRT script on the tflite export, {label:24} {seconds:7.1f} s  "
+                      f"{len(files) / seconds:6.1f} images/s")
 
         os.environ["XDG_CACHE_HOME"] = str(cache_home)
         import numpy as np
@@ -68,7 +112,7 @@ def main():
 
         litert, keras = SavedModel.load(model_path), SavedModel.load(model_path)
         litert.predictor()
-        keras._predictor, keras.engine = keras.keras_model, "keras"  # the same model, held in Keras
+        keras._predictor, keras.engine = keras.tapped_model(), "keras"  # the same model, held in Keras
         outputs = {}
         for engine, model in (("litert", litert), ("keras", keras)):
             predict_files(model, files[:64])  # warm-up: graph tracing, thread pools
