@@ -220,7 +220,7 @@ def main():
             flatbuffer = litert.to_int8_flatbuffer(model.keras_model, calibration)
             print(f"litert-int8: converted in {time.perf_counter() - start:.0f} s")
             engines["litert-int8"] = litert_engine("litert-int8", flatbuffer)
-        if {"onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8"} & set(args.engines):
+        if {e for e in ENGINES if e.startswith(("onnxruntime", "openvino"))} & set(args.engines):
             onnx_path = next(p for p in export(args.run / "models" / "model.h5", ["onnx"], folder / "onnx")
                              if p.suffix == ".onnx")
             if "onnxruntime-fp32" in args.engines:

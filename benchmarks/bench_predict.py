@@ -62,7 +62,8 @@ def time_stock(files, model, folder, threads):
     listing.write_text("\n".join(map(str, files)))
     start = time.perf_counter()
     subprocess.run([sys.executable, str(script), str(model), str(listing), str(threads)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     return time.perf_counter() - start
 
 

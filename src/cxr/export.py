@@ -3,9 +3,10 @@
 - savedmodel: a TensorFlow SavedModel (TF Serving, Vertex AI). Signature `serving_default`: `image`, float32
   (N, S, S, 3), RGB, raw 0-255 values -> `probabilities`, (N, classes) softmax.
 - tflite: the LiteRT flatbuffer that cxr itself runs on CPU (same input and output).
-- tflite-int8: the same, full-integer int8 inside (float32 in and out; `litert.to_int8_flatbuffer`), calibrated
-  on 200 training images (the run's reports/splits.csv, or `--calibration-images`). Whether int8 kept the
-  model's accuracy is what training's guard measured (`precision`): the model card carries its record.
+- tflite-int8: the same, int8 inside but for the first layers and the head (float32 in and out;
+  `litert.to_int8_flatbuffer`), calibrated on 200 training images (the run's reports/splits.csv, or
+  `--calibration-images`). Whether int8 kept the model's accuracy is what training's guard measured
+  (`precision`): the model card carries its record.
 - onnx: tf2onnx's conversion of that SavedModel at opset `ONNX_OPSET` (onnxruntime, Triton, C#/Java apps).
 
 Preprocessing (ImageNet normalisation) is inside every export; resizing, calibration (the temperature) and the

@@ -1,6 +1,6 @@
 """The precision a trained model is served at: float32 LiteRT, or int8 LiteRT where it holds up.
 
-At the end of training (`choose`), the model with its population taps is converted to full-integer int8
+At the end of training (`choose`), the model with its population taps is converted to int8
 (`litert.to_int8_flatbuffer`, calibrated on CALIBRATION_IMAGES seeded training images) and checked on the
 validation split against float32 (`guard`; with at least MIN_VALIDATION_IMAGES of them): int8 must be faster, its AUC within AUC_TOLERANCE of float32's and
 its calibrated probabilities within PROBABILITY_TOLERANCE of float32's on every validation image. When it passes,
