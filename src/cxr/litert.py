@@ -130,24 +130,17 @@ def to_int8_flatbuffer(model, calibration_images):
                                                              debug_options=options)
         # Setting the options quantizes the calibrated model again, without calibrating it again
         debugger.options = tf.lite.experimental.QuantizationDebugOptions(
-            denylisted_ops=FLOAT_OPS, denylisted_nodes=_float_layer_outputs(debugger.quant_model))
+            denylisted_ops=FLOAT_OPS, denylisted_nodes=_float_layer_outputs(debugger.calibrated_model))
         return debugger.get_nondebug_quantized_model()
 
 
-def _float_layer_outputs(debug_flatbuffer):
-    """The output tensor names, in a quantization debugger's instrumented model, of the ops that belong to a layer
-    named by FLOAT_LAYER_PREFIXES."""
-    prefix = "NumericVerify/"  # the debugger's check on each quantized op's output: "NumericVerify/{tensor}:{index}"
-    names = []
-    for tensor in _interpreter(debug_flatbuffer, 1).get_tensor_details():
-        if tensor["name"].startswith(prefix):
-            # as the debugger's _get_operand_name_and_index: one digit of suffix, then the tensor's index
-            name = tensor["name"][len(prefix):].rsplit(":", 1)[0]
-            name = name[:-1] if name[-1:].isdigit() else name
-            own = name.split(";")[0]  # fused ops list every name they took; the first is the op's own output
-            if any(part.startswith(FLOAT_LAYER_PREFIXES) for part in own.split("/")):
-                names.append(name)
-    return names
+def _float_layer_outputs(calibrated_flatbuffer):
+    """The tensor names, in a calibrated (still float32) model, of the outputs of layers named by
+    FLOAT_LAYER_PREFIXES: what the quantizer's `denylisted_nodes` takes."""
+    names = [tensor["name"] for tensor in _interpreter(calibrated_flatbuffer, 1).get_tensor_details()]
+    # a fused op's tensor lists every name it took; the first is the op's own output
+    return [name for name in names
+            if any(part.startswith(FLOAT_LAYER_PREFIXES) for part in name.split(";")[0].split("/"))]
 
 
 def tensor_names(flatbuffer):
