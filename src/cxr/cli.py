@@ -151,7 +151,7 @@ def _add_train_options(parser):
     add("--batch-size", type=int, default=d.batch_size)
     add("--epochs", type=int, default=d.epochs, help="maximum epochs per phase (phase 2: see --finetune-epochs)")
     add("--finetune-epochs", type=int, default=None,
-        help="maximum epochs of phase 2 (default: the backbone's: B0 --epochs, Lite0 12 or --epochs if lower)")
+        help="maximum epochs of phase 2 (default: the backbone's: B0 --epochs, Lite0 5 or --epochs if lower)")
     add("--val-split", type=float, default=d.val_split, help="validation fraction per class when splitting")
     add("--test-split", type=float, default=d.test_split, help="test fraction per class when splitting")
     add("--patience", type=int, default=d.patience, help="EarlyStopping patience (epochs)")
