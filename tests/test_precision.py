@@ -168,3 +168,89 @@ def test_int8_asked_of_a_float32_model_is_one_clear_line(tiny_run, tmp_path):
                  cache=tmp_path / "cache")
     assert result.returncode == 2 and "no int8 conversion beside it" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_views_on_demand_give_back_every_view_where_the_first_is_uncertain(imagenet_run, tiny_multilabel):
+    from cxr.inference import predict_outputs
+    from cxr.saved_model import SavedModel
+    from cxr.views_on_demand import ViewsOnDemand, uncertain
+
+    images = sample_dataset(64).images
+    model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
+    assert len(model.test_time_scales) == 2
+    every_view = predict_outputs(model.predictor(), images)
+    first, others = model.view_predictors()
+    alone = predict_outputs(first, images)
+    # the population check's features read the image as it is, in both
+    assert np.abs(alone[:, 2:] - every_view[:, 2:]).max() < 1e-5
+    assert np.abs(predict_outputs(ViewsOnDemand(first, others, 2, False, -1), images) - every_view).max() < 1e-5
+    assert np.array_equal(predict_outputs(ViewsOnDemand(first, others, 2, False, 1), images), alone)
+    margin = float(np.median(1 - alone[:, :2].max(axis=1)))  # half the images need the other view
+    need = uncertain(alone[:, :2], False, margin)
+    assert 0 < need.sum() < len(images)
+    served = predict_outputs(ViewsOnDemand(first, others, 2, False, margin), images)
+    assert np.abs(served[need] - every_view[need]).max() < 1e-5
+    assert np.array_equal(served[~need], alone[~need])
+
+    # sigmoid outputs, one per finding, add up too
+    findings = SavedModel.load(tiny_multilabel[0] / "models" / "model.h5", "float32")
+    small = sample_dataset(32).images[:12]
+    first, others = findings.view_predictors()
+    assert np.abs(predict_outputs(ViewsOnDemand(first, others, len(findings.class_names), True, -1), small)
+                  - predict_outputs(findings.predictor(), small)).max() < 1e-5
+
+
+def test_views_on_demand_are_guarded_recorded_and_served_by_predict(imagenet_run, tmp_path, monkeypatch):
+    from cxr import model_card, precision, views_on_demand
+    from cxr.saved_model import SavedModel
+
+    dataset = sample_dataset(64)
+    black = np.zeros((16, 64, 64, 3), np.uint8)  # int8 fails its guard: float32 is served, with views on demand
+    monkeypatch.setattr(views_on_demand, "MIN_SPEEDUP", 1e9)  # ... unless they are not faster
+    slow = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
+    slow.predictor()
+    record = precision.choose(slow, dataset, "auto", seed=0, calibration=black)["views_on_demand"]
+    assert record["margin"] is None and "as fast on this machine" in record["reason"], record
+    assert slow.engine == "litert" and record["rebuilt_difference"] < 1e-5
+    assert [t["margin"] for t in record["trials"]] == list(views_on_demand.MARGINS)
+
+    monkeypatch.setattr(views_on_demand, "MIN_SPEEDUP", 0.0)
+    model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
+    model.predictor()
+    record = precision.choose(model, dataset, "auto", seed=0, calibration=black)["views_on_demand"]
+    assert record["margin"] in views_on_demand.MARGINS and model.engine == "litert, views on demand", record
+    assert record["val_auc_every_view"] - record["val_auc_on_demand"] <= precision.AUC_TOLERANCE / 2
+    assert record["max_calibrated_probability_difference"] <= precision.PROBABILITY_TOLERANCE / 2
+    kept = [t["margin"] for t in record["trials"] if record["val_auc_every_view"] - t["val_auc"] <= 0.001
+            and t["max_calibrated_probability_difference"] <= 0.025]
+    assert record["margin"] == max(kept)  # the largest margin that passes: the fewest images with every view
+    model.save(tmp_path / "models")
+    saved = json.loads((tmp_path / "models" / "class_names.json").read_text())["inference"]
+    assert saved["precision"] == "float32" and saved["views_on_demand"]["margin"] == record["margin"]
+    card = model_card.describe(SavedModel.load(tmp_path / "models" / "model.h5"))["inference"]
+    assert f"further than {record['margin']:g} from certain" in card["served"]
+    assert "every view for every image" in model_card.describe(
+        SavedModel.load(tmp_path / "models" / "model.h5", "float32"))["inference"]["served"]
+
+    # tolerances no margin can meet: every view stays
+    monkeypatch.setattr(precision, "AUC_TOLERANCE", -1.0)
+    refused = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
+    refused.predictor()
+    record = views_on_demand.choose(refused, dataset, *dataset.split("val"), refused.raw_outputs(
+        dataset.images, dataset.splits["val"])[0])
+    assert record["margin"] is None and record["reason"].startswith("no margin keeps") and refused.engine == "litert"
+
+    images = sorted((SAMPLE / "NORMAL").iterdir())[:3] + sorted((SAMPLE / "PNEUMONIA").iterdir())[-3:]
+    answers = {}
+    for asked in ("auto", "float32"):
+        result = cxr("predict", *images, "--model", tmp_path / "models" / "model.h5", "--format", "json",
+                     "--precision", asked, cache=tmp_path / "cache")
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers[asked] = np.array([row["p_PNEUMONIA"] for row in json.loads(result.stdout)])
+    assert np.abs(answers["auto"] - answers["float32"]).max() <= precision.PROBABILITY_TOLERANCE
+    # with the views' conversions cached, serving them needs neither TensorFlow nor Keras
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from cxr.saved_model import SavedModel; "
+                             "m = SavedModel.load(sys.argv[1]); m.predictor(); print(m.engine, 'keras' in sys.modules)",
+                             str(tmp_path / "models" / "model.h5")], capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert loaded.stdout.strip() == "litert, views on demand False", loaded.stdout + loaded.stderr[-2000:]

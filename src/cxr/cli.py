@@ -17,7 +17,9 @@ from cxr.errors import UserError
 
 EXPORT_FORMATS = ("savedmodel", "tflite", "tflite-int8", "onnx")
 PRECISIONS = ("auto", "float32", "int8")
-PRECISION_HELP = "auto (default): the precision the model's training chose (int8 where it passed the accuracy guard)"
+PRECISION_HELP = ("auto (default): as the model's training chose (int8 where it passed the accuracy guard; else "
+                  "float32, with the second view only for uncertain images where that passed its guard); float32: "
+                  "every view in float32, as trained; int8: the int8 conversion")
 
 
 def add_precision(parser):
@@ -203,8 +205,9 @@ def _add_train_options(parser):
     add("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the confidence intervals")
     add("--precision", choices=PRECISIONS, default=d.precision,
         help="auto (default): serve int8 where it passes the accuracy guard on validation (AUC within 0.002 of "
-             "float32, calibrated probabilities within 0.05, faster), else float32; float32: skip int8; int8: int8 "
-             "even if it fails the guard")
+             "float32, calibrated probabilities within 0.05, faster), else float32, running the second view only for "
+             "the images the first leaves uncertain where that passes its own guard; float32: every view in float32; "
+             "int8: int8 even if it fails the guard")
     add("--false-flag-rate", type=float, default=d.false_flag_rate,
         help="the population check flags this share of validation images as unlike the training images "
              "(default 0.005): lower flags fewer images of the training population, and fewer of other ones")

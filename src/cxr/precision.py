@@ -6,7 +6,9 @@ validation split against float32 (`guard`; with at least MIN_VALIDATION_IMAGES o
 its calibrated probabilities within PROBABILITY_TOLERANCE of float32's on every validation image. When it passes,
 int8 is what predict, evaluate, serve and listen run by default (`--precision auto`), and the operating point
 and the population check are fitted on its outputs, since those are what will be served. When it fails, the
-model is served in float32, and the reason is recorded in class_names.json ("inference") and the model card.
+model is served in float32, and the reason is recorded in class_names.json ("inference") and the model card;
+a float32 model with several test-time views may then run the views beyond the first only for the images the
+first leaves uncertain, if that passes its own guard (`cxr.views_on_demand`).
 """
 
 import time
@@ -137,6 +139,10 @@ def choose(model, dataset, requested, seed, calibration=None):
     print(f"Inference precision: {precision} ({record['reason']}; validation AUC float32 "
           f"{_number(record['val_auc_float32'])}, int8 {_number(record['val_auc_int8'])}, "
           f"{speeds['float32']:.0f} vs {speeds['int8']:.0f} images/s)", flush=True)
+    if precision == "float32" and requested == "auto" and len(model.test_time_scales) > 1:
+        from cxr import views_on_demand
+
+        model.inference["views_on_demand"] = views_on_demand.choose(model, dataset, rows, y, float_outputs)
     return model.inference
 
 

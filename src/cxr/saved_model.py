@@ -212,23 +212,70 @@ class SavedModel:
 
         A conversion cached for this model file is used without loading TensorFlow or Keras; otherwise
         `litert.fast_inference` decides (`n_images`: how many images it will see; None: convert if possible).
+        Where training chose to (`on_demand_margin`), the views beyond the first run only for uncertain images.
         """
         from cxr import litert
 
-        if self._predictor is None and self.served_precision() == "int8":
+        if self._predictor is not None:
+            return self._predictor
+        if self.served_precision() == "int8":
             self._predictor, self.engine = litert.LiteRTModel(self._read_int8()), "litert int8"
-        if self._predictor is None:
-            cached = litert.cached_conversion(self.path, self.sha256, TAPS) if self.path is not None else None
-            if cached is not None:
-                self._predictor, self.engine = cached, "litert"
-            else:
-                self._predictor, self.engine = litert.fast_inference(self.tapped_model(), self.path, n_images,
-                                                                     digest=self.sha256, tag=TAPS)
-            features = self._predictor.output_shape[-1] - len(self.class_names)
-            if features < 1 or self.population is not None and features != sum(self.population.dims):
-                raise UserError(f"{self.path}: the model's outputs don't match {CLASS_NAMES_FILE} and "
-                                f"{POPULATION_FILE}; use the files of one training run")
+        elif self.on_demand_margin() is not None:
+            from cxr.views_on_demand import ViewsOnDemand
+
+            first, others = self.view_predictors(n_images)
+            self.serve_views_on_demand(ViewsOnDemand(first, others, len(self.class_names), self.multi_label,
+                                                     self.on_demand_margin()))
+        else:
+            self._predictor, self.engine = self._converted(TAPS, self.tapped_model, n_images)
+        features = self._predictor.output_shape[-1] - len(self.class_names)
+        if features < 1 or self.population is not None and features != sum(self.population.dims):
+            raise UserError(f"{self.path}: the model's outputs don't match {CLASS_NAMES_FILE} and "
+                            f"{POPULATION_FILE}; use the files of one training run")
         return self._predictor
+
+    def _converted(self, tag, keras_model, n_images):
+        """(predictor, engine) of the network `keras_model()` builds from this model file, named `tag` in the
+        LiteRT cache: its cached conversion, without loading Keras, or what `litert.fast_inference` decides."""
+        from cxr import litert
+
+        cached = litert.cached_conversion(self.path, self.sha256, tag) if self.path is not None else None
+        if cached is not None:
+            return cached, "litert"
+        return litert.fast_inference(keras_model(), self.path, n_images, digest=self.sha256, tag=tag)
+
+    def view_predictors(self, n_images=None):
+        """(the first view's predictor: the image as it is, (n, S, S, 3) -> (n, classes + features) as
+        `predictor`'s; [each other test-time view's predictor, (n, S, S, 3) -> (n, classes)]), for serving the
+        views on demand (`cxr.views_on_demand`). Cached conversions are used without importing Keras."""
+        from functools import partial
+
+        def view(scale, taps=False):
+            from cxr import backbones, models
+
+            if taps:
+                return models.with_population_taps(self.keras_model, backbones.population_taps(self.backbone), (scale,))
+            return models.with_test_time_scales(self.keras_model, (scale,))
+
+        first = min(self.test_time_scales, key=lambda s: abs(s - 1))
+        others = [self._converted(f"view{s:g}", partial(view, s), n_images)[0] for s in self.test_time_scales
+                  if s != first]
+        return self._converted(f"{TAPS}-view{first:g}", partial(view, first, taps=True), n_images)[0], others
+
+    def on_demand_margin(self):
+        """The margin at which the views beyond the first run (`cxr.views_on_demand`) when training chose to serve
+        them on demand and that is what is asked for ("auto", float32 served); None: every view runs."""
+        record = (self.inference or {}).get("views_on_demand") or {}
+        if self.precision != "auto" or self.served_precision() != "float32":
+            return None
+        return record.get("margin")
+
+    def serve_views_on_demand(self, predictor):
+        """Serve `predictor` (a `views_on_demand.ViewsOnDemand`) from now on."""
+        from cxr.litert import LiteRTModel
+
+        engine = "litert" if all(isinstance(p, LiteRTModel) for p in (predictor.first, *predictor.others)) else "keras"
+        self._predictor, self.engine = predictor, f"{engine}, views on demand"
 
     @property
     def int8_path(self):
