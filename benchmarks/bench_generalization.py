@@ -66,11 +66,16 @@ RECIPES = {
     # The default of 2026-12-02 at 160 px (issue 31): each view costs half the multiply-adds of 224 px, so its two
     # views cost about what one did at 224. Measured, not adopted.
     "size160": {**BLOCK4, "augment": "site-aspect", "feature_views": 4, **TWO_VIEWS, "img_size": 160},
+    # Today's default served as it was until 2026-12-03: every view for every image, float32 (issue 31) ...
+    "every-view": {"precision": "float32"},
+    # ... and the same weights served as today's `cxr train` serves them: int8 where it passes its guard, else
+    # float32 with the views beyond the first only for uncertain images where that passes its own (views_on_demand)
+    "on-demand": {},
 }
 # Recipes that differ from another only in what is done after training (the test-time scales): they reuse its
 # trained weights (see `with_other_views`) instead of training again. A distilled run's teacher is its best
 # phase's checkpoint.
-SAME_TRAINING = {"block4-2views": "block4", "distill-teacher": "distill"}
+SAME_TRAINING = {"block4-2views": "block4", "distill-teacher": "distill", "on-demand": "every-view"}
 SENSITIVITY_TARGETS, SPECIFICITY_TARGET = (0.95, 0.90), 0.98
 
 
@@ -145,10 +150,10 @@ def trained(run_dir, config):
 
 def with_other_views(trained_dir, run_dir, config):
     """Save into `run_dir` the model of the run in `trained_dir` as a run with `config` would have saved it:
-    the same weights with `config.test_time_scales`, its operating point fitted on the same validation split
-    and evaluated on the same test split, as `cxr.run.train` does after training (its summary.json keeps the
-    metrics, and the training time of the run it came from)."""
-    from cxr import models
+    the same weights with `config.test_time_scales`, served at `config.precision` (`precision.choose`), its
+    operating point fitted on the same validation split and evaluated on the same test split, as `cxr.run.train`
+    does after training (its summary.json keeps the metrics, and the training time of the run it came from)."""
+    from cxr import models, precision
     from cxr.data.split import prepare_splits
     from cxr.evaluate import EvaluationOptions, evaluate_model
     from cxr.run import fit_on_validation
@@ -166,6 +171,8 @@ def with_other_views(trained_dir, run_dir, config):
         weights = keras.models.load_model(trained_dir / "models" / checkpoint, compile=False)
     model = SavedModel.from_keras(models.with_test_time_scales(weights, config.test_time_scales),
                                   trained_model.class_names, config.img_size, config.backbone, config.test_time_scales)
+    model.predictor()
+    precision.choose(model, dataset, config.precision, config.seed)
     model.operating_point, model.population = fit_on_validation(model, dataset,
                                                                 trained_model.operating_point["positive_class"], config)
     evaluation = evaluate_model(model, dataset, "test", EvaluationOptions(bootstrap=0, seed=config.seed))

@@ -7,7 +7,8 @@
 Without --model it saves an ImageNet Lite0 with an untrained 2-class head (speed doesn't depend on the
 head's weights). It then times, on the same image files:
 - `cxr predict FILES --format csv` end to end in a child process (start-up, loading, decoding, inference),
-  once with an empty LiteRT cache (includes the conversion) and once with the cache filled;
+  once with an empty LiteRT cache (includes the conversion) and once with the cache filled, at each of
+  --precisions (default: auto, what training chose, e.g. the views on demand; and float32, every view);
 - `predict.predict_files` in this process, after start-up: LiteRT vs the Keras model, with the largest
   difference between their calibrated probabilities.
 With --stock, also what a user would write instead: the model's `cxr export --format tflite` file run by the
@@ -67,11 +68,12 @@ def time_stock(files, model, folder, threads):
     return time.perf_counter() - start
 
 
-def time_cli(files, model, cache_home):
+def time_cli(files, model, cache_home, precision):
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "TF_CPP_MIN_LOG_LEVEL": "2"}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "cxr", "predict", *map(str, files), "--model", str(model),
-                    "--format", "csv"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    "--format", "csv", "--precision", precision], env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -82,6 +84,7 @@ def main():
     parser.add_argument("--model", type=Path, help="a saved cxr model (default: a fresh ImageNet Lite0)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--stock", action="store_true", help="also time the stock LiteRT script on the tflite export")
+    parser.add_argument("--precisions", nargs="+", default=["auto", "float32"], choices=["auto", "float32", "int8"])
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -91,11 +94,13 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model_path = args.model or fresh_model(tmp, args.img_size)
         cache_home = Path(tmp) / "cache"
-        cold, warm = time_cli(files, model_path, cache_home), time_cli(files, model_path, cache_home)
         print(f"{len(files)} images from {args.source}, model {args.model or 'fresh efficientnet-lite0'}, "
               f"{len(os.sched_getaffinity(0))} CPU cores")
-        print(f"cxr predict, end to end, LiteRT cache empty  {cold:7.1f} s  {len(files) / cold:6.1f} images/s")
-        print(f"cxr predict, end to end, LiteRT cache filled {warm:7.1f} s  {len(files) / warm:6.1f} images/s")
+        for precision in args.precisions:
+            for cache in ("empty ", "filled"):
+                seconds = time_cli(files, model_path, cache_home / precision, precision)
+                print(f"cxr predict --precision {precision:7}, end to end, LiteRT cache {cache} {seconds:7.1f} s  "
+                      f"{len(files) / seconds:6.1f} images/s", flush=True)
         if args.stock:
             from cxr.export import export
 
@@ -105,13 +110,13 @@ def main():
                 print(f"stock LiteRT script on the tflite export, {label:24} {seconds:7.1f} s  "
                       f"{len(files) / seconds:6.1f} images/s")
 
-        os.environ["XDG_CACHE_HOME"] = str(cache_home)
+        os.environ["XDG_CACHE_HOME"] = str(cache_home / "float32")
         import numpy as np
 
         from cxr.predict import predict_files
         from cxr.saved_model import SavedModel
 
-        litert, keras = SavedModel.load(model_path), SavedModel.load(model_path)
+        litert, keras = SavedModel.load(model_path, "float32"), SavedModel.load(model_path, "float32")
         litert.predictor()
         keras._predictor, keras.engine = keras.tapped_model(), "keras"  # the same model, held in Keras
         outputs = {}

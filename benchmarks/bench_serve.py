@@ -40,8 +40,9 @@ def rss_mb(pid):
     return float("nan")
 
 
-def start_server(model, port):
-    process = subprocess.Popen([sys.executable, "-m", "cxr", "serve", "--model", str(model), "--port", str(port)],
+def start_server(model, port, precision="auto"):
+    process = subprocess.Popen([sys.executable, "-m", "cxr", "serve", "--model", str(model), "--port", str(port),
+                                "--precision", precision],
                                stderr=subprocess.DEVNULL, env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -159,6 +160,8 @@ def main():
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--levels", nargs="+", default=["clients", "explain", "large"],
                         choices=["clients", "explain", "large"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "int8"],
+                        help="as `cxr serve --precision` (float32: every view, whatever training chose)")
     args = parser.parse_args()
 
     files = sorted(args.images.rglob("*.jpeg"))[::25][:200]
@@ -166,12 +169,14 @@ def main():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process, url = start_server(args.model, port)
+    process, url = start_server(args.model, port, args.precision)
     try:
         load(url, bodies, 4, 3)  # warm-up: thread pools, allocator, the first batches
         before = rss_mb(process.pid)
-        print(f"cxr serve {args.model} on {os.cpu_count()} CPUs; {len(bodies)} X-rays "
-              f"({np.mean([len(b) for b in bodies]) / 1024:.0f} KB mean), one per request, {args.seconds:g} s per level")
+        engine = requests.get(url + "/health/ready", timeout=10).json()["engine"]
+        print(f"cxr serve {args.model} --precision {args.precision} ({engine}) on {os.cpu_count()} CPUs; "
+              f"{len(bodies)} X-rays ({np.mean([len(b) for b in bodies]) / 1024:.0f} KB mean), one per request, "
+              f"{args.seconds:g} s per level")
         if "clients" in args.levels:
             print("| clients | images/s | p50 ms | p95 ms | p99 ms | errors |")
             print("| --- | --- | --- | --- | --- | --- |")
