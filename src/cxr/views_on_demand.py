@@ -10,7 +10,8 @@ features and a first answer for every image. The other views run only where that
 At the end of training (`choose`, called by `precision.choose` when float32 is served), the largest margin of
 MARGINS that keeps the validation split within half the int8 guard's tolerances of every view's outputs (mean AUC
 within AUC_TOLERANCE / 2, calibrated probabilities within PROBABILITY_TOLERANCE / 2) is kept, if serving that
-way is at least MIN_SPEEDUP times as fast on this machine. The choice goes into class_names.json
+way is at least MIN_SPEEDUP times as fast on this machine, both in the arithmetic it saves (`best_speedup`: with
+most images needing every view there is nothing to gain, whatever a short timing says) and as timed. The choice goes into class_names.json
 ("inference" -> "views_on_demand") and the model card; `--precision float32` serves every view, as trained.
 """
 
@@ -46,6 +47,12 @@ def uncertain(outputs, multi_label, margin):
     if multi_label:
         return np.any(np.minimum(p, 1 - p) > margin, axis=1)
     return 1 - p.max(axis=1) > margin
+
+
+def best_speedup(views, share_with_every_view):
+    """How many times as fast the views on demand can be at most: `views` views for every image against one for
+    every image and the others for `share_with_every_view` of them, counting only the networks' arithmetic."""
+    return views / (1 + share_with_every_view * (views - 1))
 
 
 class ViewsOnDemand:
@@ -108,6 +115,11 @@ def choose(model, dataset, rows, y, all_views):
         return _refused(record, f"no margin keeps validation within {AUC_TOLERANCE / 2} of every view's AUC and "
                                 f"{PROBABILITY_TOLERANCE / 2} of its calibrated probabilities")
     best = kept[-1]
+    views = 1 + len(other_views)
+    if best_speedup(views, best["share_with_every_view"]) < MIN_SPEEDUP:
+        return _refused(record, f"at margin {best['margin']:g} {best['share_with_every_view']:.0%} of validation "
+                                f"images need every view, so it can be at most "
+                                f"{best_speedup(views, best['share_with_every_view']):.2f}x as fast")
     on_demand = ViewsOnDemand(first_view, other_views, classes, multi_label, best["margin"])
     timed = dataset.images[rows[np.linspace(0, len(rows) - 1, min(TIMED_IMAGES, len(rows))).astype(int)]]
     speeds = {"every_view": images_per_second(model.predictor(), timed),
