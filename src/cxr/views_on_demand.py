@@ -11,8 +11,9 @@ At the end of training (`choose`, called by `precision.choose` when float32 is s
 MARGINS that keeps the validation split within half the int8 guard's tolerances of every view's outputs (mean AUC
 within AUC_TOLERANCE / 2, calibrated probabilities within PROBABILITY_TOLERANCE / 2) is kept, if serving that
 way is at least MIN_SPEEDUP times as fast on this machine, both in the arithmetic it saves (`best_speedup`: with
-most images needing every view there is nothing to gain, whatever a short timing says) and as timed. The choice goes into class_names.json
-("inference" -> "views_on_demand") and the model card; `--precision float32` serves every view, as trained.
+most images needing every view there is nothing to gain, whatever a short timing says) and as timed. The choice
+goes into class_names.json ("inference" -> "views_on_demand") and the model card; `--precision float32` serves
+every view, as trained.
 """
 
 import numpy as np
