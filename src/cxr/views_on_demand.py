@@ -116,11 +116,10 @@ def choose(model, dataset, rows, y, all_views):
         return _refused(record, f"no margin keeps validation within {AUC_TOLERANCE / 2} of every view's AUC and "
                                 f"{PROBABILITY_TOLERANCE / 2} of its calibrated probabilities")
     best = kept[-1]
-    views = 1 + len(other_views)
-    if best_speedup(views, best["share_with_every_view"]) < MIN_SPEEDUP:
+    at_most = best_speedup(1 + len(other_views), best["share_with_every_view"])
+    if at_most < MIN_SPEEDUP:
         return _refused(record, f"at margin {best['margin']:g} {best['share_with_every_view']:.0%} of validation "
-                                f"images need every view, so it can be at most "
-                                f"{best_speedup(views, best['share_with_every_view']):.2f}x as fast")
+                                f"images need every view, so it can be at most {at_most:.2f}x as fast")
     on_demand = ViewsOnDemand(first_view, other_views, classes, multi_label, best["margin"])
     timed = dataset.images[rows[np.linspace(0, len(rows) - 1, min(TIMED_IMAGES, len(rows))).astype(int)]]
     speeds = {"every_view": images_per_second(model.predictor(), timed),
