@@ -22,6 +22,25 @@ def test_litert_gives_keras_numbers_for_any_batch_length(model):
     assert predictor.output_shape == model.output_shape
 
 
+def test_head_bias_correction_takes_back_a_shift_in_the_logits():
+    """A conversion whose head answers one logit off (as int8's accumulated rounding leaves it) is moved back to
+    Keras' answers by `head_bias_corrected`, measured on the images it is given."""
+    model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=32)
+    head = model.get_layer("predictions")
+    head.set_weights([head.get_weights()[0], np.float32([0.2, -0.2])])  # a trained head's bias is not all zeros
+    x = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3)).astype(np.uint8)
+    flat, graph, op_name = litert._editable(litert.to_flatbuffer(model))
+    (head,) = [op for op in graph.operators if op_name(op) == "FULLY_CONNECTED"]
+    buffer = flat.buffers[graph.tensors[int(head.inputs[2])].buffer]
+    bias = np.frombuffer(bytes(buffer.data), dtype=np.float32)
+    buffer.data = np.frombuffer((bias + np.float32([0, 1])).tobytes(), dtype=np.uint8)
+    shifted = litert._packed(flat)
+    expected = model.predict_on_batch(x.astype(np.float32))
+    assert np.abs(litert.LiteRTModel(shifted).predict_on_batch(x) - expected).max() > 0.05
+    corrected = litert.head_bias_corrected(shifted, model, x)
+    np.testing.assert_allclose(litert.LiteRTModel(corrected).predict_on_batch(x), expected, atol=1e-4)
+
+
 def test_few_images_are_not_worth_a_conversion(model, monkeypatch):
     converted = []
     monkeypatch.setattr(litert, "to_flatbuffer", converted.append)  # fast_inference would swallow an exception
