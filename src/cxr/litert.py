@@ -103,8 +103,8 @@ FLOAT_OPS = ["CONCATENATION", "MEAN", "FULLY_CONNECTED", "SOFTMAX", "LOGISTIC"] 
 # The input normalisation, the stem and blocks 1a, 2a and 2b: kept float32. LiteRT's quantization debugger put
 # the stem's and block 1a's int8 outputs 2-3 quantization steps from float32's (0.3-0.6 elsewhere); with block 2
 # float32 too, the noise int8 leaves in the logits halved (sd 0.38 -> 0.20 on the default's validation split;
-# later blocks in float32 changed nothing), and external_dev AUC lost to int8 fell from 0.0024 to 0.0005, for
-# part of int8's speed (benchmarks/README.md).
+# later blocks in float32 changed nothing), and the AUC int8 lost at another site fell from 0.0024 to 0.0005,
+# for part of int8's speed (benchmarks/README.md).
 FLOAT_LAYER_PREFIXES = ("rescaling", "normalization", "stem_", "block1a_", "block2")
 
 
