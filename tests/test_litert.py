@@ -29,12 +29,7 @@ def test_head_bias_correction_takes_back_a_shift_in_the_logits():
     head = model.get_layer("predictions")
     head.set_weights([head.get_weights()[0], np.float32([0.2, -0.2])])  # a trained head's bias is not all zeros
     x = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3)).astype(np.uint8)
-    flat, graph, op_name = litert._editable(litert.to_flatbuffer(model))
-    (head,) = [op for op in graph.operators if op_name(op) == "FULLY_CONNECTED"]
-    buffer = flat.buffers[graph.tensors[int(head.inputs[2])].buffer]
-    bias = np.frombuffer(bytes(buffer.data), dtype=np.float32)
-    buffer.data = np.frombuffer((bias + np.float32([0, 1])).tobytes(), dtype=np.uint8)
-    shifted = litert._packed(flat)
+    shifted = litert.moved_head_bias(litert.to_flatbuffer(model), np.float32([0, 1]))
     expected = model.predict_on_batch(x.astype(np.float32))
     assert np.abs(litert.LiteRTModel(shifted).predict_on_batch(x) - expected).max() > 0.05
     corrected = litert.head_bias_corrected(shifted, model, x)

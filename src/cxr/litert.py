@@ -201,12 +201,16 @@ def head_bias_corrected(flatbuffer, model, calibration_images):
         p = np.clip(np.asarray(p, dtype=np.float64), 1e-30, 1 - 1e-7)
         return np.log(p) - np.log1p(-p) if sigmoid else np.log(p) - np.log(p).mean(axis=1, keepdims=True)
 
-    shift = np.median(logits(reference) - logits(quantized), axis=0)
+    return moved_head_bias(flatbuffer, np.median(logits(reference) - logits(quantized), axis=0))
+
+
+def moved_head_bias(flatbuffer, shift):
+    """`flatbuffer` with `shift` (classes,) added to the bias of its one float32 head with that many outputs."""
     flat, graph, op_name = _editable(flatbuffer)
     heads = [op for op in graph.operators if op_name(op) == "FULLY_CONNECTED" and len(op.inputs) > 2
-             and op.inputs[2] >= 0 and graph.tensors[int(op.inputs[2])].shape.tolist() == [classes]]
+             and op.inputs[2] >= 0 and graph.tensors[int(op.inputs[2])].shape.tolist() == [len(shift)]]
     if len(heads) != 1:  # a head whose bias is all zeros (never trained) is converted without one
-        warn(f"int8: the head's bias was not corrected (found {len(heads)} float32 heads with a bias of {classes})")
+        warn(f"int8: the head's bias was not corrected (found {len(heads)} float32 heads with a bias of {len(shift)})")
         return flatbuffer
     buffer = flat.buffers[graph.tensors[int(heads[0].inputs[2])].buffer]
     bias = np.frombuffer(bytes(buffer.data), dtype=np.float32)
