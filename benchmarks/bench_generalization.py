@@ -61,8 +61,6 @@ RECIPES = {
     "block4-2views": {**BLOCK4, **TWO_VIEWS},
     "aspect": {**BLOCK4, "augment": "site-aspect", **TWO_VIEWS},
     "aspect-4views": {**BLOCK4, "augment": "site-aspect", "feature_views": 4, **TWO_VIEWS},
-    "distill": {"distill": True},  # today's default, then phase 3: one view trained on the two views' features
-    "distill-teacher": {},  # the same runs' two-view teachers, as today's default would have saved them
     # The default of 2026-12-02 at 160 px (issue 31): each view costs half the multiply-adds of 224 px, so its two
     # views cost about what one did at 224. Measured, not adopted.
     "size160": {**BLOCK4, "augment": "site-aspect", "feature_views": 4, **TWO_VIEWS, "img_size": 160},
@@ -73,9 +71,9 @@ RECIPES = {
     "on-demand": {},
 }
 # Recipes that differ from another only in what is done after training (the test-time scales): they reuse its
-# trained weights (see `with_other_views`) instead of training again. A distilled run's teacher is its best
-# phase's checkpoint.
-SAME_TRAINING = {"block4-2views": "block4", "distill-teacher": "distill", "on-demand": "every-view"}
+# trained weights (see `with_other_views`) instead of training again. (The recipes "distill" and
+# "distill-teacher" measured --distill, removed on 2026-12-07; their numbers stay in benchmarks/README.md.)
+SAME_TRAINING = {"block4-2views": "block4", "on-demand": "every-view"}
 SENSITIVITY_TARGETS, SPECIFICITY_TARGET = (0.95, 0.90), 0.98
 
 
@@ -162,14 +160,7 @@ def with_other_views(trained_dir, run_dir, config):
     dataset = prepare_splits(config)
     dataset.decode(config.img_size, run_dir / "cache")
     trained_model = SavedModel.load(trained_dir / "models" / "model.h5")
-    weights = trained_model.keras_model
-    if trained_model.distillation is not None:  # the model before phase 3: its best phase's checkpoint
-        import keras
-
-        final_phase = json.loads((trained_dir / "reports" / "summary.json").read_text())["final_phase"]
-        checkpoint = "best_finetuned.keras" if final_phase == 2 else "best_feature_extractor.keras"
-        weights = keras.models.load_model(trained_dir / "models" / checkpoint, compile=False)
-    model = SavedModel.from_keras(models.with_test_time_scales(weights, config.test_time_scales),
+    model = SavedModel.from_keras(models.with_test_time_scales(trained_model.keras_model, config.test_time_scales),
                                   trained_model.class_names, config.img_size, config.backbone, config.test_time_scales)
     model.predictor()
     precision.choose(model, dataset, config.precision, config.seed)

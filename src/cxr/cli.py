@@ -194,9 +194,6 @@ def _add_train_options(parser):
     add("--test-time-scales", type=float, nargs="+", default=None, metavar="SCALE",
         help="the saved model averages views of each image zoomed by these factors (below 1: wider field of view); "
              "default: the backbone's (B0 1, Lite0 0.9 1)")
-    add("--distill", action="store_true", default=d.distill,
-        help="phase 3: train one view to answer as the test-time scales' mean, and serve it (one forward pass per "
-             "image instead of one per view) where its validation AUC is within 0.002 of theirs")
     add("--positive-class", default=d.positive_class,
         help="class the threshold and sensitivity refer to (default: PNEUMONIA if present, else the second class)")
     add("--target-sensitivity", type=sensitivity_or_youden, default=d.target_sensitivity,

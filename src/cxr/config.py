@@ -77,9 +77,6 @@ class Config:
     # The zoomed views of each image the saved model averages (models.with_test_time_scales); None: the
     # backbone's (B0 [1.0], the image alone; Lite0 [0.9, 1.0]).
     test_time_scales: Optional[list] = None
-    # Phase 3 (cxr.distill): one view trained to answer as the test-time views' mean, served where its validation
-    # AUC is within 0.002 of theirs: one forward pass per image instead of one per view.
-    distill: bool = False
     # Evaluation: None = PNEUMONIA if there is such a class, else the second class.
     positive_class: Optional[str] = None
     # The highest threshold reaching this sensitivity on validation; None: the one maximising Youden's J.
@@ -172,10 +169,6 @@ class Config:
             (self.bootstrap >= 0, f"--bootstrap must be 0 or more, got {self.bootstrap}"),
             (0 < self.false_flag_rate < 0.5, f"--false-flag-rate must be between 0 and 0.5, got {self.false_flag_rate}"),
             (self.precision in ("auto", "float32", "int8"), f"--precision must be auto, float32 or int8, got {self.precision!r}"),
-            (not self.distill or self.test_time_scales is None or len(self.test_time_scales) > 1,
-             "--distill trains one view to answer as several: give --test-time-scales with two or more zooms"),
-            (not self.distill or self.feature_cache,
-             "--distill trains on the frozen layers' cached outputs: drop --no-feature-cache"),
         ]
         for ok, message in checks:
             if not ok:

@@ -122,7 +122,6 @@ def describe(model):
         "decision_rule": decision_rule(point, model.class_names),
         "population_check": population_record(model),
         "inference": inference_record(model),
-        "distillation": model.distillation,
         "training": training_record(model),
         "intended_use": INTENDED_USE,
         "limits": LIMITS,

@@ -88,7 +88,6 @@ def _train(config, output_dir, chief):
 
     from cxr import artifacts, models, precision, resume
     from cxr.data.pipeline import cache_key
-    from cxr.distill import distill
     from cxr.evaluate import EvaluationOptions, evaluate_model, plots
     from cxr.evaluate.report import ReportContext
     from cxr.saved_model import SavedModel
@@ -114,20 +113,16 @@ def _train(config, output_dir, chief):
                       resume=state, fingerprint=fingerprint)
     with tensorboard(outputs.logs, config.port if chief else None):
         result = train_phases(model, dataset, config, run)
-        distillation = distill(model, dataset, config, run) if config.distill else None
-    if distillation:
-        result.seconds["phase3_seconds"] = distillation["seconds"]
     if not chief:
         print(f"{distribution.task}: training done; the chief writes the model and reports", flush=True)
         return None
 
-    scales = distillation["served_scales"] if distillation else config.test_time_scales
+    scales = config.test_time_scales
     model = models.with_test_time_scales(model, scales)
     views = f" (each image as the mean of {len(scales)} zoomed views)" if models.has_test_time_scales(model) else ""
     print(f"Fitting the calibration and the operating point on validation; evaluating on test{views}", flush=True)
     classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone, scales,
                                        multi_label=dataset.multi_label)
-    classifier.distillation = distillation
     classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]) + FIT_IMAGES)
     precision.choose(classifier, dataset, config.precision, config.seed)  # then fit and evaluate what is served
     classifier.operating_point, classifier.population = fit_on_validation(classifier, dataset, positive, config)
@@ -146,7 +141,6 @@ def _train(config, output_dir, chief):
     summary = artifacts.summary(evaluation, context, timings={k: round(v, 2) for k, v in result.seconds.items()},
                                 final_phase=result.final_phase, history=result.history,
                                 precision=keras.mixed_precision.global_policy().name, inference=classifier.engine,
-                                **({"distillation": distillation} if distillation else {}),
                                 strategy=distribution.record())
     write_json(outputs.reports / "summary.json", summary)
     return summary

@@ -22,6 +22,7 @@ from cxr.population import POPULATION_FILE, Population
 CLASS_NAMES_FILE = "class_names.json"
 MODEL_FILE = "model.h5"
 # class_names.json keys that describe the model; every other key belongs to the operating point
+# ("distillation": the record of --distill, removed on 2026-12-07, in models saved before)
 MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "model_sha256", "inference",
               "distillation")
 TAPS = "taps"  # the LiteRT cache's name for the network with the population taps (models.with_population_taps)
@@ -131,8 +132,6 @@ class SavedModel:
         # the precision chosen at training ({"precision": "int8" | "float32", "reason", "guard", ...}; None for
         # models saved before cxr had int8) and the one asked for now: "auto" (the chosen one), "float32", "int8"
         self.inference = info.get("inference")
-        # phase 3's record (cxr.distill): whether one view or the views are served, and why; None without --distill
-        self.distillation = info.get("distillation")
         self.precision = "auto"
         self._int8 = None  # an int8 conversion still in memory (during training)
 
@@ -386,8 +385,7 @@ class SavedModel:
         self.info = {"class_names": self.class_names, "img_size": self.img_size, "backbone": self.backbone,
                      "test_time_scales": self.test_time_scales, **({"multi_label": True} if self.multi_label else {}),
                      **self.operating_point, "model_sha256": self.sha256,
-                     **({"inference": self.inference} if self.inference is not None else {}),
-                     **({"distillation": self.distillation} if self.distillation is not None else {})}
+                     **({"inference": self.inference} if self.inference is not None else {})}
         write_json(Path(models_dir) / CLASS_NAMES_FILE, self.info)
         return self.path
 

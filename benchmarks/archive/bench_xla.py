@@ -1,6 +1,6 @@
 """Training speed by precision, XLA (jit_compile) and TensorFlow thread settings, each in its own process.
 
-    .venv/bin/python benchmarks/bench_xla.py --steps 30
+    .venv/bin/python benchmarks/archive/bench_xla.py --steps 30
 
 For each setting, times the two things a default training run spends its time on, with cxr's own model code
 (Lite0, 224 px, random images): the frozen prefix's forward pass (run once per image and view) and
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LITERT = "LiteRT float32 (prefix only)"
 FLOAT32 = {"policy": "float32", "jit": False, "intra": 0, "inter": 0}
 SETTINGS = {

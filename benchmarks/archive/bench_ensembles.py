@@ -1,6 +1,6 @@
 """Would an ensemble generalise better? Phase and seed ensembles of finished runs, on external_dev.
 
-    .venv/bin/python benchmarks/bench_ensembles.py /tmp/gen/default-42 /tmp/gen/default-1 /tmp/gen/default-2
+    .venv/bin/python benchmarks/archive/bench_ensembles.py /tmp/gen/default-42 /tmp/gen/default-1 /tmp/gen/default-2
 
 Each argument is the output folder of a `cxr train` run on the full train folder (bench_generalization.py
 leaves them in --work). Per run: the AUC on external_dev and on the run's own test split (from its
@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxr.data.decode import decode_image
 
-EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray" / "external_dev"
+EXTERNAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "chest_xray" / "external_dev"
 MODELS = {"phase 1": "best_feature_extractor.keras", "phase 2": "best_finetuned.keras", "final": "model.h5"}
 
 

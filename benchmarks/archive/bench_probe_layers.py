@@ -1,8 +1,8 @@
 """How far do frozen ImageNet Lite0 features reach at another site? A linear probe on each layer's pooled
 output, and on a few layers together (issue 13).
 
-    .venv/bin/python benchmarks/bench_probe_layers.py [--work /tmp/probe-layers]
-    .venv/bin/python benchmarks/bench_probe_layers.py --inputs
+    .venv/bin/python benchmarks/archive/bench_probe_layers.py [--work /tmp/probe-layers]
+    .venv/bin/python benchmarks/archive/bench_probe_layers.py --inputs
 
 The train folder is split as `cxr train` splits it (seed 42); every image is decoded at 224 px by cxr and
 passed once, un-augmented, through Lite0 with ImageNet weights. For each layer (the residual adds and the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "chest_xray"
 CS = (0.001, 0.01, 0.1)
 
