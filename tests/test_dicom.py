@@ -262,3 +262,61 @@ def test_training_on_dicom_splits_by_patient_and_writes_no_patient_data(tmp_path
     assert {"summary.json", "splits.csv", "report.html", "class_names.json"} <= {p.name for p in written}
     for text in [result.stdout, result.stderr] + [p.read_text(errors="replace") for p in written]:
         assert "Surname" not in text and "ID-NOR" not in text and "ID-PNE" not in text and "19700101" not in text
+
+
+@pytest.mark.parametrize("center, width", [("", "400"), ("abc", "400"), ("40", ""), ("1e999", "400")],
+                         ids=["empty-center", "text-center", "empty-width", "infinite-center"])
+def test_an_unusable_window_falls_back_to_the_full_range_with_a_warning(tmp_path, center, width):
+    """Audit 2026-12-06, fault 1: an empty or non-numeric Window Center raised a TypeError/ValueError out of
+    decode, and every command that met the file failed with a traceback."""
+    g = grey_xray()
+    path = tmp_path / "window.dcm"
+    write_dicom(path, g)
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00281050, "DS", None)  # Window Center, written as raw text below: pydicom checks DS values
+    ds.add_new(0x00281051, "DS", None)
+    ds.save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    for tag, value in ((b"\x28\x00\x50\x10DS", center), (b"\x28\x00\x51\x10DS", width)):
+        text = value.encode() + (b" " if len(value) % 2 else b"")
+        raw = raw.replace(tag + b"\x00\x00", tag + len(text).to_bytes(2, "little") + text, 1)
+    path.write_bytes(raw)
+    image = decode(path, SIZE)
+    assert any("window" in w for w in image_warnings(image, SIZE))
+    assert_matches(tmp_path, path, stretched(g))
+
+
+def test_malformed_header_values_make_an_unreadable_image_not_a_crash(tmp_path):
+    g = grey_xray()
+    path = tmp_path / "rows.dcm"
+    write_dicom(path, g)
+    raw = path.read_bytes()
+    rows = b"\x28\x00\x10\x00US\x02\x00"  # Rows, US, 2 bytes -> as IS (text) "ab": not a number
+    assert rows in raw
+    path.write_bytes(raw.replace(rows, b"\x28\x00\x10\x00IS\x02\x00", 1).replace(
+        b"\x28\x00\x10\x00IS\x02\x00" + raw[raw.index(rows) + 8:raw.index(rows) + 10], b"\x28\x00\x10\x00IS\x02\x00ab", 1))
+    with pytest.raises(UnreadableImage, match=r"rows\.dcm: "):
+        decode(path, SIZE)
+
+
+def test_the_pixel_limit_counts_every_frame_and_only_the_first_is_decoded(tmp_path):
+    """Audit 2026-12-06, fault 3: the limit counted rows x columns only, and pydicom decoded every frame."""
+    from cxr.data.decode import ImageTooLarge
+
+    g = grey_xray()[:100, :100]
+    write_dicom(tmp_path / "frames.dcm", np.stack([g] * 20))
+    with pytest.raises(ImageTooLarge, match=r"frames\.dcm: 100 x 100 pixels x 20 frames, more than the 100000"):
+        decode(tmp_path / "frames.dcm", SIZE, max_pixels=100_000)
+    decoded = []
+    original = pydicom.Dataset.pixel_array_options
+
+    def spy(self, **options):
+        decoded.append(options.get("index"))
+        return original(self, **options)
+
+    pydicom.Dataset.pixel_array_options = spy
+    try:
+        assert decode(tmp_path / "frames.dcm", SIZE, max_pixels=200_000).pixels.shape == (SIZE, SIZE, 3)
+    finally:
+        pydicom.Dataset.pixel_array_options = original
+    assert decoded == [0]

@@ -224,3 +224,52 @@ def test_an_error_quoting_patient_data_is_logged_without_it():
     message = scrubbed("invalid person name 'CompressedSamples^CT1' (ID 1CT1), study date 20040119", ct)
     assert not any(item in message for item in PATIENT_DATA), message
     assert message.startswith("invalid person name")
+
+
+def peak_memory_mb(pid):
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_bad_window_is_answered_and_an_oversized_image_refused_before_it_is_decoded(tiny_run, tmp_path):
+    """Audit 2026-12-06, faults 1 and 2: an empty Window Center got 0xC211 and a traceback; an image of any size
+    was decoded (a deflated 117 kB C-STORE of 11000 x 11000 pixels took the listener from 734 MB to 4 GB)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    if not REAL_DICOM.is_file():
+        pytest.skip("../shared/data/dicom is not here")
+    out = tmp_path / "results"
+    listener = Listener(tiny_run / "models" / "model.h5", output_dir=out, cache=tmp_path / "cache")
+    try:
+        no_window = copy_with_new_uids(REAL_DICOM)
+        no_window.WindowCenter, no_window.WindowWidth = None, None  # present, empty
+        bomb = Dataset()  # 56 MP of zeros: 56 MB, deflated to about 55 kB on the wire
+        bomb.file_meta = FileMetaDataset()
+        bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        bomb.SOPClassUID, bomb.SOPInstanceUID = no_window.SOPClassUID, generate_uid()
+        bomb.StudyInstanceUID, bomb.SeriesInstanceUID, bomb.Modality = generate_uid(), generate_uid(), "DX"
+        bomb.Rows, bomb.Columns, bomb.SamplesPerPixel, bomb.PhotometricInterpretation = 8000, 7000, 1, "MONOCHROME2"
+        bomb.BitsAllocated, bomb.BitsStored, bomb.HighBit, bomb.PixelRepresentation = 8, 8, 7, 0
+        bomb.PixelData = bytes(8000 * 7000)
+        frames = copy_with_new_uids(REAL_DICOM)
+        frames.NumberOfFrames = 60  # 60 x the real image's 1 MP: past the limit although one frame is within it
+        frames.PixelData = frames.PixelData * 60
+        before = peak_memory_mb(listener.process.pid)
+        assert c_store(listener.port, [bomb, frames, no_window]) == [0xC000, 0xC000, 0x0000]
+        assert peak_memory_mb(listener.process.pid) - before < 500
+        listener.wait_for_log(f"image {image_key(no_window)}: ")
+    finally:
+        log = listener.stop()
+    assert "7000 x 8000 pixels, more than the 50000000 allowed" in log and "x 60 frames" in log
+    assert sorted(p.name.split("-")[0] for p in out.glob("*.dcm")) == ["sc", "sr"]
+    assert "Traceback" not in log and not any(item in log for item in PATIENT_DATA)
+
+
+def image_key(ds):
+    from cxr.listen import image_key as key
+
+    return key(ds.SOPInstanceUID)

@@ -74,6 +74,7 @@ class Listener:
         self.spool, self.unsent = self.output_dir / ".spool", self.output_dir / "unsent"
         self.max_associations = max_associations
         self.jobs = queue.Queue()
+        self.decoding = threading.Lock()
         self.server = None
 
     # --- receiving -----------------------------------------------------------------------------------------
@@ -81,8 +82,16 @@ class Listener:
         return SUCCESS
 
     def handle_store(self, event):
-        """Acknowledge one C-STORE: spool a radiograph for the worker, or say why there is no result."""
-        from cxr.data.decode import RefusedImage, UnreadableImage, decode
+        """Acknowledge one C-STORE: spool a radiograph for the worker, or say why there is no result. Whatever the
+        dataset holds, the answer is a status (0xC000 for what can't be understood), never an exception."""
+        try:
+            return self._store(event)
+        except Exception as error:  # noqa: BLE001 - an attribute no check foresaw: refuse it, keep listening
+            log(f"refused a dataset from {event.assoc.requestor.ae_title}: it can't be read ({type(error).__name__})")
+            return _status(CANNOT_UNDERSTAND, "the dataset can't be read")
+
+    def _store(self, event):
+        from cxr.data.decode import MAX_PIXELS, RefusedImage, UnreadableImage, decode
         from cxr.data.dicom import LATERAL_VIEWS
         from cxr.dicom_results import MANUFACTURER
 
@@ -105,7 +114,8 @@ class Listener:
             return _status(OUT_OF_RESOURCES, "too many images waiting; send again later")
         data = event.encoded_dataset()
         try:
-            image = decode(data, self.model.img_size, name=where)
+            with self.decoding:  # one image decodes at a time, whatever the number of associations
+                image = decode(data, self.model.img_size, MAX_PIXELS, name=where)
         except RefusedImage as error:
             log(f"{error}: no result")
             return SUCCESS
@@ -140,7 +150,7 @@ class Listener:
         import pydicom
 
         from cxr import dicom_results
-        from cxr.data.decode import decode, image_warnings
+        from cxr.data.decode import MAX_PIXELS, decode, image_warnings
         from cxr.evaluate import gradcam
         from cxr.predict import explained_classes, population_fields
 
@@ -148,7 +158,7 @@ class Listener:
         source = pydicom.dcmread(spooled)
         key = image_key(source.SOPInstanceUID)
         if image is None:
-            image = decode(data, self.model.img_size, name=f"image {key}")
+            image = decode(data, self.model.img_size, MAX_PIXELS, name=f"image {key}")
         started = time.perf_counter()
         raw, taps = self.model.raw_outputs(image.pixels[None], batch_size=1)
         probabilities, labels = self.model.calibrate(raw)
@@ -158,7 +168,7 @@ class Listener:
         heatmap = gradcam.heatmaps(self.model.keras_model, image.pixels[None], [target])[0]
         from cxr.data.dicom import read_dicom
 
-        display, _ = read_dicom(data, f"image {key}")
+        display, _ = read_dicom(data, f"image {key}", MAX_PIXELS)
         results = {"sr": dicom_results.structured_report(source, result),
                    "sc": dicom_results.secondary_capture(source, display, heatmap, result)}
         notes = image_warnings(image, self.model.img_size)

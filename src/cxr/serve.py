@@ -25,18 +25,16 @@ from importlib import resources
 
 import numpy as np
 
-from cxr.data.decode import ImageTooLarge, RefusedImage, UnreadableImage, decode, image_warnings
+from cxr.data.decode import MAX_PIXELS, ImageTooLarge, RefusedImage, UnreadableImage, decode, image_warnings
 from cxr.data.dicom import is_dicom
 from cxr.errors import UserError, warn
 from cxr.model_card import describe
 from cxr.predict import NONE_CALLED, called_findings, explained_classes, population_fields
 
 MAX_BATCH = 32
-# A 43 cm flat-panel detector at 0.14 mm pixels gives about 9.5 MP; a decompression bomb needs far more.
-MAX_PIXELS = 50_000_000
 MAX_FILES = 64  # per request
-# Images decoded at once, whatever the number of requests (more than the cores would not decode faster): a 50 MP
-# 16-bit image takes about 300 MB while it decodes, so this bounds the server's decoding memory
+# Images decoded at once, whatever the number of requests (more than the cores would not decode faster): an image
+# of MAX_PIXELS takes about 300 MB while it decodes, so this bounds the server's decoding memory
 DECODE_SLOTS = min(4, os.cpu_count() or 1)
 MAX_EXPLAIN_REQUESTS = 4  # Grad-CAM requests answered or waiting at once; more get 503 with Retry-After
 MAGIC = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png", b"BM": "image/bmp"}

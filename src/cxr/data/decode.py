@@ -18,6 +18,10 @@ from cxr.data import dicom
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
 IMAGE_KINDS = ".jpg, .jpeg, .png, .bmp or DICOM"  # for messages
+# What a server or listener decodes at most (rows x columns x frames): a 43 cm flat-panel detector at 0.14 mm pixels
+# gives about 9.5 MP; a decompression bomb needs far more. A 49 MP 12-bit DICOM peaks at about 290 MB while it
+# decodes (measured 2026-12-07; the grey pipeline runs a band of rows at a time).
+MAX_PIXELS = 50_000_000
 ORIENTATION = 0x0112  # the EXIF tag
 # image_warnings' limits (0-255 scale): mean distance of a pixel's channels from their grey; the spread from
 # the 1st to the 99th percentile

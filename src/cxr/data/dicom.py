@@ -138,11 +138,51 @@ def subgroup_tags(path):
 
 def read_dicom(source, name, max_pixels=None):
     """(uint8 array (H, W) grey or (H, W, 3) RGB, [warnings]) for a DICOM X-ray; DicomError naming `name`,
-    TooManyPixels when Rows x Columns exceeds `max_pixels` (checked before the pixel data is decoded)."""
+    TooManyPixels when Rows x Columns x Number of Frames exceeds `max_pixels`.
+
+    The header is read first, without the pixel data, so that a refused or oversized image costs no decoding
+    (a deflated data set is inflated only as far as its header). Only the first frame is decoded. Any value the
+    pixel pipeline can't use is a DicomError (an unreadable image) or, for a window, the full range with a
+    warning: never a library's own exception.
+    """
     try:
-        ds = _open(source)
+        header = _open(source, stop_before_pixels=True)
     except Exception as error:  # noqa: BLE001 - pydicom raises many types for damaged files
         raise DicomError(f"{name}: not a readable DICOM file ({_first_line(error)})") from None
+    try:
+        warnings, frames = _check_header(header, name, max_pixels)
+    except DicomError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a header value pydicom can't convert (Rows "abc", ...)
+        raise DicomError(f"{name}: its DICOM header can't be read ({_first_line(error)})") from None
+    try:
+        ds = _open(source)
+    except Exception as error:  # noqa: BLE001
+        raise DicomError(f"{name}: not a readable DICOM file ({_first_line(error)})") from None
+    if "PixelData" not in ds:
+        raise DicomError(f"{name}: a DICOM file without an image (no Pixel Data)")
+    try:
+        if frames > 1:
+            ds.pixel_array_options(index=0)  # decode the first frame alone, not all of them
+        pixels = ds.pixel_array
+    except Exception as error:  # noqa: BLE001 - a missing decoder, truncated or inconsistent pixel data
+        raise DicomError(_decode_failure(ds, name, error)) from None
+    if frames > 1:
+        warnings.append(f"{frames} frames: the first one is used")
+    try:
+        if pixels.ndim == 3 and pixels.shape[-1] == 3:  # colour: pydicom has already converted YBR to RGB
+            return _to_uint8_rgb(pixels, ds), warnings
+        if pixels.ndim != 2:
+            raise DicomError(f"{name}: pixel data of shape {pixels.shape}, not an image")
+        return to_display(pixels, ds, warnings), warnings
+    except DicomError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a LUT or rescale value that doesn't fit the pixels
+        raise DicomError(f"{name}: its grayscale transformation can't be applied ({_first_line(error)})") from None
+
+
+def _check_header(ds, name, max_pixels):
+    """([warnings], number of frames) for a header cxr may classify; RefusedDicom, TooManyPixels otherwise."""
     warnings = []
     modality = str(ds.get("Modality", "")).upper()
     if modality and modality not in RADIOGRAPHY:
@@ -159,42 +199,57 @@ def read_dicom(source, name, max_pixels=None):
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
         warnings.append("burned-in annotation: the pixels may show patient data; don't share this image or its "
                         "Grad-CAM overlay outside your institution")
-    if "PixelData" not in ds:
-        raise DicomError(f"{name}: a DICOM file without an image (no Pixel Data)")
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if max_pixels is not None and rows * columns > max_pixels:
-        raise TooManyPixels(f"{name}: {columns} x {rows} pixels, more than the {max_pixels} allowed")
-    try:
-        pixels = ds.pixel_array
-    except Exception as error:  # noqa: BLE001 - a missing decoder, truncated or inconsistent pixel data
-        raise DicomError(_decode_failure(ds, name, error)) from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        pixels = pixels[0]
-        warnings.append(f"{frames} frames: the first one is used")
-    if pixels.ndim == 3:  # colour: pydicom has already converted YBR to RGB
-        return _to_uint8_rgb(pixels, ds), warnings
-    return to_display(pixels, ds), warnings
+    frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    if max_pixels is not None and rows * columns * frames > max_pixels:
+        pixels = f"{columns} x {rows} pixels" + (f" x {frames} frames" if frames > 1 else "")
+        raise TooManyPixels(f"{name}: {pixels}, more than the {max_pixels} allowed")
+    return warnings, frames
 
 
-def to_display(stored, ds):
-    """The grayscale pipeline (module docstring) for one frame of stored values -> (H, W) uint8."""
+ROWS_AT_ONCE = 256  # the pipeline's float64 copies exist for this many rows at a time, not the whole image
+
+
+def to_display(stored, ds, warnings=None):
+    """The grayscale pipeline (module docstring) for one frame of stored values -> (H, W) uint8; a window that
+    can't be read (an empty or non-numeric Window Center or Width) falls back to the full range, with a note in
+    `warnings` (a list) when given.
+
+    Every step is pointwise, so it runs over ROWS_AT_ONCE rows at a time: a 49 MP detector image then costs its
+    stored values and the 8-bit result, not 29 bytes a pixel of float64 temporaries.
+    """
     from pydicom.pixels import apply_modality_lut, apply_voi
 
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    def chunks():
+        for top in range(0, stored.shape[0], ROWS_AT_ONCE):
+            yield top, np.asarray(apply_modality_lut(stored[top:top + ROWS_AT_ONCE], ds), dtype=np.float64)
+
     if "VOILUTSequence" in ds:
-        lut = ds.VOILUTSequence[0]
-        bits = int(lut.LUTDescriptor[2])
-        table_input = np.rint(values).astype(np.int64)  # a LUT maps integer values
-        grey = np.asarray(apply_voi(table_input, ds, index=0), dtype=np.float64) / (2 ** bits - 1)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        grey = window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")))
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+
+        def to_grey(values):  # a LUT maps integer values
+            return np.asarray(apply_voi(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float64) / (2 ** bits - 1)
+    elif (chosen := _window(ds)) is not None:
+        def to_grey(values):
+            return window(values, *chosen)
     else:
-        low, high = values.min(), values.max()
-        grey = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        grey = 1.0 - grey
-    return np.uint8(np.clip(grey, 0.0, 1.0) * 255.0 + 0.5)
+        if "WindowCenter" in ds or "WindowWidth" in ds:
+            (warnings if warnings is not None else []).append(
+                "the DICOM window (Window Center / Width) is empty or not a number: the full range is shown")
+        low, high = np.inf, -np.inf
+        for _, values in chunks():
+            low, high = min(low, values.min()), max(high, values.max())
+
+        def to_grey(values):
+            return (values - low) / (high - low) if high > low else np.zeros_like(values)
+    inverted = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    display = np.empty(stored.shape[:2], dtype=np.uint8)
+    for top, values in chunks():
+        grey = to_grey(values)
+        if inverted:
+            grey = 1.0 - grey
+        display[top:top + ROWS_AT_ONCE] = np.uint8(np.clip(grey, 0.0, 1.0) * 255.0 + 0.5)
+    return display
 
 
 def window(values, center, width, function="LINEAR"):
@@ -216,12 +271,28 @@ def _to_uint8_rgb(pixels, ds):
     return np.uint8(np.clip(pixels.astype(np.float64) / top, 0, 1) * 255 + 0.5)
 
 
-def _first(value):
-    """The first of a multi-valued DICOM element (Window Center can hold several windows), as a float."""
+def _window(ds):
+    """(center, width, function) of the first window in `ds`, or None when it has none or it can't be used."""
     try:
-        return float(value[0])
-    except TypeError:
+        center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+    except Exception:  # noqa: BLE001 - a value pydicom can't convert
+        return None
+    if center is None or width is None or not np.isfinite([center, width]).all() or width <= 0:
+        return None
+    return center, width, function
+
+
+def _first(value):
+    """The first of a multi-valued DICOM element (Window Center can hold several windows), as a float; None for
+    an empty or non-numeric one."""
+    if value is None:
+        return None
+    try:
+        value = value[0] if not isinstance(value, (str, bytes)) and hasattr(value, "__getitem__") else value
         return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def _decode_failure(ds, name, error):
