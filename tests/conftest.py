@@ -79,24 +79,62 @@ def headless_browser(tmp_path):
 
 
 TINY = ["--img-size", "32", "--epochs", "1", "--batch-size", "8", "--backbone", "efficientnet-lite0",
-        "--weights", "none", "--patience", "1"]
+        "--weights", "none", "--patience", "1", "--bootstrap", "20"]
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """The outputs/ folder of one tiny `cxr train` on 14 real X-rays per class (for the commands that start
-    from a trained model: serve, export)."""
+def tiny_training(tmp_path_factory):
+    """(root, the finished process) of the suite's one tiny two-class training: the seed's entry point
+    (train_cnn.py) on 14 real X-rays per class, with --port on a port that is taken. root/data holds the raw
+    folder and the splits; root/outputs the run's outputs."""
+    import socket
+
     root = tmp_path_factory.mktemp("tiny-run")
     for name in ("NORMAL", "PNEUMONIA"):
         (root / "data" / "raw" / name).mkdir(parents=True)
         for f in sorted((SAMPLE / name).iterdir())[:14]:
             shutil.copy2(f, root / "data" / "raw" / name / f.name)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run([sys.executable, str(SAMPLE.parents[2] / "train_cnn.py"), "--data-dir",
+                                 str(root / "data"), "--output-dir", str(root / "outputs"), "--port",
+                                 str(taken.getsockname()[1]), "--bootstrap", "50", *TINY],
+                                capture_output=True, text=True, timeout=600,
+                                env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_training):
+    """The outputs/ folder of the tiny training (for the commands that start from a trained model)."""
+    return tiny_training[0] / "outputs"
+
+
+KERMANY_TRAIN = NIH.parents[0] / "chest_xray" / "train"
+
+
+@pytest.fixture(scope="session")
+def kermany_run(tmp_path_factory):
+    """The root (data/, outputs/) of a small `cxr train` on 120 real pediatric X-rays per class of the Kermany
+    train folder, at 64 px from Lite0's ImageNet weights, float32: a model whose features are real, as int8 and
+    the population check meet them in practice (a tiny model from random weights has neither)."""
+    if not KERMANY_TRAIN.is_dir():
+        pytest.skip("../shared/data/chest_xray is not here")
+    root = tmp_path_factory.mktemp("kermany")
+    for name in ("NORMAL", "PNEUMONIA"):
+        (root / "data/raw" / name).mkdir(parents=True)
+        for f in sorted((KERMANY_TRAIN / name).iterdir())[:120]:
+            shutil.copy2(f, root / "data/raw" / name / f.name)
     result = subprocess.run([sys.executable, "-m", "cxr", "train", "--data-dir", str(root / "data"), "--output-dir",
-                             str(root / "outputs"), "--bootstrap", "50", *TINY],
-                            capture_output=True, text=True, timeout=600,
+                             str(root / "outputs"), "--img-size", "64", "--epochs", "1", "--batch-size", "16",
+                             "--backbone", "efficientnet-lite0", "--patience", "1", "--bootstrap", "20",
+                             "--false-flag-rate", "0.05", "--precision", "float32"],
+                            capture_output=True, text=True, timeout=900,
                             env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
-    return root / "outputs"
+    return root
 
 
 def kill_after_epoch(child, output_dir, phase, timeout=300):

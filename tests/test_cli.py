@@ -2,7 +2,6 @@
 
 import csv
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,32 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr import litert
 from cxr.cli import main
 from tests.conftest import TINY, chromium, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny training run through train_cnn.py (the seed's entry point), with --port on a taken port."""
-    from tests.conftest import SAMPLE
-
-    root = tmp_path_factory.mktemp("run")
-    for name in ("NORMAL", "PNEUMONIA"):
-        (root / "data" / "raw" / name).mkdir(parents=True)
-        for f in sorted((SAMPLE / name).iterdir())[:14]:
-            (root / "data" / "raw" / name / f.name).write_bytes(f.read_bytes())
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "train_cnn.py"), "--data-dir", str(root / "data"), "--output-dir",
-             str(root / "outputs"), "--port", str(port), *TINY], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root, result
+@pytest.fixture
+def trained(tiny_training):
+    """The suite's tiny training run through train_cnn.py (the seed's entry point), with --port on a taken port."""
+    return tiny_training
 
 
 def test_training_writes_every_artifact(trained):
@@ -191,18 +174,6 @@ def test_html_report_renders_in_headless_chromium(trained, tmp_path):
     assert picture.size == (1200, 2400)
     colourful = (pixels.max(axis=-1) - pixels.min(axis=-1) > 80).mean()  # plot lines, matrices, heatmaps
     assert colourful > 0.0005 and pixels.std() > 20  # grey text alone scores ~0
-
-
-def test_deterministic_runs_give_the_same_numbers(xray_raw, tmp_path, monkeypatch):
-    monkeypatch.setattr(litert, "MIN_IMAGES_TO_CONVERT", 0)  # LiteRT for the frozen layers and the evaluation
-    summaries = []
-    for run in ("a", "b"):
-        assert main(["train", "--data-dir", str(xray_raw), "--output-dir", str(tmp_path / run), "--deterministic",
-                     *TINY]) == 0
-        summaries.append(json.loads((tmp_path / run / "reports/summary.json").read_text()))
-    assert summaries[0]["inference"] == "litert"
-    assert summaries[0]["history"] == summaries[1]["history"]
-    assert summaries[0]["metrics"] == summaries[1]["metrics"]
 
 
 def two_classes(root, per_class=6):

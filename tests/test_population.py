@@ -4,9 +4,6 @@ import csv
 import io
 import json
 import shutil
-import subprocess
-import sys
-import os
 
 import numpy as np
 import pytest
@@ -15,30 +12,7 @@ from PIL import Image
 from cxr.cli import main
 from cxr.population import POPULATION_FILE
 
-from tests.conftest import NIH_IMAGES, TINY
-
-KERMANY_TRAIN = NIH_IMAGES.parents[2] / "data" / "chest_xray" / "train"
-
-
-@pytest.fixture(scope="module")
-def kermany_run(tmp_path_factory):
-    """The outputs of a small `cxr train` on 120 real pediatric X-rays per class of the Kermany train folder (at
-    64 px, Lite0's ImageNet weights): a model with a population to know."""
-    if not KERMANY_TRAIN.is_dir():
-        pytest.skip("../shared/data/chest_xray is not here")
-    root = tmp_path_factory.mktemp("kermany")
-    for name in ("NORMAL", "PNEUMONIA"):
-        (root / "data/raw" / name).mkdir(parents=True)
-        for f in sorted((KERMANY_TRAIN / name).iterdir())[:120]:
-            shutil.copy2(f, root / "data/raw" / name / f.name)
-    result = subprocess.run([sys.executable, "-m", "cxr", "train", "--data-dir", str(root / "data"), "--output-dir",
-                             str(root / "outputs"), "--img-size", "64", "--epochs", "1", "--batch-size", "16",
-                             "--backbone", "efficientnet-lite0", "--patience", "1", "--bootstrap", "20",
-                             "--false-flag-rate", "0.05"],
-                            capture_output=True, text=True, timeout=900,
-                            env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root
+from tests.conftest import NIH_IMAGES
 
 
 def predictions(capsys, paths, model, fmt="json"):
