@@ -52,13 +52,13 @@ def main():
 
     import keras
 
-    from cxr import backbones, models
-    from cxr.litert import fast_inference
+    from cxr.model import backbones, networks
+    from cxr.bundle.litert import fast_inference
 
     keras.utils.set_random_seed(0)
-    model = models.build_classifier("efficientnet-lite0", 2, "imagenet", 224)
-    frozen = models.default_frozen_layers(model, "efficientnet-lite0")
-    prefix, _, pooled = models.split_at_frozen_prefix(model, frozen, backbones.get("efficientnet-lite0").block_of)
+    model = networks.build_classifier("efficientnet-lite0", 2, "imagenet", 224)
+    frozen = networks.default_frozen_layers(model, "efficientnet-lite0")
+    prefix, _, pooled = networks.split_at_frozen_prefix(model, frozen, backbones.get("efficientnet-lite0").block_of)
     runner, engine = fast_inference(prefix, n_images=10_000)
     batch = np.random.default_rng(0).uniform(0, 255, (32, 224, 224, 3)).astype(np.float32)
     ms = per_image_ms(lambda: runner.predict_on_batch(batch), max(1, args.images // 32)) / 32

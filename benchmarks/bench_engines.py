@@ -64,7 +64,7 @@ class Engine:
 
 
 def litert_engine(name, flatbuffer):
-    from cxr.litert import _interpreter
+    from cxr.bundle.litert import _interpreter
 
     runners = {}
 
@@ -184,9 +184,9 @@ def main():
 
     from sklearn.metrics import roc_auc_score
 
-    from cxr import litert
-    from cxr.export import export
-    from cxr.saved_model import SavedModel
+    from cxr.bundle import litert
+    from cxr.commands.export import export
+    from cxr.bundle.saved_model import SavedModel
 
     name, flags = cpu_flags()
     print(f"CPU: {name}, {THREADS} threads; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in flags.items()))

@@ -4,7 +4,7 @@ hospital, the stand-in for another site), threshold rules, and acquisition shift
     .venv/bin/python benchmarks/bench_generalization.py --recipes default robust --seeds 42 1 2
     .venv/bin/python benchmarks/bench_generalization.py --probe-only
 
-For every recipe and seed it trains on the full train folder with `cxr.run.train` (into --work/RECIPE-SEED,
+For every recipe and seed it trains on the full train folder with `cxr.training.run.train` (into --work/RECIPE-SEED,
 skipped when that run's summary.json is already there, so an interrupted benchmark resumes; a recipe that
 differs from another only in its test-time scales takes that recipe's trained run of the same seed and saves
 its weights with its own views, refitting the operating point on validation as `cxr train` does), then
@@ -136,7 +136,7 @@ def thresholds(y_val, p_val):
 def trained(run_dir, config):
     """(SavedModel, its training Dataset, external_dev as a Dataset), decoded, of one trained run."""
     from cxr.data.split import prepare_splits, read_labelled_folder
-    from cxr.saved_model import SavedModel
+    from cxr.bundle.saved_model import SavedModel
 
     dataset = prepare_splits(config)
     dataset.decode(config.img_size, run_dir / "cache")
@@ -149,18 +149,19 @@ def trained(run_dir, config):
 def with_other_views(trained_dir, run_dir, config):
     """Save into `run_dir` the model of the run in `trained_dir` as a run with `config` would have saved it:
     the same weights with `config.test_time_scales`, served at `config.precision` (`precision.choose`), its
-    operating point fitted on the same validation split and evaluated on the same test split, as `cxr.run.train`
+    operating point fitted on the same validation split and evaluated on the same test split, as `cxr.training.run.train`
     does after training (its summary.json keeps the metrics, and the training time of the run it came from)."""
-    from cxr import models, precision
+    from cxr.model import networks
+    from cxr.bundle import precision
     from cxr.data.split import prepare_splits
     from cxr.evaluate import EvaluationOptions, evaluate_model
-    from cxr.run import fit_on_validation
-    from cxr.saved_model import SavedModel
+    from cxr.training.run import fit_on_validation
+    from cxr.bundle.saved_model import SavedModel
 
     dataset = prepare_splits(config)
     dataset.decode(config.img_size, run_dir / "cache")
     trained_model = SavedModel.load(trained_dir / "models" / "model.h5")
-    model = SavedModel.from_keras(models.with_test_time_scales(trained_model.keras_model, config.test_time_scales),
+    model = SavedModel.from_keras(networks.with_test_time_scales(trained_model.keras_model, config.test_time_scales),
                                   trained_model.class_names, config.img_size, config.backbone, config.test_time_scales)
     model.predictor()
     precision.choose(model, dataset, config.precision, config.seed)
@@ -247,11 +248,11 @@ def linear_probe(work):
     import keras
     from sklearn.linear_model import LogisticRegression
 
-    from cxr.config import Config
+    from cxr.training.config import Config
     from cxr.data.split import prepare_splits, read_labelled_folder
-    from cxr.inference import predict_outputs
-    from cxr.litert import fast_inference
-    from cxr.models import build_classifier
+    from cxr.model.inference import predict_outputs
+    from cxr.bundle.litert import fast_inference
+    from cxr.model.networks import build_classifier
 
     config = Config(data_dir=DATA, backbone="efficientnet-lite0")
     dataset = prepare_splits(config)
@@ -330,8 +331,8 @@ def main():
     parser.add_argument("--remeasure", action="store_true", help="measure trained runs again")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cxr import run
-    from cxr.config import Config
+    from cxr.training import run
+    from cxr.training.config import Config
 
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "cache").mkdir(exist_ok=True)

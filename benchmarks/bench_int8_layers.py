@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from cxr import litert  # noqa: E402
+from cxr.bundle import litert  # noqa: E402
 
 UNTIL_2026_12_04 = ("rescaling", "normalization", "stem_", "block1a_")
 VARIANTS = {"quantizer": (UNTIL_2026_12_04, False, False), "round-trip": (UNTIL_2026_12_04, True, False),
@@ -64,9 +64,9 @@ def main():
     args = parser.parse_args()
 
     from cxr.data.decode import decode_image
-    from cxr.inference import predict_outputs
-    from cxr.precision import calibrated, images_per_second, mean_auc
-    from cxr.saved_model import SavedModel
+    from cxr.model.inference import predict_outputs
+    from cxr.bundle.precision import calibrated, images_per_second, mean_auc
+    from cxr.bundle.saved_model import SavedModel
 
     model = SavedModel.load(args.run / "models" / "model.h5", "float32")
     if model.multi_label or len(model.class_names) != 2:

@@ -49,8 +49,8 @@ RECIPES = {
 
 def train_recipe(name, seed, work, init_from=None):
     """summary.json of `cxr train --labels` with recipe `name` and `seed`."""
-    from cxr.config import Config
-    from cxr.run import train
+    from cxr.training.config import Config
+    from cxr.training.run import train
 
     options = RECIPES[name] | ({"init_from": init_from} if "init_from" in RECIPES[name] else {})
     config = Config(labels=SAMPLE / "Data_Entry_2017.csv", images=SAMPLE / "images", backbone="efficientnet-lite0",
@@ -66,11 +66,11 @@ def probe(seed, work):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from cxr.config import Config
+    from cxr.training.config import Config
     from cxr.data.labels_csv import read_labelled_table
     from cxr.evaluate.metrics import confidence_intervals, finding_metrics
-    from cxr.litert import keras_predictor
-    from cxr.models import build_classifier
+    from cxr.bundle.litert import keras_predictor
+    from cxr.model.networks import build_classifier
 
     started = time.perf_counter()
     config = Config(labels=SAMPLE / "Data_Entry_2017.csv", images=SAMPLE / "images", seed=seed)

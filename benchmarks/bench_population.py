@@ -1,4 +1,4 @@
-"""The population check (`cxr.population`) against the images it must catch and those it must not flag.
+"""The population check (`cxr.model.population`) against the images it must catch and those it must not flag.
 
     .venv/bin/python benchmarks/bench_population.py --run outputs            # a cxr train output folder
 
@@ -156,7 +156,7 @@ def main():
     args = parser.parse_args()
     from sklearn.metrics import roc_auc_score
 
-    from cxr.saved_model import SavedModel
+    from cxr.bundle.saved_model import SavedModel
 
     model = SavedModel.load(args.run / "models" / "model.h5")
     if model.population is None:
@@ -205,7 +205,7 @@ def main():
 
     images = sets["test split"][:256]
     plain = model.keras_model
-    from cxr import litert
+    from cxr.bundle import litert
 
     plain_runner = litert.LiteRTModel(litert.to_flatbuffer(plain))
     for runner in (plain_runner, model.predictor()):

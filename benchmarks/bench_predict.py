@@ -29,8 +29,8 @@ DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "chest_xray" / "train"
 
 
 def fresh_model(folder, img_size):
-    from cxr.models import build_classifier
-    from cxr.saved_model import SavedModel
+    from cxr.model.networks import build_classifier
+    from cxr.bundle.saved_model import SavedModel
 
     model = build_classifier("efficientnet-lite0", 2, "imagenet", img_size)
     return SavedModel.from_keras(model, ["NORMAL", "PNEUMONIA"], img_size, "efficientnet-lite0").save(folder)
@@ -88,7 +88,7 @@ def main():
     args = parser.parse_args()
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cxr.predict import list_inputs
+    from cxr.commands.predict import list_inputs
 
     files = list_inputs([args.source])[:args.limit]
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +102,7 @@ def main():
                 print(f"cxr predict --precision {precision:7}, end to end, LiteRT cache {cache} {seconds:7.1f} s  "
                       f"{len(files) / seconds:6.1f} images/s", flush=True)
         if args.stock:
-            from cxr.export import export
+            from cxr.commands.export import export
 
             tflite = export(model_path, ["tflite"], Path(tmp) / "export")[0]
             for threads, label in ((0, "LiteRT's default threads"), (len(os.sched_getaffinity(0)), "every core")):
@@ -113,8 +113,8 @@ def main():
         os.environ["XDG_CACHE_HOME"] = str(cache_home / "float32")
         import numpy as np
 
-        from cxr.predict import predict_files
-        from cxr.saved_model import SavedModel
+        from cxr.commands.predict import predict_files
+        from cxr.bundle.saved_model import SavedModel
 
         litert, keras = SavedModel.load(model_path, "float32"), SavedModel.load(model_path, "float32")
         litert.predictor()

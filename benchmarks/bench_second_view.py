@@ -67,8 +67,9 @@ def main():
     from sklearn.metrics import roc_auc_score
 
     from bench_engines import cpu_flags, decode_all, litert_engine, probabilities
-    from cxr import litert, models
-    from cxr.saved_model import SavedModel
+    from cxr.bundle import litert
+    from cxr.model import networks
+    from cxr.bundle.saved_model import SavedModel
 
     name, flags = cpu_flags()
     print(f"CPU: {name}; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in flags.items()))
@@ -86,7 +87,7 @@ def main():
     keras_model = model.keras_model
     engines = {"two": litert_engine("two", litert.to_flatbuffer(keras_model))}
     for scale in scales:
-        engines[scale] = litert_engine(str(scale), litert.to_flatbuffer(models.with_test_time_scales(keras_model,
+        engines[scale] = litert_engine(str(scale), litert.to_flatbuffer(networks.with_test_time_scales(keras_model,
                                                                                                       (scale,))))
     images, outputs = {}, {}
     for split, (paths, y) in sets.items():

@@ -58,8 +58,8 @@ def main():
                              "youden, or a sensitivity such as 0.9")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cxr import run
-    from cxr.calibrate import calibrate
+    from cxr.training import run
+    from cxr.commands.calibrate import calibrate
     from cxr.evaluate import EvaluationOptions
 
     options = EvaluationOptions(bootstrap=2000, seed=0)

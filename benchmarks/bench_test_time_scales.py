@@ -53,7 +53,7 @@ def main():
     import keras
     from sklearn.metrics import roc_auc_score
 
-    from cxr.models import with_test_time_scales
+    from cxr.model.networks import with_test_time_scales
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)

@@ -44,7 +44,7 @@ def seed_recipe(data, args):
     from sklearn.metrics import roc_auc_score
     import numpy as np
 
-    from cxr.models import build_backbone
+    from cxr.model.networks import build_backbone
 
     load = lambda split, shuffle: keras.utils.image_dataset_from_directory(
         data / split, image_size=(args.img_size, args.img_size), batch_size=32, label_mode="categorical",
@@ -78,8 +78,8 @@ def seed_recipe(data, args):
 
 
 def cxr_recipe(data, args):
-    from cxr import run
-    from cxr.config import Config
+    from cxr.training import run
+    from cxr.training.config import Config
 
     summary = run.train(Config(data_dir=data, output_dir=data.parent / "cxr-out", epochs=args.epochs,
                                finetune_epochs=args.epochs, patience=args.epochs + 1, backbone=args.backbone,

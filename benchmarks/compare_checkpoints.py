@@ -29,11 +29,11 @@ def main():
 
     import keras
 
-    from cxr.config import Config
+    from cxr.training.config import Config
     from cxr.data.split import prepare_splits
     from cxr.evaluate.metrics import auc_score
-    from cxr.inference import predict_outputs
-    from cxr.litert import fast_inference
+    from cxr.model.inference import predict_outputs
+    from cxr.bundle.litert import fast_inference
 
     dataset = prepare_splits(Config(data_dir=args.data_dir, seed=args.seed, img_size=args.img_size))
     with tempfile.TemporaryDirectory() as tmp:

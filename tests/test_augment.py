@@ -66,7 +66,7 @@ def test_site_aspect_zooms_height_and_width_apart_where_site_keeps_the_proportio
 
 def test_each_backbone_has_its_default_augmentation_views_and_fine_tuning_cap_and_the_options_override_them():
     from cxr.cli import build_parser, config_from_args
-    from cxr.config import Config
+    from cxr.training.config import Config
 
     parser = build_parser()
 

@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 
 from cxr.cli import main
-from cxr.config import Config
+from cxr.training.config import Config
 from cxr.data.decode import UnreadableImage, decode_image, try_decode
 from cxr.data.pipeline import decode_all
 from cxr.data.split import list_class_folders
 from cxr.errors import UserError
-from cxr.predict import overlay_names
-from cxr.saved_model import SavedModel
+from cxr.commands.predict import overlay_names
+from cxr.bundle.saved_model import SavedModel
 from tests.conftest import SAMPLE, write_image
 
 
@@ -46,7 +46,7 @@ def test_twelve_bit_xrays_in_sixteen_bit_pngs_decode_like_their_eight_bit_copy(t
 
 
 def test_twelve_bit_png_predicts_like_its_eight_bit_copy(tmp_path):
-    from cxr.models import build_classifier
+    from cxr.model.networks import build_classifier
 
     with Image.open(sorted((SAMPLE / "PNEUMONIA").iterdir())[0]) as img:
         eight = np.asarray(img.convert("L"), dtype=np.uint16)
@@ -143,7 +143,7 @@ def test_an_output_folder_held_by_a_live_process_is_refused_and_a_stale_lock_tak
     import subprocess
     import sys
 
-    from cxr.artifacts import LOCK_FILE, Outputs
+    from cxr.bundle.artifacts import LOCK_FILE, Outputs
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

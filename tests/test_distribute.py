@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from cxr.distribute import cluster_role
+from cxr.training.distribute import cluster_role
 from tests.conftest import TINY, kill_after_epoch
 
 TWO_CPUS = """

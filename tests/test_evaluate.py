@@ -7,7 +7,7 @@ from cxr.errors import UserError
 from cxr.evaluate.metrics import (auc_score, choose_threshold, confidence_intervals, expected_calibration_error,
                                   fit_operating_point, fit_temperature, headline_metrics)
 from cxr.evaluate.report import classification_rows, metric_rows
-from cxr.inference import apply_temperature, decide, positive_class
+from cxr.model.inference import apply_temperature, decide, positive_class
 
 NAMES = ["NORMAL", "PNEUMONIA"]
 Y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
@@ -136,7 +136,7 @@ def test_report_rows():
 
 
 def test_calibrating_on_a_site_refits_temperature_and_threshold_on_its_arrays():
-    from cxr.calibrate import refit_operating_point, small_classes
+    from cxr.commands.calibrate import refit_operating_point, small_classes
 
     class Model:  # what refit_operating_point reads of a SavedModel
         class_names = NAMES

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from cxr.evaluate import gradcam
-from cxr.inference import predict_outputs
-from cxr.models import build_classifier
+from cxr.model.inference import predict_outputs
+from cxr.model.networks import build_classifier
 
 
 @pytest.mark.parametrize("backbone", ["efficientnetb0", "efficientnet-lite0"])

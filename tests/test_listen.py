@@ -1,7 +1,6 @@
 """`cxr listen` between a real PACS (Orthanc, Debian's package, on loopback) and a trained model."""
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -109,8 +108,8 @@ def c_store(port, datasets, abort=False):
 
 def test_pacs_gets_a_report_and_an_overlay_in_the_study_a_ct_none_and_the_listener_keeps_answering(
         orthanc_and_port, tiny_run, tmp_path):
-    from cxr.predict import predict_files
-    from cxr.saved_model import SavedModel
+    from cxr.commands.predict import predict_files
+    from cxr.bundle.saved_model import SavedModel
 
     orthanc, port = orthanc_and_port
     model_path = tiny_run / "models" / "model.h5"
@@ -218,7 +217,7 @@ def test_listen_options_are_checked_in_one_line(options, message, tmp_path):
 
 
 def test_an_error_quoting_patient_data_is_logged_without_it():
-    from cxr.listen import scrubbed
+    from cxr.commands.listen import scrubbed
 
     ct = Path(get_testdata_file("CT_small.dcm"))
     message = scrubbed("invalid person name 'CompressedSamples^CT1' (ID 1CT1), study date 20040119", ct)
@@ -270,6 +269,6 @@ def test_a_bad_window_is_answered_and_an_oversized_image_refused_before_it_is_de
 
 
 def image_key(ds):
-    from cxr.listen import image_key as key
+    from cxr.commands.listen import image_key as key
 
     return key(ds.SOPInstanceUID)

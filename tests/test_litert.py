@@ -2,10 +2,10 @@ import keras
 import numpy as np
 import pytest
 
-from cxr import litert
-from cxr.litert import fast_inference
-from cxr.models import build_classifier, split_at_frozen_prefix
-from cxr.saved_model import TAPS, SavedModel
+from cxr.bundle import litert
+from cxr.bundle.litert import fast_inference
+from cxr.model.networks import build_classifier, split_at_frozen_prefix
+from cxr.bundle.saved_model import TAPS, SavedModel
 
 
 @pytest.fixture(scope="module")

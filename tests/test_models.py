@@ -2,10 +2,10 @@ import keras
 import numpy as np
 import pytest
 
-from cxr import lite0
+from cxr.model import lite0
 from cxr.errors import UserError
-from cxr import backbones
-from cxr.models import (backbone_layers, build_classifier, check_frozen_layers, default_frozen_layers,
+from cxr.model import backbones
+from cxr.model.networks import (backbone_layers, build_classifier, check_frozen_layers, default_frozen_layers,
                         freeze_backbone, head_on_features, split_at_frozen_prefix, unfreeze_backbone)
 
 
@@ -115,7 +115,7 @@ def test_test_time_scales_average_the_logits_of_zoomed_views_and_survive_a_plain
     import tensorflow as tf
 
     from cxr.evaluate.gradcam import heatmaps
-    from cxr.models import has_test_time_scales, with_test_time_scales
+    from cxr.model.networks import has_test_time_scales, with_test_time_scales
 
     keras.utils.set_random_seed(0)
     model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=64)
@@ -148,7 +148,7 @@ def test_test_time_scales_average_the_logits_of_zoomed_views_and_survive_a_plain
 
 def test_test_time_scales_default_to_the_backbones_and_are_checked():
     from cxr.cli import build_parser, config_from_args
-    from cxr.config import Config
+    from cxr.training.config import Config
 
     assert Config().test_time_scales == [1.0]  # B0: the seed's one view
     assert Config(backbone="efficientnet-lite0").test_time_scales == [0.9, 1.0]
@@ -162,7 +162,7 @@ def test_test_time_scales_default_to_the_backbones_and_are_checked():
 def test_the_population_taps_leave_the_outputs_as_they_are(tmp_path):
     """models.with_population_taps rebuilds a model with test-time scales: its outputs must stay the model's, in
     this process and after an .h5 round trip (a rebuild once lost the input normalisation's statistics)."""
-    from cxr.models import with_population_taps, with_test_time_scales
+    from cxr.model.networks import with_population_taps, with_test_time_scales
 
     keras.utils.set_random_seed(0)
     model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=64)

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from cxr.cli import main
-from cxr.config import Config
+from cxr.training.config import Config
 from cxr.data.labels_csv import (LabelOptions, read_labelled_table, read_table, select_findings,
                                  stratified_patient_splits)
 from cxr.errors import UserError
@@ -205,7 +205,7 @@ def test_an_official_test_list_is_the_test_split(tmp_path):
 def test_an_unknown_label_changes_neither_the_loss_nor_the_metrics():
     import keras
 
-    from cxr.models import MaskedBinaryCrossentropy
+    from cxr.model.networks import MaskedBinaryCrossentropy
 
     loss = MaskedBinaryCrossentropy()
     p = np.array([[0.8, 0.3, 0.6]], np.float32)
@@ -238,7 +238,7 @@ def test_each_finding_gets_its_own_operating_point_and_a_one_class_finding_keeps
     for k, name in enumerate(("A", "B")):
         found = point["findings"][name]
         known = ~np.isnan(labels[:, k])
-        from cxr.inference import apply_finding_temperatures
+        from cxr.model.inference import apply_finding_temperatures
 
         calibrated = apply_finding_temperatures(scores[known, k], found["temperature"])
         sensitivity = np.mean(calibrated[labels[known, k] == 1] >= found["threshold"])
@@ -373,7 +373,7 @@ def test_predict_explain_evaluate_calibrate_and_export(tiny_multilabel, tmp_path
 def test_init_from_copies_another_models_backbone_and_leaves_the_head_new(tiny_run, tmp_path):
     import keras
 
-    from cxr.models import backbone_layers, build_classifier, init_from
+    from cxr.model.networks import backbone_layers, build_classifier, init_from
 
     source = keras.models.load_model(tiny_run / "models/model.h5", compile=False)  # two classes, test-time scales
     target = build_classifier("efficientnet-lite0", 5, "none", 48, multi_label=True)

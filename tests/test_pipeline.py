@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.config import Config
+from cxr.training.config import Config
 from cxr.data.decode import UnreadableImage, decode_image
 from cxr.data.pipeline import AUGMENTATIONS, DiskArray, decode_all, make_dataset, write_array
 from cxr.data.split import prepare_splits, read_labelled_folder

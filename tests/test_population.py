@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cxr.cli import main
-from cxr.population import POPULATION_FILE
+from cxr.model.population import POPULATION_FILE
 
 from tests.conftest import NIH_IMAGES
 

@@ -34,9 +34,9 @@ def run_dataset(run, size=32):
 
 
 def test_int8_probabilities_stay_close_to_float32_on_real_xrays(imagenet_run):
-    from cxr import litert
-    from cxr.precision import PROBABILITY_TOLERANCE
-    from cxr.saved_model import SavedModel
+    from cxr.bundle import litert
+    from cxr.bundle.precision import PROBABILITY_TOLERANCE
+    from cxr.bundle.saved_model import SavedModel
 
     model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
     dataset = run_dataset(imagenet_run, 64)
@@ -89,8 +89,8 @@ def sample_dataset(size):
 
 
 def test_the_guard_serves_float32_when_int8_fails_it_and_says_why(imagenet_run, tiny_run):
-    from cxr import precision
-    from cxr.saved_model import SavedModel
+    from cxr.bundle import precision
+    from cxr.bundle.saved_model import SavedModel
 
     dataset = sample_dataset(64)
     assert len(dataset.splits["val"]) >= precision.MIN_VALIDATION_IMAGES
@@ -167,9 +167,9 @@ def test_int8_asked_of_a_float32_model_is_one_clear_line(tiny_run, tmp_path):
 
 
 def test_views_on_demand_give_back_every_view_where_the_first_is_uncertain(imagenet_run, tiny_multilabel):
-    from cxr.inference import predict_outputs
-    from cxr.saved_model import SavedModel
-    from cxr.views_on_demand import ViewsOnDemand, uncertain
+    from cxr.model.inference import predict_outputs
+    from cxr.bundle.saved_model import SavedModel
+    from cxr.bundle.views_on_demand import ViewsOnDemand, uncertain
 
     images = sample_dataset(64).images
     model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
@@ -197,8 +197,8 @@ def test_views_on_demand_give_back_every_view_where_the_first_is_uncertain(image
 
 
 def test_views_on_demand_are_guarded_recorded_and_served_by_predict(imagenet_run, tmp_path, monkeypatch):
-    from cxr import model_card, precision, views_on_demand
-    from cxr.saved_model import SavedModel
+    from cxr.bundle import model_card, precision, views_on_demand
+    from cxr.bundle.saved_model import SavedModel
 
     dataset = sample_dataset(64)
     black = np.zeros((16, 64, 64, 3), np.uint8)  # int8 fails its guard: float32 is served, with views on demand
@@ -257,7 +257,7 @@ def test_views_on_demand_are_guarded_recorded_and_served_by_predict(imagenet_run
         answers[asked] = np.array([row["p_PNEUMONIA"] for row in json.loads(result.stdout)])
     assert np.abs(answers["auto"] - answers["float32"]).max() <= precision.PROBABILITY_TOLERANCE
     # with the views' conversions cached, serving them needs neither TensorFlow nor Keras
-    loaded = subprocess.run([sys.executable, "-c", "import sys; from cxr.saved_model import SavedModel; "
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from cxr.bundle.saved_model import SavedModel; "
                              "m = SavedModel.load(sys.argv[1]); m.predictor(); print(m.engine, 'keras' in sys.modules)",
                              str(tmp_path / "models" / "model.h5")], capture_output=True, text=True, timeout=300,
                             env=os.environ | {"XDG_CACHE_HOME": str(tmp_path / "cache")})

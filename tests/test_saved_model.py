@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cxr.errors import UserError
-from cxr.models import build_classifier
-from cxr.saved_model import SavedModel
+from cxr.model.networks import build_classifier
+from cxr.bundle.saved_model import SavedModel
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_a_model_saved_without_an_operating_point_uses_argmax(saved, tmp_path):
 
 
 def test_other_data_is_anything_outside_the_folders_the_operating_point_came_from(tmp_path):
-    from cxr.saved_model import describe_fitted_on, fitted_on
+    from cxr.bundle.saved_model import describe_fitted_on, fitted_on
 
     data = tmp_path / "chest_xray"  # Kaggle layout: val and test carved from train/, a test set beside it
     point = {"positive_class": "PNEUMONIA", "temperature": 1.0, "threshold": 0.5, "method": "youden",

@@ -194,8 +194,8 @@ def test_predict_answers_503_until_the_model_is_loaded(tiny_run):
     """Before the lifespan starts the model's thread, the app is as it is while a model still loads."""
     from fastapi.testclient import TestClient
 
-    from cxr.saved_model import SavedModel
-    from cxr.serve import create_app
+    from cxr.bundle.saved_model import SavedModel
+    from cxr.commands.serve import create_app
 
     client = TestClient(create_app(SavedModel.load(tiny_run / "models/model.h5")))  # no `with`: no lifespan
     for answer in (client.get("/health/ready"), client.post("/v1/predict", content=XRAYS[0].read_bytes())):

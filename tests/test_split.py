@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr.config import Config
+from cxr.training.config import Config
 from cxr.data.split import assign_splits, group_key, make_groups, prepare_splits
 from cxr.errors import UserError
 from tests.conftest import write_image

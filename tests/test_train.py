@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from cxr.config import Config
+from cxr.training.config import Config
 from cxr.data.split import prepare_splits
-from cxr.models import Builder, default_frozen_layers
-from cxr.train import TrainingRun, default_phases, train
+from cxr.model.networks import Builder, default_frozen_layers
+from cxr.training.loop import TrainingRun, default_phases, train
 
 
 def test_a_run_can_start_at_phase_2_and_a_later_epoch(xray_raw, tmp_path):
@@ -33,8 +33,8 @@ def test_a_run_can_start_at_phase_2_and_a_later_epoch(xray_raw, tmp_path):
 
 @pytest.mark.parametrize("augment", ["robust", "site"])
 def test_augmentation_reaches_training_views_only(augment, xray_raw, tmp_path):
-    from cxr.models import split_at_frozen_prefix
-    from cxr.train import CachedInputs
+    from cxr.model.networks import split_at_frozen_prefix
+    from cxr.training.loop import CachedInputs
 
     config = Config(data_dir=xray_raw, img_size=32, batch_size=8, backbone="efficientnet-lite0", weights="none",
                     augment=augment, feature_views=1)
@@ -59,7 +59,7 @@ def test_a_run_killed_in_phase_2_resumes_to_the_numbers_of_an_uninterrupted_run(
     import subprocess
     import sys
 
-    from cxr import litert
+    from cxr.bundle import litert
     from cxr.cli import main
     from tests.conftest import TINY, kill_after_epoch
 

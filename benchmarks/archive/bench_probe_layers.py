@@ -30,7 +30,7 @@ CS = (0.001, 0.01, 0.1)
 
 def decoded_images(work):
     """({split: uint8 (n, 224, 224, 3) images}, {split: labels}) for train, val, test and external_dev."""
-    from cxr.config import Config
+    from cxr.training.config import Config
     from cxr.data.split import prepare_splits, read_labelled_folder
 
     dataset = prepare_splits(Config(data_dir=DATA, backbone="efficientnet-lite0"))
@@ -52,7 +52,7 @@ def pooled_layer_outputs(images, names=None, size=224, transform=None, model=Non
     import keras
     import tensorflow as tf
 
-    from cxr.models import build_classifier
+    from cxr.model.networks import build_classifier
 
     model = model or build_classifier("efficientnet-lite0", 2, "imagenet", size)
     names = names or [layer.name for layer in model.layers if layer.name.startswith(("block4", "block5", "block6", "block7"))
@@ -77,7 +77,7 @@ def build_lite(n):
     import keras
     from keras.src.applications import efficientnet
 
-    from cxr import lite0
+    from cxr.model import lite0
 
     width, depth = {0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2)}[n]
     blocks = [dict(args, se_ratio=0.0) for args in efficientnet.DEFAULT_BLOCKS_ARGS]

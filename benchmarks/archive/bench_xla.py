@@ -36,7 +36,7 @@ def measure(setting, steps, batch_size):
     tf.config.threading.set_inter_op_parallelism_threads(setting["inter"])
     import keras
 
-    from cxr.models import default_frozen_layers, freeze_backbone, unfreeze_backbone
+    from cxr.model.networks import default_frozen_layers, freeze_backbone, unfreeze_backbone
 
     keras.mixed_precision.set_global_policy(setting["policy"])
     model, prefix, tail, images = lite0_parts(batch_size)
@@ -68,7 +68,7 @@ def lite0_parts(batch_size):
     import keras
     import numpy as np
 
-    from cxr.models import build_classifier, default_frozen_layers, split_at_frozen_prefix
+    from cxr.model.networks import build_classifier, default_frozen_layers, split_at_frozen_prefix
 
     keras.utils.set_random_seed(0)
     model = build_classifier("efficientnet-lite0", 2, weights="none")
@@ -78,7 +78,7 @@ def lite0_parts(batch_size):
 
 
 def measure_litert(steps, batch_size):
-    from cxr.litert import LiteRTModel, to_flatbuffer
+    from cxr.bundle.litert import LiteRTModel, to_flatbuffer
 
     _, prefix, _, images = lite0_parts(batch_size)
     return prefix_speed(LiteRTModel(to_flatbuffer(prefix)), images, steps), None

@@ -1,4 +1,4 @@
-"""The `cxr` command (and `train_cnn.py`): parse the options, call `cxr.run` or `cxr.predict`, print the results.
+"""The `cxr` command (and `train_cnn.py`): parse the options, call `cxr.training.run` or `cxr.commands.predict`, print the results.
 
 TensorFlow is imported only once a command needs it, so option and data errors answer at once.
 """
@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from cxr.backbones import NAMES as BACKBONES
-from cxr.config import MONITORS, Config
-from cxr.distribute import STRATEGIES
+from cxr.model.backbones import NAMES as BACKBONES
+from cxr.training.config import MONITORS, Config
+from cxr.training.distribute import STRATEGIES
 from cxr.data.pipeline import AUGMENTATIONS
 from cxr.errors import UserError
 
@@ -27,7 +27,7 @@ def add_precision(parser):
 
 
 def print_headline(summary, label="Test"):
-    from cxr.saved_model import describe_fitted_on
+    from cxr.bundle.saved_model import describe_fitted_on
 
     m, ci, point = summary["metrics"], summary["confidence_intervals"], summary["operating_point"]
     if "per_finding" in m:
@@ -315,7 +315,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            from cxr import run
+            from cxr.training import run
 
             summary = run.train(config_from_args(args))
             if summary is None:  # a multi-worker job's other worker: the chief wrote the outputs
@@ -324,12 +324,12 @@ def main(argv=None):
             print(f"Outputs in {args.output_dir}/ (models/model.h5, reports/report.html, reports/summary.json, plots/)")
         elif args.command == "predict":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # predict imports TensorFlow only to convert
-            from cxr.predict import run_predict
+            from cxr.commands.predict import run_predict
 
             print(run_predict(args.paths, args.model, args.format, args.batch_size, args.tta, args.skipped_list,
                               args.precision))
         elif args.command == "evaluate":
-            from cxr import run
+            from cxr.training import run
             from cxr.evaluate import EvaluationOptions
 
             if sum(x is not None for x in (args.data_dir, args.splits, args.labels)) != 1:
@@ -346,7 +346,7 @@ def main(argv=None):
             print(f"Outputs in {args.output_dir}/ (reports/report.html, reports/metrics.csv, reports/summary.json, "
                   "plots/)")
         elif args.command == "calibrate":
-            from cxr.calibrate import calibrate
+            from cxr.commands.calibrate import calibrate
             from cxr.evaluate import EvaluationOptions
 
             if (args.data_dir is None) == (args.labels is None) or (args.labels is None) != (args.images is None):
@@ -360,24 +360,24 @@ def main(argv=None):
         elif args.command == "serve":
             if not args.max_upload_mb > 0:
                 raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-            from cxr.serve import serve
+            from cxr.commands.serve import serve
 
             serve(args.model, args.host, args.port, args.api_key or None, args.max_upload_mb, args.precision)
         elif args.command == "listen":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            from cxr.listen import listen
+            from cxr.commands.listen import listen
 
             listen(args.model, args.send_to, args.output_dir, args.host, args.port, args.ae_title,
                    args.max_associations, args.precision)
         elif args.command == "export":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            from cxr.export import export
+            from cxr.commands.export import export
 
             for path in export(args.model, args.formats, args.output_dir, args.calibration_images):
                 print(path)
         elif args.command == "explain":
-            from cxr import run
-            from cxr.predict import run_explain
+            from cxr.training import run
+            from cxr.commands.predict import run_explain
 
             run.setup_runtime(Config())
             for path in run_explain(args.paths, args.model, args.output_dir, args.class_name, args.tta):

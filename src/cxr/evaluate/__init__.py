@@ -104,7 +104,7 @@ POPULATION_METRICS = ("auc_roc", "sensitivity", "specificity", "accuracy", "bala
 def population_summary(check, metrics_of, model):
     """How many evaluated images the population check flagged, and the headline metrics on all of them and on
     the unflagged ones; {"available": False, ...} for a model without a check."""
-    from cxr.population import UNAVAILABLE
+    from cxr.model.population import UNAVAILABLE
 
     if check is None:
         return {"available": False, "note": UNAVAILABLE}

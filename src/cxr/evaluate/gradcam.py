@@ -19,7 +19,7 @@ _PARTS = weakref.WeakKeyDictionary()
 
 def _feature_map_and_head(model):
     if model not in _PARTS:
-        from cxr.models import feature_map_model
+        from cxr.model.networks import feature_map_model
 
         _PARTS[model] = feature_map_model(model), model.get_layer("predictions")
     return _PARTS[model]

@@ -14,7 +14,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, balanced_a
                              classification_report, confusion_matrix, roc_auc_score, roc_curve)
 
 from cxr.errors import warn
-from cxr.inference import apply_finding_temperatures, apply_temperature, decide
+from cxr.model.inference import apply_finding_temperatures, apply_temperature, decide
 
 ECE_BINS = 15
 _TINY = 1e-12

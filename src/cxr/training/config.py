@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from cxr import backbones
-from cxr.backbones import NAMES as BACKBONES
+from cxr.model import backbones
+from cxr.model.backbones import NAMES as BACKBONES
 from cxr.data.pipeline import AUGMENTATIONS
-from cxr.distribute import STRATEGIES
+from cxr.training.distribute import STRATEGIES
 from cxr.errors import UserError
 
 MONITORS = ("val_accuracy", "val_auc", "val_loss")
@@ -74,7 +74,7 @@ class Config:
     monitor: Optional[str] = None
     label_smoothing: float = 0.0
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 keeps the seed's Adam
-    # The zoomed views of each image the saved model averages (models.with_test_time_scales); None: the
+    # The zoomed views of each image the saved model averages (networks.with_test_time_scales); None: the
     # backbone's (B0 [1.0], the image alone; Lite0 [0.9, 1.0]).
     test_time_scales: Optional[list] = None
     # Evaluation: None = PNEUMONIA if there is such a class, else the second class.
@@ -85,7 +85,7 @@ class Config:
     # there (benchmarks/README.md, "Fine-tuning from block 4a, the 0.90 threshold rule, and the field of view").
     target_sensitivity: Optional[float] = 0.90
     bootstrap: int = 2000  # resamples for the confidence intervals; 0 turns them off
-    # The share of validation images the population check flags (cxr.population). At 0.01 the full default model
+    # The share of validation images the population check flags (cxr.model.population). At 0.01 the full default model
     # flagged 2.6 % of its own test split; at 0.005, 1.3 %, and still every NIH adult and every non-X-ray
     # (bench_population.py in benchmarks/README.md).
     false_flag_rate: float = 0.005

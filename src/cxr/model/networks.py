@@ -13,7 +13,7 @@ from pathlib import Path
 
 import keras
 
-from cxr import backbones
+from cxr.model import backbones
 from cxr.errors import UserError
 
 
@@ -142,7 +142,7 @@ def _apply(layers, x):
 
 def with_population_taps(model, taps, scales=(1.0,)):
     """image -> [the classifier's outputs | the pooled outputs of the layers `taps` | its pooled last feature map],
-    one (batch, classes + features) tensor, in one forward pass: what the population check (`cxr.population`)
+    one (batch, classes + features) tensor, in one forward pass: what the population check (`cxr.model.population`)
     reads beside every prediction. `scales`: the model's test-time scales (`with_test_time_scales`); the taps
     read the image as it is (the view at scale 1, or the closest).
     """

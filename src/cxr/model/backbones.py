@@ -63,13 +63,13 @@ def _build_b0_imagenet(input_shape, input_tensor):
 
 
 def _build_lite0(input_shape, input_tensor):
-    from cxr import lite0
+    from cxr.model import lite0
 
     return lite0.build(input_shape, input_tensor=input_tensor)
 
 
 def _build_lite0_imagenet(input_shape, input_tensor):
-    from cxr import lite0
+    from cxr.model import lite0
 
     return lite0.load_imagenet_weights(_build_lite0(input_shape, input_tensor))
 

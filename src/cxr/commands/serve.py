@@ -28,8 +28,8 @@ import numpy as np
 from cxr.data.decode import MAX_PIXELS, ImageTooLarge, RefusedImage, UnreadableImage, decode, image_warnings
 from cxr.data.dicom import is_dicom
 from cxr.errors import UserError, warn
-from cxr.model_card import describe
-from cxr.predict import NONE_CALLED, called_findings, explained_classes, population_fields
+from cxr.bundle.model_card import describe
+from cxr.commands.predict import NONE_CALLED, called_findings, explained_classes, population_fields
 
 MAX_BATCH = 32
 MAX_FILES = 64  # per request
@@ -427,7 +427,7 @@ def serve(model_path, host="127.0.0.1", port=8000, api_key=None, max_upload_mb=2
     """Run the server until interrupted. UserError for an unusable model or a port that can't be bound."""
     import uvicorn
 
-    from cxr.saved_model import SavedModel
+    from cxr.bundle.saved_model import SavedModel
 
     model = SavedModel.load(model_path, precision)
     if not is_loopback(host):

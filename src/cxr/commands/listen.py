@@ -93,7 +93,7 @@ class Listener:
     def _store(self, event):
         from cxr.data.decode import MAX_PIXELS, RefusedImage, UnreadableImage, decode
         from cxr.data.dicom import LATERAL_VIEWS
-        from cxr.dicom_results import MANUFACTURER
+        from cxr.commands.dicom_results import MANUFACTURER
 
         try:
             ds = event.dataset
@@ -149,10 +149,10 @@ class Listener:
         """Predict the spooled image, make its results, store them, then delete it from the spool."""
         import pydicom
 
-        from cxr import dicom_results
+        from cxr.commands import dicom_results
         from cxr.data.decode import MAX_PIXELS, decode, image_warnings
         from cxr.evaluate import gradcam
-        from cxr.predict import explained_classes, population_fields
+        from cxr.commands.predict import explained_classes, population_fields
 
         data = spooled.read_bytes()
         source = pydicom.dcmread(spooled)
@@ -183,7 +183,7 @@ class Listener:
         """Write `results` ({kind: Dataset}) to --output-dir when asked, and send them to --send-to; what can't be
         sent is written to unsent/."""
         from cxr.atomic import write_bytes
-        from cxr.dicom_results import to_bytes
+        from cxr.commands.dicom_results import to_bytes
 
         if self.keep_results:
             for kind, ds in results.items():
@@ -294,7 +294,7 @@ def listen(model_path, send_to=None, output_dir=None, host="127.0.0.1", port=111
            max_associations=4, precision="auto"):
     """Run `cxr listen` until interrupted. UserError for bad options, an unusable model or a port in use."""
     from cxr.errors import warn
-    from cxr.saved_model import SavedModel
+    from cxr.bundle.saved_model import SavedModel
 
     if send_to is None and output_dir is None:
         raise UserError("give --send-to AE@HOST:PORT (the PACS that stores the results), --output-dir DIR, or both")

@@ -1,6 +1,6 @@
 """A training run read top to bottom, and the evaluation of a saved model: the library API behind the CLI.
 
-    summary = cxr.run.train(Config(data_dir=..., backbone="efficientnet-lite0"))
+    summary = cxr.training.run.train(Config(data_dir=..., backbone="efficientnet-lite0"))
 
 `train` is config -> split -> decode -> model -> train -> operating point -> evaluate -> artifacts.
 TensorFlow is imported only once a step needs it, so option and data errors answer at once.
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from cxr.atomic import write_json
-from cxr.config import Config
+from cxr.training.config import Config
 from cxr.errors import UserError, warn
 
 SPLIT_WAIT_SECONDS = 600  # how long a multi-worker job's other workers wait for the chief to split raw/
@@ -24,7 +24,7 @@ def setup_runtime(config, strategy="none"):
     """The tf.distribute strategy, seeds, determinism and the dtype policy, before any model is built; returns
     the `distribute.Distribution`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cxr import distribute
+    from cxr.training import distribute
 
     distributed = distribute.make_strategy(strategy)
     import keras
@@ -45,7 +45,7 @@ def train(config):
     In a multi-worker job (`--strategy multiworker`) every worker calls this; the chief returns the summary,
     the others train in step with it in a temporary folder, remove it and return None.
     """
-    from cxr import distribute
+    from cxr.training import distribute
 
     config.validate()
     data_dir, output_dir = Path(config.data_dir).resolve(), Path(config.output_dir).resolve()
@@ -54,7 +54,7 @@ def train(config):
                         " folder, where its files would be taken for images; choose a folder outside it")
     if config.strategy != "multiworker" or distribute.cluster_role()[2]:
         return _train(config, config.output_dir, chief=True)
-    from cxr.artifacts import worker_folder
+    from cxr.bundle.artifacts import worker_folder
 
     worker_dir = worker_folder()
     try:
@@ -67,9 +67,9 @@ def train(config):
 def _train(config, output_dir, chief):
     """`train`, writing into `output_dir`: --output-dir on the chief, a worker's own temporary folder elsewhere
     (where the decode cache and frozen-layer outputs are computed again: no storage need be shared)."""
-    from cxr.artifacts import Outputs
+    from cxr.bundle.artifacts import Outputs
     from cxr.data.split import describe, prepare_splits
-    from cxr.inference import positive_class
+    from cxr.model.inference import positive_class
 
     started = time.perf_counter()
     outputs = Outputs(output_dir).prepare(resume=config.resume)
@@ -86,28 +86,32 @@ def _train(config, output_dir, chief):
     distribution = setup_runtime(config, config.strategy)
     import keras
 
-    from cxr import artifacts, models, precision, resume
+    from cxr.bundle import artifacts, precision
+
+    from cxr.model import networks
+
+    from cxr.training import resume
     from cxr.data.pipeline import cache_key
     from cxr.evaluate import EvaluationOptions, evaluate_model, plots
     from cxr.evaluate.report import ReportContext
-    from cxr.saved_model import SavedModel
-    from cxr.train import TrainingRun, default_phases, train as train_phases
+    from cxr.bundle.saved_model import SavedModel
+    from cxr.training.loop import TrainingRun, default_phases, train as train_phases
 
     fingerprint = resume.fingerprint(config, cache_key(dataset.paths, config.img_size))
     # every worker restores the chief's state: a resumed multi-worker job needs --output-dir on shared storage
     state = resume.RunState.load(Outputs(config.output_dir).staging, fingerprint) if config.resume else None
     dataset.decode(config.img_size, outputs.cache, strict=config.strict)
     class_names = dataset.class_names
-    builder = models.Builder(distribution.strategy, weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
+    builder = networks.Builder(distribution.strategy, weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
                              multi_label=dataset.multi_label, positive_weights=positive_weights(dataset, config))
     model = builder.classifier(config.backbone, len(class_names), config.weights, config.img_size, config.dropout)
     if config.init_from is not None:
         with builder.scope():
-            copied = models.init_from(model, config.init_from)
+            copied = networks.init_from(model, config.init_from)
         print(f"Backbone initialised from {config.init_from} ({copied} layers); the head starts anew", flush=True)
     frozen_layers = (config.frozen_layers if config.frozen_layers is not None
-                     else models.default_frozen_layers(model, config.backbone))
-    models.check_frozen_layers(model, frozen_layers)
+                     else networks.default_frozen_layers(model, config.backbone))
+    networks.check_frozen_layers(model, frozen_layers)
 
     run = TrainingRun(builder, default_phases(config, frozen_layers), frozen_layers, outputs.staging, outputs.logs,
                       resume=state, fingerprint=fingerprint)
@@ -118,8 +122,8 @@ def _train(config, output_dir, chief):
         return None
 
     scales = config.test_time_scales
-    model = models.with_test_time_scales(model, scales)
-    views = f" (each image as the mean of {len(scales)} zoomed views)" if models.has_test_time_scales(model) else ""
+    model = networks.with_test_time_scales(model, scales)
+    views = f" (each image as the mean of {len(scales)} zoomed views)" if networks.has_test_time_scales(model) else ""
     print(f"Fitting the calibration and the operating point on validation; evaluating on test{views}", flush=True)
     classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone, scales,
                                        multi_label=dataset.multi_label)
@@ -164,11 +168,11 @@ def positive_weights(dataset, config):
 
 
 def fit_population(model, dataset, config, val_features):
-    """The population check (`cxr.population`): Gaussians fitted on a seeded sample of FIT_IMAGES training
+    """The population check (`cxr.model.population`): Gaussians fitted on a seeded sample of FIT_IMAGES training
     images, flagging `config.false_flag_rate` of the validation split (`val_features`: its features)."""
     import numpy as np
 
-    from cxr import population
+    from cxr.model import population
 
     train_rows = dataset.splits["train"]
     sample = np.sort(np.random.default_rng(config.seed).choice(train_rows, min(FIT_IMAGES, len(train_rows)),
@@ -182,7 +186,7 @@ def fit_on_validation(model, dataset, positive, config):
     """(the operating point: temperature and threshold, per finding for a multi-label model, and where it came
     from; the population check) fitted on the validation split."""
     from cxr.evaluate.metrics import fit_finding_points, fit_operating_point
-    from cxr.saved_model import fitted_on
+    from cxr.bundle.saved_model import fitted_on
 
     rows, y = dataset.split("val")
     raw, features = model.raw_outputs(dataset.images, rows, config.batch_size)
@@ -201,7 +205,7 @@ def fit_on_validation(model, dataset, positive, config):
 @contextlib.contextmanager
 def tensorboard(log_dir, port):
     """TensorBoard on `port` while the block runs (nothing without a port)."""
-    from cxr.train import start_tensorboard
+    from cxr.training.loop import start_tensorboard
 
     server = start_tensorboard(log_dir, port) if port else None
     try:
@@ -219,9 +223,9 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels
 
     `options` is an `evaluate.EvaluationOptions`; `precision` as `SavedModel.load`'s.
     """
-    from cxr.artifacts import Outputs, refuse_training_run
+    from cxr.bundle.artifacts import Outputs, refuse_training_run
     from cxr.data.split import read_labelled_folder, read_splits_csv
-    from cxr.saved_model import SavedModel, describe_fitted_on
+    from cxr.bundle.saved_model import SavedModel, describe_fitted_on
 
     model = SavedModel.load(model_path, precision)
     if splits is None:  # a run's splits.csv serves either kind
@@ -244,7 +248,7 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels
     refuse_training_run(outputs)
     outputs.prepare(training=False)
     setup_runtime(Config(seed=options.seed))
-    from cxr.artifacts import summary, write_evaluation
+    from cxr.bundle.artifacts import summary, write_evaluation
     from cxr.evaluate import evaluate_model
     from cxr.evaluate.report import ReportContext
 

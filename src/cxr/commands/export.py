@@ -23,8 +23,8 @@ from pathlib import Path
 
 from cxr.atomic import atomic_path, file_sha256, write_bytes, write_json
 from cxr.errors import UserError
-from cxr.model_card import describe, package_version
-from cxr.saved_model import SavedModel
+from cxr.bundle.model_card import describe, package_version
+from cxr.bundle.saved_model import SavedModel
 
 FORMATS = {"savedmodel": "saved_model", "tflite": "model.tflite", "tflite-int8": "model.int8.tflite",
            "onnx": "model.onnx"}
@@ -78,14 +78,14 @@ def _export(model, formats, output_dir, card, calibration=None):
                 saved_model_dir = target
                 details = {"runtime": "TensorFlow / TF Serving", "signature": "serving_default"}
             elif fmt == "tflite":
-                from cxr import litert
+                from cxr.bundle import litert
 
                 flatbuffer = litert.to_flatbuffer(model.keras_model)
                 write_bytes(target, flatbuffer)
                 names = dict(zip(("input_name", "output_name"), litert.tensor_names(flatbuffer)))
                 details = {"runtime": "LiteRT (TensorFlow Lite)", "sha256": file_sha256(target)}
             elif fmt == "tflite-int8":
-                from cxr import litert
+                from cxr.bundle import litert
 
                 flatbuffer = litert.to_int8_flatbuffer(model.keras_model, calibration)
                 write_bytes(target, flatbuffer)
@@ -109,7 +109,7 @@ def _calibration_images(model, folder):
 
     from cxr.data.decode import is_image_file, try_decode
     from cxr.data.split import read_splits_csv, walk_files
-    from cxr.precision import calibration_rows
+    from cxr.bundle.precision import calibration_rows
 
     if folder is not None:
         paths = [p for p in walk_files(Path(folder)) if is_image_file(p)] if Path(folder).is_dir() else []

@@ -3,7 +3,7 @@
 A model answers for any image with the same confidence, so each prediction also says whether the image lies
 inside the population the model learned from. The check reads the image's pooled features at several depths of
 the backbone (`backbones.Backbone.population_taps` and the last feature map, from the same forward pass as the
-prediction: `models.with_population_taps`) and measures, at each depth, the Mahalanobis distance to a Gaussian
+prediction: `networks.with_population_taps`) and measures, at each depth, the Mahalanobis distance to a Gaussian
 fitted on training images with a Ledoit-Wolf covariance (Lee et al. 2018, "A simple unified framework for
 detecting out-of-distribution samples"). Each depth's distance is standardised on the validation split and the
 sum is the image's score; an image scoring above what `false_flag_rate` of validation images reach is flagged.

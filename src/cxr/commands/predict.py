@@ -15,7 +15,7 @@ from cxr.data.decode import IMAGE_KINDS, UnreadableImage, decode, describe_skipp
 from cxr.data.split import walk_files
 from cxr.atomic import spreadsheet_safe
 from cxr.errors import UserError, warn
-from cxr.saved_model import SavedModel
+from cxr.bundle.saved_model import SavedModel
 
 
 def list_inputs(paths):
@@ -101,7 +101,7 @@ def predict_files(model, files, batch_size=64, tta=False):
 
 def warn_population(check, n_images):
     """Say on stderr how many images the population check flagged, or that the model has none."""
-    from cxr.population import UNAVAILABLE
+    from cxr.model.population import UNAVAILABLE
 
     if check is None:
         if n_images:
@@ -187,7 +187,7 @@ def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False, skippe
 
 def write_skipped(path, skipped):
     """A CSV of every skipped file and why (`skipped`: {path: reason})."""
-    from cxr.artifacts import write_csv
+    from cxr.bundle.artifacts import write_csv
 
     try:
         write_csv([("path", "reason"), *((str(p), reason) for p, reason in skipped.items())], Path(path))

@@ -26,12 +26,12 @@ import keras
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
-from cxr import resume
+from cxr.training import resume
 from cxr.atomic import atomic_path
 from cxr.data.pipeline import DiskArray, make_dataset, write_array
 from cxr.errors import UserError, warn
-from cxr.litert import fast_inference, keras_predictor
-from cxr.models import freeze_backbone, unfreeze_backbone
+from cxr.bundle.litert import fast_inference, keras_predictor
+from cxr.model.networks import freeze_backbone, unfreeze_backbone
 
 PHASE1_CHECKPOINT = "best_feature_extractor.keras"
 PHASE2_CHECKPOINT = "best_finetuned.keras"
@@ -367,7 +367,7 @@ def train(model, dataset, config, run):
 class TrainingRun:
     """How `train` runs: the model builder, the phases, where fine-tuning starts and where files go."""
 
-    builder: object  # models.Builder: builds and compiles every model under one scope
+    builder: object  # networks.Builder: builds and compiles every model under one scope
     phases: list  # [Phase], in order
     frozen_layers: int
     staging_dir: Path  # checkpoints and cached frozen-layer outputs, published or deleted when the run ends

@@ -8,7 +8,7 @@ of the run that wrote it.
 import importlib.metadata
 import json
 
-from cxr.saved_model import describe_fitted_on
+from cxr.bundle.saved_model import describe_fitted_on
 
 INTENDED_USE = ("Research and decision support: flags chest X-rays for a clinician's review. It was trained on one "
                 "data set; measure it on your own site's images (cxr evaluate) and refit its operating point "
@@ -75,7 +75,7 @@ def subgroup_record(subgroups):
 
 def population_record(model):
     """The population check in words and numbers, or why the model has none."""
-    from cxr.population import POPULATION_FILE, UNAVAILABLE
+    from cxr.model.population import POPULATION_FILE, UNAVAILABLE
 
     if model.population is None:
         return {"available": False, "note": UNAVAILABLE}

@@ -84,8 +84,8 @@ def choose(model, dataset, rows, y, all_views):
     """Fit the margin on the validation rows `rows` (labels `y`) of `dataset` for `model` (an in-memory
     `SavedModel` with several test-time scales, served in float32 with every view, whose (n, classes) outputs on
     those rows are `all_views`), and serve the views on demand from now on if that passes. Returns the record."""
-    from cxr.inference import predict_outputs
-    from cxr.precision import AUC_TOLERANCE, PROBABILITY_TOLERANCE, calibrated, images_per_second, mean_auc
+    from cxr.model.inference import predict_outputs
+    from cxr.bundle.precision import AUC_TOLERANCE, PROBABILITY_TOLERANCE, calibrated, images_per_second, mean_auc
 
     classes, multi_label = len(model.class_names), model.multi_label
     first_view, other_views = model.view_predictors()

@@ -43,10 +43,10 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="mod
     `target_sensitivity`: a sensitivity target, None for Youden's J, "model" for the rule the model was
     trained with.
     """
-    from cxr.artifacts import Outputs, refuse_training_run, summary, write_evaluation
+    from cxr.bundle.artifacts import Outputs, refuse_training_run, summary, write_evaluation
     from cxr.atomic import write_json
     from cxr.data.split import read_labelled_folder
-    from cxr.saved_model import SavedModel, fitted_on
+    from cxr.bundle.saved_model import SavedModel, fitted_on
 
     model = SavedModel.load(model_path)
     if target_sensitivity == "model":
@@ -74,8 +74,8 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="mod
     refuse_training_run(outputs)
     outputs.prepare(training=False)
     outputs.models.mkdir(exist_ok=True)
-    from cxr.config import Config
-    from cxr.run import setup_runtime
+    from cxr.training.config import Config
+    from cxr.training.run import setup_runtime
 
     setup_runtime(Config(seed=options.seed))
     from cxr.evaluate import evaluate_model

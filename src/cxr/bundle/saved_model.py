@@ -2,7 +2,7 @@
 
 `SavedModel` is what predict, evaluate, explain (and every later command) start from: the class names, image
 size, backbone, operating point (and where it was fitted), the model file's hash and its population check
-(`population.npz`, `cxr.population`), with one `predict(images)` that returns calibrated probabilities and
+(`population.npz`, `cxr.model.population`), with one `predict(images)` that returns calibrated probabilities and
 labels from LiteRT or Keras, and `raw_outputs(images)` that also returns the features the check reads. Loading
 it imports neither TensorFlow nor Keras: `cxr predict` with a cached LiteRT conversion never needs them.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from cxr.atomic import atomic_path, file_sha256, write_bytes, write_json
 from cxr.errors import UserError
-from cxr.inference import (apply_finding_temperatures, apply_temperature, decide, decide_findings, positive_class,
+from cxr.model.inference import (apply_finding_temperatures, apply_temperature, decide, decide_findings, positive_class,
                            predict_outputs)
-from cxr.population import POPULATION_FILE, Population
+from cxr.model.population import POPULATION_FILE, Population
 
 CLASS_NAMES_FILE = "class_names.json"
 MODEL_FILE = "model.h5"
@@ -25,7 +25,7 @@ MODEL_FILE = "model.h5"
 # ("distillation": the record of --distill, removed on 2026-12-07, in models saved before)
 MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "model_sha256", "inference",
               "distillation")
-TAPS = "taps"  # the LiteRT cache's name for the network with the population taps (models.with_population_taps)
+TAPS = "taps"  # the LiteRT cache's name for the network with the population taps (networks.with_population_taps)
 
 
 def fitted_on(description, data_dir, counts, same_data=None):
@@ -206,21 +206,21 @@ class SavedModel:
         return self._keras_model
 
     def predictor(self, n_images=None):
-        """What computes the outputs and the population check's features (`models.with_population_taps`): its
+        """What computes the outputs and the population check's features (`networks.with_population_taps`): its
         LiteRT conversion where it pays, else the Keras model.
 
         A conversion cached for this model file is used without loading TensorFlow or Keras; otherwise
         `litert.fast_inference` decides (`n_images`: how many images it will see; None: convert if possible).
         Where training chose to (`on_demand_margin`), the views beyond the first run only for uncertain images.
         """
-        from cxr import litert
+        from cxr.bundle import litert
 
         if self._predictor is not None:
             return self._predictor
         if self.served_precision() == "int8":
             self._predictor, self.engine = litert.LiteRTModel(self._read_int8()), "litert int8"
         elif self.on_demand_margin() is not None:
-            from cxr.views_on_demand import ViewsOnDemand
+            from cxr.bundle.views_on_demand import ViewsOnDemand
 
             first, others = self.view_predictors(n_images)
             self.serve_views_on_demand(ViewsOnDemand(first, others, len(self.class_names), self.multi_label,
@@ -236,7 +236,7 @@ class SavedModel:
     def _converted(self, tag, keras_model, n_images):
         """(predictor, engine) of the network `keras_model()` builds from this model file, named `tag` in the
         LiteRT cache: its cached conversion, without loading Keras, or what `litert.fast_inference` decides."""
-        from cxr import litert
+        from cxr.bundle import litert
 
         cached = litert.cached_conversion(self.path, self.sha256, tag) if self.path is not None else None
         if cached is not None:
@@ -246,15 +246,15 @@ class SavedModel:
     def view_predictors(self, n_images=None):
         """(the first view's predictor: the image as it is, (n, S, S, 3) -> (n, classes + features) as
         `predictor`'s; [each other test-time view's predictor, (n, S, S, 3) -> (n, classes)]), for serving the
-        views on demand (`cxr.views_on_demand`). Cached conversions are used without importing Keras."""
+        views on demand (`cxr.bundle.views_on_demand`). Cached conversions are used without importing Keras."""
         from functools import partial
 
         def view(scale, taps=False):
-            from cxr import backbones, models
+            from cxr.model import backbones, networks
 
             if taps:
-                return models.with_population_taps(self.keras_model, backbones.population_taps(self.backbone), (scale,))
-            return models.with_test_time_scales(self.keras_model, (scale,))
+                return networks.with_population_taps(self.keras_model, backbones.population_taps(self.backbone), (scale,))
+            return networks.with_test_time_scales(self.keras_model, (scale,))
 
         first = min(self.test_time_scales, key=lambda s: abs(s - 1))
         others = [self._converted(f"view{s:g}", partial(view, s), n_images)[0] for s in self.test_time_scales
@@ -262,7 +262,7 @@ class SavedModel:
         return self._converted(f"{TAPS}-view{first:g}", partial(view, first, taps=True), n_images)[0], others
 
     def on_demand_margin(self):
-        """The margin at which the views beyond the first run (`cxr.views_on_demand`) when training chose to serve
+        """The margin at which the views beyond the first run (`cxr.bundle.views_on_demand`) when training chose to serve
         them on demand and that is what is asked for ("auto", float32 served); None: every view runs."""
         record = (self.inference or {}).get("views_on_demand") or {}
         if self.precision != "auto" or self.served_precision() != "float32":
@@ -271,14 +271,14 @@ class SavedModel:
 
     def serve_views_on_demand(self, predictor):
         """Serve `predictor` (a `views_on_demand.ViewsOnDemand`) from now on."""
-        from cxr.litert import LiteRTModel
+        from cxr.bundle.litert import LiteRTModel
 
         engine = "litert" if all(isinstance(p, LiteRTModel) for p in (predictor.first, *predictor.others)) else "keras"
         self._predictor, self.engine = predictor, f"{engine}, views on demand"
 
     @property
     def int8_path(self):
-        from cxr.precision import INT8_FILE
+        from cxr.bundle.precision import INT8_FILE
 
         return self.path.parent / INT8_FILE if self.path is not None else None
 
@@ -299,7 +299,7 @@ class SavedModel:
 
     def use_int8(self, flatbuffer):
         """Serve the int8 conversion `flatbuffer` (of `tapped_model`) from now on, and save it with the model."""
-        from cxr import litert
+        from cxr.bundle import litert
 
         self._int8, self.precision = flatbuffer, "int8"
         self._predictor, self.engine = litert.LiteRTModel(flatbuffer), "litert int8"
@@ -316,16 +316,16 @@ class SavedModel:
 
     def tapped_model(self):
         """The Keras model with the population check's taps: image -> [outputs | features]."""
-        from cxr import backbones, models
+        from cxr.model import backbones, networks
 
         if self._tapped is None:
-            self._tapped = models.with_population_taps(self.keras_model, backbones.population_taps(self.backbone),
+            self._tapped = networks.with_population_taps(self.keras_model, backbones.population_taps(self.backbone),
                                                        self.test_time_scales)
         return self._tapped
 
     def population_layers(self):
         """(layer names, their feature counts) in the order of `raw_outputs`' features."""
-        from cxr import backbones
+        from cxr.model import backbones
 
         taps = backbones.population_taps(self.backbone)
         dims = [int(self.tapped_model().get_layer(f"tap_{t}").output.shape[-1]) for t in taps]

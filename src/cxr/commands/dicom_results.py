@@ -55,7 +55,7 @@ class Result:
 def result_from_prediction(model, probabilities, label, population):
     """The `Result` of one image: `probabilities` (classes,) calibrated, `label` as `SavedModel.calibrate` gives
     it (a class index, or a multi-label model's (findings,) 0/1 row)."""
-    from cxr.predict import NONE_CALLED, called_findings
+    from cxr.commands.predict import NONE_CALLED, called_findings
 
     names = model.class_names
     if model.multi_label:

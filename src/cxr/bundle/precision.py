@@ -8,7 +8,7 @@ int8 is what predict, evaluate, serve and listen run by default (`--precision au
 and the population check are fitted on its outputs, since those are what will be served. When it fails, the
 model is served in float32, and the reason is recorded in class_names.json ("inference") and the model card;
 a float32 model with several test-time views may then run the views beyond the first only for the images the
-first leaves uncertain, if that passes its own guard (`cxr.views_on_demand`).
+first leaves uncertain, if that passes its own guard (`cxr.bundle.views_on_demand`).
 """
 
 import time
@@ -60,7 +60,7 @@ def mean_auc(y, outputs, multi_label, num_classes):
 def calibrated(y, float_outputs, outputs, multi_label):
     """`outputs` at the temperature(s) fitted on the float32 outputs `float_outputs` of the same images."""
     from cxr.evaluate.metrics import fit_finding_temperature, fit_temperature
-    from cxr.inference import apply_finding_temperatures, apply_temperature
+    from cxr.model.inference import apply_finding_temperatures, apply_temperature
 
     if not multi_label:
         return apply_temperature(outputs, fit_temperature(y, float_outputs))
@@ -105,8 +105,8 @@ def choose(model, dataset, requested, seed, calibration=None):
     predictor. Records the choice in `model.inference`; `requested` "float32" skips the conversion.
     `calibration`: the images to calibrate on instead of the seeded training sample (tests make a model fail
     this way)."""
-    from cxr import litert
-    from cxr.inference import predict_outputs
+    from cxr.bundle import litert
+    from cxr.model.inference import predict_outputs
 
     if requested == "float32" or model.engine != "litert":
         model.inference = {"precision": "float32", "engine": model.engine,
@@ -140,7 +140,7 @@ def choose(model, dataset, requested, seed, calibration=None):
           f"{_number(record['val_auc_float32'])}, int8 {_number(record['val_auc_int8'])}, "
           f"{speeds['float32']:.0f} vs {speeds['int8']:.0f} images/s)", flush=True)
     if precision == "float32" and requested == "auto" and len(model.test_time_scales) > 1:
-        from cxr import views_on_demand
+        from cxr.bundle import views_on_demand
 
         model.inference["views_on_demand"] = views_on_demand.choose(model, dataset, rows, y, float_outputs)
     return model.inference
