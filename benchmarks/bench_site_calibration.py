@@ -58,8 +58,8 @@ def main():
                              "youden, or a sensitivity such as 0.9")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cxr.training import run
     from cxr.commands.calibrate import calibrate
+    from cxr.commands.evaluate import evaluate
     from cxr.evaluate import EvaluationOptions
 
     options = EvaluationOptions(bootstrap=2000, seed=0)
@@ -72,7 +72,7 @@ def main():
             calibrate(args.model, fit, tmp / f"cal-{fit.name}", options, args.target_sensitivity)
             for name, model in (("model's own operating point", args.model),
                                 ("calibrated on the other half", tmp / f"cal-{fit.name}" / "models" / "model.h5")):
-                summary = run.evaluate(model, tmp / f"eval-{fit.name}-{model.parent.parent.name}", options, held_out)
+                summary = evaluate(model, tmp / f"eval-{fit.name}-{model.parent.parent.name}", options, held_out)
                 print("  " + line(name, summary))
 
 

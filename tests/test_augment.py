@@ -86,3 +86,10 @@ def test_each_backbone_has_its_default_augmentation_views_and_fine_tuning_cap_an
     assert Config().finetune_epochs == 30  # B0: the seed's --epochs for both phases
     assert config_from_args(parser.parse_args(["train", "--backbone", "efficientnet-lite0", "--finetune-epochs",
                                                "20"])).finetune_epochs == 20
+
+
+def test_every_augmentation_the_options_offer_exists():
+    from cxr.data.augment import ZOOM
+    from cxr.data.pipeline import AUGMENTATIONS
+
+    assert set(ZOOM) == set(AUGMENTATIONS)

@@ -35,7 +35,7 @@ def run_dataset(run, size=32):
 
 def test_int8_probabilities_stay_close_to_float32_on_real_xrays(imagenet_run):
     from cxr.bundle import litert
-    from cxr.bundle.precision import PROBABILITY_TOLERANCE
+    from cxr.bundle.fidelity import PROBABILITY_TOLERANCE
     from cxr.bundle.saved_model import SavedModel
 
     model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
@@ -197,7 +197,7 @@ def test_views_on_demand_give_back_every_view_where_the_first_is_uncertain(image
 
 
 def test_views_on_demand_are_guarded_recorded_and_served_by_predict(imagenet_run, tmp_path, monkeypatch):
-    from cxr.bundle import model_card, precision, views_on_demand
+    from cxr.bundle import fidelity, model_card, precision, views_on_demand
     from cxr.bundle.saved_model import SavedModel
 
     dataset = sample_dataset(64)
@@ -217,8 +217,8 @@ def test_views_on_demand_are_guarded_recorded_and_served_by_predict(imagenet_run
     model.predictor()
     record = precision.choose(model, dataset, "auto", seed=0, calibration=black)["views_on_demand"]
     assert record["margin"] in views_on_demand.MARGINS and model.engine == "litert, views on demand", record
-    assert record["val_auc_every_view"] - record["val_auc_on_demand"] <= precision.AUC_TOLERANCE / 2
-    assert record["max_calibrated_probability_difference"] <= precision.PROBABILITY_TOLERANCE / 2
+    assert record["val_auc_every_view"] - record["val_auc_on_demand"] <= fidelity.AUC_TOLERANCE / 2
+    assert record["max_calibrated_probability_difference"] <= fidelity.PROBABILITY_TOLERANCE / 2
     kept = [t["margin"] for t in record["trials"] if record["val_auc_every_view"] - t["val_auc"] <= 0.001
             and t["max_calibrated_probability_difference"] <= 0.025]
     assert record["margin"] == max(kept)  # the largest margin that passes: the fewest images with every view
@@ -241,7 +241,7 @@ def test_views_on_demand_are_guarded_recorded_and_served_by_predict(imagenet_run
     assert everything.engine == "litert"
 
     # tolerances no margin can meet: every view stays
-    monkeypatch.setattr(precision, "AUC_TOLERANCE", -1.0)
+    monkeypatch.setattr(fidelity, "AUC_TOLERANCE", -1.0)
     refused = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
     refused.predictor()
     record = views_on_demand.choose(refused, dataset, *dataset.split("val"), refused.raw_outputs(
@@ -255,7 +255,7 @@ def test_views_on_demand_are_guarded_recorded_and_served_by_predict(imagenet_run
                      "--precision", asked, cache=tmp_path / "cache")
         assert result.returncode == 0, result.stderr[-2000:]
         answers[asked] = np.array([row["p_PNEUMONIA"] for row in json.loads(result.stdout)])
-    assert np.abs(answers["auto"] - answers["float32"]).max() <= precision.PROBABILITY_TOLERANCE
+    assert np.abs(answers["auto"] - answers["float32"]).max() <= fidelity.PROBABILITY_TOLERANCE
     # with the views' conversions cached, serving them needs neither TensorFlow nor Keras
     loaded = subprocess.run([sys.executable, "-c", "import sys; from cxr.bundle.saved_model import SavedModel; "
                              "m = SavedModel.load(sys.argv[1]); m.predictor(); print(m.engine, 'keras' in sys.modules)",

@@ -72,7 +72,7 @@ def test_a_model_saved_without_an_operating_point_uses_argmax(saved, tmp_path):
 
 
 def test_other_data_is_anything_outside_the_folders_the_operating_point_came_from(tmp_path):
-    from cxr.bundle.saved_model import describe_fitted_on, fitted_on
+    from cxr.model.inference import describe_fitted_on, fitted_on
 
     data = tmp_path / "chest_xray"  # Kaggle layout: val and test carved from train/, a test set beside it
     point = {"positive_class": "PNEUMONIA", "temperature": 1.0, "threshold": 0.5, "method": "youden",

@@ -16,34 +16,42 @@ __version__ = "0.1.0"
 
 # Where the flat modules of cxr <= 2026-12-06 live now: `from cxr.run import train` keeps working, with a warning
 MOVED = {
-    "backbones": "model.backbones", "lite0": "model.lite0", "models": "model.networks", "inference": "model.inference",
-    "population": "model.population", "saved_model": "bundle.saved_model", "litert": "bundle.litert",
-    "precision": "bundle.precision", "views_on_demand": "bundle.views_on_demand", "model_card": "bundle.model_card",
-    "artifacts": "bundle.artifacts", "config": "training.config", "run": "training.run", "train": "training.loop",
-    "resume": "training.resume", "distribute": "training.distribute", "predict": "commands.predict",
-    "serve": "commands.serve", "listen": "commands.listen", "export": "commands.export",
-    "calibrate": "commands.calibrate", "dicom_results": "commands.dicom_results",
+    "backbones": ("model.backbones",), "lite0": ("model.lite0",), "models": ("model.networks",),
+    "inference": ("model.inference",), "population": ("model.population",),
+    "saved_model": ("bundle.saved_model", "model.inference"), "litert": ("bundle.litert",),
+    "precision": ("bundle.precision", "bundle.fidelity"), "views_on_demand": ("bundle.views_on_demand",),
+    "model_card": ("bundle.model_card",), "artifacts": ("bundle.artifacts",), "config": ("training.config",),
+    "run": ("training.run", "commands.evaluate"), "train": ("training.loop",), "resume": ("training.resume",),
+    "distribute": ("training.distribute",), "predict": ("commands.predict",), "serve": ("commands.serve",),
+    "listen": ("commands.listen",), "export": ("commands.export",), "calibrate": ("commands.calibrate",),
+    "dicom_results": ("commands.dicom_results",),
 }
 
 
 class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports `cxr.OLD` as the module it moved to (the same module object, not a copy)."""
+    """Imports `cxr.OLD` as a module whose names are those of the modules it was split into."""
 
     def find_spec(self, name, path=None, target=None):
-        old = name.removeprefix(__name__ + ".")
-        if name.startswith(__name__ + ".") and old in MOVED:
+        if name.startswith(__name__ + ".") and name.removeprefix(__name__ + ".") in MOVED:
             return importlib.util.spec_from_loader(name, self)
         return None
 
     def create_module(self, spec):
-        new = f"{__name__}.{MOVED[spec.name.removeprefix(__name__ + '.')]}"
-        warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning, stacklevel=3)
-        module = importlib.import_module(new)
-        spec.loader_state = module.__spec__  # the import system writes the old name's spec over it; put it back
-        return module
+        return None  # the default module object
 
     def exec_module(self, module):
-        module.__spec__ = module.__spec__.loader_state
+        homes = [f"{__name__}.{home}" for home in MOVED[module.__name__.removeprefix(__name__ + ".")]]
+        warnings.warn(f"{module.__name__} moved to {homes[0]}; import it from there", DeprecationWarning,
+                      stacklevel=2)
+
+        def __getattr__(attribute):
+            for home in homes:
+                found = getattr(importlib.import_module(home), attribute, _Moved)
+                if found is not _Moved:
+                    return found
+            raise AttributeError(f"module {module.__name__!r} (now {homes[0]}) has no attribute {attribute!r}")
+
+        module.__getattr__ = __getattr__
 
 
 sys.meta_path.append(_Moved())

@@ -27,7 +27,7 @@ def add_precision(parser):
 
 
 def print_headline(summary, label="Test"):
-    from cxr.bundle.saved_model import describe_fitted_on
+    from cxr.model.inference import describe_fitted_on
 
     m, ci, point = summary["metrics"], summary["confidence_intervals"], summary["operating_point"]
     if "per_finding" in m:
@@ -329,7 +329,7 @@ def main(argv=None):
             print(run_predict(args.paths, args.model, args.format, args.batch_size, args.tta, args.skipped_list,
                               args.precision))
         elif args.command == "evaluate":
-            from cxr.training import run
+            from cxr.commands.evaluate import evaluate
             from cxr.evaluate import EvaluationOptions
 
             if sum(x is not None for x in (args.data_dir, args.splits, args.labels)) != 1:
@@ -341,7 +341,7 @@ def main(argv=None):
                                         tuple(args.subgroups or ()), args.age_bands)
             splits = (args.splits, args.split) if args.splits else None
             labels = (args.labels, args.images, label_options(args)) if args.labels else None
-            print_headline(run.evaluate(args.model, args.output_dir, options, args.data_dir, splits, labels,
+            print_headline(evaluate(args.model, args.output_dir, options, args.data_dir, splits, labels,
                                         args.precision))
             print(f"Outputs in {args.output_dir}/ (reports/report.html, reports/metrics.csv, reports/summary.json, "
                   "plots/)")
@@ -376,10 +376,9 @@ def main(argv=None):
             for path in export(args.model, args.formats, args.output_dir, args.calibration_images):
                 print(path)
         elif args.command == "explain":
-            from cxr.training import run
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             from cxr.commands.predict import run_explain
 
-            run.setup_runtime(Config())
             for path in run_explain(args.paths, args.model, args.output_dir, args.class_name, args.tta):
                 print(path)
     except UserError as error:

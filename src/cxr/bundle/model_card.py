@@ -8,7 +8,7 @@ of the run that wrote it.
 import importlib.metadata
 import json
 
-from cxr.bundle.saved_model import describe_fitted_on
+from cxr.model.inference import describe_fitted_on
 
 INTENDED_USE = ("Research and decision support: flags chest X-rays for a clinician's review. It was trained on one "
                 "data set; measure it on your own site's images (cxr evaluate) and refit its operating point "

@@ -2,7 +2,7 @@
 
 At the end of training (`choose`), the model with its population taps is converted to int8
 (`litert.to_int8_flatbuffer`, calibrated on CALIBRATION_IMAGES seeded training images) and checked on the
-validation split against float32 (`guard`; with at least MIN_VALIDATION_IMAGES of them): int8 must be faster, its AUC within AUC_TOLERANCE of float32's and
+validation split against float32 (`guard`; with at least MIN_VALIDATION_IMAGES of them; the tolerances are `fidelity`'s): int8 must be faster, its AUC within AUC_TOLERANCE of float32's and
 its calibrated probabilities within PROBABILITY_TOLERANCE of float32's on every validation image. When it passes,
 int8 is what predict, evaluate, serve and listen run by default (`--precision auto`), and the operating point
 and the population check are fitted on its outputs, since those are what will be served. When it fails, the
@@ -11,16 +11,14 @@ a float32 model with several test-time views may then run the views beyond the f
 first leaves uncertain, if that passes its own guard (`cxr.bundle.views_on_demand`).
 """
 
-import time
-
 import numpy as np
 
+from cxr.bundle import fidelity
+from cxr.bundle.fidelity import calibrated, images_per_second, mean_auc
 from cxr.errors import warn
 
 PRECISIONS = ("auto", "float32", "int8")
 INT8_FILE = "model.int8.tflite"
-AUC_TOLERANCE = 0.002
-PROBABILITY_TOLERANCE = 0.05
 CALIBRATION_IMAGES = 200
 TIMED_IMAGES = 64
 MIN_VALIDATION_IMAGES = 100  # fewer, and an AUC difference of 0.002 can't be told from chance
@@ -30,46 +28,6 @@ def calibration_rows(train_rows, seed):
     """The seeded training rows int8's activation ranges are calibrated on."""
     count = min(CALIBRATION_IMAGES, len(train_rows))
     return np.sort(np.random.default_rng(seed).choice(train_rows, count, replace=False))
-
-
-def images_per_second(predictor, images):
-    x = np.asarray(images, dtype=np.float32)
-    predictor.predict_on_batch(x[:4])  # plans and allocates
-    start = time.perf_counter()
-    predictor.predict_on_batch(x)
-    return len(x) / (time.perf_counter() - start)
-
-
-def mean_auc(y, outputs, multi_label, num_classes):
-    """The headline AUC of (n, classes) outputs: binary, macro one-vs-rest, or for a multi-label model the mean
-    over findings of each finding's AUC on its known labels (findings with one class known left out)."""
-    from sklearn.metrics import roc_auc_score
-
-    from cxr.evaluate.metrics import auc_score
-
-    if not multi_label:
-        return auc_score(y, outputs, num_classes)
-    aucs = []
-    for k in range(outputs.shape[1]):
-        known = ~np.isnan(y[:, k])
-        if len(np.unique(y[known, k])) == 2:
-            aucs.append(roc_auc_score(y[known, k], outputs[known, k]))
-    return float(np.mean(aucs)) if aucs else None
-
-
-def calibrated(y, float_outputs, outputs, multi_label):
-    """`outputs` at the temperature(s) fitted on the float32 outputs `float_outputs` of the same images."""
-    from cxr.evaluate.metrics import fit_finding_temperature, fit_temperature
-    from cxr.model.inference import apply_finding_temperatures, apply_temperature
-
-    if not multi_label:
-        return apply_temperature(outputs, fit_temperature(y, float_outputs))
-    temperatures = []
-    for k in range(float_outputs.shape[1]):
-        known = ~np.isnan(y[:, k])
-        temperatures.append(fit_finding_temperature(y[known, k] == 1, float_outputs[known, k])
-                            if len(np.unique(y[known, k])) == 2 else 1.0)
-    return apply_finding_temperatures(outputs, temperatures)
 
 
 def guard(y, float_outputs, int8_outputs, multi_label, speeds):
@@ -82,16 +40,16 @@ def guard(y, float_outputs, int8_outputs, multi_label, speeds):
     record = {"validation_images": len(y), "val_auc_float32": auc_float, "val_auc_int8": auc_int8,
               "max_calibrated_probability_difference": round(difference, 4),
               "images_per_second": {k: round(v, 1) for k, v in speeds.items()},
-              "auc_tolerance": AUC_TOLERANCE, "probability_tolerance": PROBABILITY_TOLERANCE}
+              "auc_tolerance": fidelity.AUC_TOLERANCE, "probability_tolerance": fidelity.PROBABILITY_TOLERANCE}
     reasons = []
     if auc_float is None or auc_int8 is None:
         reasons.append("the validation split holds one class, so AUC can't be compared")
-    elif auc_float - auc_int8 > AUC_TOLERANCE:
+    elif auc_float - auc_int8 > fidelity.AUC_TOLERANCE:
         reasons.append(f"its validation AUC is {auc_float - auc_int8:.4f} lower than float32's (at most "
-                       f"{AUC_TOLERANCE} allowed)")
-    if difference > PROBABILITY_TOLERANCE:
+                       f"{fidelity.AUC_TOLERANCE} allowed)")
+    if difference > fidelity.PROBABILITY_TOLERANCE:
         reasons.append(f"its calibrated probabilities differ from float32's by up to {difference:.3f} (at most "
-                       f"{PROBABILITY_TOLERANCE} allowed)")
+                       f"{fidelity.PROBABILITY_TOLERANCE} allowed)")
     if speeds["int8"] <= speeds["float32"]:
         reasons.append(f"it is not faster on this machine ({speeds['int8']:.0f} vs {speeds['float32']:.0f} "
                        "images/s)")

@@ -7,7 +7,6 @@ labels from LiteRT or Keras, and `raw_outputs(images)` that also returns the fea
 it imports neither TensorFlow nor Keras: `cxr predict` with a cached LiteRT conversion never needs them.
 """
 
-import datetime
 import hashlib
 import json
 from pathlib import Path
@@ -26,29 +25,6 @@ MODEL_FILE = "model.h5"
 MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "model_sha256", "inference",
               "distillation")
 TAPS = "taps"  # the LiteRT cache's name for the network with the population taps (networks.with_population_taps)
-
-
-def fitted_on(description, data_dir, counts, same_data=None):
-    """Where an operating point was fitted, stored as its "fitted_on": which data, how many images, when.
-
-    `same_data`: the folders whose images count as that data (a training run's train/, val/ and test/ folders,
-    the images it split between them); by default `data_dir`.
-    """
-    folders = same_data if same_data is not None else [data_dir]
-    return {"description": description, "data_dir": str(Path(data_dir).resolve()),
-            "same_data": sorted({str(Path(f).resolve()) for f in folders}), "counts": counts,
-            "date": datetime.date.today().isoformat()}
-
-
-def describe_fitted_on(operating_point):
-    """One phrase for reports and messages: 'the validation split of data/ (783 images, 2026-11-25)'."""
-    source = operating_point.get("fitted_on")
-    if not source:
-        return ("nothing (no operating point was saved: argmax, uncalibrated)" if operating_point.get("method") == "argmax"
-                else "its training run's validation split (not recorded in this model's class_names.json)")
-    images = sum(per_class["images"] if "images" in per_class else sum(per_class.values())
-                 for per_class in source["counts"].values())
-    return f"{source['description']} ({images} images, {source['date']})"
 
 
 def read_info(info_path):

@@ -1,9 +1,9 @@
 """The other test-time views only for the images the first view leaves uncertain.
 
-A model with test-time scales (`models.with_test_time_scales`) averages its views' pooled features before a
+A model with test-time scales (`networks.with_test_time_scales`) averages its views' pooled features before a
 linear head, so its output is the activation of the mean of its views' logits, and the views can run as separate
 one-view models whose outputs `combine` gives back exactly. The first view is the image as it is, with the
-population check's taps (`models.with_population_taps`, whose features read that view alone), so it yields the
+population check's taps (`networks.with_population_taps`, whose features read that view alone), so it yields the
 features and a first answer for every image. The other views run only where that answer is uncertain
 (`uncertain`: a probability further than `margin` from both 0 and 1); elsewhere the first view's answer stands.
 
@@ -85,7 +85,8 @@ def choose(model, dataset, rows, y, all_views):
     `SavedModel` with several test-time scales, served in float32 with every view, whose (n, classes) outputs on
     those rows are `all_views`), and serve the views on demand from now on if that passes. Returns the record."""
     from cxr.model.inference import predict_outputs
-    from cxr.bundle.precision import AUC_TOLERANCE, PROBABILITY_TOLERANCE, calibrated, images_per_second, mean_auc
+    from cxr.bundle import fidelity
+    from cxr.bundle.fidelity import calibrated, images_per_second, mean_auc
 
     classes, multi_label = len(model.class_names), model.multi_label
     first_view, other_views = model.view_predictors()
@@ -93,7 +94,7 @@ def choose(model, dataset, rows, y, all_views):
     every_view = combine([first_outputs, *(predict_outputs(v, dataset.images, rows)[:, :classes]
                                            for v in other_views)], multi_label)
     record = {"margin": None, "rebuilt_difference": float(np.max(np.abs(every_view - all_views))),
-              "auc_tolerance": AUC_TOLERANCE / 2, "probability_tolerance": PROBABILITY_TOLERANCE / 2}
+              "auc_tolerance": fidelity.AUC_TOLERANCE / 2, "probability_tolerance": fidelity.PROBABILITY_TOLERANCE / 2}
     auc_all = mean_auc(y, all_views, multi_label, classes)
     if record["rebuilt_difference"] > REBUILD_TOLERANCE:
         return _refused(record, f"the views' outputs don't add up to the model's (by up to "
@@ -110,11 +111,11 @@ def choose(model, dataset, rows, y, all_views):
                        "max_calibrated_probability_difference": round(float(np.max(np.abs(
                            calibrated(y, all_views, served, multi_label) - reference))), 4)})
     record |= {"val_auc_every_view": auc_all, "trials": trials}
-    kept = [t for t in trials if auc_all - t["val_auc"] <= AUC_TOLERANCE / 2
-            and t["max_calibrated_probability_difference"] <= PROBABILITY_TOLERANCE / 2]
+    kept = [t for t in trials if auc_all - t["val_auc"] <= fidelity.AUC_TOLERANCE / 2
+            and t["max_calibrated_probability_difference"] <= fidelity.PROBABILITY_TOLERANCE / 2]
     if not kept:
-        return _refused(record, f"no margin keeps validation within {AUC_TOLERANCE / 2} of every view's AUC and "
-                                f"{PROBABILITY_TOLERANCE / 2} of its calibrated probabilities")
+        return _refused(record, f"no margin keeps validation within {fidelity.AUC_TOLERANCE / 2} of every view's AUC and "
+                                f"{fidelity.PROBABILITY_TOLERANCE / 2} of its calibrated probabilities")
     best = kept[-1]
     at_most = best_speedup(1 + len(other_views), best["share_with_every_view"])
     if at_most < MIN_SPEEDUP:

@@ -46,7 +46,8 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="mod
     from cxr.bundle.artifacts import Outputs, refuse_training_run, summary, write_evaluation
     from cxr.atomic import write_json
     from cxr.data.split import read_labelled_folder
-    from cxr.bundle.saved_model import SavedModel, fitted_on
+    from cxr.bundle.saved_model import SavedModel
+    from cxr.model.inference import fitted_on
 
     model = SavedModel.load(model_path)
     if target_sensitivity == "model":
@@ -74,10 +75,9 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="mod
     refuse_training_run(outputs)
     outputs.prepare(training=False)
     outputs.models.mkdir(exist_ok=True)
-    from cxr.training.config import Config
-    from cxr.training.run import setup_runtime
+    import keras
 
-    setup_runtime(Config(seed=options.seed))
+    keras.utils.set_random_seed(options.seed)  # the bootstrap's and the shortcut check's draws
     from cxr.evaluate import evaluate_model
     from cxr.evaluate.report import ReportContext
 

@@ -18,7 +18,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxr.data.pipeline import AUGMENTATIONS
 
 # RandomZoom's (height_factor, width_factor) per kind; a width factor of None keeps the image's proportions
 ZOOM = {"seed": (0.1, None), "robust": ((-0.25, 0.1), None), "site": (0.1, None), "site-aspect": (0.15, 0.15)}
@@ -137,7 +136,8 @@ class RandomBorders(keras.layers.Layer):
 
 
 def augmentation(kind, seed):
-    """Anatomy-preserving augmentation for training images (values stay in 0-255), one of AUGMENTATIONS.
+    """Anatomy-preserving augmentation for training images (values stay in 0-255); `kind` is one of
+    `data.pipeline.AUGMENTATIONS`, the keys of ZOOM (the pipeline names them without importing TensorFlow).
 
     "seed": the seed script's light geometric set (flip, small rotation, zoom and translation).
     "robust": the same, plus what changes between X-ray devices: brightness, contrast and sharpness (from
@@ -147,8 +147,8 @@ def augmentation(kind, seed):
     "site-aspect": the site set with the height and the width zoomed apart, each by up to 15 %, so that a chest's
     proportions (see the module's docstring) stop telling the classes apart.
     """
-    if kind not in AUGMENTATIONS:
-        raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
+    if kind not in ZOOM:
+        raise ValueError(f"augmentation must be one of {', '.join(ZOOM)}, got {kind!r}")
     height_zoom, width_zoom = ZOOM[kind]
     layers = [keras.layers.RandomFlip("horizontal", seed=seed),
               keras.layers.RandomRotation(0.05, fill_mode="constant", seed=seed),

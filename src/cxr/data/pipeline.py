@@ -120,7 +120,7 @@ def decode_all(paths, size, cache_dir):
     return DiskArray(array_path), bad
 
 
-AUGMENTATIONS = ("seed", "robust", "site", "site-aspect")  # data.augment.augmentation
+AUGMENTATIONS = ("seed", "robust", "site", "site-aspect")  # data.augment.augmentation (its ZOOM: one per kind)
 
 
 def make_dataset(images, rows, labels, batch_size, augment=None, seed=0):

@@ -5,7 +5,7 @@ import html
 import math
 from dataclasses import dataclass, field
 
-from cxr.bundle.saved_model import describe_fitted_on
+from cxr.model.inference import describe_fitted_on
 
 LIMITS_OF_USE = [
     "This is a research tool, not a medical device. Its output is not a substitute for the judgement of a "

@@ -5,6 +5,9 @@ starts without matplotlib, scikit-learn or SciPy, whose imports were most of its
 (benchmarks/README.md). Fitting the operating point needs them and lives in `evaluate.metrics`.
 """
 
+import datetime
+from pathlib import Path
+
 import numpy as np
 
 from cxr.errors import UserError
@@ -62,3 +65,26 @@ def decide(probabilities, positive_index=None, threshold=None):
         return probabilities.argmax(axis=1)
     negative_index = 1 - positive_index
     return np.where(probabilities[:, positive_index] >= threshold, positive_index, negative_index)
+
+
+def fitted_on(description, data_dir, counts, same_data=None):
+    """Where an operating point was fitted, stored as its "fitted_on": which data, how many images, when.
+
+    `same_data`: the folders whose images count as that data (a training run's train/, val/ and test/ folders,
+    the images it split between them); by default `data_dir`.
+    """
+    folders = same_data if same_data is not None else [data_dir]
+    return {"description": description, "data_dir": str(Path(data_dir).resolve()),
+            "same_data": sorted({str(Path(f).resolve()) for f in folders}), "counts": counts,
+            "date": datetime.date.today().isoformat()}
+
+
+def describe_fitted_on(operating_point):
+    """One phrase for reports and messages: 'the validation split of data/ (783 images, 2026-11-25)'."""
+    source = operating_point.get("fitted_on")
+    if not source:
+        return ("nothing (no operating point was saved: argmax, uncalibrated)" if operating_point.get("method") == "argmax"
+                else "its training run's validation split (not recorded in this model's class_names.json)")
+    images = sum(per_class["images"] if "images" in per_class else sum(per_class.values())
+                 for per_class in source["counts"].values())
+    return f"{source['description']} ({images} images, {source['date']})"

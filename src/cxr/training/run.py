@@ -1,4 +1,4 @@
-"""A training run read top to bottom, and the evaluation of a saved model: the library API behind the CLI.
+"""A training run read top to bottom: the library API behind `cxr train`.
 
     summary = cxr.training.run.train(Config(data_dir=..., backbone="efficientnet-lite0"))
 
@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 from cxr.atomic import write_json
-from cxr.training.config import Config
-from cxr.errors import UserError, warn
+from cxr.errors import UserError
 
 SPLIT_WAIT_SECONDS = 600  # how long a multi-worker job's other workers wait for the chief to split raw/
 FIT_IMAGES = 1000  # training images the population check's Gaussians are fitted on
@@ -186,7 +185,7 @@ def fit_on_validation(model, dataset, positive, config):
     """(the operating point: temperature and threshold, per finding for a multi-label model, and where it came
     from; the population check) fitted on the validation split."""
     from cxr.evaluate.metrics import fit_finding_points, fit_operating_point
-    from cxr.bundle.saved_model import fitted_on
+    from cxr.model.inference import fitted_on
 
     rows, y = dataset.split("val")
     raw, features = model.raw_outputs(dataset.images, rows, config.batch_size)
@@ -213,66 +212,3 @@ def tensorboard(log_dir, port):
     finally:
         if server is not None:
             server.terminate()
-
-
-def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels=None, precision="auto"):
-    """Evaluate the saved model at `model_path` without retraining, on `data_dir`/<Class>/ (or its test/
-    subfolder), on one split of a training run's splits.csv (`splits`: (csv path, split name)) or on a labels
-    CSV (`labels`: (csv path, images folder, `data.labels_csv.LabelOptions`)); writes reports and plots under
-    `output_dir` and returns the summary dict.
-
-    `options` is an `evaluate.EvaluationOptions`; `precision` as `SavedModel.load`'s.
-    """
-    from cxr.bundle.artifacts import Outputs, refuse_training_run
-    from cxr.data.split import read_labelled_folder, read_splits_csv
-    from cxr.bundle.saved_model import SavedModel, describe_fitted_on
-
-    model = SavedModel.load(model_path, precision)
-    if splits is None:  # a run's splits.csv serves either kind
-        model.require_data(labels is not None, "evaluate")
-    if labels is not None:
-        from cxr.data.labels_csv import read_evaluation_table
-
-        dataset = read_evaluation_table(labels[0], labels[1], labels[2], model.class_names)
-        folder = Path(labels[1])
-        source = f"{labels[0]} (images in {labels[1]})"
-    elif splits is not None:
-        dataset = read_splits_csv(splits[0], model.class_names, splits[1])
-        folder = Path(os.path.commonpath([p.resolve().parent for p in dataset.paths]))
-        source = f"the {splits[1]} split listed in {splits[0]}"
-    else:
-        folder = Path(data_dir) / "test" if (Path(data_dir) / "test").is_dir() else Path(data_dir)
-        dataset = read_labelled_folder(folder, model.class_names)
-        source = str(folder)
-    outputs = Outputs(output_dir)
-    refuse_training_run(outputs)
-    outputs.prepare(training=False)
-    setup_runtime(Config(seed=options.seed))
-    from cxr.bundle.artifacts import summary, write_evaluation
-    from cxr.evaluate import evaluate_model
-    from cxr.evaluate.report import ReportContext
-
-    dataset.decode(model.keras_model.input_shape[1], outputs.cache)
-    rows = dataset.splits["evaluated"]
-    model.predictor(n_images=len(rows) * (2 if options.tta else 1))
-    evaluation = evaluate_model(model, dataset, "evaluated", options)
-    settings = {"model": str(model_path), "data_dir": str(folder), "tta": options.tta,
-                "bootstrap": options.bootstrap, "seed": options.seed}
-    if splits is not None:
-        settings |= {"splits": str(splits[0]), "split": splits[1]}
-    if labels is not None:
-        settings |= {"labels": str(labels[0]), "images": str(labels[1])}
-    note = ""
-    if model.is_other_data(folder):
-        note = (f"The operating point (temperature and threshold) was fitted on "
-                f"{describe_fitted_on(model.operating_point)}, not on these images: at another site or on other "
-                "data it may not hold. To refit it on a labelled sample of this site: cxr calibrate --model "
-                f"{model_path} --data-dir SITE_SAMPLE --output-dir DIR")
-        warn(note)
-    context = ReportContext("cxr: evaluation of a saved model",
-                            f"{model_path} on {source} ({len(rows)} images){', with flip TTA' if options.tta else ''}.",
-                            dataset.counts(), settings, note=note)
-    write_evaluation(outputs, evaluation, context)
-    result = summary(evaluation, context, inference=model.engine)
-    write_json(outputs.reports / "summary.json", result)
-    return result

@@ -1,0 +1,49 @@
+"""How closely a faster way of serving a model (int8, the views on demand) answers like float32 with every view:
+the measures and tolerances both guards share (`bundle.precision`, `bundle.views_on_demand`)."""
+
+import time
+
+import numpy as np
+
+AUC_TOLERANCE = 0.002
+PROBABILITY_TOLERANCE = 0.05
+
+
+def images_per_second(predictor, images):
+    x = np.asarray(images, dtype=np.float32)
+    predictor.predict_on_batch(x[:4])  # plans and allocates
+    start = time.perf_counter()
+    predictor.predict_on_batch(x)
+    return len(x) / (time.perf_counter() - start)
+
+
+def mean_auc(y, outputs, multi_label, num_classes):
+    """The headline AUC of (n, classes) outputs: binary, macro one-vs-rest, or for a multi-label model the mean
+    over findings of each finding's AUC on its known labels (findings with one class known left out)."""
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.evaluate.metrics import auc_score
+
+    if not multi_label:
+        return auc_score(y, outputs, num_classes)
+    aucs = []
+    for k in range(outputs.shape[1]):
+        known = ~np.isnan(y[:, k])
+        if len(np.unique(y[known, k])) == 2:
+            aucs.append(roc_auc_score(y[known, k], outputs[known, k]))
+    return float(np.mean(aucs)) if aucs else None
+
+
+def calibrated(y, float_outputs, outputs, multi_label):
+    """`outputs` at the temperature(s) fitted on the float32 outputs `float_outputs` of the same images."""
+    from cxr.evaluate.metrics import fit_finding_temperature, fit_temperature
+    from cxr.model.inference import apply_finding_temperatures, apply_temperature
+
+    if not multi_label:
+        return apply_temperature(outputs, fit_temperature(y, float_outputs))
+    temperatures = []
+    for k in range(float_outputs.shape[1]):
+        known = ~np.isnan(y[:, k])
+        temperatures.append(fit_finding_temperature(y[known, k] == 1, float_outputs[known, k])
+                            if len(np.unique(y[known, k])) == 2 else 1.0)
+    return apply_finding_temperatures(outputs, temperatures)
