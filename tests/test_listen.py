@@ -260,7 +260,10 @@ def test_a_bad_window_is_answered_and_an_oversized_image_refused_before_it_is_de
         before = peak_memory_mb(listener.process.pid)
         assert c_store(listener.port, [bomb, frames, no_window]) == [0xC000, 0xC000, 0x0000]
         assert peak_memory_mb(listener.process.pid) - before < 500
-        listener.wait_for_log(f"image {image_key(no_window)}: ")
+        deadline = time.monotonic() + 120  # the results are written after the answer is logged
+        while len(list(out.glob("*.dcm"))) < 2:
+            assert time.monotonic() < deadline, listener.stderr[-3000:]
+            time.sleep(0.2)
     finally:
         log = listener.stop()
     assert "7000 x 8000 pixels, more than the 50000000 allowed" in log and "x 60 frames" in log
@@ -268,7 +271,52 @@ def test_a_bad_window_is_answered_and_an_oversized_image_refused_before_it_is_de
     assert "Traceback" not in log and not any(item in log for item in PATIENT_DATA)
 
 
-def image_key(ds):
-    from cxr.commands.listen import image_key as key
+def test_the_listener_skips_its_own_partial_files_and_sets_aside_an_image_that_keeps_failing(tmp_path):
+    """Audit 2026-12-06, faults 4 and 6: the atomic writer's '.*.partial.dcm' matched the '*.dcm' scans (an
+    unparsable leftover crashed every start, a parsable one went out as a truncated report), and an image whose
+    answer failed stayed in the spool and failed again at every start."""
+    from cxr.commands.listen import SPOOL_TRIES, Listener, finished
 
-    return key(ds.SOPInstanceUID)
+    listener = Listener(None, "CXR", None, tmp_path, keep_results=False)
+    for folder in (listener.spool, listener.unsent):
+        folder.mkdir(parents=True)
+        (folder / ".sr-abc.x1y2.partial.dcm").write_bytes(b"half a file")
+        (folder / "1-abc.dcm").write_bytes(b"whole")
+        assert finished(folder) == [folder / "1-abc.dcm"] and not list(folder.glob(".*"))
+    spooled = listener.spool / "1-abc.dcm"
+    for attempt in range(1, SPOOL_TRIES):
+        listener.failed(spooled, "ValueError: Invalid value for VR DA")
+        spooled = listener.spool / f"1-abc.try{attempt}.dcm"
+        assert finished(listener.spool) == [spooled]
+    listener.failed(spooled, "ValueError: Invalid value for VR DA")
+    assert finished(listener.spool) == []
+    assert (tmp_path / "failed" / "1-abc.dcm").read_bytes() == b"whole"
+    assert "after 3 tries: ValueError" in (tmp_path / "failed" / "1-abc.txt").read_text()
+
+
+def test_results_are_built_from_a_source_with_non_conformant_values(tiny_run):
+    """Audit 2026-12-06, faults 4 and 13: StudyDate 2024-02-29, StudyTime 12:30:00, PatientSex Male and
+    PatientBirthDate 1961-07-23 got Success and then no result; a source without a Study Instance UID got results
+    with an empty one, all in one series."""
+    from cxr.bundle.saved_model import SavedModel
+    from cxr.commands import dicom_results
+
+    if not REAL_DICOM.is_file():
+        pytest.skip("../shared/data/dicom is not here")
+    model = SavedModel.load(tiny_run / "models" / "model.h5")
+    results = []
+    for _ in range(2):
+        source = copy_with_new_uids(REAL_DICOM)
+        source.StudyDate, source.StudyTime, source.PatientSex = "2024-02-29", "12:30:00", "Male"
+        source.PatientBirthDate, source.PatientAge = "1961-07-23", "81"
+        del source.StudyInstanceUID
+        result = dicom_results.Result(model.class_names, np.array([0.3, 0.7]), np.array([False, True]),
+                                      [None, 0.5], "PNEUMONIA", {"in_distribution": None}, model)
+        sr = dicom_results.structured_report(source, result)
+        sc = dicom_results.secondary_capture(source, source.pixel_array, np.zeros((8, 8)), result)
+        for made in (sr, sc):
+            made = pydicom.dcmread(pydicom.filebase.DicomBytesIO(dicom_results.to_bytes(made)))
+            assert made.StudyInstanceUID and made.StudyDate == "" and made.PatientSex == ""
+            assert made.PatientBirthDate == "" and "PatientAge" not in made and made.PatientID == source.PatientID
+        results.append((sr.StudyInstanceUID, sr.SeriesInstanceUID))
+    assert results[0] != results[1] and results[0][0] != results[1][0]  # each source a study and series of its own

@@ -103,17 +103,33 @@ PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex
 
 
 def _reference(source):
-    """The header of `source` a result needs (no pixels), with an empty value for each Type 2 attribute of
-    PATIENT_AND_STUDY that the source left out (many modalities do; highdicom requires them present)."""
+    """The header of `source` a result needs (no pixels), copied leniently: an element whose value its value
+    representation doesn't allow (a StudyDate "2024-02-29", a PatientSex "Male", a PatientAge "81") is dropped,
+    since an archive rejects or mangles a result that carries it, and whatever was acknowledged must still be
+    answered. Each Type 2 attribute of PATIENT_AND_STUDY the source left out (or held invalid) is present and
+    empty (highdicom requires them). A source without a Study Instance UID gets one derived from its SOP
+    Instance UID, so that its results join one study of their own (and a resend makes the same UIDs)."""
+    from pydicom import config
     from pydicom.dataset import Dataset
+    from pydicom.valuerep import validate_value
 
     reference = Dataset()
     for element in source:
-        if element.tag != 0x7FE00010:  # Pixel Data
+        if element.tag == 0x7FE00010:  # Pixel Data
+            continue
+        try:
+            if element.VR != "SQ":
+                validate_value(element.VR, element.value, config.RAISE)
+            if element.keyword == "PatientSex" and element.value not in ("M", "F", "O", "", None):
+                raise ValueError("PatientSex is M, F or O")
             reference.add(element)
+        except Exception:  # noqa: BLE001 - a value that can't be read or isn't valid: left out
+            continue
     for keyword in PATIENT_AND_STUDY:
         if keyword not in reference:
             setattr(reference, keyword, "")
+    if not str(reference.get("StudyInstanceUID", "")).strip():
+        reference.StudyInstanceUID = _uid(source.SOPInstanceUID, "study")
     return reference
 
 

@@ -27,6 +27,7 @@ from cxr.errors import UserError
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 MAX_QUEUED = 200  # images acknowledged but not yet answered; past this the SCP answers "out of resources"
 SEND_TRIES = 3
+SPOOL_TRIES = 3  # tries at answering a spooled image (one per start, or more) before it is moved to failed/
 RETRY_WAIT_S = 2.0  # doubled after every failed try
 TIMEOUT_S = 30  # ACSE, DIMSE and network timeouts, both as SCP and as SCU
 
@@ -142,8 +143,29 @@ class Listener:
                 self.answer(spooled, image)
             except Exception as error:  # noqa: BLE001 - one bad image must not stop the worker
                 why = scrubbed(str(error).splitlines()[0][:200] if str(error) else "", spooled)
-                log(f"{spooled.name}: no result ({type(error).__name__}: {why}); the received image stays in the "
+                self.failed(spooled, f"{type(error).__name__}: {why}")
+
+    def failed(self, spooled, why):
+        """Count a failed try at answering `spooled` in its name; after SPOOL_TRIES tries (over any number of
+        starts) move it to failed/ with the reason beside it, so that it stops failing at every start."""
+        from cxr.atomic import write_bytes
+
+        stem, _, tries = spooled.stem.partition(".try")
+        tries = int(tries) + 1 if tries.isdigit() else 1
+        try:
+            if tries < SPOOL_TRIES:
+                spooled.rename(spooled.with_name(f"{stem}.try{tries}.dcm"))
+                log(f"{stem}: no result ({why}); try {tries} of {SPOOL_TRIES}: the received image stays in the "
                     "spool and is tried again when cxr listen next starts")
+                return
+            aside = self.output_dir / "failed" / f"{stem}.dcm"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(aside.with_suffix(".txt"), f"no result after {tries} tries: {why}\n".encode())
+            spooled.rename(aside)
+            log(f"{stem}: no result after {tries} tries ({why}); moved to {aside.parent}/ with the reason; it is "
+                "not tried again")
+        except OSError as error:
+            log(f"{stem}: no result ({why}), and the spool can't be updated ({error.strerror})")
 
     def answer(self, spooled, image=None):
         """Predict the spooled image, make its results, store them, then delete it from the spool."""
@@ -230,7 +252,7 @@ class Listener:
         """Send the results kept in unsent/ by an earlier run; those sent are deleted."""
         import pydicom
 
-        files = sorted(self.unsent.glob("*.dcm")) if self.unsent.is_dir() else []
+        files = finished(self.unsent)
         if not files or self.send_to is None:
             return
         if self.send([pydicom.dcmread(f) for f in files]) is None:
@@ -246,7 +268,7 @@ class Listener:
         from pynetdicom import AE, StoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
-        for spooled in sorted(self.spool.glob("*.dcm")) if self.spool.is_dir() else []:
+        for spooled in finished(self.spool):
             self.jobs.put((spooled, None))  # acknowledged by an earlier run, not yet answered
         threading.Thread(target=self.work, name="cxr-listen-worker", daemon=True).start()
         ae = AE(ae_title=self.ae_title)
@@ -262,6 +284,16 @@ class Listener:
         except OSError as error:
             raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host") from None
         return self.server
+
+
+def finished(folder):
+    """The DICOM files in `folder` that were written completely, oldest first: the atomic writer's temporary
+    files (".NAME.partial.dcm", left by a kill during a write) are not results or images, and are removed."""
+    if not folder.is_dir():
+        return []
+    for leftover in folder.glob(".*.partial.dcm"):
+        leftover.unlink(missing_ok=True)
+    return sorted(p for p in folder.glob("*.dcm") if not p.name.startswith("."))
 
 
 def scrubbed(message, spooled):
