@@ -108,6 +108,47 @@ def test_generic_columns_with_patient_and_view_columns(tmp_path):
     assert table.metadata["patient"][:2] == ["p0", "p0"]
 
 
+def test_columns_read_like_mimic_with_a_patient_column_found_by_name(tmp_path, capsys):
+    """Audit 2026-12-06, faults 9 and 10: -1.0, nan and TRUE made a column 'not a finding' with no word, and a
+    column named patient_id was not taken as the patient (43 of 100 patients fell into two splits)."""
+    rows = []
+    for i in range(6):
+        write_image(tmp_path / "img" / f"{i}.png", seed=i)
+        rows.append([f"{i}.png", f"p{i // 2}", ["1.0", "0.0", "-1.0", "", "nan", "1.0"][i],
+                     ["TRUE", "FALSE", "true", "false", "", "TRUE"][i], "note"])
+    path = write_csv(tmp_path / "labels.csv", ["path", "patient_id", "Edema", "Pneumonia", "comment"], rows)
+    table = read_table(path, tmp_path / "img")
+    assert table.findings == ["Edema", "Pneumonia"] and table.metadata["patient"][:3] == ["p0", "p0", "p1"]
+    np.testing.assert_array_equal(table.labels[:, 0], [1, 0, np.nan, np.nan, np.nan, 1])
+    np.testing.assert_array_equal(table.labels[:, 1], [1, 0, 1, 0, np.nan, 1])
+    assert "'comment' not read as findings" in capsys.readouterr().err
+    ones = read_table(path, tmp_path / "img", LabelOptions(uncertain="ones"))  # --uncertain applies here too
+    assert ones.labels[2, 0] == 1
+    write_csv(tmp_path / "anonymous.csv", ["path", "Edema"], [[r[0], r[2]] for r in rows])
+    read_table(tmp_path / "anonymous.csv", tmp_path / "img")
+    assert "no patient column" in capsys.readouterr().err
+
+
+def test_a_windows_1252_csv_reads_and_repeated_or_escaping_columns_are_refused(tmp_path, capsys):
+    """Audit 2026-12-06, faults 7, 8 and 11: a Windows-1252 CSV trained and then crashed while plotting; a second
+    column of the same name silently replaced the first's labels; paths escaped --images (/etc/hostname became
+    an image row)."""
+    for i in range(4):
+        write_image(tmp_path / "img" / f"{i}.png", seed=i)
+    text = "path,patient_id,\u00c9panchement\n" + "".join(f"{i}.png,p{i},{i % 2}\n" for i in range(4))
+    (tmp_path / "excel.csv").write_bytes(text.encode("cp1252"))
+    table = read_table(tmp_path / "excel.csv", tmp_path / "img")
+    assert table.findings == ["\u00c9panchement"] and "Windows-1252" in capsys.readouterr().err
+    (tmp_path / "twice.csv").write_text("path,patient_id,Edema,Edema\n0.png,p0,1,0\n")
+    with pytest.raises(UserError, match=r"twice\.csv: the column 'Edema' appears more than once"):
+        read_table(tmp_path / "twice.csv", tmp_path / "img")
+    for escaping in ("/etc/hostname", "../outside.png"):
+        write_image(tmp_path / "outside.png")
+        (tmp_path / "escape.csv").write_text(f"path,patient_id,Edema\n0.png,p0,1\n{escaping},p1,0\n")
+        with pytest.raises(UserError, match=r"escape\.csv line 3: the image path .* leads outside --images"):
+            read_table(tmp_path / "escape.csv", tmp_path / "img")
+
+
 # --- bad input: one line naming the CSV, the line and the column; nothing changed ---------------------------
 
 @needs_nih

@@ -10,14 +10,19 @@ Three formats, recognised from the header or named with `--label-format`:
   or blank. A blank means the report did not mention the finding: unknown, except on a row whose
   ``No Finding`` is 1, where every unmentioned finding is absent (as TorchXRayVision reads it). ``-1`` follows
   ``--uncertain``: ignore (unknown; the default), zeros or ones.
-- ``columns``: a path column and one 1 / 0 / blank column per finding (blank: unknown), with optional patient
-  and view columns (MIMIC-CXR-JPG after joining its label and metadata tables, a hospital's own export).
+- ``columns``: a path column and one column per finding holding 1, 0, -1 (uncertain, as ``--uncertain`` says),
+  true, false, or blank / nan (unknown), with optional patient and view columns (MIMIC-CXR-JPG after joining its
+  label and metadata tables, a hospital's own export). A patient column is found by name (patient_id,
+  PatientID, subject_id, ...) when ``--patient-column`` doesn't name one; without one, each image is its own
+  patient, with a warning. Columns that hold anything else are not findings, and are listed in a warning.
 
-Image paths are relative to the images folder. Labels are 1, 0 or NaN (unknown): the `Dataset` contract.
+The CSV is UTF-8 (with or without a byte order mark) or, failing that, Windows-1252 with a warning; a header
+that names a column twice is refused. Image paths are relative to the images folder and stay inside it. Labels are 1, 0 or NaN (unknown): the `Dataset` contract.
 Nothing here reads an image; a path that does not exist is refused with its line.
 """
 
 import csv
+import io
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +49,11 @@ CHEXPERT_PATIENT = re.compile(r"(patient\d+)")
 PATH_COLUMNS = ("path", "image", "image_path", "filename", "file", "dicom_path")
 BINARY_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "": np.nan}
 CHEXPERT_VALUES = BINARY_VALUES | {"-1": -1.0, "-1.0": -1.0}
+# What a finding column of the columns format may hold (MIMIC-CXR's tables: 1.0, 0.0, -1.0 uncertain, blank or
+# nan unknown; spreadsheets: TRUE / FALSE), in lower case
+COLUMN_VALUES = CHEXPERT_VALUES | {"nan": np.nan, "true": 1.0, "false": 0.0}
+# Patient columns the columns format recognises by name, compared in lower case without spaces or underscores
+PATIENT_COLUMNS = ("patientid", "patient", "subjectid", "subject", "mrn")
 
 
 @dataclass
@@ -75,16 +85,27 @@ def read_rows(csv_path):
     """(header, [(line number, row)]) of `csv_path`; UserError when it is not a readable CSV."""
     csv_path = Path(csv_path)
     try:
-        with csv_path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            reader = csv.reader(f)
-            header = [h.strip() for h in next(reader, [])]
-            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+        data = csv_path.read_bytes()
     except OSError as error:
         raise UserError(f"{csv_path}: can't read it ({error.strerror}); give the labels CSV with --labels") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:  # Excel's default on Western Windows; every byte is a character there
+        text = data.decode("cp1252", errors="replace")
+        warn(f"{csv_path}: not UTF-8; read as Windows-1252 (Excel's default): check that finding names with accents "
+             "read right, or save the CSV as UTF-8")
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = [h.strip() for h in next(reader, [])]
+        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except csv.Error as error:
         raise UserError(f"{csv_path}: not a readable CSV ({error}); save it as comma-separated values") from None
     if not header or not rows:
         raise UserError(f"{csv_path}: no header or no rows; give a CSV with one header line and one row per image")
+    repeated = sorted({h for h in header if h and header.count(h) > 1})
+    if repeated:
+        raise UserError(f"{csv_path}: the column {', '.join(repr(h) for h in repeated)} appears more than once in its "
+                        "header; give each column its own name")
     return header, rows
 
 
@@ -187,23 +208,39 @@ def _columns(csv_path, header, rows, options):
     if path_column is None:
         raise UserError(f"{csv_path}: no path column (one of {', '.join(PATH_COLUMNS)}) in its header; name it with "
                         "--path-column, or choose the format with --label-format nih|chexpert")
-    named = [c for c in (path_column, options.patient_column, options.view_column, *(options.subgroups or ())) if c]
+    patient_column = options.patient_column or next(
+        (c for c in header if c.lower().replace(" ", "").replace("_", "") in PATIENT_COLUMNS), None)
+    named = [c for c in (path_column, patient_column, options.view_column, *(options.subgroups or ())) if c]
     at = _require(csv_path, header, named, "columns")
     others = [c for c in header if c not in named and c]
-    findings = [c for c in others if all(_cell(row, at[c]) in BINARY_VALUES for _, row in rows)]
+
+    def value(row, column):
+        return _cell(row, at[column]).lower()
+
+    findings = [c for c in others if all(value(row, c) in COLUMN_VALUES for _, row in rows)]
     if options.findings:
         for name in options.findings:
             if name in others and name not in findings:
-                line, row = next((line, row) for line, row in rows if _cell(row, at[name]) not in BINARY_VALUES)
-                raise UserError(f"{csv_path} line {line}, column {name!r}: {_cell(row, at[name])!r} is not 1, 0 or "
-                                "blank; correct that row")
+                line, row = next((line, row) for line, row in rows if value(row, name) not in COLUMN_VALUES)
+                raise UserError(f"{csv_path} line {line}, column {name!r}: {_cell(row, at[name])!r} is not 1, 0, -1 "
+                                "(uncertain), true, false or blank; correct that row")
     if not findings:
-        raise UserError(f"{csv_path}: no finding columns (columns holding only 1, 0 or blank); add one column per "
-                        "finding, or choose the format with --label-format nih|chexpert")
+        raise UserError(f"{csv_path}: no finding columns (columns holding only 1, 0, -1, true, false or blank); add "
+                        "one column per finding, or choose the format with --label-format nih|chexpert")
+    ignored = [c for c in others if c not in findings and c not in (options.findings or ())]
+    if ignored:
+        warn(f"{csv_path}: column{'s' if len(ignored) > 1 else ''} {', '.join(repr(c) for c in ignored[:5])}"
+             f"{' and more' if len(ignored) > 5 else ''} not read as findings (values other than 1, 0, -1, true, "
+             "false or blank)")
+    if patient_column is None:
+        warn(f"{csv_path}: no patient column (name it with --patient-column): each image is taken as its own "
+             "patient, so one patient's images may fall into two splits")
+    uncertain = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}[options.uncertain]
     entries = []
     for line, row in rows:
-        entries.append((line, _cell(row, at[path_column]), [BINARY_VALUES[_cell(row, at[f])] for f in findings], {
-            "patient": _cell(row, at.get(options.patient_column)) or None,
+        labels = [COLUMN_VALUES[value(row, f)] for f in findings]
+        entries.append((line, _cell(row, at[path_column]), [uncertain if v == -1.0 else v for v in labels], {
+            "patient": _cell(row, at.get(patient_column)) or None,
             "view": _cell(row, at.get(options.view_column)).upper() or None}))
     return findings, entries
 
@@ -211,10 +248,14 @@ def _columns(csv_path, header, rows, options):
 def _collect(csv_path, images_dir, findings, entries):
     """A Table from (line, relative path, labels, metadata) entries: paths checked, repeated rows merged."""
     by_path, lines = {}, {}
+    root = images_dir.resolve()
     for line, relative, labels, meta in entries:
         if not relative:
             raise UserError(f"{csv_path} line {line}: no image path; fill it in or delete the row")
         path = images_dir / relative
+        if not path.resolve().is_relative_to(root):  # an absolute path, or ../ out of the folder
+            raise UserError(f"{csv_path} line {line}: the image path {relative} leads outside --images {images_dir}; "
+                            "give paths relative to that folder")
         if path in by_path:
             if not np.array_equal(np.asarray(by_path[path][0]), np.asarray(labels), equal_nan=True):
                 raise UserError(f"{csv_path} lines {lines[path]} and {line}: the image {relative} has two different "
