@@ -90,10 +90,20 @@ def test_a_population_check_fitted_for_another_model_is_refused(tiny_run, kerman
 
 def test_a_model_saved_before_the_check_still_predicts_and_says_the_check_is_unavailable(tiny_run, tmp_path, capsys):
     model = copy_model(tiny_run / "models", tmp_path / "old")
+    info = json.loads((tmp_path / "old/class_names.json").read_text())
+    for key in ("inference", "population_file"):  # what models saved before the check did not record
+        info.pop(key, None)
+    (tmp_path / "old/class_names.json").write_text(json.dumps(info))
     xray = sorted((tiny_run.parent / "data/test/NORMAL").iterdir())[0]
     records, err = predictions(capsys, [xray], model)
     assert records[0]["in_distribution"] is None and records[0]["label"] in ("NORMAL", "PNEUMONIA")
     assert "without a population check" in err
+
+    # Audit 2026-12-06, fault 17: a model copied without its population.npz blamed its age
+    copied = copy_model(tiny_run / "models", tmp_path / "copied")
+    records, err = predictions(capsys, [xray], copied)
+    assert records[0]["in_distribution"] is None
+    assert f"{tmp_path / 'copied' / POPULATION_FILE} is missing" in err and "trained before" not in err
     assert main(["evaluate", "--model", str(model), "--data-dir", str(tiny_run.parent / "data"),
                  "--output-dir", str(tmp_path / "evaluated"), "--bootstrap", "0"]) == 0
     capsys.readouterr()

@@ -75,10 +75,10 @@ def subgroup_record(subgroups):
 
 def population_record(model):
     """The population check in words and numbers, or why the model has none."""
-    from cxr.model.population import POPULATION_FILE, UNAVAILABLE
+    from cxr.model.population import POPULATION_FILE
 
     if model.population is None:
-        return {"available": False, "note": UNAVAILABLE}
+        return {"available": False, "note": model.population_note}
     return {"available": True, "file": POPULATION_FILE, **model.population.describe(),
             "answer": "every prediction carries in_distribution (false: the image is unlike the training images and "
                       "its result is not reliable), population_score and population_percentile (the share of "

@@ -16,14 +16,14 @@ from cxr.atomic import atomic_path, file_sha256, write_bytes, write_json
 from cxr.errors import UserError
 from cxr.model.inference import (apply_finding_temperatures, apply_temperature, decide, decide_findings, positive_class,
                            predict_outputs)
-from cxr.model.population import POPULATION_FILE, Population
+from cxr.model.population import POPULATION_FILE, UNAVAILABLE, Population
 
 CLASS_NAMES_FILE = "class_names.json"
 MODEL_FILE = "model.h5"
 # class_names.json keys that describe the model; every other key belongs to the operating point
 # ("distillation": the record of --distill, removed on 2026-12-07, in models saved before)
 MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "model_sha256", "inference",
-              "distillation")
+              "population_file", "distillation")
 TAPS = "taps"  # the LiteRT cache's name for the network with the population taps (networks.with_population_taps)
 
 
@@ -105,6 +105,7 @@ class SavedModel:
         self._predictor, self.engine, self._tapped = None, None, None
         self._sha256 = None
         self.population = None
+        self.population_note = UNAVAILABLE  # why there is no check, when there is none
         # the precision chosen at training ({"precision": "int8" | "float32", "reason", "guard", ...}; None for
         # models saved before cxr had int8) and the one asked for now: "auto" (the chosen one), "float32", "int8"
         self.inference = info.get("inference")
@@ -131,6 +132,11 @@ class SavedModel:
                             "use the model.h5 and class_names.json of one training run")
         if (path.parent / POPULATION_FILE).is_file():
             model.population = Population.load(path.parent / POPULATION_FILE, model.sha256)
+        elif "population_file" in info or "inference" in info:  # saved with a check (every model since int8 was)
+            model.population_note = (
+                f"{path.parent / POPULATION_FILE} is missing: this model was saved with a population check, which is "
+                f"off until that file is copied back beside {path.name} (its answers can't say whether an image is "
+                "unlike its training images)")
         model.precision = precision
         model.served_precision()
         return model
@@ -361,7 +367,8 @@ class SavedModel:
         self.info = {"class_names": self.class_names, "img_size": self.img_size, "backbone": self.backbone,
                      "test_time_scales": self.test_time_scales, **({"multi_label": True} if self.multi_label else {}),
                      **self.operating_point, "model_sha256": self.sha256,
-                     **({"inference": self.inference} if self.inference is not None else {})}
+                     **({"inference": self.inference} if self.inference is not None else {}),
+                     **({"population_file": POPULATION_FILE} if self.population is not None else {})}
         write_json(Path(models_dir) / CLASS_NAMES_FILE, self.info)
         return self.path
 

@@ -335,8 +335,7 @@ def listen(model_path, send_to=None, output_dir=None, host="127.0.0.1", port=111
     destination = Destination.parse(send_to) if send_to else None
     model = SavedModel.load(model_path, precision)
     if model.population is None:
-        warn("this model has no population check (trained before cxr had one): its results can't say whether an "
-             "X-ray is like its training images")
+        warn(model.population_note)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its debug logs print datasets, patient data included
     folder = Path(output_dir) if output_dir else Path("cxr-listen")
     if folder.exists() and not folder.is_dir():

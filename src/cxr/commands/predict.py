@@ -95,17 +95,15 @@ def predict_files(model, files, batch_size=64, tta=False):
             warn(f"{path}: {'; '.join(notes)}")
     probabilities, labels = model.calibrate(np.concatenate(raw) if raw else np.zeros((0, len(model.class_names))))
     check = model.check_population(np.concatenate(features)) if features else None
-    warn_population(check, len(readable))
+    warn_population(check, len(readable), model.population_note)
     return Predictions(readable, probabilities, labels, warnings, check, skipped)
 
 
-def warn_population(check, n_images):
-    """Say on stderr how many images the population check flagged, or that the model has none."""
-    from cxr.model.population import UNAVAILABLE
-
+def warn_population(check, n_images, unavailable):
+    """Say on stderr how many images the population check flagged, or why the model has none (`unavailable`)."""
     if check is None:
         if n_images:
-            warn(UNAVAILABLE)
+            warn(unavailable)
     elif check.flagged:
         warn(f"{check.flagged} of {n_images} images are unlike the images this model was trained on (flagged: "
              "in_distribution false): their results are not reliable; they may be from another population (other "

@@ -104,10 +104,8 @@ POPULATION_METRICS = ("auc_roc", "sensitivity", "specificity", "accuracy", "bala
 def population_summary(check, metrics_of, model):
     """How many evaluated images the population check flagged, and the headline metrics on all of them and on
     the unflagged ones; {"available": False, ...} for a model without a check."""
-    from cxr.model.population import UNAVAILABLE
-
     if check is None:
-        return {"available": False, "note": UNAVAILABLE}
+        return {"available": False, "note": model.population_note}
     n = len(check.in_distribution)
     kept = np.flatnonzero(check.in_distribution)
 
