@@ -288,3 +288,17 @@ def test_dicom_uploads_are_read_like_cxr_predict_reads_them(server, tiny_run, tm
                             files=[("files", ("ct.dcm", (tmp_path / "ct.dcm").read_bytes(), "application/dicom"))])
     assert refused.status_code == 422 and "a CT image" in refused.json()["detail"]
     assert "PAT-0001" not in refused.text and "Doe" not in refused.text
+
+
+def test_a_foreign_host_header_is_refused_and_every_answer_carries_security_headers(server):
+    """Audit 2026-12-06, fault 15: any Host header was answered (a web page could read /v1/model through DNS
+    rebinding), and no X-Frame-Options, Content-Security-Policy or nosniff header was sent."""
+    rebound = requests.get(server.url + "/v1/model", headers={"Host": "attacker.example:80"}, timeout=30)
+    assert rebound.status_code == 400 and "attacker.example" in rebound.json()["detail"]
+    for path in ("/", "/v1/model", "/docs"):
+        answer = requests.get(server.url + path, timeout=30)
+        assert answer.status_code == 200 and answer.headers["X-Frame-Options"] == "DENY"
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"]
+    for host in ("localhost", f"[::1]:{server.url.rsplit(':', 1)[1]}"):
+        assert requests.get(server.url + "/health/live", headers={"Host": host}, timeout=30).status_code == 200

@@ -278,6 +278,9 @@ def build_parser():
     serve.add_argument("--api-key", default=os.environ.get("CXR_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/ (default: $CXR_API_KEY; none if unset)")
     serve.add_argument("--max-upload-mb", type=float, default=20, help="largest request body accepted (MB)")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a host name the server answers to (repeatable); on loopback localhost, 127.0.0.1 and ::1 "
+                            "always are; other Host headers get 400 (against DNS rebinding)")
     add_precision(serve)
 
     listen = commands.add_parser("listen", help="a DICOM node: receive X-rays from a PACS, send the results back")
@@ -362,7 +365,8 @@ def main(argv=None):
                 raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
             from cxr.commands.serve import serve
 
-            serve(args.model, args.host, args.port, args.api_key or None, args.max_upload_mb, args.precision)
+            serve(args.model, args.host, args.port, args.api_key or None, args.max_upload_mb, args.precision,
+                  args.allowed_host)
         elif args.command == "listen":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             from cxr.commands.listen import listen

@@ -162,6 +162,50 @@ class UploadLimit:
         await self.app(scope, counted_receive, send)
 
 
+# What every answer carries: no framing by other sites (clickjacking), no MIME sniffing, and scripts, styles and
+# images from this server only (the page needs nothing else; Swagger UI's page has one inline script)
+SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer")]
+CSP = b"default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
+DOCS_CSP = CSP + b"; script-src 'self' 'unsafe-inline'"
+
+
+class HostAndHeaders:
+    """ASGI middleware: 400 for a Host header the server doesn't answer to (DNS rebinding: a web page whose name
+    resolves to 127.0.0.1 could otherwise read the API from the user's browser), and SECURITY_HEADERS on every
+    answer. `allowed_hosts`: host names (no port), or None for any."""
+
+    def __init__(self, app, allowed_hosts):
+        self.app = app
+        self.allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+        name = host.rpartition("]")[0].lstrip("[") if host.startswith("[") else host.partition(":")[0]
+        if self.allowed is not None and name not in self.allowed:
+            return await error_response(400, f"this server does not answer to the host {name!r}; use its address "
+                                             "(cxr serve --allowed-host adds a name)")(scope, receive, send)
+        csp = DOCS_CSP if scope["path"] == "/docs" else CSP
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS,
+                                      (b"content-security-policy", csp)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def allowed_hosts(host, names=()):
+    """The Host names a server bound to `host` answers to: its loopback names on loopback (plus `names`); `names`
+    alone when given elsewhere; None (any) when serving beyond loopback without names."""
+    if is_loopback(host):
+        return ["localhost", "127.0.0.1", "::1", *names]
+    return [host, *names] if names else None
+
+
 ERROR_MEANINGS = {
     400: "an image that can't be decoded (the detail names it)",
     401: "a missing or wrong API key",
@@ -201,7 +245,8 @@ def error_name(status):
     return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
 
 
-def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MAX_PIXELS):
+def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MAX_PIXELS,
+               hosts=("localhost", "127.0.0.1", "::1")):
     """The ASGI app for a loaded `SavedModel`; the model's predictor loads in the background at startup."""
     from fastapi import Depends, FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
@@ -233,6 +278,7 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
                   description="Chest X-ray classification with a model trained by cxr. Decision support only: "
                               "not a substitute for the judgement of a radiologist or clinician.")
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(HostAndHeaders, allowed_hosts=hosts)
     app.mount("/static", StaticFiles(packages=[("cxr", "static")]), name="static")
 
     @app.get("/docs", include_in_schema=False)
@@ -423,7 +469,7 @@ def is_loopback(host):
         return False
 
 
-def serve(model_path, host="127.0.0.1", port=8000, api_key=None, max_upload_mb=20, precision="auto"):
+def serve(model_path, host="127.0.0.1", port=8000, api_key=None, max_upload_mb=20, precision="auto", hosts=()):
     """Run the server until interrupted. UserError for an unusable model or a port that can't be bound."""
     import uvicorn
 
@@ -438,7 +484,11 @@ def serve(model_path, host="127.0.0.1", port=8000, api_key=None, max_upload_mb=2
         socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
     except OSError as error:
         raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host") from None
-    app = create_app(model, api_key, int(max_upload_mb * 2 ** 20))
+    answered = allowed_hosts(host, hosts)
+    if answered is None:
+        warn(f"serving on {host} without --allowed-host: any Host header is answered; name the server's host names "
+             "with --allowed-host to refuse requests a web page forwards through DNS rebinding")
+    app = create_app(model, api_key, int(max_upload_mb * 2 ** 20), hosts=answered)
     print(f"cxr: serving {model_path} at http://{host}:{port}/ (API docs at /docs); loading the model",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
