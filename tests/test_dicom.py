@@ -320,3 +320,23 @@ def test_the_pixel_limit_counts_every_frame_and_only_the_first_is_decoded(tmp_pa
     finally:
         pydicom.Dataset.pixel_array_options = original
     assert decoded == [0]
+
+
+def test_a_png_that_carries_a_dicom_is_read_as_dicom_by_path_and_by_upload(tmp_path):
+    """Audit 2026-12-06, fault 14: such a file got the PNG's answer from cxr predict and the DICOM's from
+    cxr serve. One rule now: the DICOM marker wins, whatever the file's name."""
+    import io
+
+    g = grey_xray()
+    write_dicom(tmp_path / "x.dcm", g)
+    tiny = io.BytesIO()
+    Image.fromarray(np.full((1, 1), 200, np.uint8)).save(tiny, format="PNG")
+    assert len(tiny.getvalue()) <= 128
+    polyglot = tiny.getvalue().ljust(128, b"\0") + (tmp_path / "x.dcm").read_bytes()[128:]
+    (tmp_path / "both.png").write_bytes(polyglot)
+    with Image.open(tmp_path / "both.png") as img:
+        assert img.format == "PNG"  # a valid PNG too
+    by_path, by_bytes = decode(tmp_path / "both.png", SIZE), decode(polyglot, SIZE)
+    assert by_path.mode == by_bytes.mode == "DICOM"
+    assert np.array_equal(by_path.pixels, by_bytes.pixels)
+    assert np.array_equal(by_path.pixels, decode(tmp_path / "x.dcm", SIZE).pixels)

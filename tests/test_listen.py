@@ -233,11 +233,12 @@ def peak_memory_mb(pid):
     raise AssertionError("no VmHWM")
 
 
-def test_a_bad_window_is_answered_and_an_oversized_image_refused_before_it_is_decoded(tiny_run, tmp_path):
-    """Audit 2026-12-06, faults 1 and 2: an empty Window Center got 0xC211 and a traceback; an image of any size
-    was decoded (a deflated 117 kB C-STORE of 11000 x 11000 pixels took the listener from 734 MB to 4 GB)."""
+def test_a_bad_window_and_rle_are_answered_and_an_oversized_image_refused_before_it_is_decoded(tiny_run, tmp_path):
+    """Audit 2026-12-06, faults 1, 2 and 12: an empty Window Center got 0xC211 and a traceback; an image of any
+    size was decoded (a deflated 117 kB C-STORE of 11000 x 11000 pixels took the listener from 734 MB to 4 GB);
+    compressed X-rays were refused although cxr decodes them."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
     if not REAL_DICOM.is_file():
         pytest.skip("../shared/data/dicom is not here")
@@ -257,17 +258,19 @@ def test_a_bad_window_is_answered_and_an_oversized_image_refused_before_it_is_de
         frames = copy_with_new_uids(REAL_DICOM)
         frames.NumberOfFrames = 60  # 60 x the real image's 1 MP: past the limit although one frame is within it
         frames.PixelData = frames.PixelData * 60
+        compressed = copy_with_new_uids(REAL_DICOM)  # fault 12: RLE and JPEG 2000 associations were rejected
+        compressed.compress(RLELossless)
         before = peak_memory_mb(listener.process.pid)
-        assert c_store(listener.port, [bomb, frames, no_window]) == [0xC000, 0xC000, 0x0000]
+        assert c_store(listener.port, [bomb, frames, no_window, compressed]) == [0xC000, 0xC000, 0x0000, 0x0000]
         assert peak_memory_mb(listener.process.pid) - before < 500
         deadline = time.monotonic() + 120  # the results are written after the answer is logged
-        while len(list(out.glob("*.dcm"))) < 2:
+        while len(list(out.glob("*.dcm"))) < 4:
             assert time.monotonic() < deadline, listener.stderr[-3000:]
             time.sleep(0.2)
     finally:
         log = listener.stop()
     assert "7000 x 8000 pixels, more than the 50000000 allowed" in log and "x 60 frames" in log
-    assert sorted(p.name.split("-")[0] for p in out.glob("*.dcm")) == ["sc", "sr"]
+    assert sorted(p.name.split("-")[0] for p in out.glob("*.dcm")) == ["sc", "sc", "sr", "sr"]
     assert "Traceback" not in log and not any(item in log for item in PATIENT_DATA)
 
 

@@ -25,6 +25,11 @@ from pathlib import Path
 from cxr.errors import UserError
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+# The compressed transfer syntaxes accepted besides the uncompressed ones: those whose decoders install with cxr
+# (data.dicom.DECODERS): JPEG baseline, JPEG-LS, JPEG 2000 and HTJ2K, RLE
+COMPRESSED_SYNTAXES = ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+                       "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+                       "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.5"]
 MAX_QUEUED = 200  # images acknowledged but not yet answered; past this the SCP answers "out of resources"
 SEND_TRIES = 3
 SPOOL_TRIES = 3  # tries at answering a spooled image (one per start, or more) before it is moved to failed/
@@ -265,7 +270,7 @@ class Listener:
     # --- running -------------------------------------------------------------------------------------------
     def start(self, host, port):
         """Start the worker and the SCP (in the background); returns the server."""
-        from pynetdicom import AE, StoragePresentationContexts, evt
+        from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
         for spooled in finished(self.spool):
@@ -275,8 +280,10 @@ class Listener:
         ae.maximum_associations = self.max_associations
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
         ae.require_called_aet = True
-        # every storage class, so that a CT is answered with a reason rather than a rejected association
-        ae.supported_contexts = StoragePresentationContexts
+        # every storage class, so that a CT is answered with a reason rather than a rejected association; in the
+        # uncompressed transfer syntaxes and every compressed one cxr decodes
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, [*DEFAULT_TRANSFER_SYNTAXES, *COMPRESSED_SYNTAXES])
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store)]
         try:

@@ -47,9 +47,11 @@ def is_image_file(path):
 
 
 def is_dicom_file(source):
-    """A path or bytes that hold DICOM; a path named .jpg/.jpeg/.png/.bmp is taken at its word (no read)."""
+    """A path or bytes that hold DICOM, by content: the one rule of every command (`cxr serve` sniffs uploads the
+    same way). A file named .jpg/.jpeg/.png/.bmp is DICOM only with 'DICM' after its 128-byte preamble: a
+    preamble may hold another format's header, and the DICOM marker wins over it."""
     if not isinstance(source, (bytes, bytearray)) and Path(source).suffix.lower() in IMAGE_EXTENSIONS:
-        return False
+        return dicom.has_dicom_marker(source)
     return dicom.is_dicom(source)
 
 
