@@ -37,29 +37,23 @@ def options(xray_raw):
             "--epochs", "3", "--patience", "3", "--bootstrap", "20"]
 
 
-def test_mirrored_over_two_logical_cpus_trains_writes_the_artifacts_and_predicts_one_row_per_image(options, xray_raw,
-                                                                                                   tmp_path):
-    run = on_two_cpus(*options, "--output-dir", str(tmp_path / "out"))
-    out, err = run.communicate(timeout=600)
-    assert run.returncode == 0, err[-3000:]
-    summary = json.loads((tmp_path / "out/reports/summary.json").read_text())
-    assert summary["strategy"] == {"name": "mirrored", "replicas": 2} and summary["config"]["strategy"] == "mirrored"
-    assert summary["metrics"]["n_images"] == sum(summary["counts"]["test"].values())
-    assert [e["epoch"] for e in summary["history"] if e["phase"] == 1] == [1, 2, 3]
-    for name in ("model.h5", "class_names.json", "best_feature_extractor.keras", "best_finetuned.keras"):
-        assert (tmp_path / "out/models" / name).is_file()
-    images = sorted((xray_raw / "test").rglob("*.jpeg"))
-    predicted = subprocess.run([sys.executable, "-m", "cxr", "predict", *map(str, images), "--model",
-                                str(tmp_path / "out/models/model.h5"), "--format", "json"],
-                               capture_output=True, text=True, timeout=300)
-    assert predicted.returncode == 0 and len(json.loads(predicted.stdout)) == len(images)
-
-
-def test_a_mirrored_run_killed_after_an_epoch_resumes_to_the_numbers_of_an_uninterrupted_one(options, tmp_path):
+def test_a_mirrored_run_writes_the_artifacts_predicts_and_resumes_after_a_kill_to_the_same_numbers(options, xray_raw,
+                                                                                                    tmp_path):
     whole_run = on_two_cpus(*options, "--output-dir", str(tmp_path / "whole"))
     _, err = whole_run.communicate(timeout=600)
     assert whole_run.returncode == 0, err[-3000:]
     whole = json.loads((tmp_path / "whole/reports/summary.json").read_text())
+    assert whole["strategy"] == {"name": "mirrored", "replicas": 2} and whole["config"]["strategy"] == "mirrored"
+    assert whole["metrics"]["n_images"] == sum(whole["counts"]["test"].values())
+    assert [e["epoch"] for e in whole["history"] if e["phase"] == 1] == [1, 2, 3]
+    for name in ("model.h5", "class_names.json", "best_feature_extractor.keras", "best_finetuned.keras"):
+        assert (tmp_path / "whole/models" / name).is_file()
+    images = sorted((xray_raw / "test").rglob("*.jpeg"))
+    predicted = subprocess.run([sys.executable, "-m", "cxr", "predict", *map(str, images), "--model",
+                                str(tmp_path / "whole/models/model.h5"), "--format", "json"],
+                               capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0 and len(json.loads(predicted.stdout)) == len(images)
+
     kill_after_epoch(on_two_cpus(*options, "--output-dir", str(tmp_path / "cut")), tmp_path / "cut", phase=1)
     resumed = on_two_cpus(*options, "--output-dir", str(tmp_path / "cut"), "--resume")
     out, err = resumed.communicate(timeout=600)
@@ -107,34 +101,6 @@ def worker_options(xray_raw):
             "--bootstrap", "20"]
 
 
-def test_two_workers_on_loopback_leave_one_set_of_artifacts_and_match_a_one_worker_run(worker_options, xray_raw,
-                                                                                     tmp_path):
-    outputs = finish(start_workers([*worker_options, "--strategy", "multiworker", "--output-dir",
-                                    str(tmp_path / "job")], tmp_path))
-    assert "worker 1: training done; the chief writes the model and reports" in outputs[1]
-    assert "Outputs in" in outputs[0] and "Outputs in" not in outputs[1]
-    # no storage is shared: each worker decodes and runs the frozen layers itself, into its own folder
-    assert all("Computing the frozen layers once" in out for out in outputs)
-    summary = json.loads((tmp_path / "job/reports/summary.json").read_text())
-    assert summary["strategy"] == {"name": "multiworker", "replicas": 2, "workers": 2}
-    assert (tmp_path / "job/models/model.h5").is_file()
-    # the other worker's folder is gone; nothing else was written beside the job's outputs and the data's split
-    assert list((tmp_path / "tmp-worker1").glob("cxr-worker-*")) == []
-    assert {p.name for p in tmp_path.iterdir()} - {"cache"} == {"data", "job", "tmp-worker0", "tmp-worker1"}
-    assert sorted(p.name for p in xray_raw.iterdir()) == ["raw", "split.json", "test", "train", "val"]
-
-    one = subprocess.run([sys.executable, "-m", "cxr", *worker_options, "--strategy", "none", "--output-dir",
-                          str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    alone = json.loads((tmp_path / "one/reports/summary.json").read_text())
-    # the same global batches; only dropout's random draws differ between the two
-    assert [(e["phase"], e["epoch"]) for e in summary["history"]] == [(e["phase"], e["epoch"]) for e in alone["history"]]
-    for job_epoch, alone_epoch in zip(summary["history"], alone["history"]):
-        assert abs(job_epoch["loss"] - alone_epoch["loss"]) < 0.05
-        assert abs(job_epoch["val_loss"] - alone_epoch["val_loss"]) < 0.05
-    assert abs(summary["metrics"]["auc"] - alone["metrics"]["auc"]) < 0.15
-
-
 def test_multiworker_without_a_valid_tf_config_is_one_clear_line(worker_options, tmp_path):
     for tf_config, says in ((None, "needs TF_CONFIG"), ('{"cluster": {"worker": ["a:1"]}}', "not a valid cluster"),
                             ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
@@ -156,11 +122,34 @@ def test_the_chief_is_the_chief_task_else_worker_0():
     assert role(cluster | {"chief": ["c:1"]}, "chief", 0) == (3, "chief 0", True)
 
 
-def test_a_two_worker_job_killed_after_an_epoch_resumes_to_the_numbers_of_an_uninterrupted_one(worker_options,
-                                                                                               tmp_path):
+def test_two_workers_leave_one_set_of_artifacts_match_one_worker_and_resume_after_a_kill(worker_options, xray_raw,
+                                                                                          tmp_path):
     job = [*worker_options, "--strategy", "multiworker", "--epochs", "3", "--patience", "3"]
-    finish(start_workers([*job, "--output-dir", str(tmp_path / "whole")], tmp_path))
+    outputs = finish(start_workers([*job, "--output-dir", str(tmp_path / "whole")], tmp_path))
+    assert "worker 1: training done; the chief writes the model and reports" in outputs[1]
+    assert "Outputs in" in outputs[0] and "Outputs in" not in outputs[1]
+    # no storage is shared: each worker decodes and runs the frozen layers itself, into its own folder
+    assert all("Computing the frozen layers once" in out for out in outputs)
     whole = json.loads((tmp_path / "whole/reports/summary.json").read_text())
+    assert whole["strategy"] == {"name": "multiworker", "replicas": 2, "workers": 2}
+    assert (tmp_path / "whole/models/model.h5").is_file()
+    # the other worker's folder is gone; nothing else was written beside the job's outputs and the data's split
+    assert list((tmp_path / "tmp-worker1").glob("cxr-worker-*")) == []
+    assert {p.name for p in tmp_path.iterdir()} - {"cache"} == {"data", "whole", "tmp-worker0", "tmp-worker1"}
+    assert sorted(p.name for p in xray_raw.iterdir()) == ["raw", "split.json", "test", "train", "val"]
+
+    one = subprocess.run([sys.executable, "-m", "cxr", *worker_options, "--epochs", "3", "--patience", "3",
+                          "--strategy", "none", "--output-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    alone = json.loads((tmp_path / "one/reports/summary.json").read_text())
+    # the same global batches; only dropout's random draws differ between the two
+    assert [(e["phase"], e["epoch"]) for e in whole["history"]] == [(e["phase"], e["epoch"]) for e in alone["history"]]
+    for job_epoch, alone_epoch in zip(whole["history"], alone["history"]):
+        assert abs(job_epoch["loss"] - alone_epoch["loss"]) < 0.05
+        assert abs(job_epoch["val_loss"] - alone_epoch["val_loss"]) < 0.05
+    assert abs(whole["metrics"]["auc"] - alone["metrics"]["auc"]) < 0.15
+
     chief, other = start_workers([*job, "--output-dir", str(tmp_path / "cut")], tmp_path)
     kill_after_epoch(chief, tmp_path / "cut", phase=1)
     other.kill()
