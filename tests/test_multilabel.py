@@ -488,3 +488,22 @@ def test_a_labels_csv_has_its_own_defaults_and_class_folders_keep_the_seeds():
     assert Config(backbone="efficientnet-lite0").augment == "site-aspect"
     with pytest.raises(UserError, match="val_accuracy is for class folders"):
         Config(labels=Path("labels.csv"), images=Path("images"), monitor="val_accuracy").validate()
+
+
+def test_evaluating_on_the_training_csv_warns_and_counts_only_findings_with_an_auc(tiny_multilabel, capsys):
+    """Audit 2026-12-06, fault 16: `cxr evaluate --labels` on the model's own training CSV printed 'Test: mean
+    AUC' with no warning although most images were used for training or validation, and 'over 3 findings' when
+    only one had an AUC."""
+    out, _ = tiny_multilabel
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "models/model.h5"), "--labels", str(out.parent / "train.csv"),
+                 "--images", str(NIH_IMAGES), "--output-dir", str(out.parent / "again"), "--bootstrap", "0"]) == 0
+    stdout, err = capsys.readouterr()
+    summary = json.loads((out.parent / "again/reports/summary.json").read_text())
+    with_auc = sum(v["status"] == "ok" for v in summary["metrics"]["per_finding"].values())
+    used = sum(1 for row in csv.DictReader(open(out / "reports/splits.csv")) if row["split"] in ("train", "val"))
+    assert f"{used} of {summary['metrics']['n_images']} images were used to train or validate this model" in err
+    if with_auc < len(summary["metrics"]["per_finding"]):
+        assert f"over the {with_auc} of {len(summary['metrics']['per_finding'])} findings with both classes" in stdout
+    else:
+        assert f"over {with_auc} findings" in stdout

@@ -56,8 +56,11 @@ def print_findings(metrics, intervals, label):
         return f"{value:.3f}" + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval and interval[0] is not None
                                  else "")
 
-    print(f"{label}: mean AUC {number(metrics['mean_auc'], intervals.get('mean_auc'))} over "
-          f"{len(metrics['per_finding'])} findings ({metrics['n_images']} images)")
+    with_auc = sum(v["status"] == "ok" for v in metrics["per_finding"].values())
+    over = (f"{with_auc} findings" if with_auc == len(metrics["per_finding"]) else
+            f"the {with_auc} of {len(metrics['per_finding'])} findings with both classes among these images")
+    print(f"{label}: mean AUC {number(metrics['mean_auc'], intervals.get('mean_auc'))} over {over} "
+          f"({metrics['n_images']} images)")
     width = max(len(name) for name in metrics["per_finding"])
     print(f"  {'finding':{width}}  positives  AUC                  sensitivity  specificity  threshold")
     for name, v in metrics["per_finding"].items():

@@ -59,6 +59,11 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels
     if labels is not None:
         settings |= {"labels": str(labels[0]), "images": str(labels[1])}
     note = ""
+    seen = seen_in_training(model, dataset.paths)
+    if seen:
+        warn(f"{seen} of {len(dataset.paths)} images were used to train or validate this model (its run's "
+             "reports/splits.csv lists them): these numbers are optimistic; evaluate on its test split or on other "
+             "images")
     if model.is_other_data(folder):
         note = (f"The operating point (temperature and threshold) was fitted on "
                 f"{describe_fitted_on(model.operating_point)}, not on these images: at another site or on other "
@@ -72,3 +77,20 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels
     result = summary(evaluation, context, inference=model.engine)
     write_json(outputs.reports / "summary.json", result)
     return result
+
+
+def seen_in_training(model, paths):
+    """How many of `paths` the model's training run used for training or validation, by its reports/splits.csv
+    (beside models/, where training wrote it); 0 when that file isn't there."""
+    import csv
+
+    from cxr.data.split import from_spreadsheet_safe
+
+    splits = model.path.parent.parent / "reports" / "splits.csv"
+    try:
+        with splits.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+            used = {str(Path(from_spreadsheet_safe(r["path"])).resolve()) for r in csv.DictReader(f)
+                    if r.get("split") in ("train", "val")}
+    except (OSError, KeyError, csv.Error):
+        return 0
+    return sum(str(Path(p).resolve()) in used for p in paths)
