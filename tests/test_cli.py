@@ -24,6 +24,9 @@ def trained(tiny_training):
 def test_training_writes_every_artifact(trained):
     root, result = trained
     out = root / "outputs"
+    # quiet: no TensorFlow, absl, oneDNN, LiteRT or Keras format lines in a command's normal output
+    for noise in ("absl::InitializeLog", "oneDNN", "XNNPACK", "cpu_feature_guard", "legacy"):
+        assert noise not in result.stderr, result.stderr[-2000:]
     for name in ("models/model.h5", "models/best_feature_extractor.keras", "models/best_finetuned.keras",
                  "models/class_names.json", "reports/classification_report.csv", "reports/summary.json",
                  "reports/metrics.csv", "reports/report.html", "plots/confusion_matrix.png",

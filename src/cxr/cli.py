@@ -13,7 +13,7 @@ from cxr.model.backbones import NAMES as BACKBONES
 from cxr.training.config import MONITORS, Config
 from cxr.training.distribute import STRATEGIES
 from cxr.data.pipeline import AUGMENTATIONS
-from cxr.errors import UserError
+from cxr.errors import VERBOSE_VARIABLE, UserError, quiet_libraries
 
 EXPORT_FORMATS = ("savedmodel", "tflite", "tflite-int8", "onnx")
 PRECISIONS = ("auto", "float32", "int8")
@@ -308,6 +308,9 @@ def build_parser():
     export.add_argument("--calibration-images", type=Path, metavar="DIR",
                         help="tflite-int8: training-like X-rays to calibrate int8 on (default: 200 of the training "
                              "split in the run's reports/splits.csv)")
+    for command in commands.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="show TensorFlow's, absl's and LiteRT's own log lines too")
     return parser
 
 
@@ -319,6 +322,9 @@ def config_from_args(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_VARIABLE] = "1"
+    quiet_libraries()
     try:
         if args.command == "train":
             from cxr.training import run

@@ -4,7 +4,14 @@ The CLI turns a `UserError` into a one-line message and exit code 2; anything el
 traceback.
 """
 
+import contextlib
+import os
 import sys
+import threading
+
+# Set by `--verbose` (for this process and the ones it starts): native libraries' log lines stay on stderr
+VERBOSE_VARIABLE = "CXR_VERBOSE"
+_STDERR_LOCK = threading.Lock()
 
 
 class UserError(Exception):
@@ -20,3 +27,30 @@ def list_paths(paths, limit=5):
     """'a, b, c and 7 more': enough paths to find the problem without flooding the terminal."""
     paths = [str(p) for p in paths]
     return ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def quiet_libraries():
+    """Keep TensorFlow's, absl's and oneDNN's start-up lines off stderr (before TensorFlow is first imported),
+    unless --verbose asked for them."""
+    if os.environ.get(VERBOSE_VARIABLE) != "1":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Drop what native code writes to file descriptor 2 meanwhile (LiteRT's "Created TensorFlow Lite XNNPACK
+    delegate" INFO line, which no setting turns off), unless --verbose. Python's own writes to sys.stderr are
+    flushed first; the window is the construction of an interpreter."""
+    if os.environ.get(VERBOSE_VARIABLE) == "1":
+        yield
+        return
+    with _STDERR_LOCK:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)

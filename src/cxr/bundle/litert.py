@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.atomic import file_sha256, write_bytes
-from cxr.errors import warn
+from cxr.errors import native_stderr_silenced, warn
 
 BATCH_SIZE = 4  # images per LiteRT call: 4 ran fastest of 1-16 on this project's 2-core CPUs (benchmarks/README.md)
 CACHED_MODELS = 8
@@ -252,10 +252,11 @@ class LiteRTModel:
     def _runner(self, batch):
         """(interpreter, input index, output index) planned for `batch` images, made on first use."""
         if batch not in self._runners:
-            interpreter = _interpreter(self._flatbuffer, self._threads)
-            source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-            interpreter.resize_tensor_input(source["index"], [batch, *source["shape_signature"][1:]])
-            interpreter.allocate_tensors()
+            with native_stderr_silenced():
+                interpreter = _interpreter(self._flatbuffer, self._threads)
+                source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+                interpreter.resize_tensor_input(source["index"], [batch, *source["shape_signature"][1:]])
+                interpreter.allocate_tensors()
             self._runners[batch] = (interpreter, source["index"], target["index"])
         return self._runners[batch]
 

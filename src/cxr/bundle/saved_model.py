@@ -355,7 +355,16 @@ class SavedModel:
         self.path = Path(models_dir) / MODEL_FILE
         with atomic_path(self.path) as tmp:
             # without the compile settings, a multi-label model's masked loss need not be known to load the file
-            self.keras_model.save(tmp, include_optimizer=not self.multi_label)
+            from absl import logging as absl_logging
+
+            # Keras warns that .h5 is legacy: cxr's own choice (the seed's format, which every Keras loads), not
+            # the user's to act on
+            verbosity = absl_logging.get_verbosity()
+            absl_logging.set_verbosity(absl_logging.ERROR)
+            try:
+                self.keras_model.save(tmp, include_optimizer=not self.multi_label)
+            finally:
+                absl_logging.set_verbosity(verbosity)
         self._sha256 = None
         if self.population is not None:
             self.population.save(Path(models_dir) / POPULATION_FILE, self.sha256)
