@@ -107,3 +107,17 @@ def test_the_old_module_names_still_import():
     assert (SavedModel, evaluate, train, Config, Population) == (moved, evaluate_moved, train_moved, config_moved,
                                                                  population_moved)
     assert all((PACKAGE / (home.replace(".", "/") + ".py")).is_file() for homes in MOVED.values() for home in homes)
+
+
+def test_no_function_takes_more_than_seven_parameters():
+    """More, and they belong grouped in the object they describe (`evaluate.Checks`, `subgroups.Scored`,
+    `listen.Node`)."""
+    crowded = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+                if len([n for n in names if n not in ("self", "cls")]) > 7:
+                    crowded.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+    assert not crowded, crowded

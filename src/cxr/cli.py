@@ -378,10 +378,10 @@ def main(argv=None):
                   args.allowed_host)
         elif args.command == "listen":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            from cxr.commands.listen import listen
+            from cxr.commands.listen import Node, listen
 
-            listen(args.model, args.send_to, args.output_dir, args.host, args.port, args.ae_title,
-                   args.max_associations, args.precision)
+            listen(args.model, args.send_to, args.output_dir, Node(args.host, args.port, args.ae_title,
+                                                                   args.max_associations), args.precision)
         elif args.command == "export":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             from cxr.commands.export import export

@@ -329,12 +329,22 @@ def _status(code, comment):
     return status
 
 
-def listen(model_path, send_to=None, output_dir=None, host="127.0.0.1", port=11112, ae_title="CXR",
-           max_associations=4, precision="auto"):
-    """Run `cxr listen` until interrupted. UserError for bad options, an unusable model or a port in use."""
+@dataclass(frozen=True)
+class Node:
+    """Where `cxr listen` answers: its address, AE title and how many associations it serves at once."""
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "CXR"
+    max_associations: int = 4
+
+
+def listen(model_path, send_to=None, output_dir=None, node=Node(), precision="auto"):
+    """Run `cxr listen` as `node` until interrupted. UserError for bad options, an unusable model or a port in
+    use."""
     from cxr.errors import warn
     from cxr.bundle.saved_model import SavedModel
 
+    host, port, ae_title, max_associations = node.host, node.port, node.ae_title, node.max_associations
     if send_to is None and output_dir is None:
         raise UserError("give --send-to AE@HOST:PORT (the PACS that stores the results), --output-dir DIR, or both")
     if not 0 < len(ae_title) <= 16 or not ae_title.isascii() or "\\" in ae_title:

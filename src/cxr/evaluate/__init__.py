@@ -6,6 +6,7 @@ The operating point (positive class, temperature, threshold) is fitted on valida
 """
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ from cxr.evaluate.metrics import (FINDING_METRICS, auc_score, classification, co
                                   expected_calibration_error, finding_calibration_error, finding_counts,
                                   finding_metrics, headline_metrics, probability_bins, reliability_bins, roc_band)
 from cxr.evaluate.shortcuts import shortcut_check
-from cxr.evaluate.subgroups import AGE_BANDS, groups_of, subgroup_analysis
+from cxr.evaluate.subgroups import AGE_BANDS, Scored, groups_of, subgroup_analysis
 
 SUBGROUP_RESAMPLES = 500  # at most: every group of every attribute is recomputed on each draw
 
@@ -81,19 +82,28 @@ def evaluate_model(model, dataset, split, options):
     intervals = confidence_intervals(metrics_of, y_true, options.bootstrap, options.seed)
     evaluation = Evaluation(class_names, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, y_pred)
-    return with_checks(evaluation, model, features, metrics_of, dataset, split, options, figures)
+    return with_checks(evaluation, model, dataset, split, options, Checks(features, metrics_of, figures))
 
 
-def with_checks(evaluation, model, features, metrics_of, dataset, split, options, make_figures):
-    """`evaluation` with its population check (of the images' (n, features) `features`; `metrics_of(rows)`: the
-    metrics of those images), shortcut check, subgroup analysis and figures (`make_figures`' PNGs) added."""
+@dataclass(frozen=True)
+class Checks:
+    """What the checks after the headline numbers need from one kind of evaluation: the images' population
+    features ((n, features)), `metrics_of(rows)` (the headline metrics of those images) and `figures(model,
+    dataset, split, evaluation, options)` (its PNGs)."""
+    features: np.ndarray
+    metrics_of: Callable
+    figures: Callable
+
+
+def with_checks(evaluation, model, dataset, split, options, checks):
+    """`evaluation` with its population check, shortcut check, subgroup analysis and figures added (`checks`)."""
     rows, y = dataset.split(split)
-    check = model.check_population(features)
-    evaluation.population = population_summary(check, metrics_of, model)
+    check = model.check_population(checks.features)
+    evaluation.population = population_summary(check, checks.metrics_of, model)
     evaluation.in_distribution = None if check is None else check.in_distribution
     evaluation.shortcuts = shortcut_check(model, dataset.images, rows, y, options.seed, options.batch_size)
     evaluation.subgroups = subgroups(model, dataset, split, evaluation, options)
-    evaluation.figures = make_figures(model, dataset, split, evaluation, options)
+    evaluation.figures = checks.figures(model, dataset, split, evaluation, options)
     return evaluation
 
 
@@ -124,9 +134,10 @@ def subgroups(model, dataset, split, evaluation, options):
     """The subgroup analysis of the evaluated images (`evaluate.subgroups`), at the saved operating point."""
     rows, y = dataset.split(split)
     groups = groups_of(dataset.metadata, rows, options.subgroups, options.age_bands)
-    return subgroup_analysis(groups, y, evaluation.probabilities, evaluation.predictions, dataset.patients(rows),
-                             model.class_names, model.multi_label, model.positive_index,
-                             min(options.bootstrap, SUBGROUP_RESAMPLES), options.seed) if groups else {}
+    scored = Scored(y, evaluation.probabilities, evaluation.predictions, model.class_names, model.multi_label,
+                    model.positive_index)
+    return subgroup_analysis(groups, scored, dataset.patients(rows), min(options.bootstrap, SUBGROUP_RESAMPLES),
+                             options.seed) if groups else {}
 
 
 def evaluate_findings(model, dataset, split, options):
@@ -167,7 +178,7 @@ def evaluate_findings(model, dataset, split, options):
     report["macro avg"]["support"] = sum(report[f]["support"] for f in findings)
     evaluation = Evaluation(findings, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, called)
-    return with_checks(evaluation, model, features, metrics_of, dataset, split, options, finding_figures)
+    return with_checks(evaluation, model, dataset, split, options, Checks(features, metrics_of, finding_figures))
 
 
 def finding_figures(model, dataset, split, evaluation, options):

@@ -15,6 +15,7 @@ excludes zero.
 
 import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -109,19 +110,35 @@ def _numbers(y, probabilities, calls, multi_label, positive_index, findings):
             **{f"{name} sensitivity": v[1] for name, v in per.items()}}
 
 
-def subgroup_analysis(groups, y, probabilities, calls, patients, findings, multi_label=False, positive_index=None,
-                      n_resamples=1000, seed=0, level=0.95):
+@dataclass(frozen=True)
+class Scored:
+    """A model's answers on n labelled images, as `evaluate_model` has them: `y` (class indices, or a labels
+    matrix for a `multi_label` model), `probabilities` (n, classes), `calls` (n,) or (n, findings), the class or
+    finding names, and the positive class's index (binary models)."""
+    y: np.ndarray
+    probabilities: np.ndarray
+    calls: np.ndarray
+    findings: list
+    multi_label: bool = False
+    positive_index: int = None
+
+    def numbers(self, rows):
+        """The subgroup numbers (`_numbers`) of the images `rows`."""
+        return _numbers(self.y[rows], self.probabilities[rows], self.calls[rows], self.multi_label,
+                        self.positive_index, self.findings)
+
+
+def subgroup_analysis(groups, scored, patients, n_resamples=1000, seed=0, level=0.95):
     """{attribute: {"groups": {group: {metric: value, "ci": {metric: [low, high]}, "small": bool}},
     "gaps": {"sensitivity" | "specificity": {"groups": [low group, high group], "difference": d, "ci": [l, h],
-    "flagged": bool} or None}}} for `groups` ({attribute: (n,) names, None unknown}).
-
-    `y`, `probabilities`, `calls` as `evaluate_model` has them (class indices or a labels matrix); resamples are
-    of patients (`patients`, (n,) keys) over the whole set, so that a group's interval and a gap's come from the
-    same draws.
+    "flagged": bool} or None}}} for `groups` ({attribute: (n,) names, None unknown}) and the answers `scored`
+    (a `Scored`); resamples are of patients (`patients`, (n,) keys) over the whole set, so that a group's interval
+    and a gap's come from the same draws.
     """
+    y = scored.y
+
     def stats(rows, members):
-        return _numbers(y[rows][members], probabilities[rows][members], calls[rows][members], multi_label,
-                        positive_index, findings)
+        return scored.numbers(rows[members])
 
     every = np.arange(len(y))
     draws = list(patient_resamples(patients, n_resamples, seed)) if n_resamples else []
