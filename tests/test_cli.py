@@ -238,7 +238,8 @@ def test_user_error_from_the_command_line_has_no_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"cxr: error: {tmp_path / 'none'}: no such folder; point --data-dir at a folder " \
-                                    "with train/<Class>/ or raw/<Class>/"
+                                    "with train/<Class>/ or raw/<Class>/ (one subfolder of images per class, e.g. " \
+                                    "data/raw/NORMAL/ and data/raw/PNEUMONIA/)"
 
 
 @pytest.mark.parametrize("options", [["--no-feature-cache"], ["--mixed-precision", "--class-weight", "balanced"]])

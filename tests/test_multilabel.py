@@ -482,9 +482,11 @@ def page_findings(url, image, tmp_path):
 def test_a_labels_csv_has_its_own_defaults_and_class_folders_keep_the_seeds():
     table = Config(labels=Path("labels.csv"), images=Path("images"))
     assert (table.backbone, table.lr, table.augment, table.monitor) == ("efficientnet-lite0", 1e-2, "seed", "val_auc")
-    folders = Config()
+    folders = Config()  # the offline default backbone; the seed's learning rate and monitor
     assert (folders.backbone, folders.lr, folders.augment, folders.monitor) == (
-        "efficientnetb0", 1e-3, "seed", "val_accuracy")
+        "efficientnet-lite0", 1e-3, "site-aspect", "val_accuracy")
+    seed = Config(backbone="efficientnetb0")  # the seed's recipe, by name
+    assert (seed.lr, seed.augment, seed.finetune_epochs) == (1e-3, "seed", seed.epochs)
     assert Config(backbone="efficientnet-lite0").augment == "site-aspect"
     with pytest.raises(UserError, match="val_accuracy is for class folders"):
         Config(labels=Path("labels.csv"), images=Path("images"), monitor="val_accuracy").validate()

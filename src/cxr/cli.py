@@ -167,7 +167,8 @@ def _add_train_options(parser):
         help="backbone layers kept frozen in phase 2 (default: 200 for B0, the same blocks, 132 layers, for Lite0)")
     add("--dropout", type=float, default=d.dropout)
     add("--backbone", choices=BACKBONES, default=None,
-        help="default: efficientnetb0 (the seed's) for class folders, efficientnet-lite0 for --labels")
+        help="default: efficientnet-lite0 (ImageNet weights ship with cxr); efficientnetb0 is the seed script's "
+             "(its weights are downloaded)")
     add("--weights", default=d.weights, help="imagenet, none, or the path to a backbone weights file")
     add("--init-from", type=Path, help="start the backbone from another cxr model file of the same backbone (e.g. "
                                        "one trained on another dataset); the head starts anew")

@@ -39,7 +39,8 @@ def list_class_folders(folder):
     """Class folders of `folder`, sorted by name (the model's output order)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder; point --data-dir at a folder with train/<Class>/ or raw/<Class>/")
+        raise UserError(f"{folder}: no such folder; point --data-dir at a folder with train/<Class>/ or "
+                        "raw/<Class>/ (one subfolder of images per class, e.g. data/raw/NORMAL/ and data/raw/PNEUMONIA/)")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{folder}: no class folders inside; put each class's images in {folder}/<ClassName>/")
@@ -261,7 +262,8 @@ def prepare_splits(config, split_wait=None):
     """
     data_dir = Path(config.data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: no such folder; point --data-dir at a folder with train/<Class>/ or raw/<Class>/")
+        raise UserError(f"{data_dir}: no such folder; point --data-dir at a folder with train/<Class>/ or "
+                        "raw/<Class>/ (one subfolder of images per class, e.g. data/raw/NORMAL/ and data/raw/PNEUMONIA/)")
     if split_wait is not None and (data_dir / "raw").is_dir():
         wait_for_split(data_dir, split_wait)
     train_dir = data_dir / "train"

@@ -52,8 +52,8 @@ class Config:
     # None: the backbone's own default (B0: the seed's 200; Lite0: up to block 4a, 50).
     frozen_layers: Optional[int] = None
     dropout: float = 0.25
-    # None: the seed's efficientnetb0 for class folders; efficientnet-lite0 for a labels CSV, which has no
-    # seed to match and whose ImageNet weights ship with cxr (B0's must be downloaded)
+    # None: efficientnet-lite0, the recipe every measurement uses, whose ImageNet weights ship with cxr (the seed's
+    # efficientnetb0 stays available by name; its weights must be downloaded)
     backbone: Optional[str] = None
     weights: str = "imagenet"  # imagenet | none | path to a weights file
     init_from: Optional[Path] = None  # start the backbone from another cxr model of the same backbone
@@ -100,7 +100,7 @@ class Config:
         if self.monitor is None:
             self.monitor = "val_auc" if self.multi_label else "val_accuracy"
         if self.backbone is None:
-            self.backbone = "efficientnet-lite0" if self.multi_label else "efficientnetb0"
+            self.backbone = "efficientnet-lite0"
         # A multi-label run's defaults, measured on the NIH sample (bench_multilabel.py in benchmarks/README.md):
         # the head learns at 1e-2 with the seed's augmentation; the shortcut augmentations of Lite0's default
         # were chosen against the pediatric Kermany set's markers and framing and did worse on adults.
