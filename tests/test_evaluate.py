@@ -158,3 +158,20 @@ def test_calibrating_on_a_site_refits_temperature_and_threshold_on_its_arrays():
     target = refit_operating_point(Model(), y, np.stack([1 - p1, p1], axis=1), target_sensitivity=0.5)
     assert target["threshold"] > point["threshold"] and target["method"] == "sensitivity >= 0.5"
     assert small_classes({"NORMAL": 19, "PNEUMONIA": 20}) == ["NORMAL"]
+
+
+def test_proportions_get_exact_intervals_and_few_cases_a_caution():
+    """Issue 46: 'sensitivity 1.000 (1.000 to 1.000)' from 9 positives: a bootstrap of a proportion at its bound has
+    zero width; the exact interval of 9 of 9 is about 0.66 to 1.00."""
+    from cxr.evaluate.metrics import few_cases, proportion_intervals
+
+    is_positive = np.array([True] * 9 + [False] * 30)
+    called = np.array([True] * 9 + [True] * 3 + [False] * 27)
+    intervals = proportion_intervals(is_positive, called)
+    assert intervals["sensitivity"][0] == pytest.approx(0.664, abs=0.001) and intervals["sensitivity"][1] == 1.0
+    low, high = intervals["specificity"]
+    assert low < 27 / 30 < high and intervals["ppv"][0] < 9 / 12 < intervals["ppv"][1]
+    assert intervals["npv"] == [pytest.approx(0.872, abs=0.001), 1.0]
+    assert "9 positive and 30 negative images" in few_cases(is_positive)
+    assert few_cases(np.array([True] * 20 + [False] * 20)) is None
+    assert proportion_intervals(np.array([False, False]), np.array([False, False]))["sensitivity"] == [None, None]

@@ -33,6 +33,7 @@ def print_headline(summary, label="Test"):
     if "per_finding" in m:
         print_findings(m, ci, label)
         print(f"Operating points fitted on {describe_fitted_on(point)}")
+        print_cautions(summary)
         return
 
     def show(name):
@@ -46,6 +47,16 @@ def print_headline(summary, label="Test"):
     where = f" at threshold {point['threshold']:.3f} for {point['positive_class']}" if point["threshold"] is not None else ""
     print(f"{label}{where}: " + ", ".join(show(n) for n in names))
     print(f"Operating point fitted on {describe_fitted_on(point)}")
+    print_cautions(summary)
+
+
+def print_cautions(summary):
+    """The numbers that rest on few images, said where they are printed."""
+    cautions = summary.get("cautions") or []
+    for caution in cautions[:5]:
+        print(f"Caution: {caution}")
+    if len(cautions) > 5:
+        print(f"Caution: {len(cautions) - 5} more in reports/summary.json")
 
 
 def print_findings(metrics, intervals, label):

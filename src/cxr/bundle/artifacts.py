@@ -215,6 +215,7 @@ def summary(evaluation, context, **extra):
         "shortcut_check": evaluation.shortcuts,
         "subgroups": evaluation.subgroups,
         "population_check": evaluation.population,
+        "cautions": evaluation.cautions,
         "config": context.settings,
         "versions": versions(),
         **extra,

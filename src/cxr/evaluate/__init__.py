@@ -15,7 +15,8 @@ from cxr.evaluate import gradcam, plots
 from cxr.errors import warn
 from cxr.evaluate.metrics import (FINDING_METRICS, auc_score, classification, confidence_intervals, confusion,
                                   expected_calibration_error, finding_calibration_error, finding_counts,
-                                  finding_metrics, headline_metrics, probability_bins, reliability_bins, roc_band)
+                                  few_cases, finding_metrics, headline_metrics, probability_bins,
+                                  proportion_intervals, reliability_bins, roc_band)
 from cxr.evaluate.shortcuts import shortcut_check
 from cxr.evaluate.subgroups import AGE_BANDS, Scored, groups_of, subgroup_analysis
 
@@ -50,6 +51,7 @@ class Evaluation:
     subgroups: dict = field(default_factory=dict)  # evaluate.subgroups.subgroup_analysis's; {} without metadata
     population: dict = field(default_factory=dict)  # population_summary's: the check's flags and metrics without them
     in_distribution: np.ndarray = None  # (n,) bool, the population check's answer per image; None without a check
+    cautions: list = field(default_factory=list)  # numbers resting on few positives or negatives, in words
 
 
 def evaluate_model(model, dataset, split, options):
@@ -80,8 +82,16 @@ def evaluate_model(model, dataset, split, options):
     calibration = {"temperature": model.operating_point["temperature"],
                    "ece_before": expected_calibration_error(y_true, raw), "ece_after": headline["ece"]}
     intervals = confidence_intervals(metrics_of, y_true, options.bootstrap, options.seed)
+    # sensitivity, specificity, PPV and NPV get exact intervals of their proportions, not the bootstrap's
+    if len(class_names) == 2:
+        intervals |= proportion_intervals(y_true == positive, y_pred == positive)
+        cautions = [few_cases(y_true == positive)]
+    else:
+        for c, name in enumerate(class_names):
+            intervals |= proportion_intervals(y_true == c, y_pred == c, prefix=f"{name} ")
+        cautions = [few_cases(y_true == c, name) for c, name in enumerate(class_names)]
     evaluation = Evaluation(class_names, model.operating_point, values, intervals, calibration, report,
-                            probabilities, raw, y_pred)
+                            probabilities, raw, y_pred, cautions=[c for c in cautions if c])
     return with_checks(evaluation, model, dataset, split, options, Checks(features, metrics_of, figures))
 
 
@@ -171,13 +181,18 @@ def evaluate_findings(model, dataset, split, options):
                    "ece_before": finding_calibration_error(labels, raw), "ece_after": flat["ece"]}
     intervals = confidence_intervals(metrics_of, labels, options.bootstrap, options.seed,
                                      patients=dataset.patients(rows))
+    cautions = []
+    for k, finding in enumerate(findings):  # exact intervals of each finding's proportions, on its known labels
+        known = ~np.isnan(labels[:, k])
+        intervals |= proportion_intervals(labels[known, k] == 1, called[known, k] == 1, prefix=f"{finding} ")
+        cautions.append(few_cases(labels[known, k] == 1, finding))
     report = {f: {"precision": v["ppv"] or 0.0, "recall": v["sensitivity"] or 0.0, "f1-score": v["f1"] or 0.0,
                   "support": v["n_positive"]} for f, v in per_finding.items()}
     report["macro avg"] = {k: float(np.mean([report[f][k] for f in findings])) for k in ("precision", "recall",
                                                                                          "f1-score")}
     report["macro avg"]["support"] = sum(report[f]["support"] for f in findings)
     evaluation = Evaluation(findings, model.operating_point, values, intervals, calibration, report,
-                            probabilities, raw, called)
+                            probabilities, raw, called, cautions=[c for c in cautions if c])
     return with_checks(evaluation, model, dataset, split, options, Checks(features, metrics_of, finding_figures))
 
 

@@ -268,6 +268,39 @@ def confidence_intervals(statistics, y_true, n_resamples=2000, seed=0, level=0.9
     return intervals
 
 
+PROPORTIONS = ("sensitivity", "specificity", "ppv", "npv")
+FEW = 20  # positives or negatives below which a number's interval is wide whatever the method: said so
+
+
+def proportion_intervals(is_positive, called, prefix="", level=0.95):
+    """{prefix + "sensitivity" | "specificity" | "ppv" | "npv": [low, high]}: exact (Clopper-Pearson) intervals of
+    the proportions behind each number. A bootstrap of a proportion at its bound has zero width (9 of 9 positives
+    found: 1.000 to 1.000); the exact interval of 9 of 9 is 0.66 to 1.00."""
+    from scipy.stats import binomtest
+
+    is_positive, called = np.asarray(is_positive, bool), np.asarray(called, bool)
+    counts = {"sensitivity": (called & is_positive, is_positive), "specificity": (~called & ~is_positive, ~is_positive),
+              "ppv": (called & is_positive, called), "npv": (~called & ~is_positive, ~called)}
+    intervals = {}
+    for name, (hits, among) in counts.items():
+        n = int(among.sum())
+        if n == 0:
+            intervals[prefix + name] = [None, None]
+            continue
+        low, high = binomtest(int(hits.sum()), n).proportion_ci(confidence_level=level, method="exact")
+        intervals[prefix + name] = [float(low), float(high)]
+    return intervals
+
+
+def few_cases(is_positive, name=""):
+    """A caution for a number that rests on fewer than FEW positives or negatives, or None."""
+    positives, negatives = int(np.sum(is_positive)), int(np.sum(~np.asarray(is_positive, bool)))
+    if min(positives, negatives) >= FEW:
+        return None
+    return (f"{name + ': ' if name else ''}{positives} positive and {negatives} negative images: fewer than {FEW} "
+            "of one kind, so these numbers are rough (see their intervals)")
+
+
 def roc_band(is_positive, scores, n_resamples=2000, seed=0, level=0.95, grid=101):
     """(fpr grid, lower tpr, upper tpr): a pointwise bootstrap band around the ROC curve."""
     fpr_grid = np.linspace(0, 1, grid)

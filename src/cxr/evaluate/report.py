@@ -74,6 +74,7 @@ def render_html(context, evaluation, headline, figures):
     title, subtitle, counts, config = context.title, context.subtitle, context.counts, context.settings
     operating_point, calibration = evaluation.operating_point, evaluation.calibration
     intervals = evaluation.confidence_intervals
+    cautions = "".join(f'<p class="limits">Caution: {e(c)}</p>' for c in evaluation.cautions[:8])
     multi_label = "findings" in operating_point
     classes = list(next(iter(counts.values())))
     total = (lambda per_class: "") if multi_label else (lambda per_class: f"<td>{sum(per_class.values())}</td>")
@@ -122,7 +123,7 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 {'<p>Positive images per finding (and images in all) per split.</p>' if multi_label else ''}
 <table><tr><th>split</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}{count_header}</tr>{count_rows}</table>
 <h2>Operating point and calibration</h2>
-<p>{point}</p>{f'<p class="limits">{e(context.note)}</p>' if context.note else ''}
+<p>{point}</p>{f'<p class="limits">{e(context.note)}</p>' if context.note else ''}{cautions}
 <h2>Test metrics (95% {'patient-level' if multi_label else 'stratified'} bootstrap confidence intervals)</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metric_rows_html}</table>
 {finding_section(evaluation) if multi_label else ''}
