@@ -94,6 +94,8 @@ def test_predict_reports_label_and_probability_per_image(trained, capsys):
     for r in records:
         assert r["label"] == ("PNEUMONIA" if r["p_PNEUMONIA"] >= threshold else "NORMAL")
         assert r["probability"] == r[f"p_{r['label']}"]
+        assert r["threshold"] == threshold and r["rule"].startswith(f"PNEUMONIA when its calibrated probability >= "
+                                                                     f"{threshold:.4f}, else NORMAL")
     one = next(folder.iterdir())
     assert main(["predict", str(one), "--model", model, "--format", "csv", "--tta"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -115,8 +117,10 @@ def test_predict_applies_the_saved_threshold(trained, tmp_path, capsys, threshol
 def test_evaluate_command_reproduces_the_test_metrics_of_training(trained, tmp_path, capsys):
     root, _ = trained
     trained_summary = json.loads((root / "outputs/reports/summary.json").read_text())
+    images = {p: p.read_bytes() for p in (root / "data").rglob("*") if p.is_file()}
     assert main(["evaluate", "--model", str(root / "outputs/models/model.h5"), "--data-dir", str(root / "data"),
                  "--output-dir", str(tmp_path / "eval"), "--bootstrap", "100"]) == 0
+    assert {p: p.read_bytes() for p in (root / "data").rglob("*") if p.is_file()} == images  # user data untouched
     summary = json.loads((tmp_path / "eval/reports/summary.json").read_text())
     assert summary["operating_point"] == trained_summary["operating_point"]
     assert summary["metrics"]["confusion_matrix"] == trained_summary["metrics"]["confusion_matrix"]
@@ -124,6 +128,13 @@ def test_evaluate_command_reproduces_the_test_metrics_of_training(trained, tmp_p
         assert summary["metrics"][name] == pytest.approx(trained_summary["metrics"][name], abs=1e-5), name
     for name in ("report.html", "metrics.csv", "classification_report.csv"):
         assert (tmp_path / "eval/reports" / name).is_file()
+    rows = list(csv.DictReader(open(tmp_path / "eval/reports/predictions.csv")))  # one row per image, its call
+    assert len(rows) == summary["metrics"]["n_images"]
+    matrix = np.zeros((2, 2), int)
+    for row in rows:
+        matrix[["NORMAL", "PNEUMONIA"].index(row["true"]), ["NORMAL", "PNEUMONIA"].index(row["label"])] += 1
+        assert abs(float(row["p_NORMAL"]) + float(row["p_PNEUMONIA"]) - 1) < 1e-4
+    assert matrix.tolist() == summary["metrics"]["confusion_matrix"]
     check = summary["shortcut_check"]  # every evaluated image (fewer than evaluate.shortcuts.SAMPLE), three edits
     assert check["n_images"] == summary["metrics"]["n_images"] and len(check["probes"]) == 4
     assert 0 <= check["negatives_called_positive"] <= 1

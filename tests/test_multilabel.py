@@ -372,7 +372,7 @@ def test_predict_explain_evaluate_calibrate_and_export(tiny_multilabel, tmp_path
     assert main(["predict", str(images[0]), "--model", model, "--format", "csv"]) == 0
     header = capsys.readouterr().out.splitlines()[0].split(",")
     assert header == ["path", "label", "in_distribution", "population_score", "population_percentile", "warnings",
-                      *(f"p_{f}" for f in findings)]
+                      "rule", *(f"p_{f}" for f in findings), *(f"threshold_{f}" for f in findings)]
 
     assert main(["explain", str(images[0]), "--model", model, "--output-dir", str(tmp_path / "explain"),
                  "--class", findings[1]]) == 0

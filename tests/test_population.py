@@ -66,8 +66,8 @@ def test_every_output_format_carries_the_check(tiny_run, capsys):
     assert [row["in_distribution"] for row in rows] == [str(r["in_distribution"]) for r in records]
     assert [float(row["population_percentile"]) for row in rows] == [r["population_percentile"] for r in records]
     table = predictions(capsys, xrays, model, "table")[0].splitlines()
-    assert "population" in table[0]
-    for line, r in zip(table[1:], records):
+    assert table[0].startswith("Rule: ") and "population" in table[1]  # the rule once, above the rows
+    for line, r in zip(table[2:], records):
         assert line.endswith("ok") if r["in_distribution"] else "FLAGGED" in line
 
 

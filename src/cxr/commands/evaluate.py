@@ -44,7 +44,7 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels
     import keras
 
     keras.utils.set_random_seed(options.seed)  # the bootstrap's and the shortcut check's draws
-    from cxr.bundle.artifacts import summary, write_evaluation
+    from cxr.bundle.artifacts import summary, write_evaluation, write_predictions
     from cxr.evaluate import evaluate_model
     from cxr.evaluate.report import ReportContext
 
@@ -74,6 +74,8 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels
                             f"{model_path} on {source} ({len(rows)} images){', with flip TTA' if options.tta else ''}.",
                             dataset.counts(), settings, note=note)
     write_evaluation(outputs, evaluation, context)
+    write_predictions(outputs.reports / "predictions.csv", evaluation, dataset.files("evaluated"),
+                      dataset.split("evaluated")[1])
     result = summary(evaluation, context, inference=model.engine)
     write_json(outputs.reports / "summary.json", result)
     return result

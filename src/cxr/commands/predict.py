@@ -127,11 +127,21 @@ def population_fields(check, k):
     return check.record(k) if check is not None else dict.fromkeys(POPULATION_FIELDS)
 
 
-def format_predictions(predictions, class_names, fmt="table", multi_label=False):
+def format_predictions(predictions, class_names, fmt="table", multi_label=False, operating_point=None):
     """One record per file of `predictions` (`Predictions`): the label, its probability and every class's
     probability; for a multi-label model the findings called (`positive_findings`, joined by '|' as the label)
     and every finding's probability. Each also carries the population check ("in_distribution", its score and
-    percentile; None without one) and the image's warnings (csv: joined by '; ')."""
+    percentile; None without one), the image's warnings (csv: joined by '; ') and the rule that made the label
+    from the probabilities (`operating_point`: the model's; "threshold" and "rule", per finding for multi-label;
+    the table says it once, above the rows)."""
+    from cxr.bundle.model_card import decision_rule
+
+    point = operating_point or {"threshold": None}
+    if "findings" in point:
+        thresholds = {name: p["threshold"] for name, p in point["findings"].items()}
+        rules = "each finding is called when its calibrated probability reaches its threshold"
+    else:
+        thresholds, rules = point.get("threshold"), decision_rule(point, class_names)
     check, records = predictions.check, []
     for k, (p, prob, label, notes) in enumerate(zip(predictions.files, predictions.probabilities, predictions.labels,
                                                     predictions.warnings)):
@@ -141,15 +151,20 @@ def format_predictions(predictions, class_names, fmt="table", multi_label=False)
         else:
             record = {"path": str(p), "label": class_names[label], "probability": float(prob[label])}
         records.append(record | population_fields(check, k) | {"warnings": notes}
-                       | {f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)})
-    columns = ["path", "label", *([] if multi_label else ["probability"]), *POPULATION_FIELDS, "warnings"]
+                       | {f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}
+                       | {("thresholds" if multi_label else "threshold"): thresholds, "rule": rules})
+    columns = ["path", "label", *([] if multi_label else ["probability", "threshold"]), *POPULATION_FIELDS,
+               "warnings", "rule"]
     if fmt == "json":
         return json.dumps(records, indent=2)
     if fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=[*columns, *(f"p_{n}" for n in class_names)], extrasaction="ignore")
+        per_finding = [f"threshold_{n}" for n in class_names] if multi_label else []
+        writer = csv.DictWriter(buffer, fieldnames=[*columns, *(f"p_{n}" for n in class_names), *per_finding],
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: spreadsheet_safe("; ".join(v) if k == "warnings" else v) for k, v in r.items()}
+                         | ({f"threshold_{n}": t for n, t in thresholds.items()} if multi_label else {})
                          for r in records)
         return buffer.getvalue().rstrip("\n")
     width = max([len(r["path"]) for r in records] + [4])
@@ -157,12 +172,14 @@ def format_predictions(predictions, class_names, fmt="table", multi_label=False)
     def population(r):
         return {None: "n/a", True: "ok", False: "FLAGGED: unlike its training images"}[r["in_distribution"]]
 
+    said = (f"Rule: {rules} (" + ", ".join(f"{f} {t:.3f}" for f, t in thresholds.items()) + ")") if multi_label \
+        else f"Rule: {rules}"
     if multi_label:
-        lines = [f"{'path':{width}}  {'population':10}  findings called (calibrated probability)"]
+        lines = [said, f"{'path':{width}}  {'population':10}  findings called (calibrated probability)"]
         lines += [f"{r['path']:{width}}  {population(r)[:10]:10}  " + (", ".join(
             f"{f} {r[f'p_{f}']:.3f}" for f in r["positive_findings"]) or NONE_CALLED) for r in records]
         return "\n".join(lines)
-    lines = [f"{'path':{width}}  {'label':12}  probability  population"]
+    lines = [said, f"{'path':{width}}  {'label':12}  probability  population"]
     lines += [f"{r['path']:{width}}  {r['label']:12}  {r['probability']:.4f}       {population(r)}" for r in records]
     return "\n".join(lines)
 
@@ -180,7 +197,7 @@ def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False, skippe
         more = f" (every one listed in {skipped_list})" if skipped_list else "; --skipped-list FILE lists them all"
         raise UserError(f"none of the {len(files)} images could be predicted: {describe_skipped(predictions.skipped)}"
                         f"{more}")
-    return format_predictions(predictions, model.class_names, fmt, model.multi_label)
+    return format_predictions(predictions, model.class_names, fmt, model.multi_label, model.operating_point)
 
 
 def write_skipped(path, skipped):
