@@ -225,6 +225,69 @@ def test_an_error_quoting_patient_data_is_logged_without_it():
     assert message.startswith("invalid person name")
 
 
+def echo(port):
+    """Whether cxr listen on `port` answers a C-ECHO with Success."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXR")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0x0000
+
+
+def closed_by_peer(connection, timeout=5):
+    """Whether the other end closes `connection` within `timeout` s (after whatever it sends first: an A-ABORT)."""
+    connection.settimeout(timeout)
+    try:
+        while connection.recv(1024):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def slow_peers_are_cut_off_and_a_giant_pdu_refused(listener):
+    """Audit 2026-12-06, fault 5: four connections sending a byte every 10 s held all four association slots (C-ECHO
+    unanswered for 35 s); one message could declare 4 GB and was buffered as it arrived."""
+    import socket
+
+    from cxr.commands.listen import MAX_PDU_BYTES, PDU_SECONDS
+
+    slow = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(4)]
+    for connection in slow:  # an association request's header (100 bytes to come), then a trickle of them
+        connection.sendall(b"\x01\x00" + (100).to_bytes(4, "big"))
+    started = time.monotonic()
+    while time.monotonic() - started < PDU_SECONDS + 3:
+        time.sleep(2)
+        for connection in slow:
+            try:
+                connection.sendall(b"\x00")
+            except OSError:  # already cut off
+                pass
+    assert all(closed_by_peer(connection) for connection in slow)
+    deadline = time.monotonic() + 15  # the slots are free again once the associations' threads have ended
+    while not echo(listener.port):
+        assert time.monotonic() < deadline, listener.stderr[-2000:]
+        time.sleep(1)
+    before = peak_memory_mb(listener.process.pid)
+    giant = socket.create_connection(("127.0.0.1", listener.port))
+    try:
+        giant.sendall(b"\x01\x00" + ((4 << 30) - 1).to_bytes(4, "big") + bytes(MAX_PDU_BYTES // 4))  # 4 GB declared
+    except OSError:  # cut off while sending
+        pass
+    assert closed_by_peer(giant, timeout=10)
+    assert peak_memory_mb(listener.process.pid) - before < 100 and echo(listener.port)
+    for connection in [*slow, giant]:
+        connection.close()
+
+
 def peak_memory_mb(pid):
     """The process's peak resident memory so far (VmHWM), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -263,6 +326,7 @@ def test_a_bad_window_and_rle_are_answered_and_an_oversized_image_refused_before
         before = peak_memory_mb(listener.process.pid)
         assert c_store(listener.port, [bomb, frames, no_window, compressed]) == [0xC000, 0xC000, 0x0000, 0x0000]
         assert peak_memory_mb(listener.process.pid) - before < 500
+        slow_peers_are_cut_off_and_a_giant_pdu_refused(listener)
         deadline = time.monotonic() + 120  # the results are written after the answer is logged
         while len(list(out.glob("*.dcm"))) < 4:
             assert time.monotonic() < deadline, listener.stderr[-3000:]
@@ -323,3 +387,36 @@ def test_results_are_built_from_a_source_with_non_conformant_values(tiny_run):
             assert made.PatientBirthDate == "" and "PatientAge" not in made and made.PatientID == source.PatientID
         results.append((sr.StudyInstanceUID, sr.SeriesInstanceUID))
     assert results[0] != results[1] and results[0][0] != results[1][0]  # each source a study and series of its own
+
+
+def test_a_message_past_its_size_or_time_limit_aborts_its_association(monkeypatch):
+    """Audit 2026-12-06, fault 5: one message could declare 4 GB and was buffered as it arrived (200 MB streamed
+    added 203 MB). pynetdicom calls these handlers with every PDU and every whole message."""
+    from types import SimpleNamespace
+
+    from cxr.commands import listen
+
+    class Association:
+        requestor = SimpleNamespace(ae_title="MODALITY")
+        aborted = False
+
+        def abort(self):
+            self.aborted = True
+
+    limits, big, slow = listen.MessageLimits(), Association(), Association()
+    pdu = bytes(16 << 10)
+    monkeypatch.setattr(listen, "MAX_MESSAGE_BYTES", 10 * len(pdu))
+    for _ in range(10):  # a message of ten PDUs, then the next: within the limit
+        limits.data(SimpleNamespace(assoc=big, data=pdu))
+    limits.message(SimpleNamespace(assoc=big))
+    for _ in range(10):
+        limits.data(SimpleNamespace(assoc=big, data=pdu))
+    assert not big.aborted
+    limits.data(SimpleNamespace(assoc=big, data=pdu))  # the eleventh PDU of one message
+    assert big.aborted and big not in limits.progress
+    clock = [1000.0]
+    monkeypatch.setattr(listen.time, "monotonic", lambda: clock[0])
+    limits.data(SimpleNamespace(assoc=slow, data=b"x"))
+    clock[0] += listen.MESSAGE_SECONDS + 1
+    limits.data(SimpleNamespace(assoc=slow, data=b"x"))
+    assert slow.aborted

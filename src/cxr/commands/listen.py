@@ -35,6 +35,12 @@ SEND_TRIES = 3
 SPOOL_TRIES = 3  # tries at answering a spooled image (one per start, or more) before it is moved to failed/
 RETRY_WAIT_S = 2.0  # doubled after every failed try
 TIMEOUT_S = 30  # ACSE, DIMSE and network timeouts, both as SCP and as SCU
+# Bounds on what one peer can hold (docs/pacs.md, "Limits"): the 30 s above apply to each read, so a peer trickling a
+# byte every 10 s would keep its association slot forever, and a message is buffered as it arrives
+MAX_PDU_BYTES = 1 << 20  # one PDU: cxr asks for 16 kB PDUs; an association request with every context fits in 64 kB
+PDU_SECONDS = 10  # from a PDU's first byte to its last
+MAX_MESSAGE_BYTES = 256 << 20  # one DIMSE message: a 50 MP 16-bit image is 100 MB uncompressed
+MESSAGE_SECONDS = 300  # from a message's first PDU to its last
 
 
 def log(message):
@@ -278,19 +284,84 @@ class Listener:
         threading.Thread(target=self.work, name="cxr-listen-worker", daemon=True).start()
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+        ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+        # a connection's association request must come within PDU_SECONDS: pynetdicom holds the association slot of
+        # a connection cut off before its request for as long as this
+        ae.acse_timeout = PDU_SECONDS
         ae.require_called_aet = True
         # every storage class, so that a CT is answered with a reason rather than a rejected association; in the
         # uncompressed transfer syntaxes and every compressed one cxr decodes
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, [*DEFAULT_TRANSFER_SYNTAXES, *COMPRESSED_SYNTAXES])
         ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store)]
+        from pynetdicom.transport import AssociationSocket
+
+        AssociationSocket.recv = bounded_recv  # every association of this process, as SCP and as SCU
+        limits = MessageLimits()
+        handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store),
+                    (evt.EVT_DATA_RECV, limits.data), (evt.EVT_DIMSE_RECV, limits.message),
+                    (evt.EVT_RELEASED, limits.closed), (evt.EVT_ABORTED, limits.closed),
+                    (evt.EVT_CONN_CLOSE, limits.closed)]
         try:
             self.server = ae.start_server((host, port), block=False, evt_handlers=handlers)
         except OSError as error:
             raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host") from None
         return self.server
+
+
+def bounded_recv(self, nr_bytes):
+    """pynetdicom's `AssociationSocket.recv` with the listener's limits: a PDU longer than MAX_PDU_BYTES, or one
+    whose bytes take more than PDU_SECONDS from first to last, ends the connection (pynetdicom then aborts the
+    association) instead of being buffered or holding its slot."""
+    if nr_bytes > MAX_PDU_BYTES:
+        raise OSError(f"a PDU of {nr_bytes} bytes, more than the {MAX_PDU_BYTES} cxr listen accepts")
+    received, first, timeout = bytearray(), None, self.socket.gettimeout()
+    try:
+        while len(received) < nr_bytes:
+            if first is not None:  # the rest of the PDU must come before its deadline, however it trickles
+                left = PDU_SECONDS - (time.monotonic() - first)
+                if left <= 0:
+                    raise OSError(f"a PDU took more than {PDU_SECONDS} s to arrive")
+                self.socket.settimeout(left if timeout is None else min(left, timeout))
+            chunk = self.socket.recv(min(4096, nr_bytes - len(received)))
+            if not chunk:
+                return received
+            first = time.monotonic() if first is None else first
+            received.extend(chunk)
+        return received
+    finally:
+        self.socket.settimeout(timeout)
+
+
+class MessageLimits:
+    """Abort an association whose DIMSE message in progress grows past MAX_MESSAGE_BYTES or takes longer than
+    MESSAGE_SECONDS (pynetdicom's EVT_DATA_RECV comes with every PDU, EVT_DIMSE_RECV with every whole message)."""
+
+    def __init__(self):
+        self.progress = {}  # association -> (bytes of the message in progress, when it started)
+
+    def data(self, event):
+        size, started = self.progress.get(event.assoc, (0, time.monotonic()))
+        size += len(event.data)
+        self.progress[event.assoc] = (size, started)
+        if size > MAX_MESSAGE_BYTES or time.monotonic() - started > MESSAGE_SECONDS:
+            why = (f"a message of more than {MAX_MESSAGE_BYTES >> 20} MB" if size > MAX_MESSAGE_BYTES
+                   else f"a message still arriving after {MESSAGE_SECONDS} s")
+            log(f"aborted the association from {event.assoc.requestor.ae_title}: {why}")
+            self.progress.pop(event.assoc, None)
+            event.assoc.abort()
+
+    def message(self, event):
+        self.progress.pop(event.assoc, None)
+
+    def closed(self, event):
+        self.progress.pop(event.assoc, None)
+
+
+def without_traceback(record):
+    """A logging filter: the record as its one-line message, without the exception's traceback."""
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def finished(folder):
@@ -353,7 +424,13 @@ def listen(model_path, send_to=None, output_dir=None, node=Node(), precision="au
     model = SavedModel.load(model_path, precision)
     if model.population is None:
         warn(model.population_note)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its debug logs print datasets, patient data included
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    pynetdicom_log.setLevel(logging.WARNING)  # its debug logs print datasets, patient data included
+    one_line = logging.StreamHandler(sys.stderr)
+    one_line.setFormatter(logging.Formatter("cxr listen: pynetdicom: %(message)s"))
+    one_line.addFilter(without_traceback)  # a peer cut off by a limit is one line, not a traceback
+    pynetdicom_log.addHandler(one_line)
+    pynetdicom_log.propagate = False
     folder = Path(output_dir) if output_dir else Path("cxr-listen")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output-dir {folder}: a file is there; give a folder")
