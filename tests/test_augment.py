@@ -73,17 +73,18 @@ def test_each_backbone_has_its_default_augmentation_views_and_fine_tuning_cap_an
     def augment(*argv):
         return config_from_args(parser.parse_args(["train", *argv])).augment
 
-    assert augment() == "seed"  # B0: the seed script's
+    assert augment() == "site-aspect"  # the default backbone, Lite0
+    assert augment("--backbone", "efficientnetb0") == "seed"  # B0: the seed script's
     assert augment("--backbone", "efficientnet-lite0") == "site-aspect"
     assert augment("--backbone", "efficientnet-lite0", "--augment", "seed") == "seed"
     assert Config(backbone="efficientnet-lite0").augment == "site-aspect"
     assert Config(backbone="efficientnet-lite0").to_dict()["augment"] == "site-aspect"  # summary.json names it
-    assert Config().feature_views == 2 and Config(backbone="efficientnet-lite0").feature_views == 4
+    assert Config(backbone="efficientnetb0").feature_views == 2 and Config().feature_views == 4
     assert config_from_args(parser.parse_args(["train", "--backbone", "efficientnet-lite0", "--feature-views",
                                                "1"])).feature_views == 1
     assert Config(backbone="efficientnet-lite0").finetune_epochs == 5  # Lite0 stops phase 2 after 5 epochs
     assert Config(backbone="efficientnet-lite0", epochs=3).finetune_epochs == 3  # never more than --epochs
-    assert Config().finetune_epochs == 30  # B0: the seed's --epochs for both phases
+    assert Config(backbone="efficientnetb0").finetune_epochs == 30  # B0: the seed's --epochs for both phases
     assert config_from_args(parser.parse_args(["train", "--backbone", "efficientnet-lite0", "--finetune-epochs",
                                                "20"])).finetune_epochs == 20
 

@@ -150,8 +150,8 @@ def test_test_time_scales_default_to_the_backbones_and_are_checked():
     from cxr.cli import build_parser, config_from_args
     from cxr.training.config import Config
 
-    assert Config().test_time_scales == [1.0]  # B0: the seed's one view
-    assert Config(backbone="efficientnet-lite0").test_time_scales == [0.9, 1.0]
+    assert Config(backbone="efficientnetb0").test_time_scales == [1.0]  # B0: the seed's one view
+    assert Config().test_time_scales == [0.9, 1.0]  # Lite0, the default
     parser = build_parser()
     assert config_from_args(parser.parse_args(["train", "--backbone", "efficientnet-lite0", "--test-time-scales",
                                                "1"])).test_time_scales == [1.0]
