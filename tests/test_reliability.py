@@ -312,7 +312,7 @@ def test_a_body_shorter_than_its_content_length_is_answered_and_logged_in_one_li
                                    ("multipart/form-data; boundary=XX",
                                     b'--XX\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n\xff')):
             with socket.create_connection((host, int(port))) as client:
-                client.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                client.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
                                "Content-Length: 1000\r\n\r\n".encode() + body)
                 client.shutdown(socket.SHUT_WR)
                 client.settimeout(30)

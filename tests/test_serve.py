@@ -161,7 +161,7 @@ def test_an_oversized_body_is_refused_before_it_is_sent(server):
     """The 413 comes back after the headers alone: the server never waits for the 100 MB they announce."""
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as connection:
-        connection.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        connection.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
                            b"Content-Length: 104857600\r\n\r\n" + b"\x89PNG" + bytes(1000))
         reply = b""
         try:  # the headers and the body can come in separate segments
@@ -197,7 +197,8 @@ def test_predict_answers_503_until_the_model_is_loaded(tiny_run):
     from cxr.bundle.saved_model import SavedModel
     from cxr.commands.serve import create_app
 
-    client = TestClient(create_app(SavedModel.load(tiny_run / "models/model.h5")))  # no `with`: no lifespan
+    client = TestClient(create_app(SavedModel.load(tiny_run / "models/model.h5")),  # no `with`: no lifespan
+                        base_url="http://localhost")  # a host the app answers to
     for answer in (client.get("/health/ready"), client.post("/v1/predict", content=XRAYS[0].read_bytes())):
         assert answer.status_code == 503 and answer.json()["error"] == "service_unavailable"
     assert client.get("/health/live").status_code == 200
