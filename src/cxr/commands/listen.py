@@ -25,11 +25,6 @@ from pathlib import Path
 from cxr.errors import UserError
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
-# The compressed transfer syntaxes accepted besides the uncompressed ones: those whose decoders install with cxr
-# (data.dicom.DECODERS): JPEG baseline, JPEG-LS, JPEG 2000 and HTJ2K, RLE
-COMPRESSED_SYNTAXES = ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
-                       "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
-                       "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.5"]
 MAX_QUEUED = 200  # images acknowledged but not yet answered; past this the SCP answers "out of resources"
 SEND_TRIES = 3
 SPOOL_TRIES = 3  # tries at answering a spooled image (one per start, or more) before it is moved to failed/
@@ -277,6 +272,8 @@ class Listener:
     def start(self, host, port):
         """Start the worker and the SCP (in the background); returns the server."""
         from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+
+        from cxr.data.dicom import DECODED_AS_INSTALLED
         from pynetdicom.sop_class import Verification
 
         for spooled in finished(self.spool):
@@ -292,7 +289,7 @@ class Listener:
         # every storage class, so that a CT is answered with a reason rather than a rejected association; in the
         # uncompressed transfer syntaxes and every compressed one cxr decodes
         for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, [*DEFAULT_TRANSFER_SYNTAXES, *COMPRESSED_SYNTAXES])
+            ae.add_supported_context(context.abstract_syntax, [*DEFAULT_TRANSFER_SYNTAXES, *DECODED_AS_INSTALLED])
         ae.add_supported_context(Verification)
         from pynetdicom.transport import AssociationSocket
 

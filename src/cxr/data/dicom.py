@@ -37,6 +37,9 @@ DECODERS = {
     "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg (installed with cxr)",
     "1.2.840.10008.1.2.5": "pydicom itself (RLE Lossless)",
 }
+# The compressed transfer syntaxes cxr decodes as installed (the others need a GPL package): what `cxr listen`
+# accepts besides the uncompressed ones
+DECODED_AS_INSTALLED = [uid for uid, package in DECODERS.items() if "GPL" not in package]
 
 
 class DicomError(ValueError):
