@@ -164,9 +164,10 @@ def with_other_views(trained_dir, run_dir, config):
     model = SavedModel.from_keras(networks.with_test_time_scales(trained_model.keras_model, config.test_time_scales),
                                   trained_model.class_names, config.img_size, config.backbone, config.test_time_scales)
     model.predictor()
-    precision.choose(model, dataset, config.precision, config.seed)
-    model.operating_point, model.population = fit_on_validation(model, dataset,
-                                                                trained_model.operating_point["positive_class"], config)
+    fit_point = precision.default_point_fitter(model.class_names, False, trained_model.operating_point["positive_class"],
+                                               config.target_sensitivity)
+    precision.choose(model, dataset, config.precision, config.seed, fit_point)
+    model.operating_point, model.population = fit_on_validation(model, dataset, fit_point, config)
     evaluation = evaluate_model(model, dataset, "test", EvaluationOptions(bootstrap=0, seed=config.seed))
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
     (run_dir / "reports").mkdir(exist_ok=True)

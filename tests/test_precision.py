@@ -135,6 +135,79 @@ def cxr(*args, cache):
                           timeout=900, env=os.environ | {"XDG_CACHE_HOME": str(cache)})
 
 
+def guarded(make_int8, speeds=(100.0, 150.0)):
+    """(passed, record) of `precision.guard` for a made binary model: 1,000 validation images whose float32 logits
+    are calibrated (labels drawn from them), and int8 logits `make_int8(logits, threshold)` (threshold: float32's
+    operating point as a logit)."""
+    from cxr.bundle import precision
+    from cxr.model.inference import calibrate_at
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, 1000)
+    y = (rng.random(1000) < 1 / (1 + np.exp(-logits))).astype(int)
+    names = ["NORMAL", "PNEUMONIA"]
+    fit = precision.default_point_fitter(names, False)
+
+    def outputs(z):
+        p = 1 / (1 + np.exp(-z))
+        return np.stack([1 - p, p], axis=1)
+
+    def served(raw):
+        return calibrate_at(fit(y, raw), raw, names, False)
+
+    point = fit(y, outputs(logits))
+    threshold = np.log(point["threshold"] / (1 - point["threshold"])) * point["temperature"]
+    int8 = make_int8(logits.copy(), threshold, rng)
+    return precision.guard(y, {"float32": outputs(logits), "int8": outputs(int8)}, served, False,
+                           {"float32": speeds[0], "int8": speeds[1]})
+
+
+def nearest_mirrored(z, threshold, rng, count=24):
+    """The `count` images nearest the threshold called the other way."""
+    near = np.argsort(np.abs(z - threshold))[:count]
+    z[near] = 2 * threshold - z[near]
+    return z
+
+
+def pulled_in(z, threshold, rng):
+    """25 images between 1 and 2 logits from the threshold pulled 0.45 towards it: each call kept."""
+    d = z - threshold
+    middle = np.flatnonzero((np.abs(d) > 1) & (np.abs(d) < 2))[:25]
+    z[middle] -= 0.45 * np.sign(d[middle])
+    return z
+
+
+def one_moved(z, threshold, rng):
+    """The most certain positive moved to just above the threshold."""
+    z[np.argmax(z)] = threshold + 0.5
+    return z
+
+
+@pytest.mark.parametrize("make_int8, speeds, failed", [
+    (lambda z, t, rng: z + rng.normal(0, 0.5, len(z)), (100, 150), "lower than float32's"),
+    (nearest_mirrored, (100, 150), "calls agree with float32's on"),
+    (pulled_in, (100, 150), "at the 99th percentile"),
+    (one_moved, (100, 150), "on one image"),
+    (lambda z, t, rng: np.sign(z) * (np.abs(z) + 0.7), (100, 150), "expected calibration error"),
+    (lambda z, t, rng: z, (100, 90), "not faster"),
+])
+def test_each_condition_of_the_guard_keeps_float32_when_int8_fails_it(make_int8, speeds, failed):
+    passed, record = guarded(make_int8, speeds)
+    assert not passed and failed in record["reason"], record
+    # the calls, the 99th percentile and the worst image are judged on their own: one condition, one reason
+    if make_int8 in (nearest_mirrored, pulled_in, one_moved):
+        assert ";" not in record["reason"], record
+
+
+def test_int8_within_every_tolerance_passes_the_guard_with_its_numbers_recorded():
+    passed, record = guarded(lambda z, t, rng: z + rng.normal(0, 0.03, len(z)))
+    assert passed and record["reason"] == "passed the guard", record
+    assert abs(record["val_auc_float32"] - record["val_auc_int8"]) < 0.002 and record["call_agreement"] >= 0.99
+    assert record["calibrated_probability_difference"]["max"] <= 0.15 and record["ece_int8"] is not None
+    assert record["tolerances"] == {"auc": 0.002, "call_agreement": 0.99, "probability_p99": 0.05,
+                                    "probability_max": 0.15, "ece": 0.01}
+
+
 def test_the_choice_is_recorded_saved_and_used_by_predict_and_export(tmp_path):
     data = tmp_path / "data"
     for name in ("NORMAL", "PNEUMONIA"):

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from cxr.atomic import atomic_path, file_sha256, write_bytes, write_json
 from cxr.errors import UserError
-from cxr.model.inference import (apply_finding_temperatures, apply_temperature, decide, decide_findings, positive_class,
-                           predict_outputs)
+from cxr.model.inference import calibrate_at, positive_class, predict_outputs
 from cxr.model.population import POPULATION_FILE, UNAVAILABLE, Population
 
 CLASS_NAMES_FILE = "class_names.json"
@@ -111,6 +110,7 @@ class SavedModel:
         self.inference = info.get("inference")
         self.precision = "auto"
         self._int8 = None  # an int8 conversion still in memory (during training)
+        self._conversions = {}  # {LiteRT cache tag: float32 flatbuffer} made before the model had a file
 
     @classmethod
     def load(cls, path, precision="auto"):
@@ -223,7 +223,10 @@ class SavedModel:
         cached = litert.cached_conversion(self.path, self.sha256, tag) if self.path is not None else None
         if cached is not None:
             return cached, "litert"
-        return litert.fast_inference(keras_model(), self.path, n_images, digest=self.sha256, tag=tag)
+        predictor, engine = litert.fast_inference(keras_model(), self.path, n_images, digest=self.sha256, tag=tag)
+        if self.path is None and isinstance(predictor, litert.LiteRTModel):
+            self._conversions[tag] = predictor.flatbuffer  # cached with the model file when it is saved
+        return predictor, engine
 
     def view_predictors(self, n_images=None):
         """(the first view's predictor: the image as it is, (n, S, S, 3) -> (n, classes + features) as
@@ -340,11 +343,7 @@ class SavedModel:
     def calibrate(self, raw):
         """(calibrated probabilities, labels) at the operating point, for (n, classes) raw outputs: labels are
         (n,) class indices, or for a multi-label model an (n, findings) 0/1 matrix of the findings called."""
-        if self.multi_label:
-            probabilities = apply_finding_temperatures(raw, self.finding_points("temperature"))
-            return probabilities, decide_findings(probabilities, self.finding_points("threshold"))
-        probabilities = apply_temperature(raw, self.operating_point["temperature"])
-        return probabilities, decide(probabilities, self.positive_index, self.operating_point["threshold"])
+        return calibrate_at(self.operating_point, raw, self.class_names, self.multi_label)
 
     def predict(self, images, rows=None, batch_size=32, tta=False):
         """(calibrated probabilities (n, classes), labels (n,) or (n, findings)) for `images[rows]`."""
@@ -379,6 +378,11 @@ class SavedModel:
                      **({"inference": self.inference} if self.inference is not None else {}),
                      **({"population_file": POPULATION_FILE} if self.population is not None else {})}
         write_json(Path(models_dir) / CLASS_NAMES_FILE, self.info)
+        from cxr.bundle import litert
+
+        # the conversions training made, cached for this file: the first `cxr predict` is as quick as the next
+        for tag, flatbuffer in self._conversions.items():
+            litert.write_cache(litert.cache_path(self.path, self.sha256, tag), flatbuffer)
         return self.path
 
     def copy_to(self, models_dir, operating_point):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.errors import UserError
+from cxr.progress import progress
 
 _TINY = 1e-12
 
@@ -20,12 +21,14 @@ def predict_outputs(model, images, rows=None, batch_size=32, tta=False):
     mirror image's."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     batches = []
-    for start in range(0, len(rows), batch_size):
-        x = np.asarray(images[rows[start:start + batch_size]], dtype=np.float32)
-        p = np.asarray(model.predict_on_batch(x), dtype=np.float64)
-        if tta:
-            p = (p + np.asarray(model.predict_on_batch(x[:, :, ::-1]), dtype=np.float64)) / 2
-        batches.append(p)
+    with progress(total=len(rows), desc="Predicting") as bar:
+        for start in range(0, len(rows), batch_size):
+            x = np.asarray(images[rows[start:start + batch_size]], dtype=np.float32)
+            p = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+            if tta:
+                p = (p + np.asarray(model.predict_on_batch(x[:, :, ::-1]), dtype=np.float64)) / 2
+            batches.append(p)
+            bar.update(len(x))
     return np.concatenate(batches) if batches else np.zeros((0, model.output_shape[-1]))
 
 
@@ -65,6 +68,18 @@ def decide(probabilities, positive_index=None, threshold=None):
         return probabilities.argmax(axis=1)
     negative_index = 1 - positive_index
     return np.where(probabilities[:, positive_index] >= threshold, positive_index, negative_index)
+
+
+def calibrate_at(point, raw, class_names, multi_label):
+    """(calibrated probabilities, labels) of (n, classes) raw outputs at the operating point `point` (as
+    `fit_operating_point` or `fit_finding_points` returns it): labels are (n,) class indices, or for a multi-label
+    model an (n, findings) 0/1 matrix of the findings called."""
+    if multi_label:
+        findings = [point["findings"][f] for f in class_names]
+        probabilities = apply_finding_temperatures(raw, [f["temperature"] for f in findings])
+        return probabilities, decide_findings(probabilities, [f["threshold"] for f in findings])
+    probabilities = apply_temperature(raw, point["temperature"])
+    return probabilities, decide(probabilities, class_names.index(point["positive_class"]), point["threshold"])
 
 
 def fitted_on(description, data_dir, counts, same_data=None):

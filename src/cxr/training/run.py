@@ -127,8 +127,10 @@ def _train(config, output_dir, chief):
     classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone, scales,
                                        multi_label=dataset.multi_label)
     classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]) + FIT_IMAGES)
-    precision.choose(classifier, dataset, config.precision, config.seed)  # then fit and evaluate what is served
-    classifier.operating_point, classifier.population = fit_on_validation(classifier, dataset, positive, config)
+    fit_point = precision.default_point_fitter(class_names, dataset.multi_label, positive, config.target_sensitivity)
+    # int8 is guarded as it would be served, at its own operating point; then fit and evaluate what is served
+    precision.choose(classifier, dataset, config.precision, config.seed, fit_point)
+    classifier.operating_point, classifier.population = fit_on_validation(classifier, dataset, fit_point, config)
     evaluation = evaluate_model(classifier, dataset, "test",
                                 EvaluationOptions(config.bootstrap, config.seed, batch_size=config.batch_size,
                                                   subgroups=tuple(config.subgroups or ()), age_bands=config.age_bands))
@@ -144,6 +146,7 @@ def _train(config, output_dir, chief):
     summary = artifacts.summary(evaluation, context, timings={k: round(v, 2) for k, v in result.seconds.items()},
                                 final_phase=result.final_phase, history=result.history,
                                 precision=keras.mixed_precision.global_policy().name, inference=classifier.engine,
+                                inference_choice=classifier.inference,
                                 strategy=distribution.record())
     write_json(outputs.reports / "summary.json", summary)
     return summary
@@ -181,18 +184,14 @@ def fit_population(model, dataset, config, val_features):
     return population.fit(train_features, val_features, taps, dims, config.false_flag_rate)
 
 
-def fit_on_validation(model, dataset, positive, config):
+def fit_on_validation(model, dataset, fit_point, config):
     """(the operating point: temperature and threshold, per finding for a multi-label model, and where it came
-    from; the population check) fitted on the validation split."""
-    from cxr.evaluate.metrics import fit_finding_points, fit_operating_point
+    from; the population check) fitted on the validation split. `fit_point(y, raw)`: how the point is fitted."""
     from cxr.model.inference import fitted_on
 
     rows, y = dataset.split("val")
     raw, features = model.raw_outputs(dataset.images, rows, config.batch_size)
-    if dataset.multi_label:
-        point = fit_finding_points(y, raw, dataset.class_names, config.target_sensitivity)
-    else:
-        point = fit_operating_point(y, raw, dataset.class_names, positive, config.target_sensitivity)
+    point = fit_point(y, raw)
     # The run's own data: the folders its splits came from (train/ alone when val and test were carved from it)
     folders = [os.path.commonpath([p.resolve().parent for p in dataset.files(split)]) for split in dataset.splits]
     where = config.images if dataset.multi_label else config.data_dir
