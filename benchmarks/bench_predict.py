@@ -104,7 +104,7 @@ def main():
         if args.stock:
             from cxr.commands.export import export
 
-            tflite = export(model_path, ["tflite"], Path(tmp) / "export")[0]
+            tflite = next(p for p in export(model_path, ["tflite"], Path(tmp) / "export") if p.suffix == ".tflite")
             for threads, label in ((0, "LiteRT's default threads"), (len(os.sched_getaffinity(0)), "every core")):
                 seconds = time_stock(files, tflite, tmp, threads)
                 print(f"stock LiteRT script on the tflite export, {label:24} {seconds:7.1f} s  "

@@ -1,4 +1,5 @@
-"""`cxr export`: each format loaded in its own runtime gives Keras' probabilities on real X-rays."""
+"""`cxr export`: each format loaded in its own runtime gives `cxr predict`'s calibrated probabilities on real
+X-rays."""
 
 import json
 
@@ -14,19 +15,33 @@ XRAYS = sorted((SAMPLE / "NORMAL").iterdir())[:3] + sorted((SAMPLE / "PNEUMONIA"
 
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory):
+    import contextlib
+    import io
+
     out = tmp_path_factory.mktemp("export")
-    assert main(["export", "--model", str(tiny_run / "models/model.h5"), "--format", "savedmodel", "tflite", "onnx",
-                 "--output-dir", str(out)]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", "--model", str(tiny_run / "models/model.h5"), "--format", "savedmodel", "tflite",
+                     "onnx", "--output-dir", str(out)]) == 0
+    # each file with what it gives
+    lines = printed.getvalue().splitlines()
+    assert len(lines) == 4 and all("calibrated probabilities of NORMAL, PNEUMONIA" in line for line in lines[:3])
+    assert lines[3].startswith(f"{out / 'model-card.json'}: the model card: the decision rule; the threshold")
     return out
 
 
 @pytest.fixture(scope="module")
 def images_and_keras(tiny_run):
-    import keras
+    """Six real X-rays, and the probabilities `cxr predict` gives them (calibrated; the temperature is not 1)."""
+    from cxr.bundle.saved_model import SavedModel
 
     images = np.stack([decode_image(f, 32) for f in XRAYS]).astype(np.float32)
-    model = keras.models.load_model(tiny_run / "models/model.h5", compile=False)
-    return images, model.predict_on_batch(images)
+    model = SavedModel.load(tiny_run / "models/model.h5", "float32")
+    assert abs(model.operating_point["temperature"] - 1) > 0.01
+    calibrated, _ = model.predict(images)
+    raw = model.keras_model.predict_on_batch(images)
+    assert np.abs(calibrated - raw).max() > 1e-3  # so that an export without the calibration fails
+    return images, calibrated
 
 
 def test_savedmodel_serving_signature_takes_raw_images(exported, images_and_keras):
@@ -73,6 +88,9 @@ def test_model_card_says_what_a_deployment_needs(exported, tiny_run):
     assert card["input"] == {"shape": [None, 32, 32, 3], "dtype": "float32", "value_range": [0, 255],
                              "channel_order": "RGB", "preprocessing": card["input"]["preprocessing"]}
     assert card["outputs"]["class_names"] == info["class_names"] and card["outputs"]["activation"] == "softmax"
+    assert card["outputs"]["calibration"].startswith("inside every exported file")
+    # the population check is not in the files, and the card says so rather than naming population.npz
+    assert "file" not in card["population_check"] and "runs in cxr" in card["population_check"]["exports"]
     assert card["operating_point"]["threshold"] == info["threshold"] and card["model_sha256"] == info["model_sha256"]
     assert card["training"]["counts"] == summary["counts"] and card["training"]["metrics"]["auc_roc"] == summary["metrics"]["auc_roc"]
     assert card["intended_use"] and card["limits"] and card["versions"]["cxr"]

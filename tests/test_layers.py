@@ -5,8 +5,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cxr"
-# Lowest first; a module may import its own layer and those before it. `errors` and `atomic` are the base.
-LAYERS = [("cxr.errors", "cxr.atomic"), ("cxr.data",), ("cxr.model",), ("cxr.evaluate",), ("cxr.bundle",),
+# Lowest first; a module may import its own layer and those before it. `errors`, `atomic` and `progress` are the base.
+LAYERS = [("cxr.errors", "cxr.atomic", "cxr.progress"), ("cxr.data",), ("cxr.model",), ("cxr.evaluate",), ("cxr.bundle",),
           ("cxr.training",), ("cxr.commands",), ("cxr.cli", "cxr.__main__")]
 
 

@@ -97,6 +97,8 @@ def test_model_endpoint_describes_the_model_and_its_training(server, tiny_run):
     point = card["operating_point"]
     assert point["threshold"] == info["threshold"] and point["temperature"] == info["temperature"]
     assert "validation split" in point["fitted_on_description"]
+    # the folders it was fitted on by name: no path on the server leaves it
+    assert str(tiny_run.parent) not in json.dumps(card) and point["fitted_on"]["data_dir"] == "data"
     assert card["training"]["counts"] == summary["counts"]
     assert card["training"]["metrics"]["sensitivity"] == summary["metrics"]["sensitivity"]
     assert card["training"]["confidence_intervals"]["sensitivity"] == summary["confidence_intervals"]["sensitivity"]

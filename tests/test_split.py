@@ -82,13 +82,33 @@ def test_same_seed_same_split_other_seed_other_split(tmp_path):
     assert first != assign_splits(paths, labels, fractions, seed=7)
 
 
-def test_existing_train_folder_is_not_split_again(tmp_path):
+def test_existing_train_folder_is_not_split_again_and_says_so(tmp_path, capsys):
     make_raw(tmp_path, per_class=40)
     prepare_splits(Config(data_dir=tmp_path))
     before = snapshot(tmp_path / "train")
+    capsys.readouterr()
     again = prepare_splits(Config(data_dir=tmp_path, seed=1))
     assert snapshot(tmp_path / "train") == before
     assert again.counts()["train"]["NORMAL"] == 28
+    # reused, not silently: another seed does not make another split, and the warning says how to get one
+    said = capsys.readouterr()
+    assert "made earlier (seed 42" in said.err and "--seed 1 does not change it" in said.err
+    assert "delete train/, val/ and test/ to split again" in said.err
+    prepare_splits(Config(data_dir=tmp_path))
+    assert "Using the split of" in capsys.readouterr().out
+
+
+def test_class_folders_given_directly_are_trained_on_with_val_and_test_carved(tmp_path, capsys):
+    make_raw(tmp_path, per_class=40)
+    flat = tmp_path / "raw"  # NORMAL/ and PNEUMONIA/ directly inside, as cxr evaluate takes them
+    before = snapshot(flat)
+    splits = prepare_splits(Config(data_dir=flat))
+    assert snapshot(flat) == before and sorted(p.name for p in flat.iterdir()) == ["NORMAL", "PNEUMONIA"]
+    counts = splits.counts()
+    assert counts["train"]["NORMAL"] == 28 and counts["val"]["NORMAL"] == 6 and counts["test"]["NORMAL"] == 6
+    train, val, test = (patients(splits.files(s)) for s in ("train", "val", "test"))
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert "Using the class folders of" in capsys.readouterr().out
 
 
 def test_tiny_val_folder_is_replaced_by_val_carved_from_train(tmp_path, capsys):
@@ -121,6 +141,7 @@ def test_make_groups_joins_patients_and_copies(tmp_path):
 @pytest.mark.parametrize("setup, message", [
     (lambda root: None, "no such folder"),
     (lambda root: root.mkdir(), "found neither train"),
+    (lambda root: (root / "empty").mkdir(parents=True), "found neither train"),
     (lambda root: write_image(root / "raw" / "NORMAL" / "a.png"), "only one class"),
     (lambda root: (write_image(root / "raw" / "NORMAL" / "a.png"), (root / "raw" / "PNEUMONIA").mkdir()),
      "PNEUMONIA: class folder has no images"),

@@ -10,6 +10,7 @@ needs gradients stays in Keras.
 import contextlib
 import io
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -45,9 +46,12 @@ def fast_inference(model, model_path=None, n_images=None, digest=None, tag=""):
             return load_cached(cached), "litert"
         if n_images is not None and n_images < MIN_IMAGES_TO_CONVERT:
             return keras_predictor(model), "keras"
+        if cached:  # an older model's first use, or a cache cleared: said, since it takes a while
+            print(f"cxr: converting {model_path} to LiteRT once (about a minute on 2 cores); later runs reuse it",
+                  file=sys.stderr, flush=True)
         flatbuffer = to_flatbuffer(model)
         if cached:
-            _write_cache(cached, flatbuffer)
+            write_cache(cached, flatbuffer)
         return LiteRTModel(flatbuffer), "litert"
     except Exception as error:  # an op LiteRT lacks: Keras gives the same answers, only slower
         warn(f"LiteRT could not run the model ({str(error).splitlines()[0][:120]}); running it in Keras")
@@ -260,6 +264,10 @@ class LiteRTModel:
             self._runners[batch] = (interpreter, source["index"], target["index"])
         return self._runners[batch]
 
+    @property
+    def flatbuffer(self):
+        return self._flatbuffer
+
     def predict_on_batch(self, x):
         x = np.asarray(x, dtype=np.float32)
         outputs = []
@@ -296,7 +304,7 @@ def load_cached(path):
     return model
 
 
-def _write_cache(path, flatbuffer):
+def write_cache(path, flatbuffer):
     try:
         write_bytes(path, flatbuffer)
         for old in sorted(path.parent.glob("*.tflite"), key=lambda p: p.stat().st_mtime)[:-CACHED_MODELS]:

@@ -7,6 +7,7 @@ of the run that wrote it.
 
 import importlib.metadata
 import json
+from pathlib import Path
 
 from cxr.model.inference import describe_fitted_on
 
@@ -127,6 +128,26 @@ def describe(model):
         "limits": LIMITS,
         "versions": {"cxr": package_version("cxr"), "tensorflow": package_version("tensorflow", "tensorflow-cpu")},
     }
+
+
+def without_local_paths(card):
+    """`card` for other machines (`cxr serve`'s /v1/model): the folders the operating point was fitted on, given by
+    their names, not as paths on this server."""
+    fitted = card.get("operating_point", {}).get("fitted_on") or {}
+    folders = [fitted.get("data_dir"), *fitted.get("same_data", [])]
+    names = {f: Path(f).name for f in sorted(filter(None, folders), key=len, reverse=True)}
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        if isinstance(value, str):
+            for folder, name in names.items():
+                value = value.replace(folder, name)
+        return value
+
+    return strip(card)
 
 
 def inference_record(model):

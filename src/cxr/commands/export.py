@@ -1,7 +1,7 @@
 """`cxr export`: a saved model in the formats deployment runtimes load, each described by model-card.json.
 
 - savedmodel: a TensorFlow SavedModel (TF Serving, Vertex AI). Signature `serving_default`: `image`, float32
-  (N, S, S, 3), RGB, raw 0-255 values -> `probabilities`, (N, classes) softmax.
+  (N, S, S, 3), RGB, raw 0-255 values -> `probabilities`, (N, classes), calibrated as cxr gives them.
 - tflite: the LiteRT flatbuffer that cxr itself runs on CPU (same input and output).
 - tflite-int8: the same, int8 inside but for the first layers and the head (float32 in and out;
   `litert.to_int8_flatbuffer`), calibrated on 200 training images (the run's reports/splits.csv, or
@@ -9,8 +9,10 @@
   (`precision`): the model card carries its record.
 - onnx: tf2onnx's conversion of that SavedModel at opset `ONNX_OPSET` (onnxruntime, Triton, C#/Java apps).
 
-Preprocessing (ImageNet normalisation) is inside every export; resizing, calibration (the temperature) and the
-threshold are not: model-card.json gives them, with the rest of what a deployment needs to know.
+Preprocessing (ImageNet normalisation) and calibration (the operating point's temperatures, `calibrated_model`)
+are inside every export, so an export's probabilities are `cxr predict --precision float32`'s; resizing, the
+threshold and the population check are not: model-card.json gives the first two and says that the third stays in
+cxr, with the rest of what a deployment needs to know.
 """
 
 import contextlib
@@ -29,13 +31,17 @@ from cxr.bundle.saved_model import SavedModel
 FORMATS = {"savedmodel": "saved_model", "tflite": "model.tflite", "tflite-int8": "model.int8.tflite",
            "onnx": "model.onnx"}
 CARD_FILE = "model-card.json"
+GIVES = {"savedmodel": "TensorFlow SavedModel (TF Serving, Vertex AI)",
+         "tflite": "LiteRT (TensorFlow Lite) flatbuffer, float32",
+         "tflite-int8": "LiteRT (TensorFlow Lite) flatbuffer, int8 inside, float32 in and out",
+         "onnx": "ONNX model (onnxruntime, Triton)"}
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 
 
 def export(model_path, formats, output_dir, calibration_images=None):
     """Write each of `formats` (keys of FORMATS) for the model at `model_path` into `output_dir`, then its
-    model-card.json; returns the written paths. Each file or folder appears complete or not at all.
+    model-card.json; returns {written path: what it gives}. Each file or folder appears complete or not at all.
     `calibration_images`: a folder of X-rays to calibrate tflite-int8 on (default: the run's training split)."""
     model = SavedModel.load(model_path)
     output_dir = Path(output_dir)
@@ -59,17 +65,24 @@ def export(model_path, formats, output_dir, calibration_images=None):
         raise UserError(f"{output_dir}: could not write the export ({reason}); {hint} and run again (nothing of this "
                         "export was left behind)") from None
     write_json(output_dir / CARD_FILE, card)
-    return written + [output_dir / CARD_FILE]
+    point = card["operating_point"]
+    rule = (f"; the threshold ({point['threshold']:.4f} for {point['positive_class']}) and "
+            if point.get("threshold") is not None else "; ")
+    gives = {path: f"{GIVES[fmt]}: image (N, {model.img_size}, {model.img_size}, 3) RGB 0-255 -> calibrated "
+                   f"probabilities of {', '.join(model.class_names)}" for fmt, path in written.items()}
+    return gives | {output_dir / CARD_FILE: f"the model card: the decision rule{rule}every number a deployment needs; "
+                                            "the population check is not in the exported files (it runs in cxr)"}
 
 
 def _export(model, formats, output_dir, card, calibration=None):
-    """`export`'s writing: each format into a work folder inside `output_dir`, then into place; returns the
-    written paths and fills `card["exports"]`."""
-    written = []
+    """`export`'s writing: each format into a work folder inside `output_dir`, then into place; returns {format:
+    written path} and fills `card["exports"]`."""
+    written = {}
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as work:
         saved_model_dir = Path(work) / FORMATS["savedmodel"]
+        classifier = calibrated_model(model)
         if {"savedmodel", "onnx"} & set(formats):
-            _write_saved_model(model, saved_model_dir)
+            _write_saved_model(classifier, model.img_size, saved_model_dir)
         for fmt in dict.fromkeys(formats):  # in order, once each
             target = output_dir / FORMATS[fmt]
             names = {"input_name": INPUT_NAME, "output_name": OUTPUT_NAME}
@@ -80,14 +93,14 @@ def _export(model, formats, output_dir, card, calibration=None):
             elif fmt == "tflite":
                 from cxr.bundle import litert
 
-                flatbuffer = litert.to_flatbuffer(model.keras_model)
+                flatbuffer = litert.to_flatbuffer(classifier)
                 write_bytes(target, flatbuffer)
                 names = dict(zip(("input_name", "output_name"), litert.tensor_names(flatbuffer)))
                 details = {"runtime": "LiteRT (TensorFlow Lite)", "sha256": file_sha256(target)}
             elif fmt == "tflite-int8":
                 from cxr.bundle import litert
 
-                flatbuffer = litert.to_int8_flatbuffer(model.keras_model, calibration)
+                flatbuffer = litert.to_int8_flatbuffer(classifier, calibration)
                 write_bytes(target, flatbuffer)
                 names = dict(zip(("input_name", "output_name"), litert.tensor_names(flatbuffer)))
                 details = {"runtime": "LiteRT (TensorFlow Lite)", "precision": "int8 (float32 input and output)",
@@ -98,7 +111,7 @@ def _export(model, formats, output_dir, card, calibration=None):
                 details = {"runtime": "ONNX Runtime", "opset": ONNX_OPSET, "sha256": file_sha256(target),
                            "converter": f"tf2onnx {package_version('tf2onnx')}"}
             card["exports"][fmt] = {"path": FORMATS[fmt], **names, **details}
-            written.append(target)
+            written[fmt] = target
     return written
 
 
@@ -134,6 +147,9 @@ def _card_to_extend(output_dir, model):
     import json
 
     card = describe(model) | {"exports": {}}
+    card["population_check"].pop("file", None)  # population.npz stays beside model.h5: not part of the export
+    card["outputs"]["calibration"] = ("inside every exported file: its probabilities are calibrated, as cxr predict "
+                                      "--precision float32 gives them (" + card["outputs"]["calibration"] + ")")
     existing = output_dir / CARD_FILE
     if existing.is_file():
         try:
@@ -147,16 +163,40 @@ def _card_to_extend(output_dir, model):
     return card
 
 
-def _write_saved_model(model, path):
+def calibrated_model(model):
+    """The Keras model of `model` (a `SavedModel`) with its operating point's calibration after it, computed as
+    `cxr.model.inference` computes it: softmax(log p / T), or per finding sigmoid(logit(p) / T_k)."""
+    import keras
+    import numpy as np
+    from keras import ops
+
+    classifier = model.keras_model
+    if model.multi_label:
+        temperatures = np.asarray(model.finding_points("temperature"), dtype=np.float32)
+
+        def calibrate(p):
+            p = ops.clip(p, 1e-7, 1 - 1e-7)  # float32's margin from 0 and 1; cxr's float64 clips at 1e-12
+            return ops.sigmoid((ops.log(p) - ops.log1p(-p)) / temperatures)
+    else:
+        temperature = float(model.operating_point["temperature"])
+
+        def calibrate(p):
+            return ops.softmax(ops.log(ops.clip(p, 1e-12, 1.0)) / temperature, axis=-1)
+
+    image = keras.Input(classifier.input_shape[1:], name=INPUT_NAME)
+    return keras.Model(image, keras.layers.Lambda(calibrate, name="calibration")(classifier(image)),
+                       name="calibrated")
+
+
+def _write_saved_model(classifier, img_size, path):
     import keras
     import tensorflow as tf
 
-    classifier = model.keras_model
     archive = keras.export.ExportArchive()
     archive.track(classifier)
     archive.add_endpoint(
         "serving_default", lambda image: {OUTPUT_NAME: classifier(image, training=False)},
-        input_signature=[tf.TensorSpec([None, model.img_size, model.img_size, 3], tf.float32, name=INPUT_NAME)])
+        input_signature=[tf.TensorSpec([None, img_size, img_size, 3], tf.float32, name=INPUT_NAME)])
     with contextlib.redirect_stdout(io.StringIO()):  # write_out lists every captured variable
         archive.write_out(str(path))
 

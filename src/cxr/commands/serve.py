@@ -28,7 +28,7 @@ import numpy as np
 from cxr.data.decode import MAX_PIXELS, ImageTooLarge, RefusedImage, UnreadableImage, decode, image_warnings
 from cxr.data.dicom import is_dicom
 from cxr.errors import UserError, warn
-from cxr.bundle.model_card import describe
+from cxr.bundle.model_card import describe, without_local_paths
 from cxr.commands.predict import NONE_CALLED, called_findings, explained_classes, population_fields
 
 MAX_BATCH = 32
@@ -260,7 +260,7 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
     import cxr
 
     classifier = Classifier(model)
-    card = describe(model)
+    card = without_local_paths(describe(model))  # a client needs no paths of this server
     # Grad-CAM runs one at a time on the Keras model: requests past this many get 503 instead of a thread each
     explaining = {"requests": 0}
     # Uploads decode on threads of their own, a few at once: on the request threads, each large image left memory

@@ -17,6 +17,7 @@ import numpy as np
 
 from cxr.atomic import atomic_path, write_json
 from cxr.data.decode import try_decode
+from cxr.progress import progress
 
 AUTOTUNE = -1  # tf.data.AUTOTUNE, without importing TensorFlow at module import
 
@@ -109,7 +110,8 @@ def decode_all(paths, size, cache_dir):
 
     def decoded(pool):
         blank = np.zeros((1, size, size, 3), np.uint8)
-        for path, (image, reason) in zip(paths, pool.map(lambda p: try_decode(p, size), paths)):
+        decoded_images = progress(pool.map(lambda p: try_decode(p, size), paths), total=len(paths), desc="Decoding")
+        for (image, reason), path in zip(decoded_images, paths):  # the bar first, so that it ends
             if image is None:
                 bad[path] = reason
             yield blank if image is None else image[None]

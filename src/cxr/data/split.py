@@ -4,13 +4,16 @@ Two layouts are accepted under the data folder:
 
 - ``train/<Class>/`` (with ``val/`` and ``test/`` if present): used as they are; a missing ``test/`` or a
   ``val/`` with fewer than ``MIN_VAL_IMAGES`` images is carved out of ``train/`` instead;
-- ``raw/<Class>/`` only: copied (never moved) into ``train/``, ``val/`` and ``test/``.
+- ``raw/<Class>/`` only: copied (never moved) into ``train/``, ``val/`` and ``test/``;
+- ``<Class>/`` folders directly in it (as ``cxr evaluate`` takes them): used as ``train/``, with validation and
+  test carved out of it, nothing copied.
 
 Splits are made by group, never by image: a group joins every image of one patient (read from the file name)
 and every byte-identical copy of a file, so neither a patient nor a duplicate ends up in two splits.
 """
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -253,6 +256,27 @@ def wait_for_split(data_dir, timeout):
         time.sleep(1)
 
 
+def flat_class_folders(data_dir):
+    """Whether `data_dir` holds class folders of images itself (no train/, val/, test/ or raw/)."""
+    folders = [p for p in Path(data_dir).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return (bool(folders) and not any(p.name in (*SPLITS, "raw") for p in folders)
+            and any(is_image_file(f) for p in folders for f in walk_files(p)))
+
+
+def say_split_reused(data_dir, seed):
+    """One line when train/val/test are a split of raw/ that cxr made earlier, which is used as it is."""
+    try:
+        made = json.loads((Path(data_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return
+    line = (f"Using the split of {Path(data_dir) / 'raw'} made earlier (seed {made.get('seed')}, "
+            f"{Path(data_dir) / MANIFEST}); delete train/, val/ and test/ to split again")
+    if made.get("seed") not in (None, seed):
+        warn(f"{line}: --seed {seed} does not change it")
+    else:
+        print(line, flush=True)
+
+
 def prepare_splits(config, split_wait=None):
     """The data folder as a Dataset with train/val/test splits (not yet decoded), splitting or carving as the
     layout needs.
@@ -268,12 +292,19 @@ def prepare_splits(config, split_wait=None):
         wait_for_split(data_dir, split_wait)
     train_dir = data_dir / "train"
     has_train = train_dir.is_dir() and any(is_image_file(p) for p in walk_files(train_dir))
+    flat = False
     if not has_train:
         if (data_dir / "raw").is_dir():
             split_raw(data_dir, config)
+        elif flat_class_folders(data_dir):
+            train_dir, flat = data_dir, True
+            print(f"Using the class folders of {data_dir} as the training data, with validation and test carved out "
+                  "of them by patient (nothing is copied)", flush=True)
         else:
-            raise UserError(f"{data_dir}: found neither train/<Class>/ nor raw/<Class>/ with images; put your class "
-                            "folders in one of them")
+            raise UserError(f"{data_dir}: found neither train/<Class>/ nor raw/<Class>/ nor <Class>/ folders with "
+                            "images; put your class folders in one of them")
+    elif (data_dir / MANIFEST).is_file() and split_wait is None:
+        say_split_reused(data_dir, config.seed)
 
     class_names = list_class_folders(train_dir)
     loose = [p for p in train_dir.iterdir() if p.is_file() and is_image_file(p)]
@@ -287,8 +318,10 @@ def prepare_splits(config, split_wait=None):
     files, carve = {}, {}
     for split, fraction in (("val", config.val_split), ("test", config.test_split)):
         folder = data_dir / split
-        n = count_images(folder, class_names) if folder.is_dir() else 0
-        if split == "val":
+        n = count_images(folder, class_names) if folder.is_dir() and not flat else 0
+        if flat:
+            use_train = True
+        elif split == "val":
             too_small = n < MIN_VAL_IMAGES and not (data_dir / MANIFEST).is_file()
             use_train = config.val_from_train if config.val_from_train is not None else too_small
             if too_small and use_train:

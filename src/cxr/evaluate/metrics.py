@@ -14,6 +14,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, balanced_a
                              classification_report, confusion_matrix, roc_auc_score, roc_curve)
 
 from cxr.errors import warn
+from cxr.progress import progress
 from cxr.model.inference import apply_finding_temperatures, apply_temperature, decide
 
 ECE_BINS = 15
@@ -257,7 +258,7 @@ def confidence_intervals(statistics, y_true, n_resamples=2000, seed=0, level=0.9
         return {}
     resamples = (patient_resamples(patients, n_resamples, seed) if patients is not None
                  else stratified_resamples(y_true, n_resamples, seed))
-    samples = [statistics(rows) for rows in resamples]
+    samples = [statistics(rows) for rows in progress(resamples, total=n_resamples, desc="Bootstrap", unit="resample")]
     tail = (1 - level) / 2 * 100
     intervals = {}
     for name in samples[0]:

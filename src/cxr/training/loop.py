@@ -30,6 +30,7 @@ from cxr.training import resume
 from cxr.atomic import atomic_path
 from cxr.data.pipeline import DiskArray, make_dataset, write_array
 from cxr.errors import UserError, warn
+from cxr.progress import counted, quiet
 from cxr.bundle.litert import fast_inference, keras_predictor
 from cxr.model.networks import freeze_backbone, unfreeze_backbone
 
@@ -172,6 +173,10 @@ def training_order(n_rows, n_images, batch_size, epochs, seed, start_epoch=0):
     return order[start_epoch * per_epoch:epochs * per_epoch], steps
 
 
+STEP_NAMES = {"frozen-train": "Frozen layers, training views", "frozen-val": "Frozen layers, validation",
+              "pooled-train": "Pooling, training views", "pooled-val": "Pooling, validation"}
+
+
 def staged_array(folder, name, shape, blocks):
     """The float32 .npy array `name` in the staging folder `folder`, as a `DiskArray`: reused when a complete one
     of `shape` is there, else written (under a temporary name, renamed when complete) from the row blocks
@@ -183,7 +188,7 @@ def staged_array(folder, name, shape, blocks):
             return array
         array.close()
     with atomic_path(path) as tmp:
-        write_array(tmp, shape, np.float32, blocks()).close()
+        write_array(tmp, shape, np.float32, counted(blocks(), shape[0], STEP_NAMES.get(name, name))).close()
     return DiskArray(path)
 
 
@@ -346,7 +351,8 @@ def train(model, dataset, config, run):
             history = trainable.fit(
                 train_ds, steps_per_epoch=steps, epochs=phase.epochs, initial_epoch=initial_epoch,
                 validation_data=val_ds, class_weight=weights,
-                callbacks=callbacks + [saver] + restore, shuffle=False, verbose=2)
+                callbacks=callbacks + [saver] + restore, shuffle=False,
+                verbose=1 if sys.stdout.isatty() and not quiet() else 2)  # a bar per epoch on a terminal, else a line
             if not np.isfinite(history.history["loss"][-1]):
                 raise UserError(f"training diverged in phase {phase.number}: the loss became NaN at learning rate "
                                 f"{phase.learning_rate:g}; lower --lr (phase 1) or --finetune-lr (phase 2)")

@@ -1,0 +1,55 @@
+"""Progress of the steps that take more than a few seconds: a count and an ETA (tqdm) on stderr.
+
+A bar appears only once a step has run DELAY_SECONDS, so quick steps print nothing. On a terminal, one bar redrawn
+in place; in a log or a pipe, a plain line now and then (every LOG_SECONDS, and the last), so that a log shows how
+far a step got without a line per image. `--quiet` (env CXR_QUIET=1) silences
+them, as `--verbose` brings back the libraries' own lines (`cxr.errors`).
+"""
+
+import os
+import sys
+
+QUIET_VARIABLE = "CXR_QUIET"
+DELAY_SECONDS = 2
+LOG_SECONDS = 30  # how often a step writes a plain line when stderr is not a terminal
+
+
+def quiet():
+    return os.environ.get(QUIET_VARIABLE) == "1"
+
+
+class _Lines:
+    """A file for tqdm that turns its in-place redraws ("\\r...") into whole lines, for logs and pipes."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def counted(blocks, total, desc, unit="image"):
+    """The row blocks (arrays) of `blocks`, passed through while a bar counts their rows to `total`."""
+    with progress(total=total, desc=desc, unit=unit) as bar:
+        for block in blocks:
+            bar.update(len(block))
+            yield block
+
+
+def progress(iterable=None, total=None, desc="", unit="image"):
+    """`iterable` wrapped in a progress bar that counts `unit`s to `total` (or len(iterable)); update it by hand
+    (`.update(n)`) when `iterable` is None. Nothing is shown with --quiet."""
+    from tqdm import tqdm
+
+    stream = sys.stderr
+    terminal = stream.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet(), leave=True, delay=DELAY_SECONDS, dynamic_ncols=terminal,
+                file=stream if terminal else _Lines(stream), mininterval=0.2 if terminal else LOG_SECONDS,
+                ascii=not terminal, bar_format=None if terminal else "{desc}: {n_fmt}/{total_fmt} {unit}s "
+                                                                   "({percentage:.0f} %), {elapsed} elapsed, "
+                                                                   "{remaining} to go")
