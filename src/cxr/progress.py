@@ -6,6 +6,7 @@ far a step got without a line per image. `--quiet` (env CXR_QUIET=1) silences
 them, as `--verbose` brings back the libraries' own lines (`cxr.errors`).
 """
 
+import functools
 import os
 import sys
 
@@ -44,12 +45,29 @@ def counted(blocks, total, desc, unit="image"):
 def progress(iterable=None, total=None, desc="", unit="image"):
     """`iterable` wrapped in a progress bar that counts `unit`s to `total` (or len(iterable)); update it by hand
     (`.update(n)`) when `iterable` is None. Nothing is shown with --quiet."""
-    from tqdm import tqdm
-
     stream = sys.stderr
     terminal = stream.isatty()
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet(), leave=True, delay=DELAY_SECONDS, dynamic_ncols=terminal,
-                file=stream if terminal else _Lines(stream), mininterval=0.2 if terminal else LOG_SECONDS,
-                ascii=not terminal, bar_format=None if terminal else "{desc}: {n_fmt}/{total_fmt} {unit}s "
-                                                                   "({percentage:.0f} %), {elapsed} elapsed, "
-                                                                   "{remaining} to go")
+    options = dict(total=total, desc=desc, unit=unit, disable=quiet(), leave=True, delay=DELAY_SECONDS)
+    if terminal:
+        from tqdm import tqdm
+
+        return tqdm(iterable, file=stream, dynamic_ncols=True, mininterval=0.2, **options)
+    return _log_bar()(iterable, file=_Lines(stream), mininterval=LOG_SECONDS, ascii=True,
+                      bar_format="{desc}: {n_fmt}/{total_fmt} {unit}s ({percentage:.0f} %), {elapsed} elapsed, "
+                                 "{remaining} to go", **options)
+
+
+@functools.cache
+def _log_bar():
+    """tqdm for logs (imported on first use: 0.15 s that `cxr predict` of one image need not pay), which also
+    writes the last line of a step that outlasted DELAY_SECONDS but ended before its first line was due."""
+    from tqdm import tqdm
+
+    class LogBar(tqdm):
+        def close(self):
+            if (not self.disable and self.last_print_t < self.start_t + self.delay
+                    and self._time() - self.start_t >= self.delay):
+                self.last_print_t = self._time()  # so that tqdm's close writes the last line
+            super().close()
+
+    return LogBar

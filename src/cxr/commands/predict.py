@@ -15,6 +15,7 @@ from cxr.data.decode import IMAGE_KINDS, UnreadableImage, decode, describe_skipp
 from cxr.data.split import walk_files
 from cxr.atomic import spreadsheet_safe
 from cxr.errors import UserError, warn
+from cxr.progress import progress
 from cxr.bundle.saved_model import SavedModel
 
 
@@ -71,7 +72,7 @@ def predict_files(model, files, batch_size=64, tta=False):
     size = model.predictor().input_shape[1]
     chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
     raw, features, readable, warnings, skipped = [], [], [], [], {}
-    with ThreadPoolExecutor() as pool:
+    with ThreadPoolExecutor() as pool, progress(total=len(files), desc="Predicting") as bar:
         pending = [pool.submit(decode_with_warnings, path, size) for path in chunks[0]] if chunks else []
         for k, chunk in enumerate(chunks):
             results = [future.result() for future in pending]
@@ -88,6 +89,7 @@ def predict_files(model, files, batch_size=64, tta=False):
                 outputs, taps = model.raw_outputs(np.stack(batch), batch_size=len(batch), tta=tta)
                 raw.append(outputs)
                 features.append(taps)
+            bar.update(len(chunk))
     if skipped:
         warn(f"skipped {len(skipped)} unreadable or refused images: {describe_skipped(skipped)}")
     for path, notes in zip(readable, warnings):
