@@ -167,7 +167,7 @@ def with_other_views(trained_dir, run_dir, config):
     fit_point = precision.default_point_fitter(model.class_names, False, trained_model.operating_point["positive_class"],
                                                config.target_sensitivity)
     precision.choose(model, dataset, config.precision, config.seed, fit_point)
-    model.operating_point, model.population = fit_on_validation(model, dataset, fit_point, config)
+    model.operating_point, (model.population, _) = fit_on_validation(model, dataset, fit_point, config)
     evaluation = evaluate_model(model, dataset, "test", EvaluationOptions(bootstrap=0, seed=config.seed))
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
     (run_dir / "reports").mkdir(exist_ok=True)

@@ -79,7 +79,7 @@ def headless_browser(tmp_path):
 
 
 TINY = ["--img-size", "32", "--epochs", "1", "--batch-size", "8", "--backbone", "efficientnet-lite0",
-        "--weights", "none", "--patience", "1", "--bootstrap", "20"]
+        "--weights", "none", "--patience", "1", "--bootstrap", "20", "--population-check", "always"]
 
 
 @pytest.fixture(scope="session")

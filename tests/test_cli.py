@@ -65,6 +65,12 @@ def test_training_writes_every_artifact(trained):
     # the port was taken: a warning, and training went on
     assert "in use" in result.stderr and "Traceback" not in result.stderr
     assert "NORMAL" in result.stdout and "Test at threshold" in result.stdout
+    # the report: the options that differ from the defaults, which data, and what made it
+    page = (out / "reports/report.html").read_text()
+    configuration = page.split("<h2>Configuration</h2>")[1].split("</table>")[0]
+    assert "<th>img_size</th>" in configuration and "<th>lr</th>" not in configuration
+    assert "Metrics on its held-out test split" in page
+    assert info["model_sha256"] in page and "<th>run time</th>" in page and "<th>cxr</th>" in page
 
 
 def test_seed_inference_snippet_runs_on_model_h5(trained):

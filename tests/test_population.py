@@ -109,3 +109,20 @@ def test_a_model_saved_before_the_check_still_predicts_and_says_the_check_is_una
     capsys.readouterr()
     summary = json.loads((tmp_path / "evaluated/reports/summary.json").read_text())
     assert summary["population_check"]["available"] is False
+
+
+def test_the_threshold_holds_its_false_flag_rate_at_every_validation_size():
+    """Split conformal: an image like the validation ones scores above the k-th smallest of n with probability at
+    most 1 - k / (n + 1); np.quantile's interpolated threshold flagged more where n was small."""
+    from cxr.model.population import threshold_at, too_few_validation_images
+
+    rng = np.random.default_rng(0)
+    for n, rate in ((18, 0.005), (40, 0.005), (300, 0.005), (1000, 0.05)):
+        threshold, holds = threshold_at(np.sort(rng.normal(size=n)), rate)
+        assert holds == pytest.approx(max(rate, 1 / (n + 1)), abs=1e-3 if n >= 300 else 1e-9)
+        # measured on many draws of n validation images and one new image like them
+        flagged = np.mean([rng.normal() > threshold_at(np.sort(rng.normal(size=n)), rate)[0] for _ in range(4000)])
+        assert flagged <= holds + 3 * np.sqrt(holds / 4000), (n, rate, flagged, holds)
+    # 32 validation images can hold no better than 1 in 33: too many flags to be worth it, so no check
+    assert "had 32 images, and at least 33 are needed" in too_few_validation_images(32)
+    assert too_few_validation_images(33) is None

@@ -31,6 +31,21 @@ def imagenet_run(tmp_path_factory):
     return root / "outputs"
 
 
+def test_a_model_of_the_readme_sample_has_no_population_check_and_each_answer_says_why(imagenet_run, tmp_path):
+    """Issue 46: the 120-image sample's model (18 validation images) flagged 22 % of its own test images."""
+    info = json.loads((imagenet_run / "models" / "class_names.json").read_text())
+    assert "its validation split had 18 images, and at least 33 are needed" in info["population_unavailable"]
+    assert not (imagenet_run / "models" / "population.npz").exists()
+    test = [r["path"] for r in csv.DictReader(open(imagenet_run / "reports" / "splits.csv")) if r["split"] == "test"]
+    result = cxr("predict", *test, "--model", imagenet_run / "models" / "model.h5", "--format", "json",
+                 cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(r["in_distribution"] is None for r in json.loads(result.stdout))
+    assert "population check is unavailable for this model: its validation split had 18 images" in result.stderr
+    summary = json.loads((imagenet_run / "reports" / "summary.json").read_text())
+    assert summary["population_check"] == {"available": False, "note": info["population_unavailable"]}
+
+
 def run_dataset(run, size=32):
     """A run's train, val and test splits as a Dataset, decoded at `size`."""
     from cxr.data.dataset import Dataset

@@ -22,7 +22,7 @@ MODEL_FILE = "model.h5"
 # class_names.json keys that describe the model; every other key belongs to the operating point
 # ("distillation": the record of --distill, removed on 2026-12-07, in models saved before)
 MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "model_sha256", "inference",
-              "population_file", "distillation")
+              "population_file", "population_unavailable", "distillation")
 TAPS = "taps"  # the LiteRT cache's name for the network with the population taps (networks.with_population_taps)
 
 
@@ -130,7 +130,9 @@ class SavedModel:
         if recorded is not None and recorded != model.sha256:
             raise UserError(f"{path}: this model file is not the one {info_path} describes (its hash differs); "
                             "use the model.h5 and class_names.json of one training run")
-        if (path.parent / POPULATION_FILE).is_file():
+        if "population_unavailable" in info:  # fitted without a check, and why
+            model.population_note = info["population_unavailable"]
+        elif (path.parent / POPULATION_FILE).is_file():
             model.population = Population.load(path.parent / POPULATION_FILE, model.sha256)
         elif "population_file" in info or "inference" in info:  # saved with a check (every model since int8 was)
             model.population_note = (
@@ -367,6 +369,8 @@ class SavedModel:
         self._sha256 = None
         if self.population is not None:
             self.population.save(Path(models_dir) / POPULATION_FILE, self.sha256)
+        else:  # an earlier run's check would not be this model's
+            (Path(models_dir) / POPULATION_FILE).unlink(missing_ok=True)
         if self._int8 is not None:
             write_bytes(self.int8_path, self._int8)
             self.inference = self.inference | {"int8_sha256": hashlib.sha256(self._int8).hexdigest()}
@@ -376,7 +380,8 @@ class SavedModel:
                      "test_time_scales": self.test_time_scales, **({"multi_label": True} if self.multi_label else {}),
                      **self.operating_point, "model_sha256": self.sha256,
                      **({"inference": self.inference} if self.inference is not None else {}),
-                     **({"population_file": POPULATION_FILE} if self.population is not None else {})}
+                     **({"population_file": POPULATION_FILE} if self.population is not None else
+                        {"population_unavailable": self.population_note})}
         write_json(Path(models_dir) / CLASS_NAMES_FILE, self.info)
         from cxr.bundle import litert
 

@@ -6,6 +6,7 @@ specificity there can call most normal images positive here. Calibrating writes 
 operating point fitted on the site's sample and records where it came from; the original is never touched.
 """
 
+import time
 from pathlib import Path
 
 from cxr.errors import UserError, warn
@@ -49,6 +50,7 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="mod
     from cxr.bundle.saved_model import SavedModel
     from cxr.model.inference import fitted_on
 
+    started = time.perf_counter()
     model = SavedModel.load(model_path)
     if target_sensitivity == "model":
         target_sensitivity = model.operating_point.get("target_sensitivity")
@@ -101,7 +103,9 @@ def calibrate(model_path, data_dir, output_dir, options, target_sensitivity="mod
     context = ReportContext(
         "cxr: calibration on a site's sample", f"{model_path} recalibrated on {data_dir} ({len(rows)} images). "
         "These numbers are measured on the sample the operating point was fitted on, so they are optimistic: "
-        "evaluate on other images of the site with cxr evaluate.", counts, settings)
+        "evaluate on other images of the site with cxr evaluate.", counts, settings,
+        data=f"the sample it was calibrated on, {data_dir}",
+        about={"model_sha256": calibrated.sha256, "seconds": time.perf_counter() - started})
     write_evaluation(outputs, evaluation, context)
     result = summary(evaluation, context, inference=calibrated.engine)
     write_json(Path(outputs.reports) / "summary.json", result)

@@ -2,6 +2,7 @@
 training run's splits.csv, or a labels CSV), with the reports and plots training writes for its test split."""
 
 import os
+import time
 from pathlib import Path
 
 from cxr.atomic import write_json
@@ -21,6 +22,7 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels
     from cxr.bundle.saved_model import SavedModel
     from cxr.model.inference import describe_fitted_on
 
+    started = time.perf_counter()
     model = SavedModel.load(model_path, precision)
     if splits is None:  # a run's splits.csv serves either kind
         model.require_data(labels is not None, "evaluate")
@@ -72,7 +74,8 @@ def evaluate(model_path, output_dir, options, data_dir=None, splits=None, labels
         warn(note)
     context = ReportContext("cxr: evaluation of a saved model",
                             f"{model_path} on {source} ({len(rows)} images){', with flip TTA' if options.tta else ''}.",
-                            dataset.counts(), settings, note=note)
+                            dataset.counts(), settings, note=note, data=source,
+                            about={"model_sha256": model.sha256, "seconds": time.perf_counter() - started})
     write_evaluation(outputs, evaluation, context)
     write_predictions(outputs.reports / "predictions.csv", evaluation, dataset.files("evaluated"),
                       dataset.split("evaluated")[1])

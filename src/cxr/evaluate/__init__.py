@@ -216,7 +216,7 @@ def finding_figures(model, dataset, split, evaluation, options):
                        if options.bootstrap else None})
     result = {}
     if curves:
-        result["roc"] = plots.figure_png(plots.roc_grid_figure(curves))
+        result["roc"] = plots.figure_png(plots.roc_grid_figure(curves, f"ROC curve per finding ({data_name(split)})"))
     known = ~np.isnan(labels)
     if known.any():
         calibration = evaluation.calibration
@@ -225,11 +225,17 @@ def finding_figures(model, dataset, split, evaluation, options):
              *probability_bins(labels[known] == 1, evaluation.raw_probabilities[known])),
             (f"after, a temperature per finding (ECE {calibration['ece_after']:.3f})",
              *probability_bins(labels[known] == 1, probabilities[known])),
-            title="Reliability over every (image, finding) pair (test set)"))
+            title=f"Reliability over every (image, finding) pair ({data_name(split)})"))
     if evaluation.subgroups:
         result["subgroups"] = plots.figure_png(plots.forest_figure(evaluation.subgroups, overall(evaluation.metrics)))
     result["gradcam_gallery"] = plots.figure_png(gallery(model, dataset, split, evaluation))
     return result
+
+
+def data_name(split):
+    """The evaluated split in words, for figure titles."""
+    return {"test": "test split", "evaluated": "evaluated images", "calibration": "calibration sample"}.get(
+        split, f"{split} split")
 
 
 def figures(model, dataset, split, evaluation, options):
@@ -257,14 +263,14 @@ def figures(model, dataset, split, evaluation, options):
             threshold = evaluation.operating_point["threshold"]
             point = (1 - evaluation.metrics["specificity"], evaluation.metrics["sensitivity"],
                      f"operating point (threshold {threshold:.3f})")
-        result["roc"] = plots.figure_png(plots.roc_figure(curves, point))
-        result["pr"] = plots.figure_png(plots.pr_figure(curves))
+        result["roc"] = plots.figure_png(plots.roc_figure(curves, point, f"ROC curve ({data_name(split)})"))
+        result["pr"] = plots.figure_png(plots.pr_figure(curves, f"Precision-recall curve ({data_name(split)})"))
     result["reliability"] = plots.figure_png(plots.reliability_figure(
         (f"before scaling (ECE {evaluation.calibration['ece_before']:.3f})", *reliability_bins(y_true, raw)),
         (f"after, T = {evaluation.calibration['temperature']:.2f} (ECE {evaluation.calibration['ece_after']:.3f})",
-         *reliability_bins(y_true, probabilities))))
+         *reliability_bins(y_true, probabilities)), f"Reliability diagram ({data_name(split)})"))
     result["confusion_matrix"] = plots.figure_png(plots.confusion_matrix_figure(
-        evaluation.metrics["confusion_matrix"], class_names))
+        evaluation.metrics["confusion_matrix"], class_names, f"Confusion matrix ({data_name(split)})"))
     if evaluation.subgroups:
         result["subgroups"] = plots.figure_png(plots.forest_figure(evaluation.subgroups, overall(evaluation.metrics)))
     result["gradcam_gallery"] = plots.figure_png(gallery(model, dataset, split, evaluation))

@@ -196,7 +196,7 @@ def gallery_figure(rows, title):
                 ax.imshow(items[c][0])
                 ax.set_title(items[c][1], fontsize=8)
         if not items:
-            axes[r, 0].text(0, 0.5, f"{row_title}: none in the test set", fontsize=10, transform=axes[r, 0].transAxes)
+            axes[r, 0].text(0, 0.5, f"{row_title}: none among these images", fontsize=10, transform=axes[r, 0].transAxes)
         else:
             axes[r, 0].text(-0.08, 0.5, row_title, rotation=90, va="center", ha="right", fontsize=10,
                             transform=axes[r, 0].transAxes)

@@ -1,7 +1,9 @@
 """The evaluation as tables: metrics.csv rows, the classification report rows and one self-contained HTML page."""
 
 import base64
+import datetime
 import html
+import importlib.metadata
 import math
 from dataclasses import dataclass, field
 
@@ -41,6 +43,9 @@ class ReportContext:
     settings: dict  # the run's options, shown as the configuration table and stored in summary.json
     extra_figures: dict = field(default_factory=dict)  # {name: PNG bytes} after the evaluation's own
     note: str = ""  # a warning shown beside the operating point (e.g. it was fitted on other data)
+    data: str = "the evaluated images"  # what the metrics are measured on, in the section titles
+    defaults: dict = None  # the options' defaults: the configuration table shows only what differs from them
+    about: dict = field(default_factory=dict)  # {"model_sha256", "seconds"}: shown with the versions and date
 
 
 def metric_rows(values, intervals):
@@ -82,6 +87,14 @@ def render_html(context, evaluation, headline, figures):
         f"<tr><th>{e(split)}</th>{''.join(f'<td>{n}</td>' for n in per_class.values())}{total(per_class)}</tr>"
         for split, per_class in counts.items())
     count_header = "" if multi_label else "<th>total</th>"
+    if multi_label:  # findings down the page, splits across: 15 findings across made the page 1,800 px wide
+        count_table = ("<table><tr><th>finding</th>" + "".join(f"<th>{e(s)}</th>" for s in counts) + "</tr>" +
+                       "".join(f"<tr><th>{e(c)}</th>" + "".join(f"<td>{per_class[c]}</td>" for per_class in
+                                                                counts.values()) + "</tr>" for c in classes)
+                       + "</table>")
+    else:
+        count_table = (f"<table><tr><th>split</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}{count_header}</tr>"
+                       f"{count_rows}</table>")
     metric_rows_html = "".join(
         f"<tr><th>{e(name)}</th><td>{_number(value, 3) or 'n/a'}</td><td>{_interval(intervals.get(name))}</td></tr>"
         for name, value in headline.items() if not multi_label or name.startswith("mean") or name == "ece")
@@ -98,21 +111,35 @@ def render_html(context, evaluation, headline, figures):
                  + f". Temperature and threshold were fitted on {e(describe_fitted_on(operating_point))}"
                  + f". Temperature {calibration['temperature']:.3f}: expected calibration error "
                  f"{calibration['ece_before']:.3f} before, {calibration['ece_after']:.3f} after.")
+    wide = {"gradcam_gallery", "subgroups"} | ({"roc"} if multi_label else set())  # panels: shown at full size
     figure_html = "".join(
-        f"<figure><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        f"<figure{' class=wide' if name in wide else ''}><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         f"<figcaption>{e(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>"
         for name, png in figures.items())
-    config_rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in config.items())
+    defaults = context.defaults or {}
+    shown = {k: v for k, v in config.items() if k not in defaults or v != defaults[k]}
+    config_rows = "".join(f"<tr><th>{e(str(k))}</th><td class='wrap'>{e(_setting(v))}</td></tr>"
+                          for k, v in shown.items())
+    config_note = (f"<p>The options set or differing from their defaults; the other {len(config) - len(shown)} are at "
+                   "their defaults (reports/summary.json lists every one).</p>" if defaults else "")
     limits = "".join(f"<li>{e(text)}</li>" for text in LIMITS_OF_USE)
+    about = {"cxr": _version("cxr"), "TensorFlow": _version("tensorflow-cpu", "tensorflow"),
+             "model SHA-256": context.about.get("model_sha256"),
+             "written": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+             "run time": (f"{context.about['seconds']:.0f} s" if context.about.get("seconds") is not None else None)}
+    about_rows = "".join(f"<tr><th>{e(k)}</th><td class='wrap'>{e(str(v))}</td></tr>" for k, v in about.items() if v)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; white-space: nowrap; }}
+td.wrap {{ white-space: normal; overflow-wrap: anywhere; max-width: 40em; text-align: left; }}
 th {{ background: #f3f3f3; text-align: left; }}
 figure {{ display: inline-block; margin: 0.5em; vertical-align: top; max-width: 100%; }}
 figure img {{ max-width: 100%; max-height: 520px; border: 1px solid #ddd; }}
+figure.wide {{ display: block; }}
+figure.wide img {{ max-height: none; }}
 figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 .limits {{ background: #fff6e0; border-left: 4px solid #e0a000; padding: 0.5em 1.5em; }}
 </style></head><body>
@@ -121,10 +148,11 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 <section class="limits"><h2>Limits of use</h2><ul>{limits}</ul></section>
 <h2>Images</h2>
 {'<p>Positive images per finding (and images in all) per split.</p>' if multi_label else ''}
-<table><tr><th>split</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}{count_header}</tr>{count_rows}</table>
+{count_table}
 <h2>Operating point and calibration</h2>
 <p>{point}</p>{f'<p class="limits">{e(context.note)}</p>' if context.note else ''}{cautions}
-<h2>Test metrics (95% {'patient-level' if multi_label else 'stratified'} bootstrap confidence intervals)</h2>
+<h2>Metrics on {e(context.data)} (95% {'patient-level' if multi_label else 'stratified'} bootstrap confidence
+intervals; exact intervals for sensitivity, specificity, PPV and NPV)</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metric_rows_html}</table>
 {finding_section(evaluation) if multi_label else ''}
 {shortcut_section(evaluation.shortcuts, evaluation.class_names, operating_point.get('positive_class'))}
@@ -133,7 +161,9 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 <h2>Figures</h2>
 {figure_html}
 <h2>Configuration</h2>
-<table>{config_rows}</table>
+{config_note}<table>{config_rows}</table>
+<h2>About this report</h2>
+<table>{about_rows}</table>
 </body></html>
 """
 
@@ -249,6 +279,22 @@ def shortcut_section(check, class_names, positive_class):
 collimation, framing and detector shapes differ between devices and sites) on {check['n_images']} of the
 evaluated images. A model that reads the lungs keeps its calls.</p>
 <table><tr>{header}</tr>{rows}</table>{verdict}"""
+
+
+def _setting(value):
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def _version(*distributions):
+    """The installed version of the first of `distributions` that is installed, else None."""
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def _number(value, digits=6):

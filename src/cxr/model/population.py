@@ -6,7 +6,9 @@ the backbone (`backbones.Backbone.population_taps` and the last feature map, fro
 prediction: `networks.with_population_taps`) and measures, at each depth, the Mahalanobis distance to a Gaussian
 fitted on training images with a Ledoit-Wolf covariance (Lee et al. 2018, "A simple unified framework for
 detecting out-of-distribution samples"). Each depth's distance is standardised on the validation split and the
-sum is the image's score; an image scoring above what `false_flag_rate` of validation images reach is flagged.
+sum is the image's score; an image scoring above what `false_flag_rate` of validation images reach is flagged
+(with fewer than 33 validation images no threshold can hold 3 %, and the check is not fitted:
+`too_few_validation_images`).
 Of the scores measured (one depth, several, k nearest neighbours, the top probability, the energy score) this
 one separated other populations and non-X-rays best (bench_population.py in benchmarks/README.md).
 
@@ -23,6 +25,7 @@ from cxr.atomic import atomic_path
 from cxr.errors import UserError
 
 POPULATION_FILE = "population.npz"
+MAX_FALSE_FLAGS = 0.03  # the largest share of images like the validation ones the check may flag; above it, none
 UNAVAILABLE = ("this model was saved without a population check (trained before cxr had one): its answers can't "
                "say whether an image is unlike its training images; train it again to get the check")
 
@@ -127,9 +130,34 @@ class Population:
         return population
 
 
+def too_few_validation_images(n_val):
+    """Why `n_val` validation images can't set a threshold worth flagging with, or None when they can.
+
+    The threshold is a validation score, so an image like the validation ones scores above the k-th smallest of n
+    with probability at most 1 - k / (n + 1) (split conformal prediction): the highest of n holds a false-flag rate
+    of 1 / (n + 1) at best. Flagging 1 in 19 of a site's own X-rays (18 validation images) teaches its users to
+    ignore the flag, so below 1 / MAX_FALSE_FLAGS - 1 images the check is not fitted, and says why."""
+    needed = int(np.ceil(1 / MAX_FALSE_FLAGS)) - 1
+    if n_val >= needed:
+        return None
+    return (f"the population check is unavailable for this model: its validation split had {n_val} images, and at "
+            f"least {needed} are needed to keep it from flagging more than {MAX_FALSE_FLAGS:.0%} of images like "
+            "its own (train on more images to get it); its answers can't say whether an image is unlike its "
+            "training images")
+
+
+def threshold_at(sorted_scores, false_flag_rate):
+    """(threshold, the false-flag rate it holds): the ceil((n + 1)(1 - rate))-th smallest of n validation scores,
+    or the highest where n is too small for `false_flag_rate` (then 1 / (n + 1))."""
+    n = len(sorted_scores)
+    k = min(int(np.ceil((n + 1) * (1 - false_flag_rate))), n)
+    return float(sorted_scores[k - 1]), max(false_flag_rate, 1 - k / (n + 1))
+
+
 def fit(train_features, val_features, taps, dims, false_flag_rate):
-    """The population check of training images' (n, sum(dims)) features (the layers `taps`, `dims` features each), standardised and thresholded on
-    validation images' features so that `false_flag_rate` of them are flagged."""
+    """The population check of training images' (n, sum(dims)) features (the layers `taps`, `dims` features
+    each), standardised and thresholded on validation images' features so that at most `false_flag_rate` of images
+    like them are flagged (or 1 / (n_val + 1), where there are too few to hold that rate: `threshold_at`)."""
     from sklearn.covariance import LedoitWolf
 
     means, precisions, start = [], [], 0
@@ -143,5 +171,5 @@ def fit(train_features, val_features, taps, dims, false_flag_rate):
     distances = population.distances(val_features)
     population.centres, population.spreads = distances.mean(axis=0), np.maximum(distances.std(axis=0), 1e-9)
     population.validation_scores = np.sort(population.scores(val_features))
-    population.threshold = float(np.quantile(population.validation_scores, 1 - false_flag_rate))
+    population.threshold, population.false_flag_rate = threshold_at(population.validation_scores, false_flag_rate)
     return population

@@ -89,6 +89,9 @@ class Config:
     # flagged 2.6 % of its own test split; at 0.005, 1.3 %, and still every NIH adult and every non-X-ray
     # (bench_population.py in benchmarks/README.md).
     false_flag_rate: float = 0.005
+    # "auto": no population check where the validation split is too small for one worth its flags (fewer than 33
+    # images, population.too_few_validation_images); "always": fit it anyway
+    population_check: str = "auto"
     precision: str = "auto"  # precision.PRECISIONS: int8 where it passes the accuracy guard on validation
     resume: bool = False  # go on with the killed run in output_dir (same options and data) from its last epoch
     strategy: str = "auto"  # distribute.STRATEGIES; --batch-size is the global batch across its replicas
@@ -138,6 +141,8 @@ class Config:
             (not (self.multi_label and self.monitor == "val_accuracy"),
              "--monitor val_accuracy is for class folders; a multi-label run monitors val_auc or val_loss"),
             (self.img_size >= 32, f"--img-size must be at least 32, got {self.img_size}"),
+            (self.population_check in ("auto", "always"),
+             f"--population-check must be auto or always, got {self.population_check!r}"),
             (self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from cxr.atomic import write_json
-from cxr.errors import UserError
+from cxr.errors import UserError, warn
 
 SPLIT_WAIT_SECONDS = 600  # how long a multi-worker job's other workers wait for the chief to split raw/
 FIT_IMAGES = 1000  # training images the population check's Gaussians are fitted on
@@ -130,7 +130,9 @@ def _train(config, output_dir, chief):
     fit_point = precision.default_point_fitter(class_names, dataset.multi_label, positive, config.target_sensitivity)
     # int8 is guarded as it would be served, at its own operating point; then fit and evaluate what is served
     precision.choose(classifier, dataset, config.precision, config.seed, fit_point)
-    classifier.operating_point, classifier.population = fit_on_validation(classifier, dataset, fit_point, config)
+    classifier.operating_point, (classifier.population, unavailable) = fit_on_validation(classifier, dataset,
+                                                                                         fit_point, config)
+    classifier.population_note = unavailable or classifier.population_note
     evaluation = evaluate_model(classifier, dataset, "test",
                                 EvaluationOptions(config.bootstrap, config.seed, batch_size=config.batch_size,
                                                   subgroups=tuple(config.subgroups or ()), age_bands=config.age_bands))
@@ -140,7 +142,9 @@ def _train(config, output_dir, chief):
     context = ReportContext(
         "cxr: test-set evaluation", f"{config.backbone} trained on {data_source(config)}; evaluated on its held-out "
         "test split.", dataset.counts(), config.to_dict(),
-        {"training_curves": plots.figure_png(plots.training_curves_figure(result.history))})
+        {"training_curves": plots.figure_png(plots.training_curves_figure(result.history))},
+        data="its held-out test split", defaults=type(config)().to_dict(),
+        about={"model_sha256": classifier.sha256, "seconds": result.seconds["total_seconds"]})
     artifacts.write_evaluation(outputs, evaluation, context)
     artifacts.write_splits(outputs.reports / "splits.csv", dataset)
     summary = artifacts.summary(evaluation, context, timings={k: round(v, 2) for k, v in result.seconds.items()},
@@ -171,22 +175,27 @@ def positive_weights(dataset, config):
 
 def fit_population(model, dataset, config, val_features):
     """The population check (`cxr.model.population`): Gaussians fitted on a seeded sample of FIT_IMAGES training
-    images, flagging `config.false_flag_rate` of the validation split (`val_features`: its features)."""
+    images, flagging `config.false_flag_rate` of the validation split (`val_features`: its features), as
+    (check, None); (None, why) where the validation split is too small for a check worth its flags."""
     import numpy as np
 
     from cxr.model import population
 
+    reason = population.too_few_validation_images(len(val_features))
+    if reason is not None and config.population_check == "auto":
+        warn(reason)
+        return None, reason
     train_rows = dataset.splits["train"]
     sample = np.sort(np.random.default_rng(config.seed).choice(train_rows, min(FIT_IMAGES, len(train_rows)),
                                                                replace=False))
     _, train_features = model.raw_outputs(dataset.images, sample, config.batch_size)
     taps, dims = model.population_layers()
-    return population.fit(train_features, val_features, taps, dims, config.false_flag_rate)
+    return population.fit(train_features, val_features, taps, dims, config.false_flag_rate), None
 
 
 def fit_on_validation(model, dataset, fit_point, config):
     """(the operating point: temperature and threshold, per finding for a multi-label model, and where it came
-    from; the population check) fitted on the validation split. `fit_point(y, raw)`: how the point is fitted."""
+    from; (the population check, or None and why there is none)) fitted on the validation split. `fit_point(y, raw)`: how the point is fitted."""
     from cxr.model.inference import fitted_on
 
     rows, y = dataset.split("val")
