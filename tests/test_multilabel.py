@@ -271,9 +271,10 @@ def test_an_unknown_label_changes_neither_the_loss_nor_the_metrics():
 
 def test_each_finding_gets_its_own_operating_point_and_a_one_class_finding_keeps_the_old_one():
     rng = np.random.default_rng(1)
-    labels = (rng.random((200, 3)) < [0.5, 0.1, 0.0]).astype(np.float32)
+    labels = (rng.random((200, 3)) < [0.5, 0.2, 0.0]).astype(np.float32)
     scores = np.clip(labels * 0.3 + rng.random((200, 3)) * 0.7, 0.01, 0.99)
     labels[:50, 0] = np.nan
+    assert np.sum(labels[:, 1] == 1) >= 20  # enough positives for the sensitivity target
     previous = {"findings": {"C": {"temperature": 2.0, "threshold": 0.7, "method": "youden"}}}
     point = fit_finding_points(labels, scores, ["A", "B", "C"], target_sensitivity=0.9, keep=previous)
     for k, name in enumerate(("A", "B")):
@@ -287,6 +288,24 @@ def test_each_finding_gets_its_own_operating_point_and_a_one_class_finding_keeps
         assert found["val_positives"] == int(np.sum(labels[known, k] == 1))
     assert point["findings"]["A"]["threshold"] != point["findings"]["B"]["threshold"]
     assert point["findings"]["C"]["threshold"] == 0.7 and point["findings"]["C"]["temperature"] == 2.0
+
+
+def test_a_finding_with_few_positives_calls_as_many_images_as_are_positive_and_says_so(capsys):
+    """Issue 46: thresholds fitted for a 0.9 sensitivity on 2-9 positives called almost every image."""
+    rng = np.random.default_rng(2)
+    labels = np.zeros((300, 2), np.float32)
+    labels[rng.choice(300, 40, replace=False), 0] = 1
+    labels[rng.choice(300, 3, replace=False), 1] = 1
+    scores = np.clip(labels * 0.25 + rng.random((300, 2)) * 0.75, 0.01, 0.99)
+    point = fit_finding_points(labels, scores, ["Effusion", "Hernia"], target_sensitivity=0.9)
+    many, few = point["findings"]["Effusion"], point["findings"]["Hernia"]
+    assert many["method"] == "sensitivity >= 0.9" and many["val_sensitivity"] >= 0.9
+    assert few["method"] == "prevalence: 3 validation positives, too few for sensitivity >= 0.9"
+    from cxr.model.inference import apply_finding_temperatures
+
+    called = apply_finding_temperatures(scores[:, 1], few["temperature"]) >= few["threshold"]
+    assert called.sum() == 3 and few["val_specificity"] >= 0.98  # not 0.02
+    assert "fewer than 20 validation positives for Hernia (3)" in capsys.readouterr().err
 
 
 def test_patient_bootstrap_draws_whole_patients():

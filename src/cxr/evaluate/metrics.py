@@ -121,9 +121,13 @@ def fit_finding_points(labels, probabilities, findings, target_sensitivity=None,
 
     A finding without both positives and negatives among them gets no threshold from them: it keeps its point
     in `keep` (a model's previous operating point, when recalibrating), else 0.5 uncalibrated; a warning says so.
+    A finding with fewer than FEW positives can't hold a sensitivity target or a Youden point (on 2 positives,
+    a 0.9 sensitivity target calls whatever scores above the lower one: specificity 0.02 on NIH's
+    Consolidation), so its threshold matches the prevalence instead: it calls as many validation images as are
+    positive (the n_pos-th highest calibrated probability), and a warning names those findings.
     """
     method = "youden" if target_sensitivity is None else f"sensitivity >= {target_sensitivity:g}"
-    points, unfitted = {}, []
+    points, unfitted, few = {}, [], []
     for k, name in enumerate(findings):
         known = ~np.isnan(labels[:, k])
         is_positive, scores = labels[known, k] == 1, probabilities[known, k]
@@ -135,14 +139,25 @@ def fit_finding_points(labels, probabilities, findings, target_sensitivity=None,
                             {"temperature": 1.0, "threshold": 0.5, "method": "default 0.5"}) | counts
             continue
         temperature = fit_finding_temperature(is_positive, scores)
-        threshold, sensitivity, specificity = choose_threshold(
-            is_positive, apply_finding_temperatures(scores, temperature), target_sensitivity)
-        points[name] = {"temperature": temperature, "threshold": threshold, "method": method,
+        calibrated = apply_finding_temperatures(scores, temperature)
+        if counts["val_positives"] < FEW:
+            few.append(f"{name} ({counts['val_positives']})")
+            threshold = float(np.sort(calibrated)[::-1][counts["val_positives"] - 1])
+            called = calibrated >= threshold
+            sensitivity, specificity = float(called[is_positive].mean()), float(1 - called[~is_positive].mean())
+            rule = f"prevalence: {counts['val_positives']} validation positives, too few for {method}"
+        else:
+            threshold, sensitivity, specificity = choose_threshold(is_positive, calibrated, target_sensitivity)
+            rule = method
+        points[name] = {"temperature": temperature, "threshold": threshold, "method": rule,
                         "val_sensitivity": sensitivity, "val_specificity": specificity} | counts
     if unfitted:
         kept = "keep the model's previous operating point" if keep else "use 0.5, uncalibrated"
         warn(f"no threshold can be fitted for findings without both positive and negative images: "
              f"{', '.join(unfitted)}; they {kept}")
+    if few:
+        warn(f"fewer than {FEW} validation positives for {', '.join(few)}: too few to fit a threshold by {method}, "
+             "so each calls as many validation images as are positive (its prevalence); their calls are rough")
     return {"findings": points, "method": method, "target_sensitivity": target_sensitivity}
 
 
