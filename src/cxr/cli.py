@@ -34,6 +34,13 @@ OPTION_HELP = {  # the options several commands share, said once
 }
 
 
+def add_monitor_db(parser):
+    parser.add_argument("--monitor-db", metavar="DB",
+                        help="record every answer in this prediction log for cxr monitor: a file (SQLite, created on "
+                             "first use) or a database URL (postgresql://...); images are keyed by salted hashes, "
+                             "never by name")
+
+
 def add_precision(parser):
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
 
@@ -116,6 +123,17 @@ def sensitivity_or_youden(text):
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"give a sensitivity in (0, 1] or 'youden', got {value}")
     return value
+
+
+def iso_time(text):
+    """An argparse type: an ISO 8601 date or time (UTC unless it says otherwise)."""
+    import datetime
+
+    try:
+        value = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give an ISO 8601 date or time such as 2026-12-01, got {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
 
 
 def comma_list(text):
@@ -278,6 +296,7 @@ def build_parser():
     predict.add_argument("--skipped-list", type=Path, default=None, metavar="FILE",
                          help="write every file that could not be predicted, and why, to this CSV")
     add_precision(predict)
+    add_monitor_db(predict)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a saved model on a folder of class subfolders")
     evaluate.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
@@ -328,6 +347,7 @@ def build_parser():
                        help="a host name the server answers to (repeatable); on loopback localhost, 127.0.0.1 and ::1 "
                             "always are; other Host headers get 400 (against DNS rebinding)")
     add_precision(serve)
+    add_monitor_db(serve)
 
     listen = commands.add_parser("listen", help="a DICOM node: receive X-rays from a PACS, send the results back")
     listen.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
@@ -351,6 +371,25 @@ def build_parser():
     export.add_argument("--calibration-images", type=Path, metavar="DIR",
                         help="tflite-int8: training-like X-rays to calibrate int8 on (default: 200 of the training "
                              "split in the run's reports/splits.csv)")
+    monitor = commands.add_parser("monitor", help="drift, realized performance and alerts from a prediction log")
+    monitor.add_argument("--db", required=True, metavar="DB", help="the prediction log (--monitor-db of predict, "
+                                                                     "serve or listen)")
+    monitor.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"),
+                         help="the model whose answers to judge (its reference.npz beside it)")
+    monitor.add_argument("--output-dir", type=Path, required=True, help="where monitor.json and monitor.html go")
+    monitor.add_argument("--since", type=iso_time, help="only answers from this time on (ISO 8601, e.g. 2026-12-01)")
+    group = monitor.add_mutually_exclusive_group()
+    group.add_argument("--window", type=count(1), help="answers per window (default 500)")
+    group.add_argument("--window-days", type=float, help="days per window, instead of a number of answers")
+    monitor.add_argument("--labels", type=Path, metavar="CSV",
+                         help="confirmed labels: a path, sop_instance_uid, image_id or image_key column, and a label "
+                              "column (a class) or one 1/0 column per finding; gives realized performance")
+    monitor.add_argument("--reference-data", type=Path, metavar="DIR",
+                         help="for a model saved without reference.npz: labelled images (<Class>/ folders) to build "
+                              "its reference from")
+    monitor.add_argument("--fail-on-alert", action="store_true",
+                         help="exit 1 when the latest window has an alert (for cron and CI)")
+
     for command in commands.choices.values():
         command.formatter_class = HelpFormatter
         command.add_argument("--verbose", action="store_true",
@@ -386,10 +425,10 @@ def main(argv=None):
             print(f"Outputs in {args.output_dir}/ (models/model.h5, reports/report.html, reports/summary.json, plots/)")
         elif args.command == "predict":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # predict imports TensorFlow only to convert
-            from cxr.commands.predict import run_predict
+            from cxr.commands.predict import PredictOptions, run_predict
 
-            print(run_predict(args.paths, args.model, args.format, args.batch_size, args.tta, args.skipped_list,
-                              args.precision))
+            print(run_predict(args.paths, args.model, args.format, PredictOptions(
+                args.batch_size, args.tta, args.skipped_list, args.precision, args.monitor_db)))
         elif args.command == "evaluate":
             from cxr.commands.evaluate import evaluate
             from cxr.evaluate import EvaluationOptions
@@ -422,16 +461,28 @@ def main(argv=None):
         elif args.command == "serve":
             if not args.max_upload_mb > 0:
                 raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-            from cxr.commands.serve import serve
+            from cxr.commands.serve import ServeOptions, serve
 
-            serve(args.model, args.host, args.port, args.api_key or None, args.max_upload_mb, args.precision,
-                  args.allowed_host)
+            serve(args.model, ServeOptions(args.host, args.port, args.api_key or None, args.max_upload_mb,
+                                           args.precision, tuple(args.allowed_host), args.monitor_db))
         elif args.command == "listen":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             from cxr.commands.listen import Node, listen
 
             listen(args.model, args.send_to, args.output_dir, Node(args.host, args.port, args.ae_title,
                                                                    args.max_associations), args.precision)
+        elif args.command == "monitor":
+            from cxr.commands.monitor import MonitorOptions, monitor
+
+            result = monitor(args.db, args.model, args.output_dir, MonitorOptions(
+                args.window, args.window_days, args.since, args.labels, args.reference_data))
+            for alert in result["alerts"]:
+                print(f"ALERT {alert['signal']}: {alert['message']}")
+            print(f"{result['answers']} answers in {len(result['windows'])} windows; latest window: "
+                  f"{len(result['alerts']) or 'no'} alert{'s' if len(result['alerts']) != 1 else ''}. Outputs in "
+                  f"{args.output_dir}/ (monitor.json, monitor.html)")
+            if args.fail_on_alert and result["alerts"]:
+                return 1
         elif args.command == "export":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             from cxr.commands.export import export

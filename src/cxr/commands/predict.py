@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,40 +56,44 @@ class Predictions:
 
 
 def decode_with_warnings(path, size):
-    """(pixels, None, [warnings]) for a readable image, (None, why not, []) otherwise."""
+    """(the `DecodedImage`, None, [warnings]) for a readable image, (None, why not, []) otherwise."""
     try:
         image = decode(path, size)
     except UnreadableImage as error:
         return None, str(error).removeprefix(f"{path}: "), []
-    return image.pixels, None, image_warnings(image, size)
+    return image, None, image_warnings(image, size)
 
 
-def predict_files(model, files, batch_size=64, tta=False):
+def predict_files(model, files, batch_size=64, tta=False, log=None):
     """`Predictions` for the image files `files`, saying on stderr which files were skipped, each readable image's
     warnings and how many images the population check flagged.
 
     `model` is a `SavedModel`. The next chunk of files is decoded in threads while the model runs on this one.
+    `log`: a `monitor.log.PredictionLog` that gets a row per answer.
     """
     size = model.predictor().input_shape[1]
     chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
-    raw, features, readable, warnings, skipped = [], [], [], [], {}
+    raw, features, readable, warnings, skipped, images, seconds = [], [], [], [], {}, [], []
     with ThreadPoolExecutor() as pool, progress(total=len(files), desc="Predicting") as bar:
         pending = [pool.submit(decode_with_warnings, path, size) for path in chunks[0]] if chunks else []
         for k, chunk in enumerate(chunks):
+            began = time.perf_counter()
             results = [future.result() for future in pending]
             pending = ([pool.submit(decode_with_warnings, path, size) for path in chunks[k + 1]]
                        if k + 1 < len(chunks) else [])
-            batch = [pixels for pixels, _, _ in results if pixels is not None]
-            for path, (pixels, reason, notes) in zip(chunk, results):
-                if pixels is None:
+            batch = [image.pixels for image, _, _ in results if image is not None]
+            for path, (image, reason, notes) in zip(chunk, results):
+                if image is None:
                     skipped[path] = reason
                 else:
                     readable.append(path)
                     warnings.append(notes)
+                    images.append(image)
             if batch:
                 outputs, taps = model.raw_outputs(np.stack(batch), batch_size=len(batch), tta=tta)
                 raw.append(outputs)
                 features.append(taps)
+                seconds += [(time.perf_counter() - began) / len(batch)] * len(batch)
             bar.update(len(chunk))
     if skipped:
         warn(f"skipped {len(skipped)} unreadable or refused images: {describe_skipped(skipped)}")
@@ -98,6 +103,13 @@ def predict_files(model, files, batch_size=64, tta=False):
     probabilities, labels = model.calibrate(np.concatenate(raw) if raw else np.zeros((0, len(model.class_names))))
     check = model.check_population(np.concatenate(features)) if features else None
     warn_population(check, len(readable), model.population_note)
+    if log is not None:
+        from cxr.monitor.log import answer_row, header_fields
+
+        for k, path in enumerate(readable):
+            log.record(answer_row(model, probabilities[k], labels[k], population_fields(check, k), images[k])
+                       | header_fields(path) | {"image_key": log.key("path", str(Path(path))),
+                                                "warnings": warnings[k], "latency_ms": 1000 * seconds[k]})
     return Predictions(readable, probabilities, labels, warnings, check, skipped)
 
 
@@ -186,13 +198,31 @@ def format_predictions(predictions, class_names, fmt="table", multi_label=False,
     return "\n".join(lines)
 
 
-def run_predict(paths, model_path, fmt="table", batch_size=64, tta=False, skipped_list=None, precision="auto"):
-    """The predictions for the images `paths` name, formatted; `skipped_list`: a CSV file to write every skipped
-    file and the reason into; `precision`: as `SavedModel.load`'s. UserError when no image could be predicted."""
+@dataclass(frozen=True)
+class PredictOptions:
+    batch_size: int = 64
+    tta: bool = False  # average with the mirror image
+    skipped_list: Path = None  # a CSV file to write every skipped file and the reason into
+    precision: str = "auto"  # as `SavedModel.load`'s
+    monitor_db: str = None  # the prediction log (`cxr.monitor.log`) to record every answer in
+
+
+def run_predict(paths, model_path, fmt="table", options=PredictOptions()):
+    """The predictions for the images `paths` name, formatted. UserError when no image could be predicted."""
     files = list_inputs(paths)
-    model = SavedModel.load(model_path, precision)
+    model = SavedModel.load(model_path, options.precision)
+    skipped_list = options.skipped_list
+    log = None
+    if options.monitor_db is not None:
+        from cxr.monitor.log import PredictionLog
+
+        log = PredictionLog(options.monitor_db, "predict")
     model.predictor()  # LiteRT whenever it can run the model: the conversion is cached for the next call
-    predictions = predict_files(model, files, batch_size, tta)
+    try:
+        predictions = predict_files(model, files, options.batch_size, options.tta, log)
+    finally:
+        if log is not None:
+            log.close()
     if skipped_list is not None:
         write_skipped(skipped_list, predictions.skipped)
     if not predictions.files:

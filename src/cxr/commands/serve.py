@@ -18,8 +18,10 @@ import secrets
 import socket
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
 
@@ -246,8 +248,9 @@ def error_name(status):
 
 
 def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MAX_PIXELS,
-               hosts=("localhost", "127.0.0.1", "::1")):
-    """The ASGI app for a loaded `SavedModel`; the model's predictor loads in the background at startup."""
+               hosts=("localhost", "127.0.0.1", "::1"), log=None):
+    """The ASGI app for a loaded `SavedModel`; the model's predictor loads in the background at startup. `log`: a
+    `monitor.log.PredictionLog` that gets a row per answer."""
     from fastapi import Depends, FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse
@@ -330,6 +333,26 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
     async def page():
         return resources.files("cxr").joinpath("static/index.html").read_text(encoding="utf-8")
 
+    metrics = ServeMetrics(model.class_names, log)
+
+    @app.middleware("http")
+    async def count_requests(request, call_next):
+        began = time.perf_counter()
+        response = await call_next(request)
+        if request.url.path == "/v1/predict":
+            metrics.requests.labels(str(response.status_code)).inc()
+            metrics.latency.observe(time.perf_counter() - began)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        """Prometheus' text format: requests and images by status, latency, calls per class, images flagged,
+        the prediction log's queue and failures. Counts only: no image, name or answer."""
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     # The health checks run on the event loop itself, not in the thread pool that decoding and Grad-CAM keep busy:
     # they answer at once under any load
     @app.get("/health/live", tags=["health"])
@@ -374,10 +397,13 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
         """Every image's answer, in the order sent; an image that can't be used gets its own status and detail
         beside the others' predictions, and a request none of whose images can be used gets the first one's
         error status."""
-        uploads = await read_uploads(request)
+        began = time.perf_counter()
+        uploads, image_ids = await read_uploads(request)
         attempts = await asyncio.gather(*(asyncio.wrap_future(decoder.submit(decode_upload, name, data))
                                           for name, data in uploads), return_exceptions=True)
         failures = [a for a in attempts if isinstance(a, BaseException)]
+        for failure in failures:
+            metrics.images.labels(str(getattr(failure, "status_code", 500))).inc()
         if len(failures) == len(attempts):
             raise failures[0]
         for failure in failures:
@@ -399,23 +425,40 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
                 if sniff(data) == DICOM:  # browsers can't show DICOM: the page shows it as cxr rendered it
                     record["image"] = png_data_uri(shown)
             answered[sent] = record
+        metrics.count_answers(model, labels, check)
+        if log is not None:
+            record_answers(usable, probabilities, labels, check, image_ids, time.perf_counter() - began)
         predictions = [answered[k] if k in answered else
                        {"filename": name, "status": a.status_code, "error": error_name(a.status_code), "detail": a.detail}
                        for k, ((name, _), a) in enumerate(zip(uploads, attempts))]
         return {"model_sha256": model.sha256, "predictions": predictions}
 
+    def record_answers(usable, probabilities, labels, check, image_ids, seconds):
+        """A prediction log row per answered image, keyed by the image_id the client sent with it, else by its
+        pixels' hash."""
+        from cxr.monitor.log import answer_row, header_fields
+
+        for k, ((sent, (_, data), (image, warnings)), p, label) in enumerate(zip(usable, probabilities, labels)):
+            image_id = image_ids[sent] if sent < len(image_ids) else None
+            key = log.key("id", image_id) if image_id else log.key("pixels", image.pixels.tobytes())
+            log.record(answer_row(model, p, label, population_fields(check, k), image) | header_fields(data)
+                       | {"image_key": key, "warnings": warnings, "latency_ms": 1000 * seconds / len(usable)})
+
     async def read_uploads(request):
+        """([(name, bytes)], [the image_id form fields, in order]) of a request."""
+        image_ids = []
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             async with request.form(max_files=MAX_FILES, max_fields=MAX_FILES) as form:
                 files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
                 uploads = [(f.filename or f"file {k + 1}", await f.read()) for k, f in enumerate(files)]
+                image_ids = [str(v) for k, v in form.multi_items() if k == "image_id" and not isinstance(v, UploadFile)]
         else:
             body = await request.body()
             uploads = [("the request body", body)] if body else []
         if not uploads:
             raise HTTPException(422, "no image in the request: send multipart files (field 'files') or one image "
                                      "as the request body with its content type")
-        return uploads
+        return uploads, image_ids
 
     def decode_upload(name, data):
         if sniff(data) is None:
@@ -469,13 +512,62 @@ def is_loopback(host):
         return False
 
 
-def serve(model_path, host="127.0.0.1", port=8000, api_key=None, max_upload_mb=20, precision="auto", hosts=()):
+class ServeMetrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self, class_names, log=None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("cxr_requests", "POST /v1/predict requests by HTTP status", ["status"],
+                                registry=registry)
+        self.images = Counter("cxr_images", "images by status (200: answered; else why not)", ["status"],
+                              registry=registry)
+        self.latency = Histogram("cxr_request_seconds", "time to answer a POST /v1/predict", registry=registry,
+                                 buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.calls = Counter("cxr_calls", "images called each class or finding", ["name"], registry=registry)
+        self.flagged = Counter("cxr_images_flagged", "images the population check flagged as unlike the training "
+                                                     "images", registry=registry)
+        for name in class_names:
+            self.calls.labels(name)
+        self.images.labels("200")
+        if log is not None:
+            Gauge("cxr_monitor_queue", "answers waiting for the prediction log's writer",
+                  registry=registry).set_function(lambda: log.waiting)
+            Gauge("cxr_monitor_rows_failed", "prediction log rows the database refused or the full queue dropped",
+                  registry=registry).set_function(lambda: log.failed + log.dropped)
+
+    def count_answers(self, model, labels, check):
+        """Count a request's answered images, their calls and flags."""
+        self.images.labels("200").inc(len(labels))
+        for label in labels:
+            names = ([n for n, called in zip(model.class_names, label) if called] if model.multi_label else
+                     [model.class_names[int(label)]])
+            for name in names:
+                self.calls.labels(name).inc()
+        if check is not None:
+            self.flagged.inc(check.flagged)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = None
+    max_upload_mb: float = 20
+    precision: str = "auto"
+    hosts: tuple = ()  # --allowed-host names
+    monitor_db: str = None  # the prediction log (`cxr.monitor.log`) every answer is recorded in
+
+
+def serve(model_path, options=ServeOptions()):
     """Run the server until interrupted. UserError for an unusable model or a port that can't be bound."""
     import uvicorn
 
     from cxr.bundle.saved_model import SavedModel
 
-    model = SavedModel.load(model_path, precision)
+    host, port, api_key = options.host, options.port, options.api_key
+    model = SavedModel.load(model_path, options.precision)
     if not is_loopback(host):
         warn(f"serving on {host}: anyone who can reach this machine on port {port} can use the model"
              + ("" if api_key else f"; set --api-key (or ${API_KEY_VARIABLE}) to require a key"))
@@ -484,11 +576,20 @@ def serve(model_path, host="127.0.0.1", port=8000, api_key=None, max_upload_mb=2
         socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
     except OSError as error:
         raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host") from None
-    answered = allowed_hosts(host, hosts)
+    answered = allowed_hosts(host, options.hosts)
     if answered is None:
         warn(f"serving on {host} without --allowed-host: any Host header is answered; name the server's host names "
              "with --allowed-host to refuse requests a web page forwards through DNS rebinding")
-    app = create_app(model, api_key, int(max_upload_mb * 2 ** 20), hosts=answered)
+    log = None
+    if options.monitor_db is not None:
+        from cxr.monitor.log import PredictionLog
+
+        log = PredictionLog(options.monitor_db, "serve")
+    app = create_app(model, api_key, int(options.max_upload_mb * 2 ** 20), hosts=answered, log=log)
     print(f"cxr: serving {model_path} at http://{host}:{port}/ (API docs at /docs); loading the model",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        if log is not None:
+            log.close()

@@ -128,15 +128,21 @@ SUBGROUP_TAGS = {"sex": "PatientSex", "age": "PatientAge", "view": "ViewPosition
                  "device_model": "ManufacturerModelName"}
 
 
-def subgroup_tags(path):
+def subgroup_tags(source):
     """{"sex", "age", "view", "manufacturer", "device_model"} from the file's DICOM header (None where a tag is
     missing or the file unreadable): what a subgroup analysis groups by, aggregated before any report."""
+    return header_values(source, SUBGROUP_TAGS)
+
+
+def header_values(source, tags):
+    """{key: the header's value of tags[key] as text, None where missing} of a DICOM file (a path or its bytes),
+    read without its pixels; all None when it is unreadable."""
     try:
-        ds = _open(path, stop_before_pixels=True, specific_tags=list(SUBGROUP_TAGS.values()))
+        ds = _open(source, stop_before_pixels=True, specific_tags=list(tags.values()))
     except Exception:  # noqa: BLE001 - unreadable files are reported when they are decoded
-        return dict.fromkeys(SUBGROUP_TAGS)
+        return dict.fromkeys(tags)
     return {key: (str(ds.get(tag)).strip() or None) if ds.get(tag) is not None else None
-            for key, tag in SUBGROUP_TAGS.items()}
+            for key, tag in tags.items()}
 
 
 def read_dicom(source, name, max_pixels=None):

@@ -292,20 +292,22 @@ def proportion_intervals(is_positive, called, prefix="", level=0.95):
     """{prefix + "sensitivity" | "specificity" | "ppv" | "npv": [low, high]}: exact (Clopper-Pearson) intervals of
     the proportions behind each number. A bootstrap of a proportion at its bound has zero width (9 of 9 positives
     found: 1.000 to 1.000); the exact interval of 9 of 9 is 0.66 to 1.00."""
-    from scipy.stats import binomtest
-
     is_positive, called = np.asarray(is_positive, bool), np.asarray(called, bool)
     counts = {"sensitivity": (called & is_positive, is_positive), "specificity": (~called & ~is_positive, ~is_positive),
               "ppv": (called & is_positive, called), "npv": (~called & ~is_positive, ~called)}
     intervals = {}
     for name, (hits, among) in counts.items():
         n = int(among.sum())
-        if n == 0:
-            intervals[prefix + name] = [None, None]
-            continue
-        low, high = binomtest(int(hits.sum()), n).proportion_ci(confidence_level=level, method="exact")
-        intervals[prefix + name] = [float(low), float(high)]
+        intervals[prefix + name] = list(exact_interval(int(hits.sum()), n, level)) if n else [None, None]
     return intervals
+
+
+def exact_interval(hits, n, level=0.95):
+    """(low, high): the exact (Clopper-Pearson) interval of the proportion hits / n, n >= 1."""
+    from scipy.stats import binomtest
+
+    low, high = binomtest(int(hits), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return float(low), float(high)
 
 
 def few_cases(is_positive, name=""):

@@ -94,6 +94,7 @@ def _train(config, output_dir, chief):
     from cxr.evaluate import EvaluationOptions, evaluate_model, plots
     from cxr.evaluate.report import ReportContext
     from cxr.bundle.saved_model import SavedModel
+    from cxr.monitor.reference import Reference
     from cxr.training.loop import TrainingRun, default_phases, train as train_phases
 
     fingerprint = resume.fingerprint(config, cache_key(dataset.paths, config.img_size))
@@ -138,6 +139,8 @@ def _train(config, output_dir, chief):
                                                   subgroups=tuple(config.subgroups or ()), age_bands=config.age_bands))
 
     artifacts.publish_model(classifier, outputs)
+    val_rows, val_y = dataset.split("val")  # what cxr monitor compares production with
+    Reference.of_validation(classifier, dataset.images, val_rows, val_y).save(outputs.models)
     result.seconds["total_seconds"] = time.perf_counter() - started
     context = ReportContext(
         "cxr: test-set evaluation", f"{config.backbone} trained on {data_source(config)}; evaluated on its held-out "

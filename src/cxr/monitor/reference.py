@@ -1,0 +1,67 @@
+"""What a model answered on its validation split, saved beside it at training (`reference.npz`), so that
+`cxr monitor` compares production with what the model was tested on: the calibrated probabilities, the calls,
+the labels and the population check's scores. Like population.npz it records the model file's SHA-256, and a
+reference of another model is refused."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr.atomic import atomic_path
+from cxr.errors import UserError
+
+REFERENCE_FILE = "reference.npz"
+
+
+@dataclass
+class Reference:
+    class_names: list
+    multi_label: bool
+    probabilities: np.ndarray  # (n, classes) calibrated, as served
+    calls: np.ndarray  # (n, classes) 0/1: the classes (one per image) or findings called
+    labels: np.ndarray  # (n,) class indices, or (n, findings) 1/0/nan
+    population_scores: np.ndarray  # (n,), empty without a population check
+    flag_rate: float  # the share of images like the validation ones the population check flags (0: no check)
+    model_sha256: str
+
+    @classmethod
+    def of_validation(cls, model, images, rows, labels):
+        """The reference of `model` (a `SavedModel` with its operating point) on `images[rows]` with `labels`."""
+        raw, features = model.raw_outputs(images, rows)
+        probabilities, label = model.calibrate(raw)
+        calls = (np.asarray(label, np.int8) if model.multi_label else
+                 np.eye(len(model.class_names), dtype=np.int8)[np.asarray(label)])
+        check = model.check_population(features)
+        return cls(list(model.class_names), model.multi_label, probabilities.astype(np.float32), calls,
+                   np.asarray(labels), np.zeros(0, np.float32) if check is None else check.scores.astype(np.float32),
+                   0.0 if model.population is None else float(model.population.false_flag_rate), model.sha256)
+
+    def save(self, models_dir):
+        with atomic_path(Path(models_dir) / REFERENCE_FILE) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, class_names=np.array(self.class_names), multi_label=self.multi_label,
+                         probabilities=self.probabilities, calls=self.calls, labels=self.labels,
+                         population_scores=self.population_scores, flag_rate=self.flag_rate,
+                         model_sha256=np.array(self.model_sha256))
+
+    @classmethod
+    def load(cls, model_path, model_sha256):
+        """The reference beside the model file at `model_path`; UserError when it is missing, unreadable or of
+        another model file."""
+        path = Path(model_path).parent / REFERENCE_FILE
+        if not path.is_file():
+            raise UserError(f"{path}: not found; models trained before cxr had monitoring have no reference: train "
+                            "the model again, or give cxr monitor --reference-data DIR (labelled images like the "
+                            "validation split) to build one")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                reference = cls([str(c) for c in f["class_names"]], bool(f["multi_label"]), f["probabilities"],
+                                f["calls"], f["labels"], f["population_scores"], float(f["flag_rate"]),
+                                str(f["model_sha256"]))
+        except (OSError, ValueError, KeyError) as error:
+            raise UserError(f"{path}: not a readable reference ({str(error).splitlines()[0][:80]}); train again") from None
+        if reference.model_sha256 != model_sha256:
+            raise UserError(f"{path}: the reference of another model file (its recorded hash differs); use the "
+                            "files of one training run")
+        return reference
