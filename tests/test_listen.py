@@ -1,6 +1,7 @@
 """`cxr listen` between a real PACS (Orthanc, Debian's package, on loopback) and a trained model."""
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -113,7 +114,9 @@ def test_pacs_gets_a_report_and_an_overlay_in_the_study_a_ct_none_and_the_listen
 
     orthanc, port = orthanc_and_port
     model_path = tiny_run / "models" / "model.h5"
-    listener = Listener(model_path, port=port, send_to=orthanc.destination, cache=tmp_path / "cache")
+    db = tmp_path / "log.sqlite"
+    listener = Listener(model_path, port=port, send_to=orthanc.destination, cache=tmp_path / "cache",
+                        extra=("--monitor-db", str(db)))
     try:
         # Orthanc routes the real adult X-ray to cxr; the results come back into its study
         uploaded = orthanc.upload(REAL_DICOM.read_bytes())
@@ -173,6 +176,14 @@ def test_pacs_gets_a_report_and_an_overlay_in_the_study_a_ct_none_and_the_listen
         log = listener.stop()
     assert "refused (C-STORE failure 0xC000)" in log and "Traceback" not in log
     assert not any(item in log for item in PATIENT_DATA), log
+    # --monitor-db: a row per X-ray answered, keyed by its SOP Instance UID's salted hash, nothing else of it
+    from cxr.monitor.log import image_key, open_database
+
+    _, salt = open_database(db)
+    with sqlite3.connect(db) as connection:
+        keys = [k for (k,) in connection.execute("SELECT image_key FROM predictions WHERE command = 'listen'")]
+    assert image_key(salt, "uid", source.SOPInstanceUID) in keys and len(keys) == 2
+    assert source.SOPInstanceUID.encode() not in db.read_bytes()
 
 
 def test_results_that_cannot_be_sent_are_kept_and_sent_at_the_next_start(routing_orthanc_and_port, tiny_run,

@@ -362,6 +362,7 @@ def build_parser():
     listen.add_argument("--max-associations", type=count(1), default=4,
                         help="associations served at once; more are rejected, and the PACS tries again")
     add_precision(listen)
+    add_monitor_db(listen)
 
     export = commands.add_parser("export", help="write the model as a SavedModel, TFLite or ONNX file for deployment")
     export.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
@@ -470,7 +471,8 @@ def main(argv=None):
             from cxr.commands.listen import Node, listen
 
             listen(args.model, args.send_to, args.output_dir, Node(args.host, args.port, args.ae_title,
-                                                                   args.max_associations), args.precision)
+                                                                   args.max_associations), args.precision,
+                   args.monitor_db)
         elif args.command == "monitor":
             from cxr.commands.monitor import MonitorOptions, monitor
 

@@ -5,10 +5,10 @@ Starts from the artifacts: the `SavedModel` and, when it describes this very mod
 of the run that wrote it.
 """
 
-import importlib.metadata
 import json
 from pathlib import Path
 
+from cxr.evaluate.report import package_version
 from cxr.model.inference import describe_fitted_on
 
 INTENDED_USE = ("Research and decision support: flags chest X-rays for a clinician's review. It was trained on one "
@@ -25,15 +25,6 @@ HEADLINE = ("sensitivity", "specificity", "auc_roc", "auc_pr", "accuracy", "bala
             "brier", "ece", "n_images")
 MULTI_LABEL_HEADLINE = ("mean_auc", "mean_auc_pr", "mean sensitivity", "mean specificity", "per_finding")
 
-
-def package_version(*names):
-    """The installed version of the first of `names` that is installed (None if none is)."""
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def training_record(model):

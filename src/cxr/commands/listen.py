@@ -83,6 +83,7 @@ class Listener:
         self.jobs = queue.Queue()
         self.decoding = threading.Lock()
         self.server = None
+        self.prediction_log = None  # a monitor.log.PredictionLog with --monitor-db
 
     # --- receiving -----------------------------------------------------------------------------------------
     def handle_echo(self, event):
@@ -202,8 +203,15 @@ class Listener:
         notes = image_warnings(image, self.model.img_size)
         flagged = {None: "population check unavailable", True: "like the training images",
                    False: "FLAGGED: unlike the training images"}[population["in_distribution"]]
-        log(f"image {key}: {result.label} ({flagged}) in {time.perf_counter() - started:.1f} s"
-            + (f"; {'; '.join(notes)}" if notes else ""))
+        seconds = time.perf_counter() - started
+        log(f"image {key}: {result.label} ({flagged}) in {seconds:.1f} s" + (f"; {'; '.join(notes)}" if notes else ""))
+        if self.prediction_log is not None:
+            from cxr.monitor.log import answer_row, header_fields
+
+            self.prediction_log.record(
+                answer_row(self.model, probabilities[0], labels[0], population, image) | header_fields(data)
+                | {"image_key": self.prediction_log.key("uid", source.SOPInstanceUID), "warnings": notes,
+                   "latency_ms": 1000 * seconds})
         self.store(key, results)
         spooled.unlink()
 
@@ -406,7 +414,7 @@ class Node:
     max_associations: int = 4
 
 
-def listen(model_path, send_to=None, output_dir=None, node=Node(), precision="auto"):
+def listen(model_path, send_to=None, output_dir=None, node=Node(), precision="auto", monitor_db=None):
     """Run `cxr listen` as `node` until interrupted. UserError for bad options, an unusable model or a port in
     use."""
     from cxr.errors import warn
@@ -435,6 +443,10 @@ def listen(model_path, send_to=None, output_dir=None, node=Node(), precision="au
     model.keras_model  # Grad-CAM's, loaded now rather than by the first image
     listener = Listener(model, ae_title, destination, folder, keep_results=output_dir is not None,
                         max_associations=max_associations)
+    if monitor_db is not None:
+        from cxr.monitor.log import PredictionLog
+
+        listener.prediction_log = PredictionLog(monitor_db, "listen")
     listener.resend_unsent()
     server = listener.start(host, port)
     where = [f"sending results to {destination}"] if destination else []
@@ -447,3 +459,5 @@ def listen(model_path, send_to=None, output_dir=None, node=Node(), precision="au
         log("stopping; images not yet answered stay in the spool for the next start")
     finally:
         server.shutdown()
+        if listener.prediction_log is not None:
+            listener.prediction_log.close()

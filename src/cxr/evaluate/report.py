@@ -123,7 +123,7 @@ def render_html(context, evaluation, headline, figures):
     config_note = (f"<p>The options set or differing from their defaults; the other {len(config) - len(shown)} are at "
                    "their defaults (reports/summary.json lists every one).</p>" if defaults else "")
     limits = "".join(f"<li>{e(text)}</li>" for text in LIMITS_OF_USE)
-    about = {"cxr": _version("cxr"), "TensorFlow": _version("tensorflow-cpu", "tensorflow"),
+    about = {"cxr": package_version("cxr"), "TensorFlow": package_version("tensorflow-cpu", "tensorflow"),
              "model SHA-256": context.about.get("model_sha256"),
              "written": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
              "run time": (f"{context.about['seconds']:.0f} s" if context.about.get("seconds") is not None else None)}
@@ -287,7 +287,7 @@ def _setting(value):
     return "none" if value is None else str(value)
 
 
-def _version(*distributions):
+def package_version(*distributions):
     """The installed version of the first of `distributions` that is installed, else None."""
     for name in distributions:
         try:
