@@ -102,6 +102,7 @@ def test_model_endpoint_describes_the_model_and_its_training(server, tiny_run):
     assert card["training"]["counts"] == summary["counts"]
     assert card["training"]["metrics"]["sensitivity"] == summary["metrics"]["sensitivity"]
     assert card["training"]["confidence_intervals"]["sensitivity"] == summary["confidence_intervals"]["sensitivity"]
+    assert card["training"]["cautions"] == summary["cautions"] and summary["cautions"]  # 14 images per class
     assert card["versions"]["cxr"] and card["versions"]["tensorflow"] and card["engine"] == "litert"
     assert any("substitute" in limit for limit in card["limits"])
     assert card["population_check"]["available"] and card["population_check"]["threshold"] > 0
@@ -233,6 +234,9 @@ def test_the_page_shows_the_apis_answer_and_the_overlay_in_chromium(server, tmp_
         browser.get(server.url + "/")
         WebDriverWait(browser, 30).until(
             lambda b: "Limits of use" in b.find_element(By.ID, "card").get_attribute("textContent"))
+        # the tiny model's test metrics rest on a handful of images, and the page says so beside them
+        cautions = browser.find_elements(By.CSS_SELECTOR, "#card .caution")
+        assert cautions and all(c.text.startswith("Caution: ") for c in cautions)
         browser.find_element(By.ID, "files").send_keys(str(XRAYS[2]))
         WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".result"))
         expected = predict(server, [XRAYS[2]]).json()["predictions"][0]

@@ -56,6 +56,7 @@ def training_record(model):
                                      if k in HEADLINE or k in MULTI_LABEL_HEADLINE
                                      or k.endswith((" auc_roc", " sensitivity", " specificity"))},
             "subgroups": subgroup_record(summary.get("subgroups") or {}),
+            "cautions": summary.get("cautions") or [],  # numbers that rest on fewer than 20 positives or negatives
             "trained_with": summary.get("versions")}
 
 

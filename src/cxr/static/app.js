@@ -53,7 +53,12 @@ function renderCard(card) {
       table.append(el("tr", {}, el("th", {}, name.replaceAll("_", " ")), el("td", {}, num(training.metrics[name])),
                       el("td", {}, ci ? `${num(ci[0])} to ${num(ci[1])}` : "")));
     }
-    box.append(table, el("h3", {}, "Training data"));
+    box.append(table);
+    // numbers that rest on few positives or negatives say so where they are shown
+    for (const caution of (training.cautions || []).slice(0, 5)) {
+      box.append(el("p", { class: "caution" }, "Caution: " + caution));
+    }
+    box.append(el("h3", {}, "Training data"));
     const counts = el("table");
     for (const [split, perClass] of Object.entries(training.counts || {})) {
       counts.append(el("tr", {}, el("th", {}, split),
