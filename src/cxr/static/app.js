@@ -51,7 +51,7 @@ function renderCard(card) {
       if (!(name in training.metrics)) continue;
       const ci = training.confidence_intervals[name];
       table.append(el("tr", {}, el("th", {}, name.replaceAll("_", " ")), el("td", {}, num(training.metrics[name])),
-                      el("td", {}, ci ? `${num(ci[0])} to ${num(ci[1])}` : "")));
+                      el("td", {}, ci && ci[0] != null ? `${num(ci[0])} to ${num(ci[1])}` : "")));
     }
     box.append(table);
     // numbers that rest on few positives or negatives say so where they are shown
