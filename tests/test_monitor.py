@@ -183,3 +183,15 @@ def test_psi_is_zero_for_the_reference_itself_and_large_for_a_shifted_stream():
     assert psi(reference, reference) == pytest.approx(0, abs=1e-9)
     assert psi(reference, rng.beta(2, 5, 2000)) < 0.05
     assert psi(reference, rng.beta(5, 2, 500)) > 1
+
+
+def test_windows_of_days_start_where_the_answers_are():
+    import datetime
+
+    from cxr.commands.monitor import MonitorOptions, cut
+
+    day = datetime.datetime(2026, 12, 1, 8, tzinfo=datetime.timezone.utc)
+    times = [day, day + datetime.timedelta(hours=30), day + datetime.timedelta(days=9), day + datetime.timedelta(days=9.5)]
+    windows = cut([{"time": t} for t in times], MonitorOptions(window_days=7))
+    assert [[r["time"] for r in w] for w in windows] == [times[:2], times[2:]]  # days 0-6, then days 7-13
+    assert [len(w) for w in cut([{"time": t} for t in times], MonitorOptions(window=3))] == [3, 1]
