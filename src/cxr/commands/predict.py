@@ -216,7 +216,7 @@ def run_predict(paths, model_path, fmt="table", options=PredictOptions()):
     if options.monitor_db is not None:
         from cxr.monitor.log import PredictionLog
 
-        log = PredictionLog(options.monitor_db, "predict")
+        log = PredictionLog(options.monitor_db, "predict", wait=True)  # a folder of 50,000 keeps every row
     model.predictor()  # LiteRT whenever it can run the model: the conversion is cached for the next call
     try:
         predictions = predict_files(model, files, options.batch_size, options.tta, log)

@@ -110,11 +110,12 @@ def image_key(salt, kind, value):
 
 class PredictionLog:
     """Rows written by a background thread (see the module docstring). `failed`: rows the database refused;
-    `dropped`: rows the full queue turned away."""
+    `dropped`: rows the full queue turned away. `wait`: a batch command (`cxr predict` of a folder) waits for room
+    in the queue rather than drop rows; a server never waits."""
 
-    def __init__(self, db, command):
+    def __init__(self, db, command, wait=False):
         self.engine, self.salt = open_database(db)
-        self.command, self.failed, self.dropped = command, 0, 0
+        self.command, self.wait, self.failed, self.dropped = command, wait, 0, 0
         self._queue = queue.Queue(QUEUE_ROWS)
         self._errors = set()
         self._thread = threading.Thread(target=self._write, name="cxr-monitor-log", daemon=True)
@@ -125,12 +126,12 @@ class PredictionLog:
 
     def record(self, row):
         """Queue one answer's row (`row`: the predictions table's columns but id, command and time, which is
-        now if absent); never blocks."""
+        now if absent); blocks only where `wait`."""
         import datetime
 
         row = {"time": datetime.datetime.now(datetime.timezone.utc), "command": self.command} | row
         try:
-            self._queue.put_nowait(row)
+            self._queue.put(row, block=self.wait)
         except queue.Full:
             self.dropped += 1
 
