@@ -147,7 +147,6 @@ class PredictionLog:
 
     def _write(self):
         from sqlalchemy import insert
-        from sqlalchemy.exc import SQLAlchemyError
 
         _, predictions, _ = tables()
         while True:
@@ -163,7 +162,7 @@ class PredictionLog:
                 try:
                     with self.engine.begin() as connection:
                         connection.execute(insert(predictions), rows)
-                except SQLAlchemyError as error:
+                except Exception as error:  # noqa: BLE001 - SQLAlchemyError or not, the writer must go on
                     self.failed += len(rows)
                     reason = _first_line(error)
                     if type(error).__name__ not in self._errors:
