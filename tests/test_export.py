@@ -88,7 +88,7 @@ def test_model_card_says_what_a_deployment_needs(exported, tiny_run):
     assert card["input"] == {"shape": [None, 32, 32, 3], "dtype": "float32", "value_range": [0, 255],
                              "channel_order": "RGB", "preprocessing": card["input"]["preprocessing"]}
     assert card["outputs"]["class_names"] == info["class_names"] and card["outputs"]["activation"] == "softmax"
-    assert card["outputs"]["calibration"].startswith("inside every exported file")
+    assert card["outputs"]["calibration"].startswith("inside the savedmodel, tflite and onnx files")
     # the population check is not in the files, and the card says so rather than naming population.npz
     assert "file" not in card["population_check"] and "runs in cxr" in card["population_check"]["exports"]
     assert card["operating_point"]["threshold"] == info["threshold"] and card["model_sha256"] == info["model_sha256"]

@@ -9,10 +9,11 @@
   (`precision`): the model card carries its record.
 - onnx: tf2onnx's conversion of that SavedModel at opset `ONNX_OPSET` (onnxruntime, Triton, C#/Java apps).
 
-Preprocessing (ImageNet normalisation) and calibration (the operating point's temperatures, `calibrated_model`)
-are inside every export, so an export's probabilities are `cxr predict --precision float32`'s; resizing, the
-threshold and the population check are not: model-card.json gives the first two and says that the third stays in
-cxr, with the rest of what a deployment needs to know.
+Preprocessing (ImageNet normalisation) is inside every export, and calibration (the operating point's
+temperatures, `calibrated_model`) inside every float32 one, so their probabilities are `cxr predict --precision
+float32`'s (int8's conversion corrects the head's bias from its logits, so tflite-int8 gives the probabilities
+before calibration); resizing, the threshold and the population check are not: model-card.json gives them or says
+that they stay in cxr, with the rest of what a deployment needs to know.
 """
 
 import contextlib
@@ -68,8 +69,9 @@ def export(model_path, formats, output_dir, calibration_images=None):
     point = card["operating_point"]
     rule = (f"; the threshold ({point['threshold']:.4f} for {point['positive_class']}) and "
             if point.get("threshold") is not None else "; ")
-    gives = {path: f"{GIVES[fmt]}: image (N, {model.img_size}, {model.img_size}, 3) RGB 0-255 -> calibrated "
-                   f"probabilities of {', '.join(model.class_names)}" for fmt, path in written.items()}
+    gives = {path: f"{GIVES[fmt]}: image (N, {model.img_size}, {model.img_size}, 3) RGB 0-255 -> "
+                   f"{'uncalibrated' if fmt == 'tflite-int8' else 'calibrated'} probabilities of "
+                   f"{', '.join(model.class_names)}" for fmt, path in written.items()}
     return gives | {output_dir / CARD_FILE: f"the model card: the decision rule{rule}every number a deployment needs; "
                                             "the population check is not in the exported files (it runs in cxr)"}
 
@@ -100,10 +102,14 @@ def _export(model, formats, output_dir, card, calibration=None):
             elif fmt == "tflite-int8":
                 from cxr.bundle import litert
 
-                flatbuffer = litert.to_int8_flatbuffer(classifier, calibration)
+                # int8's conversion corrects the head's bias from its logits, which a temperature after the head
+                # would scale: this file gives the probabilities before calibration (the card says so)
+                flatbuffer = litert.to_int8_flatbuffer(model.keras_model, calibration)
                 write_bytes(target, flatbuffer)
                 names = dict(zip(("input_name", "output_name"), litert.tensor_names(flatbuffer)))
                 details = {"runtime": "LiteRT (TensorFlow Lite)", "precision": "int8 (float32 input and output)",
+                           "calibration": "not inside: apply the temperature of outputs.calibration to its "
+                                          "probabilities",
                            "calibration_images": len(calibration), "sha256": file_sha256(target),
                            "accuracy_guard": (model.inference or {}).get("guard")}
             else:
@@ -148,8 +154,9 @@ def _card_to_extend(output_dir, model):
 
     card = describe(model) | {"exports": {}}
     card["population_check"].pop("file", None)  # population.npz stays beside model.h5: not part of the export
-    card["outputs"]["calibration"] = ("inside every exported file: its probabilities are calibrated, as cxr predict "
-                                      "--precision float32 gives them (" + card["outputs"]["calibration"] + ")")
+    card["outputs"]["calibration"] = ("inside the savedmodel, tflite and onnx files: their probabilities are "
+                                      "calibrated, as cxr predict --precision float32 gives them; tflite-int8 gives "
+                                      "them before calibration (" + card["outputs"]["calibration"] + ")")
     existing = output_dir / CARD_FILE
     if existing.is_file():
         try:
