@@ -116,3 +116,21 @@ def test_a_damaged_cached_conversion_is_rebuilt(model, tmp_path, capsys):
     saved.predictor()
     assert saved.engine == "litert" and "damaged LiteRT conversion" in capsys.readouterr().err
     assert litert.cached_conversion(model_path, tag=TAPS) is not None  # replaced by a good one
+
+
+def test_the_conversion_made_in_training_is_cached_for_the_saved_model_file(model, tmp_path, monkeypatch):
+    """Issue 46: the first `cxr predict` of a new model waited 43-59 s for the conversion training had already
+    made."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    trained = SavedModel.from_keras(model, ["NORMAL", "PNEUMONIA"], 32, "efficientnet-lite0")
+    trained.predictor(n_images=10_000)  # as training converts it, before the model has a file
+    assert trained.engine == "litert"
+    path = trained.save(tmp_path / "models")
+
+    def no_conversion(_):
+        raise AssertionError("converted again")
+    monkeypatch.setattr(litert, "to_flatbuffer", no_conversion)
+    loaded = SavedModel.load(path)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    assert loaded.predictor() is not None and loaded.engine == "litert"  # the cached one: no conversion
+    np.testing.assert_allclose(loaded.raw_outputs(x)[0], trained.raw_outputs(x)[0], atol=1e-6)
