@@ -12,7 +12,6 @@ the steps whose cost grows with the dataset, on this machine.
 """
 
 import argparse
-import io
 import tempfile
 import time
 from pathlib import Path
