@@ -26,7 +26,10 @@ BATCH_ROWS = 256
 LOGGED_TAGS = {"modality": 16, "view": 16, "manufacturer": 64, "device_model": 64, "sex": 8}  # and their widths
 
 
-def _tables():  # noqa: D103 - see tables()
+@functools.cache
+def tables():
+    """(metadata, predictions, settings): the log's SQLAlchemy Core tables (schema SCHEMA_VERSION); SQLAlchemy is
+    imported on first use, so commands without --monitor-db never load it."""
     from sqlalchemy import JSON, Boolean, Column, DateTime, Float, Integer, MetaData, String, Table
 
     metadata = MetaData()
@@ -49,13 +52,6 @@ def _tables():  # noqa: D103 - see tables()
     settings = Table("cxr_monitor", metadata, Column("key", String(32), primary_key=True),
                      Column("value", String(200), nullable=False))
     return metadata, predictions, settings
-
-
-@functools.cache
-def tables():
-    """(metadata, predictions, settings): the log's SQLAlchemy Core tables (schema SCHEMA_VERSION); SQLAlchemy is
-    imported on first use, so commands without --monitor-db never load it."""
-    return _tables()
 
 
 def database_url(db):
