@@ -2,8 +2,9 @@
 
 The package's layers, each importing only those before it (tests/test_layers.py checks it):
 `data` (files -> images and labels), `model` (the networks, their outputs, the population check), `evaluate`
-(numbers, tables and pictures), `bundle` (the saved model and how it is served), `training` (one run, top to
-bottom), `commands` (what the CLI runs, starting from a saved model), then `cli`.
+(numbers, tables and pictures), `bundle` (the saved model and how it is served), `monitor` (the prediction log
+and what `cxr monitor` measures in it), `training` (one run, top to bottom), `commands` (what the CLI runs,
+starting from a saved model), then `cli`.
 """
 
 import importlib

@@ -7,9 +7,9 @@ import argparse
 import errno
 import os
 import sys
-from importlib.metadata import version as package_version
 from pathlib import Path
 
+import cxr
 from cxr.model.backbones import NAMES as BACKBONES
 from cxr.training.config import MONITORS, Config
 from cxr.training.distribute import STRATEGIES
@@ -283,7 +283,7 @@ class HelpFormatter(argparse.HelpFormatter):
 def build_parser():
     parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray classifiers by transfer learning.",
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"cxr {package_version('cxr')}")
+    parser.add_argument("--version", action="version", version=f"cxr {cxr.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train, evaluate and write outputs/")
     _add_train_options(train)

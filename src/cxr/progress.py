@@ -42,12 +42,12 @@ def counted(blocks, total, desc, unit="image"):
             yield block
 
 
-def progress(iterable=None, total=None, desc="", unit="image"):
+def progress(iterable=None, total=None, desc="", unit="image", show=True):
     """`iterable` wrapped in a progress bar that counts `unit`s to `total` (or len(iterable)); update it by hand
-    (`.update(n)`) when `iterable` is None. Nothing is shown with --quiet."""
+    (`.update(n)`) when `iterable` is None. Nothing is shown with --quiet, or where `show` is false."""
     stream = sys.stderr
     terminal = stream.isatty()
-    options = dict(total=total, desc=desc, unit=unit, disable=quiet(), leave=True, delay=DELAY_SECONDS)
+    options = dict(total=total, desc=desc, unit=unit, disable=quiet() or not show, leave=True, delay=DELAY_SECONDS)
     if terminal:
         from tqdm import tqdm
 

@@ -21,7 +21,8 @@ def predict_outputs(model, images, rows=None, batch_size=32, tta=False):
     mirror image's."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     batches = []
-    with progress(total=len(rows), desc="Predicting") as bar:
+    # one batch (a served request, a chunk of cxr predict) has nothing to count: no bar on the serving path
+    with progress(total=len(rows), desc="Predicting", show=len(rows) > batch_size) as bar:
         for start in range(0, len(rows), batch_size):
             x = np.asarray(images[rows[start:start + batch_size]], dtype=np.float32)
             p = np.asarray(model.predict_on_batch(x), dtype=np.float64)

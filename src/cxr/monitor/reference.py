@@ -28,7 +28,12 @@ class Reference:
     @classmethod
     def of_validation(cls, model, images, rows, labels):
         """The reference of `model` (a `SavedModel` with its operating point) on `images[rows]` with `labels`."""
-        raw, features = model.raw_outputs(images, rows)
+        return cls.of_outputs(model, *model.raw_outputs(images, rows), labels)
+
+    @classmethod
+    def of_outputs(cls, model, raw, features, labels):
+        """The reference of `model` from its (n, classes) `raw` outputs and (n, features) `features` of images
+        with `labels` (training has them already: its validation split's)."""
         probabilities, label = model.calibrate(raw)
         calls = (np.asarray(label, np.int8) if model.multi_label else
                  np.eye(len(model.class_names), dtype=np.int8)[np.asarray(label)])

@@ -131,16 +131,18 @@ def _train(config, output_dir, chief):
     fit_point = precision.default_point_fitter(class_names, dataset.multi_label, positive, config.target_sensitivity)
     # int8 is guarded as it would be served, at its own operating point; then fit and evaluate what is served
     precision.choose(classifier, dataset, config.precision, config.seed, fit_point)
-    classifier.operating_point, (classifier.population, unavailable) = fit_on_validation(classifier, dataset,
-                                                                                         fit_point, config)
+    val_rows, val_y = dataset.split("val")
+    # computed once: what the operating point and the population check are fitted on, and the monitor's reference
+    val_outputs = classifier.raw_outputs(dataset.images, val_rows, config.batch_size)
+    classifier.operating_point, (classifier.population, unavailable) = fit_on_validation(
+        classifier, dataset, fit_point, config, val_outputs)
     classifier.population_note = unavailable or classifier.population_note
     evaluation = evaluate_model(classifier, dataset, "test",
                                 EvaluationOptions(config.bootstrap, config.seed, batch_size=config.batch_size,
                                                   subgroups=tuple(config.subgroups or ()), age_bands=config.age_bands))
 
     artifacts.publish_model(classifier, outputs)
-    val_rows, val_y = dataset.split("val")  # what cxr monitor compares production with
-    Reference.of_validation(classifier, dataset.images, val_rows, val_y).save(outputs.models)
+    Reference.of_outputs(classifier, *val_outputs, val_y).save(outputs.models)  # what cxr monitor compares with
     result.seconds["total_seconds"] = time.perf_counter() - started
     context = ReportContext(
         "cxr: test-set evaluation", f"{config.backbone} trained on {data_source(config)}; evaluated on its held-out "
@@ -196,13 +198,15 @@ def fit_population(model, dataset, config, val_features):
     return population.fit(train_features, val_features, taps, dims, config.false_flag_rate), None
 
 
-def fit_on_validation(model, dataset, fit_point, config):
+def fit_on_validation(model, dataset, fit_point, config, outputs=None):
     """(the operating point: temperature and threshold, per finding for a multi-label model, and where it came
-    from; (the population check, or None and why there is none)) fitted on the validation split. `fit_point(y, raw)`: how the point is fitted."""
+    from; (the population check, or None and why there is none)) fitted on the validation split. `fit_point(y,
+    raw)`: how the point is fitted; `outputs`: the model's (raw outputs, features) of the validation split, if
+    already computed."""
     from cxr.model.inference import fitted_on
 
     rows, y = dataset.split("val")
-    raw, features = model.raw_outputs(dataset.images, rows, config.batch_size)
+    raw, features = outputs if outputs is not None else model.raw_outputs(dataset.images, rows, config.batch_size)
     point = fit_point(y, raw)
     # The run's own data: the folders its splits came from (train/ alone when val and test were carved from it)
     folders = [os.path.commonpath([p.resolve().parent for p in dataset.files(split)]) for split in dataset.splits]
