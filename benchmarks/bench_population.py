@@ -14,6 +14,13 @@ feature map alone; "kNN last", cosine k=10 nearest neighbours there; the maximum
 energy score as baselines), each thresholded on the validation split at
 the saved check's false-flag rate: the share flagged per set and the AUROC of each set against the two
 must-not-flag sets together. Then the time the check adds per image.
+
+    .venv/bin/python benchmarks/bench_population.py --sizes 100 300 1000 [--seeds 0 1] [--run outputs]
+
+instead trains cxr's default recipe on that many images drawn from the Kermany train folder and from the NIH
+sample (each seed its own draw and training seed) and gives, per model, the share of its own test split flagged
+and of the other population (adults for the pediatric model, Kermany's external_dev children for the adult one),
+of the not-X-rays and of the edited X-rays; or the reason the model has no check. `--run` adds a full-size run.
 """
 
 import argparse
@@ -147,13 +154,102 @@ class Candidates:
                 "max softmax": max_probability, "energy": energy}
 
 
+def subset_run(dataset, size, seed, folder):
+    """Train cxr's default recipe on `size` images of `dataset` ("kermany": the train folder's classes; "nih":
+    rows of the NIH labels CSV), drawn with `seed`; returns the run's output folder."""
+    import shutil
+    import subprocess
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    if dataset == "kermany":
+        files = sorted((SHARED / "chest_xray" / "train").rglob("*.jpeg"))
+        for path in [files[k] for k in np.sort(rng.choice(len(files), size, replace=False))]:
+            (folder / "data" / path.parent.name).mkdir(parents=True, exist_ok=True)
+            (folder / "data" / path.parent.name / path.name).symlink_to(path)
+        source = ["--data-dir", str(folder / "data")]
+    else:
+        lines = (SHARED / "nih_chestxray14_sample" / "Data_Entry_2017.csv").read_text().splitlines()
+        picked = np.sort(rng.choice(len(lines) - 1, size, replace=False)) + 1
+        (folder / "labels.csv").write_text("\n".join([lines[0], *(lines[k] for k in picked)]) + "\n")
+        source = ["--labels", str(folder / "labels.csv"), "--images", str(SHARED / "nih_chestxray14_sample" / "images")]
+    done = subprocess.run([sys.executable, "-m", "cxr", "train", *source, "--output-dir", str(folder / "outputs"),
+                           "--seed", str(seed), "--bootstrap", "200", "--quiet"], capture_output=True, text=True,
+                          env=os.environ | {"XDG_CACHE_HOME": str(folder / "cache")})
+    if done.returncode:
+        sys.exit(f"cxr train on {size} {dataset} images failed:\n{done.stderr[-3000:]}")
+    shutil.rmtree(folder / "cache", ignore_errors=True)
+    return folder / "outputs"
+
+
+def flagged_shares(run, other):
+    """(images in the train/val splits, {set: (share flagged, images)}) of the saved check of the run in `run`,
+    or (..., the reason it has none); `other`: the other population's image paths."""
+    from cxr.bundle.saved_model import SavedModel
+
+    model = SavedModel.load(run / "models" / "model.h5")
+    splits = run / "reports" / "splits.csv"
+    counts = {s: len(split_paths(splits, s)) for s in ("train", "val", "test")}
+    if model.population is None:
+        return counts, model.population_note
+    size = model.img_size
+    rng = np.random.default_rng(0)
+    test = decoded(split_paths(splits, "test"), size)
+    sets = {"own test split": test, "other population": decoded(other, size), "not chest X-rays": not_xrays(size),
+            **edited(test[np.sort(rng.choice(len(test), min(EDITED, len(test)), replace=False))])}
+    shares = {}
+    for name, images in sets.items():
+        check = model.check_population(model.raw_outputs(images)[1])
+        shares[name] = (check.flagged / len(images), len(images))
+    return counts, shares
+
+
+def sizes_main(args):
+    """The check at each training size, both directions: a pediatric model (Kermany) against adults (NIH), an
+    adult model (NIH) against children (Kermany's external_dev)."""
+    import tempfile
+
+    adults = sorted((SHARED / "nih_chestxray14_sample" / "images").iterdir())
+    children = sorted(p for p in (SHARED / "chest_xray" / "external_dev").rglob("*") if p.is_file())
+    print("| model | images drawn | seed | train / val / test | own test flagged | other population flagged | "
+          "not X-rays flagged | inverted / rotated / cropped flagged |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    runs = [(d, size, seed, None) for d in args.datasets for size in args.sizes for seed in args.seeds
+            if d == "kermany" or size <= 414]
+    runs += [("kermany", "full", "-", Path(run)) for run in args.runs or ()]
+    with tempfile.TemporaryDirectory(prefix="bench-population-") as scratch:
+        for dataset, size, seed, run in runs:
+            run = run or subset_run(dataset, size, seed, Path(scratch) / f"{dataset}-{size}-{seed}")
+            counts, shares = flagged_shares(run, adults if dataset == "kermany" else children)
+            split = f"{counts['train']} / {counts['val']} / {counts['test']}"
+            name = "pediatric (Kermany)" if dataset == "kermany" else "adult (NIH)"
+            if isinstance(shares, str):
+                print(f"| {name} | {size} | {seed} | {split} | no check: {shares} | | | |", flush=True)
+                continue
+            cell = {k: f"{100 * v:.1f} % of {n}" for k, (v, n) in shares.items()}
+            print(f"| {name} | {size} | {seed} | {split} | {cell['own test split']} | {cell['other population']} | "
+                  f"{cell['not chest X-rays']} | {100 * shares['inverted'][0]:.0f} / {100 * shares['rotated 90'][0]:.0f}"
+                  f" / {100 * shares['crop 40 %'][0]:.0f} % |", flush=True)
+    print("(NIH has 414 images here: its larger sizes can't be drawn)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a cxr train output folder")
+    parser.add_argument("--run", type=Path, help="a cxr train output folder")
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        help="instead: train the default recipe on this many images of each --datasets, per "
+                             "--seeds, and measure each model's check (with --run: that run too, as the full size)")
+    parser.add_argument("--datasets", nargs="+", default=["kermany", "nih"], choices=["kermany", "nih"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--false-flag-rate", type=float, nargs="+", default=None,
                         help="threshold every score (the saved check too) at these shares of validation images "
                              "(default: the saved check's rate and threshold)")
     args = parser.parse_args()
+    if args.sizes:
+        args.runs = [args.run] if args.run else []
+        return sizes_main(args)
+    if args.run is None:
+        parser.error("give --run or --sizes")
     from sklearn.metrics import roc_auc_score
 
     from cxr.bundle.saved_model import SavedModel

@@ -40,9 +40,9 @@ def rss_mb(pid):
     return float("nan")
 
 
-def start_server(model, port, precision="auto"):
+def start_server(model, port, precision="auto", extra=()):
     process = subprocess.Popen([sys.executable, "-m", "cxr", "serve", "--model", str(model), "--port", str(port),
-                                "--precision", precision],
+                                "--precision", precision, *extra],
                                stderr=subprocess.DEVNULL, env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

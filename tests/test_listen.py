@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -115,8 +116,9 @@ def test_pacs_gets_a_report_and_an_overlay_in_the_study_a_ct_none_and_the_listen
     orthanc, port = orthanc_and_port
     model_path = tiny_run / "models" / "model.h5"
     db = tmp_path / "log.sqlite"
+    metrics = f"http://127.0.0.1:{free_port()}/metrics"
     listener = Listener(model_path, port=port, send_to=orthanc.destination, cache=tmp_path / "cache",
-                        extra=("--monitor-db", str(db)))
+                        extra=("--monitor-db", str(db), "--metrics-port", metrics.split(":")[-1].split("/")[0]))
     try:
         # Orthanc routes the real adult X-ray to cxr; the results come back into its study
         uploaded = orthanc.upload(REAL_DICOM.read_bytes())
@@ -172,6 +174,15 @@ def test_pacs_gets_a_report_and_an_overlay_in_the_study_a_ct_none_and_the_listen
         study = orthanc.post("/tools/lookup", data=other.StudyInstanceUID).json()[0]["ID"]
         assert len(orthanc.wait_for_series(study, 2)) == 2  # the report and the overlay (the X-ray stayed with cxr)
         assert orthanc.echo_cxr()
+        # --metrics-port: what Prometheus scrapes (the last result is counted just after Orthanc has it)
+        expected = ['cxr_listen_stores_total{status="0x0000"} 3.0', 'cxr_listen_stores_total{status="0xC000"} 1.0',
+                    "cxr_listen_images_total 2.0", 'cxr_listen_results_total{outcome="sent"} 4.0',
+                    'cxr_listen_results_total{outcome="kept unsent"} 0.0', "cxr_listen_queue 0.0",
+                    "cxr_monitor_rows_failed 0.0", 'cxr_listen_associations_total{result="accepted"}']
+        deadline = time.monotonic() + 60
+        while not all(line in (scraped := requests.get(metrics, timeout=10).text) for line in expected):
+            assert time.monotonic() < deadline, ([line for line in expected if line not in scraped], scraped)
+            time.sleep(0.2)
     finally:
         log = listener.stop()
     assert "refused (C-STORE failure 0xC000)" in log and "Traceback" not in log

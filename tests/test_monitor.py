@@ -3,7 +3,11 @@ model, `cxr monitor`'s windows and alerts, and the log's failures never failing 
 
 import csv
 import json
+import os
 import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,7 +81,7 @@ def test_the_monitor_alerts_on_adults_and_not_on_the_training_hospitals_own_imag
     assert adults["flagged"]["share"] >= 0.5  # 0.7 at 2026-12-07: a 240-image model flags adults less surely
     assert "flagged" in [a["signal"] for a in adults["alerts"]]
     # too few answers to judge score drift, and said so rather than alerting
-    assert "not judged on fewer than 100" in own["judged"]
+    assert "not judged on fewer than 200" in own["judged"]
     # the last window (the one DICOM) is too small to judge at all: no alert, so --fail-on-alert exits 0
     assert result["windows"][-1]["n"] == 1 and result["alerts"] == [] and logged["code"] == 0
     page = (logged["root"] / "report/monitor.html").read_text()
@@ -89,6 +93,10 @@ def test_fail_on_alert_exits_1_when_the_latest_window_alerts(logged, capsys):
     code = main(["monitor", "--db", str(logged["db"]), "--model", str(logged["model"]), "--output-dir",
                  str(logged["root"] / "adults"), "--since", since.replace(" ", "T"), "--fail-on-alert"])
     assert code == 1 and "ALERT flagged" in capsys.readouterr().out
+    raised = [f"--threshold={t}" for t in ("flagged=1", "flagged_factor=1000", "call_rate_gap=1", "input_mix=1", "psi=100")]
+    assert main(["monitor", "--db", str(logged["db"]), "--model", str(logged["model"]), "--output-dir",
+                 str(logged["root"] / "raised"), "--since", since.replace(" ", "T"), "--fail-on-alert", *raised]) == 0
+    assert json.loads((logged["root"] / "raised/monitor.json").read_text())["thresholds"]["flagged_factor"] == 1000
 
 
 def test_confirmed_labels_give_the_realized_numbers_cxr_evaluate_gives(logged, kermany_run, tmp_path, capsys):
@@ -192,6 +200,119 @@ def test_windows_of_days_start_where_the_answers_are():
 
     day = datetime.datetime(2026, 12, 1, 8, tzinfo=datetime.timezone.utc)
     times = [day, day + datetime.timedelta(hours=30), day + datetime.timedelta(days=9), day + datetime.timedelta(days=9.5)]
-    windows = cut([{"time": t} for t in times], MonitorOptions(window_days=7))
+    windows = list(cut([{"time": t} for t in times], MonitorOptions(window_days=7)))
     assert [[r["time"] for r in w] for w in windows] == [times[:2], times[2:]]  # days 0-6, then days 7-13
     assert [len(w) for w in cut([{"time": t} for t in times], MonitorOptions(window=3))] == [3, 1]
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL of its own (tests/postgres.py), removed afterwards; skipped without Debian's postgresql
+    (CI installs it, and fails instead)."""
+    from tests.postgres import Postgres, postgres_bin
+
+    if postgres_bin() is None:
+        if os.environ.get("CXR_REQUIRE_SERVICES"):
+            pytest.fail("PostgreSQL is not installed (CI installs the Debian package postgresql)")
+        pytest.skip("PostgreSQL is not installed")
+    database = Postgres()
+    yield database
+    database.remove()
+
+
+def post(server, path, **data):
+    with open(path, "rb") as f:
+        answer = requests.post(server.url + "/v1/predict", files=[("files", (Path(path).name, f.read()))], data=data,
+                               timeout=120)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["predictions"][0]
+
+
+def scraped(server, name):
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_two_servers_on_one_postgres_lose_no_row_and_the_monitor_alerts_on_adults(kermany_run, postgres, tmp_path):
+    """Two `cxr serve` replicas log to one real PostgreSQL at once: the model's own test images, then adults,
+    then a DICOM that names its patient; `cxr monitor` reads the database: no alert on the own images, an alert
+    on the adults; nothing that names the patient is stored."""
+    from sqlalchemy import create_engine, text
+
+    model = kermany_run / "outputs/models/model.h5"
+    test = [row["path"] for row in held_out(kermany_run)]
+    adults = sorted(NIH_IMAGES.iterdir())[:len(test)]
+    dicom = tmp_path / "Doe_Jane_1980.dcm"
+    write_dicom(dicom, grey_xray(), PatientSex="F", PatientAge="044Y", StudyDate="20261201",
+                AccessionNumber="ACC-778899")
+    servers = [Server(model, tmp_path / f"cache{k}", "--monitor-db", postgres.url) for k in range(2)]
+    try:
+        for images in (test, adults):  # the two replicas answer at once, half of the images each
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(lambda k: [post(servers[k], p) for p in images[k::2]], range(2)))
+        post(servers[0], dicom)
+    finally:
+        for server in servers:
+            server.stop()  # each writes out its queue as it stops
+    engine = create_engine(postgres.url)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT image_key, command FROM predictions")).all()
+        stored = " ".join(str(r) for r in connection.execute(text("SELECT * FROM predictions")).all())
+    engine.dispose()
+    assert len(rows) == len(test) + len(adults) + 1 and len({key for key, _ in rows}) == len(rows)
+    for secret in ("Doe", "Jane", "PAT-0001", "19800101", "20261201", "ACC-778899", dicom.name):
+        assert secret not in stored, secret
+    assert main(["monitor", "--db", postgres.url, "--model", str(model), "--output-dir", str(tmp_path / "m"),
+                 "--window", str(len(test))]) == 0
+    own, shifted = json.loads((tmp_path / "m/monitor.json").read_text())["windows"][:2]
+    assert own["n"] == shifted["n"] == len(test)
+    assert own["alerts"] == [] and "flagged" in [a["signal"] for a in shifted["alerts"]]
+
+
+def test_postgres_stopped_mid_stream_costs_rows_never_answers(kermany_run, postgres, tmp_path):
+    model = kermany_run / "outputs/models/model.h5"
+    images = [row["path"] for row in held_out(kermany_run)][:6]
+    server = Server(model, tmp_path / "cache", "--monitor-db", postgres.url)
+    try:
+        for image in images[:2]:
+            post(server, image)
+        postgres.stop()
+        for image in images[2:5]:
+            post(server, image)  # answered, with the database gone
+        for _ in range(120):  # the writer counts the lost rows as it meets the stopped database
+            if scraped(server, "cxr_monitor_rows_failed") == 3:
+                break
+            time.sleep(0.5)
+        assert scraped(server, "cxr_monitor_rows_failed") == 3
+        postgres.start()
+        post(server, images[5])  # the log writes again once the database is back
+    finally:
+        err = server.stop()
+    assert "the prediction log lost" in err
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(postgres.url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM predictions")).scalar_one() == 3
+    engine.dispose()
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_cxr_serves(tmp_path):
+    """docs/grafana-cxr.json: every series its queries name is one `cxr serve` or `cxr listen` exports."""
+    import re
+    from types import SimpleNamespace
+
+    from cxr.commands.listen import Listener, ListenMetrics
+    from cxr.commands.serve import ServeMetrics
+
+    log = SimpleNamespace(waiting=0, failed=0, dropped=0)  # what the gauges read of a PredictionLog
+    listener = Listener(None, "CXR", None, tmp_path, keep_results=False)
+    exported = set()
+    for registry in (ServeMetrics(["NORMAL", "PNEUMONIA"], log).registry, ListenMetrics(listener).registry):
+        for family in registry.collect():
+            exported |= {sample.name for sample in family.samples}
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "docs/grafana-cxr.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    asked = {name for q in queries for name in re.findall(r"\b(cxr_[a-z_]+)", q)}
+    assert len(queries) >= 10 and asked and asked <= exported, asked - exported
+    assert {"cxr_images_flagged_total", "cxr_monitor_rows_failed", "cxr_listen_results_total"} <= asked

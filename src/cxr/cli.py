@@ -4,6 +4,7 @@ TensorFlow is imported only once a command needs it, so option and data errors a
 """
 
 import argparse
+import dataclasses
 import errno
 import os
 import sys
@@ -15,6 +16,7 @@ from cxr.training.config import MONITORS, Config
 from cxr.training.distribute import STRATEGIES
 from cxr.data.pipeline import AUGMENTATIONS
 from cxr.errors import VERBOSE_VARIABLE, UserError, quiet_libraries
+from cxr.monitor.drift import Thresholds
 from cxr.progress import QUIET_VARIABLE
 
 EXPORT_FORMATS = ("savedmodel", "tflite", "tflite-int8", "onnx")
@@ -361,6 +363,9 @@ def build_parser():
     listen.add_argument("--ae-title", default="CXR", help="cxr's AE title, the one the PACS sends to (default CXR)")
     listen.add_argument("--max-associations", type=count(1), default=4,
                         help="associations served at once; more are rejected, and the PACS tries again")
+    listen.add_argument("--metrics-port", type=count(1), metavar="PORT",
+                        help="serve Prometheus metrics (associations, stores, results sent and kept unsent) at "
+                             "http://HOST:PORT/metrics")
     add_precision(listen)
     add_monitor_db(listen)
 
@@ -388,6 +393,9 @@ def build_parser():
     monitor.add_argument("--reference-data", type=Path, metavar="DIR",
                          help="for a model saved without reference.npz: labelled images (<Class>/ folders) to build "
                               "its reference from")
+    monitor.add_argument("--threshold", action="append", metavar="NAME=VALUE",
+                         help="override an alert threshold (repeatable): " + ", ".join(
+                             f"{f.name}={getattr(Thresholds(), f.name)}" for f in dataclasses.fields(Thresholds)))
     monitor.add_argument("--fail-on-alert", action="store_true",
                          help="exit 1 when the latest window has an alert (for cron and CI)")
 
@@ -471,13 +479,17 @@ def main(argv=None):
             from cxr.commands.listen import Node, listen
 
             listen(args.model, args.send_to, args.output_dir, Node(args.host, args.port, args.ae_title,
-                                                                   args.max_associations), args.precision,
-                   args.monitor_db)
+                                                                   args.max_associations, args.metrics_port),
+                   args.precision, args.monitor_db)
         elif args.command == "monitor":
             from cxr.commands.monitor import MonitorOptions, monitor
 
+            try:
+                thresholds = Thresholds.parse(args.threshold or ())
+            except ValueError as error:
+                raise UserError(f"--threshold {error}") from None
             result = monitor(args.db, args.model, args.output_dir, MonitorOptions(
-                args.window, args.window_days, args.since, args.labels, args.reference_data))
+                args.window, args.window_days, args.since, args.labels, args.reference_data, thresholds))
             for alert in result["alerts"]:
                 print(f"ALERT {alert['signal']}: {alert['message']}")
             print(f"{result['answers']} answers in {len(result['windows'])} windows; latest window: "

@@ -47,8 +47,9 @@ def fast_inference(model, model_path=None, n_images=None, digest=None, tag=""):
         if n_images is not None and n_images < MIN_IMAGES_TO_CONVERT:
             return keras_predictor(model), "keras"
         if cached:  # an older model's first use, or a cache cleared: said, since it takes a while
-            print(f"cxr: converting {model_path} to LiteRT once (about a minute on 2 cores); later runs reuse it",
-                  file=sys.stderr, flush=True)
+            what = f" (its view at {tag.split('view')[1]}x)" if "view" in tag else ""  # one line per view
+            print(f"cxr: converting {model_path}{what} to LiteRT once (about a minute on 2 cores); later runs "
+                  "reuse it", file=sys.stderr, flush=True)
         flatbuffer = to_flatbuffer(model)
         if cached:
             write_cache(cached, flatbuffer)

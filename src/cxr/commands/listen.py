@@ -84,6 +84,7 @@ class Listener:
         self.decoding = threading.Lock()
         self.server = None
         self.prediction_log = None  # a monitor.log.PredictionLog with --monitor-db
+        self.metrics = None  # ListenMetrics with --metrics-port
 
     # --- receiving -----------------------------------------------------------------------------------------
     def handle_echo(self, event):
@@ -93,10 +94,13 @@ class Listener:
         """Acknowledge one C-STORE: spool a radiograph for the worker, or say why there is no result. Whatever the
         dataset holds, the answer is a status (0xC000 for what can't be understood), never an exception."""
         try:
-            return self._store(event)
+            status = self._store(event)
         except Exception as error:  # noqa: BLE001 - an attribute no check foresaw: refuse it, keep listening
             log(f"refused a dataset from {event.assoc.requestor.ae_title}: it can't be read ({type(error).__name__})")
-            return _status(CANNOT_UNDERSTAND, "the dataset can't be read")
+            status = _status(CANNOT_UNDERSTAND, "the dataset can't be read")
+        if self.metrics is not None:
+            self.metrics.stores.labels(f"0x{getattr(status, 'Status', status):04X}").inc()
+        return status
 
     def _store(self, event):
         from cxr.data.decode import MAX_PIXELS, RefusedImage, UnreadableImage, decode
@@ -151,6 +155,8 @@ class Listener:
             except Exception as error:  # noqa: BLE001 - one bad image must not stop the worker
                 why = scrubbed(str(error).splitlines()[0][:200] if str(error) else "", spooled)
                 self.failed(spooled, f"{type(error).__name__}: {why}")
+                if self.metrics is not None:
+                    self.metrics.failed.inc()
 
     def failed(self, spooled, why):
         """Count a failed try at answering `spooled` in its name; after SPOOL_TRIES tries (over any number of
@@ -205,6 +211,8 @@ class Listener:
                    False: "FLAGGED: unlike the training images"}[population["in_distribution"]]
         seconds = time.perf_counter() - started
         log(f"image {key}: {result.label} ({flagged}) in {seconds:.1f} s" + (f"; {'; '.join(notes)}" if notes else ""))
+        if self.metrics is not None:
+            self.metrics.answered(result.label, population["in_distribution"] is False, seconds)
         if self.prediction_log is not None:
             from cxr.monitor.log import answer_row, header_fields
 
@@ -227,6 +235,8 @@ class Listener:
         if self.send_to is None:
             return
         failure = self.send(list(results.values()))
+        if self.metrics is not None:
+            self.metrics.results.labels("sent" if failure is None else "kept unsent").inc(len(results))
         if failure is None:
             log(f"image {key}: structured report and overlay stored at {self.send_to}")
             return
@@ -276,6 +286,10 @@ class Listener:
         else:
             log(f"{len(files)} results in {self.unsent}/ still can't be sent to {self.send_to}")
 
+    def count_association(self, event):
+        if self.metrics is not None:
+            self.metrics.associations.labels(event.event.name.removeprefix("EVT_").lower()).inc()
+
     # --- running -------------------------------------------------------------------------------------------
     def start(self, host, port):
         """Start the worker and the SCP (in the background); returns the server."""
@@ -304,6 +318,7 @@ class Listener:
         AssociationSocket.recv = bounded_recv  # every association of this process, as SCP and as SCU
         limits = MessageLimits()
         handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store),
+                    (evt.EVT_ACCEPTED, self.count_association), (evt.EVT_REJECTED, self.count_association),
                     (evt.EVT_DATA_RECV, limits.data), (evt.EVT_DIMSE_RECV, limits.message),
                     (evt.EVT_RELEASED, limits.closed), (evt.EVT_ABORTED, limits.closed),
                     (evt.EVT_CONN_CLOSE, limits.closed)]
@@ -405,13 +420,67 @@ def _status(code, comment):
     return status
 
 
+class ListenMetrics:
+    """`cxr listen --metrics-port`'s Prometheus metrics, served on that port (same host) by prometheus-client."""
+
+    def __init__(self, listener):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry = CollectorRegistry()
+        self.associations = Counter("cxr_listen_associations", "associations requested by peers, by result",
+                                    ["result"], registry=registry)
+        self.stores = Counter("cxr_listen_stores", "C-STORE requests by the status answered (0x0000: success)",
+                              ["status"], registry=registry)
+        self.images = Counter("cxr_listen_images", "X-rays answered with a result", registry=registry)
+        self.calls = Counter("cxr_listen_calls", "X-rays by the class or findings called", ["label"],
+                             registry=registry)
+        self.flagged = Counter("cxr_listen_images_flagged", "X-rays the population check flagged as unlike the "
+                                                            "training images", registry=registry)
+        self.failed = Counter("cxr_listen_answers_failed", "tries at answering a received X-ray that failed",
+                              registry=registry)
+        self.latency = Histogram("cxr_listen_answer_seconds", "time to predict and make an X-ray's results",
+                                 registry=registry, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.results = Counter("cxr_listen_results", "result objects (SR, Secondary Capture) sent to --send-to, or "
+                                                     "kept unsent after every try", ["outcome"], registry=registry)
+        for outcome in ("sent", "kept unsent"):  # series at 0 from the start, so that rates have a start
+            self.results.labels(outcome)
+        self.stores.labels(f"0x{SUCCESS:04X}")
+        self.associations.labels("accepted")
+        Gauge("cxr_listen_queue", "X-rays acknowledged and waiting to be answered",
+              registry=registry).set_function(listener.jobs.qsize)
+        Gauge("cxr_listen_unsent", "result files in unsent/, waiting for the next start",
+              registry=registry).set_function(lambda: sum(not p.name.startswith(".")  # not one being written
+                                                          for p in listener.unsent.glob("*.dcm")))
+        Gauge("cxr_monitor_rows_failed", "prediction log rows the database refused or the full queue dropped",
+              registry=registry).set_function(lambda: 0 if listener.prediction_log is None else
+                                              listener.prediction_log.failed + listener.prediction_log.dropped)
+
+    def answered(self, label, flagged, seconds):
+        self.images.inc()
+        self.calls.labels(label).inc()
+        self.latency.observe(seconds)
+        if flagged:
+            self.flagged.inc()
+
+    def serve(self, host, port):
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:
+            raise UserError(f"--metrics-port {port}: cannot listen on {host}:{port} ({error.strerror}); pick "
+                            "another port") from None
+
+
 @dataclass(frozen=True)
 class Node:
-    """Where `cxr listen` answers: its address, AE title and how many associations it serves at once."""
+    """Where `cxr listen` answers: its address, AE title, how many associations it serves at once and the port
+    of its Prometheus metrics (None: none)."""
     host: str = "127.0.0.1"
     port: int = 11112
     ae_title: str = "CXR"
     max_associations: int = 4
+    metrics_port: int = None
 
 
 def listen(model_path, send_to=None, output_dir=None, node=Node(), precision="auto", monitor_db=None):
@@ -447,6 +516,9 @@ def listen(model_path, send_to=None, output_dir=None, node=Node(), precision="au
         from cxr.monitor.log import PredictionLog
 
         listener.prediction_log = PredictionLog(monitor_db, "listen")
+    if node.metrics_port is not None:
+        listener.metrics = ListenMetrics(listener)
+        listener.metrics.serve(host, node.metrics_port)
     listener.resend_unsent()
     server = listener.start(host, port)
     where = [f"sending results to {destination}"] if destination else []

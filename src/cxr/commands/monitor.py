@@ -8,7 +8,7 @@ OUTPUT/monitor.html (the alerts first, then timelines with the reference, then e
 import csv
 import datetime
 import html
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cxr.atomic import write_json, write_text
@@ -24,6 +24,7 @@ class MonitorOptions:
     since: datetime.datetime = None
     labels: Path = None  # confirmed labels CSV
     reference_data: Path = None  # labelled images to build a reference for a model saved without one
+    thresholds: object = None  # a `cxr.monitor.drift.Thresholds`; None: the defaults
 
 
 def monitor(db, model_path, output_dir, options=MonitorOptions()):
@@ -41,22 +42,19 @@ def monitor(db, model_path, output_dir, options=MonitorOptions()):
     query = select(predictions).where(predictions.c.model_sha256 == model.sha256).order_by(predictions.c.id)
     if options.since is not None:
         query = query.where(predictions.c.time >= options.since)
-    with engine.connect() as connection:
-        rows = [dict(r) for r in connection.execute(query).mappings()]
+    labels = read_labels(options.labels, salt, reference) if options.labels else None
+    positive = None if model.multi_label else model.operating_point["positive_class"]
+    thresholds = options.thresholds or drift.Thresholds()
+    with engine.connect() as connection:  # rows streamed, one window in memory at a time
+        rows = connection.execution_options(yield_per=10_000).execute(query).mappings()
+        windows = [drift.judge(w, reference, positive, labels, thresholds) for w in cut(map(dict, rows), options)]
     engine.dispose()
-    if not rows:
+    if not windows:
         raise UserError(f"{db}: no answers of {model_path} (SHA-256 {model.sha256[:12]}...) logged"
                         f"{' since ' + options.since.isoformat() if options.since else ''}; serve or predict with "
                         "--monitor-db first")
-    labels = read_labels(options.labels, salt, reference) if options.labels else None
-    positive = None if model.multi_label else model.operating_point["positive_class"]
-    windows = [drift.judge(w, reference, positive, labels) for w in cut(rows, options)]
-    result = {"model": str(model_path), "model_sha256": model.sha256, "answers": len(rows),
-              "windows": windows, "alerts": windows[-1]["alerts"],
-              "thresholds": {"min_window": drift.MIN_WINDOW, "flagged": drift.FLAG_ALERT,
-                             "flagged_factor": drift.FLAG_FACTOR, "call_rate_gap": drift.CALL_RATE_GAP,
-                             "psi": drift.PSI_ALERT, "psi_min_answers": drift.PSI_MIN,
-                             "min_labelled": drift.MIN_LABELLED}}
+    result = {"model": str(model_path), "model_sha256": model.sha256, "answers": sum(w["n"] for w in windows),
+              "windows": windows, "alerts": windows[-1]["alerts"], "thresholds": asdict(thresholds)}
     output_dir = Path(output_dir)
     write_json(output_dir / "monitor.json", result)
     write_text(output_dir / "monitor.html", render(result))
@@ -74,23 +72,28 @@ def reference_of(model, model_path, reference_data):
     dataset = read_labelled_folder(reference_data, model.class_names, split="reference")
     dataset.decode(model.img_size, Path(reference_data) / ".cxr-cache")
     rows, y = dataset.split("reference")
-    return Reference.of_validation(model, dataset.images, rows, y)
+    return Reference.of_validation(model, dataset.images, rows, y, dataset.files("reference"))
 
 
 def cut(rows, options):
-    """The windows: `options.window` answers each, or `options.window_days` days each (from the first answer)."""
-    if options.window_days:
-        span = datetime.timedelta(days=options.window_days)
-        windows, start = [], rows[0]["time"]
-        for row in rows:
-            if not windows or row["time"] >= start + span:
-                if windows:
-                    start += span * ((row["time"] - start) // span)
-                windows.append([])
-            windows[-1].append(row)
-        return windows
+    """The windows (lists of rows) of the time-ordered `rows`, one at a time: `options.window` answers each, or
+    `options.window_days` days each (from the first answer)."""
+    span = datetime.timedelta(days=options.window_days) if options.window_days else None
     size = options.window or DEFAULT_WINDOW
-    return [rows[k:k + size] for k in range(0, len(rows), size)]
+    window, start = [], None
+    for row in rows:
+        if span is not None:
+            start = row["time"] if start is None else start
+            if row["time"] >= start + span:
+                start += span * ((row["time"] - start) // span)
+                yield window
+                window = []
+        elif len(window) == size:
+            yield window
+            window = []
+        window.append(row)
+    if window:
+        yield window
 
 
 KEY_COLUMNS = {"path": "path", "sop_instance_uid": "uid", "image_id": "id", "image_key": None}
@@ -139,15 +142,19 @@ def render(result):
     alerts = ("".join(f"<li><b>{e(a['signal'])}</b>: {e(a['message'])}</li>" for a in latest)
               if latest else "<li>None in the latest window.</li>")
     rows = []
-    for w in result["windows"]:
+    for k, w in enumerate(result["windows"], 1):
         flagged = w.get("flagged")
         outputs = "; ".join(f"{e(name)}: called {o['call_rate']:.0%} (validation {o['reference_call_rate']:.0%}), "
                             f"PSI {o['psi']:.2f}" for name, o in w.get("outputs", {}).items())
         share = "" if not flagged else f"{flagged['share']:.1%}"
-        rows.append(f"<tr><td>{e(w['start'][:19])}</td><td>{e(w['end'][:19])}</td><td>{w['n']}</td>"
-                    f"<td>{share}</td><td class='wrap'>{outputs}</td>"
-                    f"<td class='wrap'>{e(w.get('judged', ''))}</td>"
-                    f"<td class='wrap'>{'<br>'.join(e(a['message']) for a in w['alerts'])}</td></tr>")
+        moved = max(w.get("inputs", {}).items(), key=lambda item: item[1]["distance"], default=None)
+        inputs = "" if moved is None else f"{e(moved[0].replace('_', ' '))}: {moved[1]['distance']:.2f}"
+        said = "".join(f"<p class='alert'>{e(a['message'])}</p>" for a in w["alerts"]) or "none"
+        if w.get("judged"):
+            said += f"<p class='note'>{e(w['judged'])}</p>"
+        rows.append(f"<tr><td>{k}</td><td>{e(w['start'][:16].replace('T', ' '))}<br>"
+                    f"{e(w['end'][:16].replace('T', ' '))}</td><td>{w['n']}</td><td>{share}</td>"
+                    f"<td class='wrap'>{outputs}</td><td>{inputs}</td><td class='wrap'>{said}</td></tr>")
     timeline = timeline_png(result)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cxr monitor</title>
@@ -156,6 +163,10 @@ body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto;
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; vertical-align: top; }}
 td.wrap {{ white-space: normal; text-align: left; }}
+td p {{ margin: 0 0 0.3em; }}
+p.alert {{ color: #a00; }}
+p.note {{ color: #666; }}
+table {{ width: 100%; }}
 th {{ background: #f3f3f3; text-align: left; }}
 .alerts {{ background: {'#fde8e8' if latest else '#e8f6e8'}; border-left: 4px solid {'#c00' if latest else '#080'};
           padding: 0.5em 1.5em; }}
@@ -168,8 +179,9 @@ img {{ max-width: 100%; }}
 <h2>Timelines</h2>
 <img alt="timelines" src="data:image/png;base64,{timeline}">
 <h2>Windows</h2>
-<table><tr><th>from</th><th>to</th><th>answers</th><th>flagged</th><th>calls and score drift</th><th>not judged</th>
-<th>alerts</th></tr>{''.join(rows)}</table>
+<table><tr><th>window</th><th>from, to</th><th>answers</th><th>flagged</th><th>calls and score drift</th>
+<th title="total variation distance from validation's mix">input mix moved most</th><th>alerts</th></tr>
+{''.join(rows)}</table>
 </body></html>
 """
 
@@ -184,8 +196,8 @@ def timeline_png(result):
     import matplotlib.pyplot as plt
 
     from cxr.evaluate.plots import figure_png
-    from cxr.monitor import drift
 
+    t = result["thresholds"]
     windows = result["windows"]
     x = range(1, len(windows) + 1)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
@@ -193,7 +205,7 @@ def timeline_png(result):
     axes[0].plot(x, [f if f is not None else float("nan") for f in flagged], "o-", label="flagged")
     reference = next((w["flagged"]["reference"] for w in windows if "flagged" in w), None)
     if reference is not None:
-        axes[0].axhline(max(drift.FLAG_ALERT, drift.FLAG_FACTOR * reference), color="crimson", linestyle="--",
+        axes[0].axhline(max(t["flagged"], t["flagged_factor"] * reference), color="crimson", linestyle="--",
                         label="alert above")
     axes[0].set_title("Share flagged by the population check")
     names = sorted({name for w in windows for name in w.get("outputs", {})})
@@ -205,7 +217,7 @@ def timeline_png(result):
         axes[2].plot(x, [w["outputs"][name]["psi"] if name in w.get("outputs", {}) else float("nan")
                          for w in windows], "o-", label=name)
     axes[1].set_title("Call rate (dotted: validation)")
-    axes[2].axhline(drift.PSI_ALERT, color="crimson", linestyle="--", label="alert above")
+    axes[2].axhline(t["psi"], color="crimson", linestyle="--", label="alert above")
     axes[2].set_title("Score drift (PSI)")
     from matplotlib.ticker import MaxNLocator
 

@@ -63,7 +63,7 @@ def database_url(db):
 def open_database(db):
     """(engine, salt) of the prediction log at `db`, its tables created or migrated to SCHEMA_VERSION on first use;
     UserError when it can't be opened or was written by a newer cxr."""
-    from sqlalchemy import create_engine, event, insert, select
+    from sqlalchemy import create_engine, event, insert, select, text
     from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
     metadata, _, settings = tables()
@@ -76,6 +76,8 @@ def open_database(db):
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA busy_timeout=5000")
         with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":  # replicas starting together create the tables once
+                connection.execute(text("SELECT pg_advisory_xact_lock(4907)"))
             metadata.create_all(connection)
             found = dict(connection.execute(select(settings.c.key, settings.c.value)).all())
         version = int(found.get("schema_version", 0))
@@ -187,6 +189,41 @@ def answer_row(model, probabilities, label, population, image=None):
     if image is not None:
         row |= {"width": image.width, "height": image.height, "format": image.mode}
     return row
+
+
+INPUT_PROPERTIES = ("format", "resolution", "modality", "view", "manufacturer", "device_model", "sex", "age_band")
+
+
+def resolution_band(width, height):
+    """The octave of an image's longer side ("1024-2047" pixels), or None where its size is unknown."""
+    if not width or not height:
+        return None
+    low = 1 << (max(int(width), int(height)).bit_length() - 1)
+    return f"{low}-{2 * low - 1}"
+
+
+def input_mix(row):
+    """{property: category} of a logged row (or one made by `file_properties`): the input properties whose mix
+    `cxr monitor` compares with validation's ("unknown" where the file does not say)."""
+    values = dict(row) | {"resolution": resolution_band(row.get("width"), row.get("height"))}
+    return {name: str(values.get(name) or "unknown") for name in INPUT_PROPERTIES}
+
+
+def file_properties(path):
+    """The input properties of an image file as a logged row has them, read from its header only."""
+    from PIL import Image
+
+    from cxr.data import dicom
+
+    fields = header_fields(path)
+    if fields:
+        size = dicom.header_values(path, {"width": "Columns", "height": "Rows"})
+        return fields | {"format": "DICOM", "width": int(size["width"] or 0), "height": int(size["height"] or 0)}
+    try:
+        with Image.open(path) as img:
+            return {"format": img.mode, "width": img.width, "height": img.height}
+    except OSError:
+        return {}
 
 
 def header_fields(source):

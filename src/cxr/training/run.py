@@ -142,7 +142,8 @@ def _train(config, output_dir, chief):
                                                   subgroups=tuple(config.subgroups or ()), age_bands=config.age_bands))
 
     artifacts.publish_model(classifier, outputs)
-    Reference.of_outputs(classifier, *val_outputs, val_y).save(outputs.models)  # what cxr monitor compares with
+    # what cxr monitor compares with
+    Reference.of_outputs(classifier, *val_outputs, val_y, dataset.files("val")).save(outputs.models)
     result.seconds["total_seconds"] = time.perf_counter() - started
     context = ReportContext(
         "cxr: test-set evaluation", f"{config.backbone} trained on {data_source(config)}; evaluated on its held-out "
