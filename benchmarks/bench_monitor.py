@@ -165,8 +165,9 @@ def write_rows(url, own, n, model_sha):
                  "image_key": f"{k:032x}", "label": "|".join(own[k % len(own)]["calls"]),
                  "probabilities": own[k % len(own)]["probabilities"], "calls": own[k % len(own)]["calls"],
                  "population_score": own[k % len(own)]["population_score"],
-                 "in_distribution": own[k % len(own)]["in_distribution"], "width": 1024, "height": 1024,
-                 "format": "JPEG", "latency_ms": 30.0} for k in range(first, min(n, first + batch))]
+                 "in_distribution": own[k % len(own)]["in_distribution"], "width": own[k % len(own)].get("width"),
+                 "height": own[k % len(own)].get("height"), "format": own[k % len(own)].get("format"),
+                 "latency_ms": 30.0} for k in range(first, min(n, first + batch))]
         with engine.begin() as connection:
             connection.execute(insert(predictions), rows)
     engine.dispose()
