@@ -220,7 +220,9 @@ def _add_train_options(parser):
     add("--mixed-precision", action=argparse.BooleanOptionalAction, default=d.mixed_precision,
         help="bfloat16 on CPU, float16 on GPU, float32 outputs (default: off; slower on the CPUs measured)")
     add("--class-weight", choices=("none", "balanced"), default=d.class_weight)
-    add("--deterministic", action="store_true", help="deterministic TensorFlow ops: same numbers run to run")
+    add("--deterministic", action=argparse.BooleanOptionalAction, default=d.deterministic,
+        help="deterministic TensorFlow ops: the same seed gives the same numbers (cost not measurable on the "
+             "README's sample, benchmarks/README.md)")
     add("--strict", action="store_true", help="fail on unreadable or non-image files instead of skipping them")
     add("--val-from-train", action=argparse.BooleanOptionalAction, default=d.val_from_train,
         help="carve validation from train (default: when val/ has fewer than 50 images)")
