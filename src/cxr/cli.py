@@ -260,8 +260,9 @@ def _add_train_options(parser):
         help="the population check flags this share of validation images as unlike the training images "
              "(default 0.005): lower flags fewer images of the training population, and fewer of other ones")
     add("--population-check", choices=("auto", "always"), default=d.population_check,
-        help="auto: none where the validation split is under 33 images, too few to keep the check from flagging "
-             "more than 3 %% of images like the model's own (the model says why); always: fit it anyway")
+        help="auto: none where the validation split is under 99 images, too few to keep the check, with 95 %% "
+             "confidence, from flagging more than 3 %% of images like the model's own (the model says why); always: "
+             "fit it anyway")
     add("--age-bands", type=age_bands, default=d.age_bands,
         help="the subgroup analysis's age band edges (default 18,40,60,80: 0-17, 18-39, 40-59, 60-79, 80+)")
     add("--strategy", choices=STRATEGIES, default=d.strategy,

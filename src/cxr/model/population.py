@@ -7,8 +7,8 @@ prediction: `networks.with_population_taps`) and measures, at each depth, the Ma
 fitted on training images with a Ledoit-Wolf covariance (Lee et al. 2018, "A simple unified framework for
 detecting out-of-distribution samples"). Each depth's distance is standardised on the validation split and the
 sum is the image's score; an image scoring above what `false_flag_rate` of validation images reach is flagged
-(with fewer than 33 validation images no threshold can hold 3 %, and the check is not fitted:
-`too_few_validation_images`).
+(with fewer than 99 validation images no threshold keeps the share of a site's own images flagged under 3 %
+with 95 % confidence, and the check is not fitted: `too_few_validation_images`).
 Of the scores measured (one depth, several, k nearest neighbours, the top probability, the energy score) this
 one separated other populations and non-X-rays best (bench_population.py in benchmarks/README.md).
 
@@ -26,6 +26,7 @@ from cxr.errors import UserError
 
 POPULATION_FILE = "population.npz"
 MAX_FALSE_FLAGS = 0.03  # the largest share of images like the validation ones the check may flag; above it, none
+FLAG_CONFIDENCE = 0.95  # how surely a fitted check stays under MAX_FALSE_FLAGS
 UNAVAILABLE = ("this model was saved without a population check (trained before cxr had one): its answers can't "
                "say whether an image is unlike its training images; train it again to get the check")
 
@@ -134,10 +135,13 @@ def too_few_validation_images(n_val):
     """Why `n_val` validation images can't set a threshold worth flagging with, or None when they can.
 
     The threshold is a validation score, so an image like the validation ones scores above the k-th smallest of n
-    with probability at most 1 - k / (n + 1) (split conformal prediction): the highest of n holds a false-flag rate
-    of 1 / (n + 1) at best. Flagging 1 in 19 of a site's own X-rays (18 validation images) teaches its users to
-    ignore the flag, so below 1 / MAX_FALSE_FLAGS - 1 images the check is not fitted, and says why."""
-    needed = int(np.ceil(1 / MAX_FALSE_FLAGS)) - 1
+    with probability at most 1 - k / (n + 1) on average over validation samples (split conformal prediction): the
+    highest of n holds 1 / (n + 1) at best. One model has one validation sample, though, and the share of its
+    site's images above its highest score is Beta(1, n) distributed: above MAX_FALSE_FLAGS with probability
+    (1 - MAX_FALSE_FLAGS) ** n, more than 1 - FLAG_CONFIDENCE below 99 images (at 45 images, one model in four
+    flags more than 3 % of its own images). Flagging that many teaches users to ignore the flag, so below that
+    the check is not fitted, and says why."""
+    needed = int(np.ceil(np.log(1 - FLAG_CONFIDENCE) / np.log(1 - MAX_FALSE_FLAGS)))
     if n_val >= needed:
         return None
     return (f"the population check is unavailable for this model: its validation split had {n_val} images, and at "

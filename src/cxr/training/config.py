@@ -89,7 +89,7 @@ class Config:
     # flagged 2.6 % of its own test split; at 0.005, 1.3 %, and still every NIH adult and every non-X-ray
     # (bench_population.py in benchmarks/README.md).
     false_flag_rate: float = 0.005
-    # "auto": no population check where the validation split is too small for one worth its flags (fewer than 33
+    # "auto": no population check where the validation split is too small for one worth its flags (fewer than 99
     # images, population.too_few_validation_images); "always": fit it anyway
     population_check: str = "auto"
     precision: str = "auto"  # precision.PRECISIONS: int8 where it passes the accuracy guard on validation
