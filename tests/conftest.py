@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "chest_xray_sample" / "raw"
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih_chestxray14_sample"

@@ -216,7 +216,7 @@ def test_tensorboard_dies_with_a_killed_training_run(xray_raw, tmp_path):
                               str(tmp_path / "out"), "--port", str(port), "--img-size", "32", "--epochs", "50",
                               "--patience", "50", "--weights", "none", "--backbone", "efficientnet-lite0"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
 
     def serving():
         with socket.socket() as client:
@@ -243,7 +243,7 @@ def as_unprivileged(argv, home):
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to run a command as an unprivileged user")
     env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache"), "KERAS_HOME": str(home / "keras"),
-           "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+           "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "cxr",
                            *argv], capture_output=True, text=True, env=env, timeout=600)
 

@@ -436,7 +436,7 @@ def main(argv=None):
             print_headline(summary)
             print(f"Outputs in {args.output_dir}/ (models/model.h5, reports/report.html, reports/summary.json, plots/)")
         elif args.command == "predict":
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # predict imports TensorFlow only to convert
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # predict imports TensorFlow only to convert
             from cxr.commands.predict import PredictOptions, run_predict
 
             print(run_predict(args.paths, args.model, args.format, PredictOptions(
@@ -478,7 +478,7 @@ def main(argv=None):
             serve(args.model, ServeOptions(args.host, args.port, args.api_key or None, args.max_upload_mb,
                                            args.precision, tuple(args.allowed_host), args.monitor_db))
         elif args.command == "listen":
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
             from cxr.commands.listen import Node, listen
 
             listen(args.model, args.send_to, args.output_dir, Node(args.host, args.port, args.ae_title,
@@ -501,13 +501,13 @@ def main(argv=None):
             if args.fail_on_alert and result["alerts"]:
                 return 1
         elif args.command == "export":
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
             from cxr.commands.export import export
 
             for path, gives in export(args.model, args.formats, args.output_dir, args.calibration_images).items():
                 print(f"{path}: {gives}")
         elif args.command == "explain":
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
             from cxr.commands.predict import run_explain
 
             for path in run_explain(args.paths, args.model, args.output_dir, args.class_name, args.tta):

@@ -22,7 +22,7 @@ FIT_IMAGES = 1000  # training images the population check's Gaussians are fitted
 def setup_runtime(config, strategy="none"):
     """The tf.distribute strategy, seeds, determinism and the dtype policy, before any model is built; returns
     the `distribute.Distribution`."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from cxr.training import distribute
 
     distributed = distribute.make_strategy(strategy)
