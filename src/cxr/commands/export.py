@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cxr.atomic import atomic_path, file_sha256, write_bytes, write_json
 from cxr.errors import UserError
+from cxr.progress import progress
 from cxr.bundle.model_card import describe, package_version
 from cxr.bundle.saved_model import SavedModel
 
@@ -85,7 +86,9 @@ def _export(model, formats, output_dir, card, calibration=None):
         classifier = calibrated_model(model)
         if {"savedmodel", "onnx"} & set(formats):
             _write_saved_model(classifier, model.img_size, saved_model_dir)
-        for fmt in dict.fromkeys(formats):  # in order, once each
+        bar = progress(dict.fromkeys(formats), desc="Exporting", unit="format")  # a conversion takes a minute
+        for fmt in bar:  # in order, once each
+            bar.set_description_str(f"Exporting {fmt}", refresh=False)
             target = output_dir / FORMATS[fmt]
             names = {"input_name": INPUT_NAME, "output_name": OUTPUT_NAME}
             if fmt == "savedmodel":
