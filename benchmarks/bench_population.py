@@ -154,7 +154,7 @@ class Candidates:
                 "max softmax": max_probability, "energy": energy}
 
 
-def subset_run(dataset, size, seed, folder):
+def subset_run(dataset, size, seed, folder, extra=()):
     """Train cxr's default recipe on `size` images of `dataset` ("kermany": the train folder's classes; "nih":
     rows of the NIH labels CSV), drawn with `seed`; returns the run's output folder."""
     import shutil
@@ -174,7 +174,7 @@ def subset_run(dataset, size, seed, folder):
         (folder / "labels.csv").write_text("\n".join([lines[0], *(lines[k] for k in picked)]) + "\n")
         source = ["--labels", str(folder / "labels.csv"), "--images", str(SHARED / "nih_chestxray14_sample" / "images")]
     done = subprocess.run([sys.executable, "-m", "cxr", "train", *source, "--output-dir", str(folder / "outputs"),
-                           "--seed", str(seed), "--bootstrap", "200", "--quiet"], capture_output=True, text=True,
+                           "--seed", str(seed), "--bootstrap", "200", "--quiet", *extra], capture_output=True, text=True,
                           env=os.environ | {"XDG_CACHE_HOME": str(folder / "cache")})
     if done.returncode:
         sys.exit(f"cxr train on {size} {dataset} images failed:\n{done.stderr[-3000:]}")
@@ -219,12 +219,14 @@ def sizes_main(args):
     runs += [("kermany", "full", "-", Path(run)) for run in args.runs or ()]
     with tempfile.TemporaryDirectory(prefix="bench-population-") as scratch:
         for dataset, size, seed, run in runs:
-            run = run or subset_run(dataset, size, seed, Path(scratch) / f"{dataset}-{size}-{seed}")
+            run = run or subset_run(dataset, size, seed, Path(scratch) / f"{dataset}-{size}-{seed}",
+                                    ["--population-check", "always"] if args.always else [])
             counts, shares = flagged_shares(run, adults if dataset == "kermany" else children)
             split = f"{counts['train']} / {counts['val']} / {counts['test']}"
             name = "pediatric (Kermany)" if dataset == "kermany" else "adult (NIH)"
             if isinstance(shares, str):
-                print(f"| {name} | {size} | {seed} | {split} | no check: {shares} | | | |", flush=True)
+                print(f"| {name} | {size} | {seed} | {split} | no check, and every answer says why ("
+                      f"{shares.split(': ', 1)[1].split(' (')[0]}) | | | |", flush=True)
                 continue
             cell = {k: f"{100 * v:.1f} % of {n}" for k, (v, n) in shares.items()}
             print(f"| {name} | {size} | {seed} | {split} | {cell['own test split']} | {cell['other population']} | "
@@ -241,6 +243,9 @@ def main():
                              "--seeds, and measure each model's check (with --run: that run too, as the full size)")
     parser.add_argument("--datasets", nargs="+", default=["kermany", "nih"], choices=["kermany", "nih"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--always", action="store_true",
+                        help="with --sizes: fit the check whatever the validation split's size, to see what it would "
+                             "do (cxr train --population-check always)")
     parser.add_argument("--false-flag-rate", type=float, nargs="+", default=None,
                         help="threshold every score (the saved check too) at these shares of validation images "
                              "(default: the saved check's rate and threshold)")
