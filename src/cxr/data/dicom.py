@@ -262,15 +262,18 @@ def to_display(stored, ds, warnings=None):
 
 
 def window(values, center, width, function="LINEAR"):
-    """A VOI window as the standard defines it (C.11.2.1.2), to [0, 1]."""
-    function = function.upper()
-    if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
-    if width <= 1:  # LINEAR with the narrowest window: a threshold
-        return (values > center - 0.5).astype(np.float64)
-    return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+    """A VOI window as the standard defines it (C.11.2.1.2), to [0, 1]: pydicom's `apply_windowing` onto a 16-bit
+    output range, rescaled. A function the standard does not define is read as LINEAR, and a LINEAR window
+    narrower than 1 as 1 (a threshold at center - 0.5), where pydicom would raise."""
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_windowing
+
+    function = function.upper() if function.upper() in ("LINEAR", "LINEAR_EXACT", "SIGMOID") else "LINEAR"
+    voi = Dataset()
+    voi.PhotometricInterpretation, voi.BitsStored, voi.PixelRepresentation = "MONOCHROME2", 16, 0
+    voi.WindowCenter, voi.VOILUTFunction = center, function
+    voi.WindowWidth = max(width, 1.0) if function == "LINEAR" else width
+    return apply_windowing(np.asarray(values, np.float64), voi) / 65535.0
 
 
 def _to_uint8_rgb(pixels, ds):
