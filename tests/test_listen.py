@@ -442,3 +442,47 @@ def test_a_message_past_its_size_or_time_limit_aborts_its_association(monkeypatc
     clock[0] += listen.MESSAGE_SECONDS + 1
     limits.data(SimpleNamespace(assoc=slow, data=b"x"))
     assert slow.aborted
+
+
+def dciodvfy_errors(dataset, path):
+    """The Error lines dicom3tools' validator gives for `dataset` written to `path`."""
+    from cxr.commands import dicom_results
+
+    path.write_bytes(dicom_results.to_bytes(dataset))
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("case", ["two classes", "flagged", "non-conformant source", "multi-label"])
+def test_every_result_passes_dciodvfy(case, tiny_run, tiny_multilabel, tmp_path):
+    """Issue 47, item 1: the structured report and the Secondary Capture cxr writes pass dicom3tools' dciodvfy with
+    no error (its remaining warnings are listed in docs/pacs.md)."""
+    import shutil
+
+    from cxr.bundle.saved_model import SavedModel
+    from cxr.commands import dicom_results
+    from cxr.commands.predict import population_fields
+    from cxr.data.decode import MAX_PIXELS, decode
+
+    if shutil.which("dciodvfy") is None:
+        if os.environ.get("CXR_REQUIRE_SERVICES"):
+            pytest.fail("dciodvfy is not installed (CI installs the Debian package dicom3tools)")
+        pytest.skip("dciodvfy is not installed")
+    if not REAL_DICOM.is_file():
+        pytest.skip("../shared/data/dicom is not here")
+    model = SavedModel.load((tiny_multilabel[0] if case == "multi-label" else tiny_run) / "models" / "model.h5")
+    source = copy_with_new_uids(REAL_DICOM)
+    if case == "non-conformant source":
+        source.StudyDate, source.StudyTime, source.PatientSex = "2024-02-29", "12:30:00", "Male"
+        source.PatientBirthDate, source.PatientAge = "1961-07-23", "81"
+    image = decode(REAL_DICOM.read_bytes(), model.img_size, MAX_PIXELS)
+    raw, taps = model.raw_outputs(image.pixels[None], batch_size=1)
+    probabilities, labels = model.calibrate(raw)
+    population = population_fields(model.check_population(taps), 0)
+    if case == "flagged":
+        population = population | {"in_distribution": False, "population_percentile": 100.0}
+    result = dicom_results.result_from_prediction(model, probabilities[0], labels[0], population)
+    sr = dicom_results.structured_report(source, result)
+    sc = dicom_results.secondary_capture(source, source.pixel_array, np.zeros((8, 8)), result)
+    assert dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
+    assert dciodvfy_errors(sc, tmp_path / "sc.dcm") == []

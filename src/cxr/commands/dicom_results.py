@@ -207,6 +207,9 @@ def secondary_capture(source, display, heatmap, result):
             transfer_syntax_uid="1.2.840.10008.1.2.1", series_description=SC_SERIES[1])
     # as the source says, or empty (Type 2: unknown) - highdicom wants a value only to build the dataset
     sc.PatientOrientation = source.get("PatientOrientation", "")
+    # a chest is not a paired body part, so General Series' Laterality (Type 2C) is absent, which validators accept
+    # once the body part is named
+    sc.BodyPartExamined = "CHEST"
     sc.BurnedInAnnotation = "YES"  # the banner: text in the pixels (it holds no patient data)
     sc.ImageComments = result.banner[:10240]
     sc.DerivationDescription = f"Grad-CAM overlay of the X-ray, by cxr (model SHA-256 {sha})"[:1024]
