@@ -269,6 +269,16 @@ def test_two_servers_on_one_postgres_lose_no_row_and_the_monitor_alerts_on_adult
     assert own["alerts"] == [] and "flagged" in [a["signal"] for a in shifted["alerts"]]
 
 
+def logged_rows(url):
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        count = connection.execute(text("SELECT count(*) FROM predictions")).scalar_one()
+    engine.dispose()
+    return count
+
+
 def test_postgres_stopped_mid_stream_costs_rows_never_answers(kermany_run, postgres, tmp_path):
     model = kermany_run / "outputs/models/model.h5"
     images = [row["path"] for row in held_out(kermany_run)][:6]
@@ -276,6 +286,10 @@ def test_postgres_stopped_mid_stream_costs_rows_never_answers(kermany_run, postg
     try:
         for image in images[:2]:
             post(server, image)
+        for _ in range(120):  # both rows written before the database goes
+            if logged_rows(postgres.url) == 2:
+                break
+            time.sleep(0.5)
         postgres.stop()
         for image in images[2:5]:
             post(server, image)  # answered, with the database gone
@@ -288,13 +302,7 @@ def test_postgres_stopped_mid_stream_costs_rows_never_answers(kermany_run, postg
         post(server, images[5])  # the log writes again once the database is back
     finally:
         err = server.stop()
-    assert "the prediction log lost" in err
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(postgres.url)
-    with engine.connect() as connection:
-        assert connection.execute(text("SELECT count(*) FROM predictions")).scalar_one() == 3
-    engine.dispose()
+    assert "the prediction log lost" in err and logged_rows(postgres.url) == 3
 
 
 def test_the_grafana_dashboard_asks_only_for_metrics_cxr_serves(tmp_path):
