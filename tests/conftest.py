@@ -167,18 +167,26 @@ def write_lines(path, lines):
     return path
 
 
+# a code in a site's own coding scheme (the code and scheme are the site's; no standard one is claimed)
+SITE_CODES = ["class,code,meaning,scheme", "Pleural_Thickening,PT1,Pleural thickening,99LOCAL"]
+
+
 @pytest.fixture(scope="session")
 def tiny_multilabel(tmp_path_factory):
-    """(outputs folder, an evaluation CSV of other images) of one tiny `cxr train --labels` on 80 NIH images."""
+    """(outputs folder, an evaluation CSV of other images) of one tiny `cxr train --labels` on 80 NIH images, with a
+    site's own code for Pleural_Thickening (SITE_CODES), the one NIH finding cxr's vocabulary has no code for."""
     if not NIH_CSV.is_file():
         pytest.skip("../shared/data/nih_chestxray14_sample is not here")
     root = tmp_path_factory.mktemp("multilabel")
     train_csv = write_lines(root / "train.csv", nih_rows(80))
     other_csv = write_lines(root / "other.csv", nih_rows(30, start=100))
+    codes = write_lines(root / "codes.csv", SITE_CODES)
     result = subprocess.run([sys.executable, "-m", "cxr", "train", "--labels", str(train_csv), "--images",
-                             str(NIH_IMAGES), "--output-dir", str(root / "outputs"), *TINY, "--bootstrap", "30"],
+                             str(NIH_IMAGES), "--output-dir", str(root / "outputs"), *TINY, "--bootstrap", "30",
+                             "--codes", str(codes)],
                             capture_output=True, text=True, timeout=600,
                             env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mean AUC" in result.stdout
+    assert "no SNOMED CT code" not in result.stderr  # every finding has a code: the vocabulary's or the site's
     return root / "outputs", other_csv

@@ -13,6 +13,7 @@ from pathlib import Path
 
 
 from cxr.atomic import atomic_path, file_sha256, write_bytes, write_json
+from cxr.data.vocabulary import Code
 from cxr.errors import UserError
 from cxr.model.inference import calibrate_at, positive_class, predict_outputs
 from cxr.model.population import POPULATION_FILE, UNAVAILABLE, Population
@@ -21,7 +22,7 @@ CLASS_NAMES_FILE = "class_names.json"
 MODEL_FILE = "model.h5"
 # class_names.json keys that describe the model; every other key belongs to the operating point
 # ("distillation": the record of --distill, removed on 2026-12-07, in models saved before)
-MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "model_sha256", "inference",
+MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "codes", "model_sha256", "inference",
               "population_file", "population_unavailable", "distillation")
 TAPS = "taps"  # the LiteRT cache's name for the network with the population taps (networks.with_population_taps)
 
@@ -50,6 +51,12 @@ def read_info(info_path):
     if (not isinstance(scales, list) or not scales
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in scales)):
         raise UserError(f"{info_path}: test_time_scales must be a list of positive numbers; {fix}")
+    codes = info.get("codes", {})
+    if not isinstance(codes, dict) or not all(
+            name in names and isinstance(code, dict) and all(isinstance(code.get(k), str) and code.get(k)
+                                                             for k in ("code", "scheme", "meaning"))
+            for name, code in codes.items()):
+        raise UserError(f"{info_path}: codes must map class names to {{\"code\", \"scheme\", \"meaning\"}}; {fix}")
     if info.get("multi_label"):
         return _check_finding_points(info, info_path, fix)
     positive = info.get("positive_class")
@@ -108,6 +115,8 @@ class SavedModel:
         # the precision chosen at training ({"precision": "int8" | "float32", "reason", "guard", ...}; None for
         # models saved before cxr had int8) and the one asked for now: "auto" (the chosen one), "float32", "int8"
         self.inference = info.get("inference")
+        # the site's own codes for the DICOM results ({class: vocabulary.Code}, from --codes); others: the vocabulary's
+        self.codes = {name: Code(c["code"], c["scheme"], c["meaning"]) for name, c in info.get("codes", {}).items()}
         self.precision = "auto"
         self._int8 = None  # an int8 conversion still in memory (during training)
         self._conversions = {}  # {LiteRT cache tag: float32 flatbuffer} made before the model had a file
@@ -378,6 +387,8 @@ class SavedModel:
             self.int8_path.unlink(missing_ok=True)
         self.info = {"class_names": self.class_names, "img_size": self.img_size, "backbone": self.backbone,
                      "test_time_scales": self.test_time_scales, **({"multi_label": True} if self.multi_label else {}),
+                     **({"codes": {name: {"code": c.value, "scheme": c.scheme, "meaning": c.meaning}
+                                   for name, c in self.codes.items()}} if self.codes else {}),
                      **self.operating_point, "model_sha256": self.sha256,
                      **({"inference": self.inference} if self.inference is not None else {}),
                      **({"population_file": POPULATION_FILE} if self.population is not None else

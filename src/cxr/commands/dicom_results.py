@@ -21,8 +21,6 @@ SC_SERIES = (9902, "cxr AI result, not for diagnosis (Grad-CAM overlay)")
 SC_LONG_SIDE = 1024  # the overlay's size: a viewer shows it beside the X-ray, not instead of it
 BANNER = "AI result, not for diagnosis"
 CXR_SCHEME = "99CXR"  # codes of cxr's own (a private coding scheme, as DICOM PS3.16 8.2 allows)
-# classes with a SNOMED CT concept; every other class or finding gets a code of cxr's own
-SNOMED = {"PNEUMONIA": ("233604007", "Pneumonia"), "NORMAL": ("17621005", "Normal")}
 
 
 @dataclass
@@ -76,13 +74,17 @@ def _uid(*parts):
     return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
 
 
-def class_code(name):
-    """The coded concept of a class or finding: SNOMED CT where cxr knows one, else a code of cxr's own."""
+def class_code(name, own=None):
+    """The coded concept of a class or finding: the site's own code (`own`: {class: vocabulary.Code}, from
+    --codes) where it gives one, else SNOMED CT where cxr's vocabulary knows one, else a code of cxr's own."""
     from highdicom.sr import CodedConcept
 
-    value, meaning = SNOMED.get(name.upper(), (name.upper()[:16], name))
-    scheme = "SCT" if name.upper() in SNOMED else CXR_SCHEME
-    return CodedConcept(value, scheme, meaning[:64])
+    from cxr.data.vocabulary import coding
+
+    code = coding([name], own)[name]
+    if code is None:
+        return CodedConcept(name.upper()[:16], CXR_SCHEME, name[:64])
+    return CodedConcept(code.value, code.scheme, code.meaning)
 
 
 def _code(value, meaning):
@@ -148,6 +150,7 @@ def structured_report(source, result):
     image = [hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)]
     groups = []
     for k, name in enumerate(result.class_names):
+        finding = class_code(name, result.model.codes)
         measurements = [hd.sr.Measurement(codes.DCM.Probability, float(result.probabilities[k]), codes.UCUM.NoUnits,
                                           algorithm_id=algorithm)]
         if result.thresholds[k] is not None:
@@ -155,9 +158,9 @@ def structured_report(source, result):
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(source.SOPInstanceUID, sha, name),
                                                          identifier=f"cxr: {name}"[:64]),
-            finding_type=class_code(name), algorithm_id=algorithm, source_images=image, measurements=measurements,
+            finding_type=finding, algorithm_id=algorithm, source_images=image, measurements=measurements,
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                class_code(name), codes.SCT.Present if result.called[k] else codes.SCT.Absent)]))
+                finding, codes.SCT.Present if result.called[k] else codes.SCT.Absent)]))
     population = result.population
     if population["in_distribution"] is not None:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(

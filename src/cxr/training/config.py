@@ -37,6 +37,9 @@ class Config:
     test_list: Optional[Path] = None  # an official list of test images (NIH's test_list.txt)
     subgroups: Optional[list] = None  # further labels-CSV columns the evaluation reports subgroups of
     age_bands: tuple = (18, 40, 60, 80)  # the subgroup analysis's age band edges: 0-17, 18-39, 40-59, 60-79, 80+
+    # A CSV of codes for classes the vocabulary (data.vocabulary) does not know, or codes the site prefers; saved
+    # with the model, for the DICOM results of `cxr listen`
+    codes: Optional[Path] = None
     output_dir: Path = Path("outputs")
     img_size: int = 224
     batch_size: int = 32

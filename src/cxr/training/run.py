@@ -38,6 +38,21 @@ def setup_runtime(config, strategy="none"):
     return distributed
 
 
+def check_codes(class_names, own, path):
+    """The site's codes (`own`, from --codes `path`) of these classes; a warning for each class without a standard
+    code and for each row of the file that names no class."""
+    from cxr.data import vocabulary
+
+    matched, strangers = vocabulary.site_codes(class_names, own)
+    if strangers:
+        warn(f"--codes {path}: {', '.join(strangers)} {'is' if len(strangers) == 1 else 'are'} not a class of this "
+             f"model ({', '.join(class_names)}); {'that row is' if len(strangers) == 1 else 'those rows are'} unused")
+    missing = vocabulary.uncoded_warning(class_names, matched)
+    if missing:
+        warn(missing)
+    return matched
+
+
 def train(config):
     """Train, evaluate on the test split and write every artifact; returns the summary dict.
 
@@ -67,10 +82,12 @@ def _train(config, output_dir, chief):
     """`train`, writing into `output_dir`: --output-dir on the chief, a worker's own temporary folder elsewhere
     (where the decode cache and frozen-layer outputs are computed again: no storage need be shared)."""
     from cxr.bundle.artifacts import Outputs
+    from cxr.data import vocabulary
     from cxr.data.split import describe, prepare_splits
     from cxr.model.inference import positive_class
 
     started = time.perf_counter()
+    own_codes = vocabulary.read_codes(config.codes) if config.codes is not None else {}
     outputs = Outputs(output_dir).prepare(resume=config.resume)
     if config.multi_label:
         from cxr.data.labels_csv import read_labelled_table
@@ -81,6 +98,7 @@ def _train(config, output_dir, chief):
         dataset = prepare_splits(config, split_wait=None if chief else SPLIT_WAIT_SECONDS)
         positive = positive_class(dataset.class_names, config.positive_class)
     print(describe(dataset), flush=True)
+    own_codes = check_codes(dataset.class_names, own_codes, config.codes) if chief else {}
 
     distribution = setup_runtime(config, config.strategy)
     import keras
@@ -127,6 +145,7 @@ def _train(config, output_dir, chief):
     print(f"Fitting the calibration and the operating point on validation; evaluating on test{views}", flush=True)
     classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone, scales,
                                        multi_label=dataset.multi_label)
+    classifier.codes = own_codes
     classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]) + FIT_IMAGES)
     fit_point = precision.default_point_fitter(class_names, dataset.multi_label, positive, config.target_sensitivity)
     # int8 is guarded as it would be served, at its own operating point; then fit and evaluate what is served
