@@ -45,14 +45,22 @@ def orthanc_binary():
     return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).is_file()), None)
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
+USER = ("cxr", "a-test-password")  # Orthanc's one user when it asks for HTTP basic authentication
+
+
 class Orthanc:
     """Orthanc on free loopback ports, storing into `folder`, with cxr (`cxr_port`, AE title CXR) as a modality;
-    `lua`: the text of a Lua script for it to run (docs/pacs.md's routing script, say)."""
+    `lua`: the text of a Lua script for it to run (docs/pacs.md's routing script, say); `dicomweb`: with its
+    DICOMweb plugin at `dicomweb_url`, asking for HTTP basic authentication (USER) on every request; `settings`:
+    further configuration."""
 
-    def __init__(self, folder, cxr_port, cxr_aet="CXR", lua=None):
+    def __init__(self, folder, cxr_port, cxr_aet="CXR", lua=None, dicomweb=False, settings=None):
         self.folder = Path(folder)
         self.http_port, self.dicom_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
+        self.dicomweb_url = f"{self.url}/dicom-web"
+        self.session = requests.Session()
         config = {
             "Name": "cxr-test", "StorageDirectory": str(self.folder / "storage"),
             "IndexDirectory": str(self.folder / "index"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
@@ -60,6 +68,11 @@ class Orthanc:
             "DicomModalities": {"cxr": [cxr_aet, "127.0.0.1", cxr_port]}, "Plugins": [],
             "DicomScuTimeout": 30, "StableAge": 60, "SaveJobs": False,
         }
+        if dicomweb:
+            config |= {"Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+                       "AuthenticationEnabled": True, "RegisteredUsers": {USER[0]: USER[1]}}
+            self.session.auth = USER
+        config |= settings or {}
         self.folder.mkdir(parents=True, exist_ok=True)
         if lua is not None:
             (self.folder / "route.lua").write_text(lua)
@@ -71,7 +84,7 @@ class Orthanc:
         deadline = time.monotonic() + 60
         while True:
             try:
-                requests.get(f"{self.url}/system", timeout=2).raise_for_status()
+                self.session.get(f"{self.url}/system", timeout=2).raise_for_status()
                 break
             except requests.RequestException:
                 if self.process.poll() is not None or time.monotonic() > deadline:
@@ -84,12 +97,12 @@ class Orthanc:
         return f"{ORTHANC_AET}@127.0.0.1:{self.dicom_port}"
 
     def get(self, path):
-        answer = requests.get(f"{self.url}{path}", timeout=60)
+        answer = self.session.get(f"{self.url}{path}", timeout=60)
         answer.raise_for_status()
         return answer
 
     def post(self, path, **kwargs):
-        answer = requests.post(f"{self.url}{path}", timeout=120, **kwargs)
+        answer = self.session.post(f"{self.url}{path}", timeout=120, **kwargs)
         answer.raise_for_status()
         return answer
 
@@ -103,7 +116,7 @@ class Orthanc:
 
     def echo_cxr(self):
         """True when cxr answers Orthanc's C-ECHO."""
-        return requests.post(f"{self.url}/modalities/cxr/echo", json={}, timeout=60).status_code == 200
+        return self.session.post(f"{self.url}/modalities/cxr/echo", json={}, timeout=60).status_code == 200
 
     def series_of_study(self, study_id):
         """[{"ID", "MainDicomTags", "Instances", ...}] of every series in the study."""
@@ -131,13 +144,13 @@ class Listener:
     """`cxr listen` in a subprocess on a free port, started once it says it is ready; `stderr` once stopped.
     It runs in `cache`'s parent folder, where its default ./cxr-listen/ goes (never in the repository)."""
 
-    def __init__(self, model, port=None, send_to=None, output_dir=None, cache=None, extra=()):
+    def __init__(self, model, port=None, send_to=None, output_dir=None, cache=None, extra=(), env=None):
         self.port = port or free_port()
         command = [sys.executable, "-m", "cxr", "listen", "--model", str(Path(model).resolve()), "--port",
                    str(self.port), *extra]
         command += ["--send-to", send_to] if send_to else []
         command += ["--output-dir", str(output_dir)] if output_dir else []
-        env = os.environ | ({"XDG_CACHE_HOME": str(cache)} if cache else {})
+        env = os.environ | ({"XDG_CACHE_HOME": str(cache)} if cache else {}) | (env or {})
         folder = Path(cache).parent if cache else Path(tempfile.mkdtemp(prefix="cxr-listen-"))
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, bufsize=1, cwd=folder)
         self.lines = []

@@ -14,7 +14,7 @@ import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.pacs import Listener, Orthanc, free_port, orthanc_binary, routing_script
+from tests.pacs import DICOMWEB_PLUGIN, USER, Listener, Orthanc, free_port, orthanc_binary, routing_script
 
 REAL_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "nih-chestxray14-dx.dcm"
 PATIENT_DATA = ("Covid0000", "CompressedSamples", "1CT1", "20040119")  # the two files' patient names, IDs, dates
@@ -226,10 +226,57 @@ def test_results_that_cannot_be_sent_are_kept_and_sent_at_the_next_start(routing
     assert not list((out / "unsent").iterdir()) and not list((out / ".spool").iterdir())
 
 
+def test_results_go_to_a_dicomweb_service_by_stow_rs_and_a_refused_login_keeps_them_unsent(tiny_run, tmp_path):
+    """Issue 47, item 3: `--send-to` a DICOMweb URL (Orthanc's DICOMweb plugin, asking for HTTP basic
+    authentication), with the same retries and unsent/ as DIMSE."""
+    from cxr.commands import dicom_results
+
+    orthanc_or_skip()
+    if not DICOMWEB_PLUGIN.is_file():
+        if os.environ.get("CI"):
+            pytest.fail("Orthanc's DICOMweb plugin is not installed (.ci/run installs orthanc-dicomweb)")
+        pytest.skip("Orthanc's DICOMweb plugin is not installed; apt-get install orthanc-dicomweb")
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", port, dicomweb=True)
+    model_path, out = tiny_run / "models" / "model.h5", tmp_path / "results"
+    credentials = {"CXR_DICOMWEB_USER": USER[0], "CXR_DICOMWEB_PASSWORD": "not-the-password"}
+    listener = None
+    try:
+        listener = Listener(model_path, port=port, send_to=orthanc.dicomweb_url, output_dir=out,
+                            cache=tmp_path / "cache", env=credentials)
+        uploaded = orthanc.upload(REAL_DICOM.read_bytes())
+        assert orthanc.send_to_cxr([uploaded["ID"]])["FailedInstancesCount"] == 0
+        listener.wait_for_log("could not send the results")
+        log = listener.stop()
+        assert "STOW-RS answered HTTP 401 (check the credentials" in log and "not-the-password" not in log
+        assert sorted(p.name.split("-")[0] for p in (out / "unsent").iterdir()) == ["sc", "sr"]
+        assert len(orthanc.series_of_study(uploaded["ParentStudy"])) == 1  # nothing was stored
+
+        listener = Listener(model_path, port=port, send_to=orthanc.dicomweb_url, output_dir=out,
+                            cache=tmp_path / "cache", env=credentials | {"CXR_DICOMWEB_PASSWORD": USER[1]})
+        assert "sent 2 results kept from an earlier run to http://127.0.0.1" in listener.stderr
+        found = results_by_kind(orthanc, orthanc.wait_for_series(uploaded["ParentStudy"], 3))
+        assert found["sr"].StudyInstanceUID == found["source"].StudyInstanceUID
+        assert found["sr"].SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and "sc" in found
+        assert not list((out / "unsent").iterdir())
+        # and a new X-ray's results go straight there
+        second = copy_with_new_uids(REAL_DICOM)
+        again = orthanc.upload(dicom_results.to_bytes(second))
+        assert orthanc.send_to_cxr([again["ID"]])["FailedInstancesCount"] == 0
+        orthanc.wait_for_series(again["ParentStudy"], 3)
+        listener.wait_for_log(f"structured report and overlay stored at {orthanc.dicomweb_url}")
+    finally:
+        if listener is not None:
+            listener.stop()
+        orthanc.stop()
+
+
 @pytest.mark.parametrize("options, message", [
     ([], "give --send-to AE@HOST:PORT"),
     (["--send-to", "ORTHANC@localhost"], "give the PACS as AE@HOST:PORT"),
     (["--send-to", "A@h:1", "--ae-title", "A" * 17], "an AE title is 1 to 16 ASCII characters"),
+    (["--send-to", "A@h:1", "--codes", "absent.csv"], "--codes absent.csv: not readable"),
+    (["--send-to", "http://user:secret@127.0.0.1:8042/dicom-web"], "credentials go in $CXR_DICOMWEB_TOKEN"),
 ])
 def test_listen_options_are_checked_in_one_line(options, message, tmp_path):
     result = subprocess.run([sys.executable, "-m", "cxr", "listen", "--model", str(tmp_path / "none.h5"), *options],
@@ -462,6 +509,7 @@ def test_every_result_passes_dciodvfy(case, tiny_run, tiny_multilabel, tmp_path)
     from cxr.bundle.saved_model import SavedModel
     from cxr.commands import dicom_results
     from cxr.commands.predict import population_fields
+    from cxr.data import vocabulary
     from cxr.data.decode import MAX_PIXELS, decode
 
     if shutil.which("dciodvfy") is None:
@@ -486,3 +534,15 @@ def test_every_result_passes_dciodvfy(case, tiny_run, tiny_multilabel, tmp_path)
     sc = dicom_results.secondary_capture(source, source.pixel_array, np.zeros((8, 8)), result)
     assert dciodvfy_errors(sr, tmp_path / "sr.dcm") == []
     assert dciodvfy_errors(sc, tmp_path / "sc.dcm") == []
+    # issue 47, item 2: every finding coded, by cxr's vocabulary (SNOMED CT) or the site's --codes at training
+    findings = {i.ConceptCodeSequence[0].CodeMeaning: (i.ConceptCodeSequence[0].CodingSchemeDesignator,
+                                                       i.ConceptCodeSequence[0].CodeValue)
+                for i in content_items(sr) if i.ValueType == "CODE"
+                and i.ConceptNameCodeSequence[0].CodeMeaning == "Finding" and i.ConceptCodeSequence[0].CodeMeaning
+                != "Like the images the model was trained on (population check)"}
+    assert len(findings) == len(model.class_names)
+    expected = {name: ("99LOCAL", "PT1") if name == "Pleural_Thickening" else
+                ("SCT", vocabulary.known_code(name).value) for name in model.class_names}
+    assert sorted(findings.values()) == sorted(expected.values()), findings
+    if case == "multi-label":
+        assert "Pleural_Thickening" in model.class_names and len(model.class_names) >= 10

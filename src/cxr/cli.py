@@ -21,6 +21,8 @@ from cxr.progress import QUIET_VARIABLE
 
 EXPORT_FORMATS = ("savedmodel", "tflite", "tflite-int8", "onnx")
 PRECISIONS = ("auto", "float32", "int8")
+CODES_OPTION_HELP = ("codes for the DICOM results' findings, where cxr's vocabulary has none or the site prefers "
+                     "its own: a CSV with the columns class, code, meaning and optionally scheme (default SCT)")
 PRECISION_HELP = ("auto (default): as the model's training chose (int8 where it passed the accuracy guard; else "
                   "float32, with the second view only for uncertain images where that passed its guard); float32: "
                   "every view in float32, as trained; int8: the int8 conversion")
@@ -196,6 +198,7 @@ def _add_train_options(parser):
     add("--data-dir", type=Path, default=d.data_dir, help="folder with train/<Class>/ (+ val/, test/) or raw/<Class>/")
     _add_label_options(parser)
     add("--output-dir", type=Path, default=d.output_dir, help="where models/, reports/, plots/ and logs/ go")
+    add("--codes", type=Path, metavar="CSV", default=None, help=CODES_OPTION_HELP)
     add("--img-size", type=int, default=d.img_size, help="square input size in pixels")
     add("--batch-size", type=int, default=d.batch_size)
     add("--epochs", type=int, default=d.epochs, help="maximum epochs per phase (phase 2: see --finetune-epochs)")
@@ -356,8 +359,10 @@ def build_parser():
 
     listen = commands.add_parser("listen", help="a DICOM node: receive X-rays from a PACS, send the results back")
     listen.add_argument("--model", type=Path, default=Path("outputs/models/model.h5"))
-    listen.add_argument("--send-to", metavar="AE@HOST:PORT",
-                        help="the PACS (or any DICOM node) that stores the results, by C-STORE")
+    listen.add_argument("--send-to", metavar="AE@HOST:PORT|URL",
+                        help="the PACS (or any DICOM node) that stores the results: by C-STORE to AE@HOST:PORT, or by "
+                             "STOW-RS to a DICOMweb base URL (http(s)://HOST:PORT/dicom-web; credentials from "
+                             "$CXR_DICOMWEB_TOKEN, or $CXR_DICOMWEB_USER and $CXR_DICOMWEB_PASSWORD)")
     listen.add_argument("--output-dir", type=Path,
                         help="also write every result here (default: only results that can't be sent are kept, in "
                              "./cxr-listen/unsent/)")
@@ -366,6 +371,8 @@ def build_parser():
     listen.add_argument("--ae-title", default="CXR", help="cxr's AE title, the one the PACS sends to (default CXR)")
     listen.add_argument("--max-associations", type=count(1), default=4,
                         help="associations served at once; more are rejected, and the PACS tries again")
+    listen.add_argument("--codes", type=Path, metavar="CSV", default=None,
+                        help=CODES_OPTION_HELP + "; over those saved with the model")
     listen.add_argument("--metrics-port", type=count(1), metavar="PORT",
                         help="serve Prometheus metrics (associations, stores, results sent and kept unsent) at "
                              "http://HOST:PORT/metrics")
@@ -380,6 +387,25 @@ def build_parser():
     export.add_argument("--calibration-images", type=Path, metavar="DIR",
                         help="tflite-int8: training-like X-rays to calibrate int8 on (default: 200 of the training "
                              "split in the run's reports/splits.csv)")
+    pull = commands.add_parser("pull", help="retrieve a cohort of X-rays from a PACS into a folder to train or "
+                                            "evaluate on, with patient data removed")
+    pull.add_argument("--from", dest="source", required=True, metavar="AE@HOST:PORT|URL",
+                      help="the PACS: a DIMSE node (C-FIND, then C-GET) or a DICOMweb base URL (QIDO-RS, then "
+                           "WADO-RS; credentials from $CXR_DICOMWEB_TOKEN, or $CXR_DICOMWEB_USER and "
+                           "$CXR_DICOMWEB_PASSWORD)")
+    pull.add_argument("--query", action="append", default=[], metavar="KEY=VALUE",
+                      help="match instances on a DICOM keyword (repeatable), e.g. Modality=DX, "
+                           "StudyDate=20260101-20260131, BodyPartExamined=CHEST, StudyDescription=*THORAX*")
+    pull.add_argument("--accessions", type=Path, metavar="FILE",
+                      help="pull the studies of these accession numbers (one a line), with --query's keys too")
+    pull.add_argument("--output-dir", type=Path, required=True,
+                      help="the cohort's folder: manifest.csv, images/ (the same command resumes a killed pull)")
+    pull.add_argument("--workers", type=count(1), default=4, help="instances fetched at once")
+    pull.add_argument("--ae-title", default="CXR", help="cxr's AE title, the one the PACS lets query and retrieve")
+    pull.add_argument("--keep-mapping", type=Path, metavar="CSV",
+                      help="also write which pseudonymous key is which Patient ID and accession number to this CSV "
+                           "(outside --output-dir; keep it private)")
+
     monitor = commands.add_parser("monitor", help="drift, realized performance and alerts from a prediction log")
     monitor.add_argument("--db", required=True, metavar="DB", help="the prediction log (--monitor-db of predict, "
                                                                      "serve or listen)")
@@ -483,7 +509,7 @@ def main(argv=None):
 
             listen(args.model, args.send_to, args.output_dir, Node(args.host, args.port, args.ae_title,
                                                                    args.max_associations, args.metrics_port),
-                   args.precision, args.monitor_db)
+                   args.precision, args.monitor_db, args.codes)
         elif args.command == "monitor":
             from cxr.commands.monitor import MonitorOptions, monitor
 
@@ -499,6 +525,16 @@ def main(argv=None):
                   f"{len(result['alerts']) or 'no'} alert{'s' if len(result['alerts']) != 1 else ''}. Outputs in "
                   f"{args.output_dir}/ (monitor.json, monitor.html)")
             if args.fail_on_alert and result["alerts"]:
+                return 1
+        elif args.command == "pull":
+            from cxr.commands.pull import PullOptions, parse_query, pull
+
+            counts = pull(args.source, args.output_dir, PullOptions(parse_query(args.query), args.accessions,
+                                                                     args.workers, args.ae_title, args.keep_mapping))
+            print(f"{counts['pulled']} pulled, {counts['already']} already there, {counts['skipped']} skipped, "
+                  f"{counts['failed']} failed, of {counts['found']} matching instances. Outputs in "
+                  f"{args.output_dir}/ (manifest.csv, images/)")
+            if counts["failed"]:
                 return 1
         elif args.command == "export":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

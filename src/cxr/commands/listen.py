@@ -2,8 +2,8 @@
 
 A PACS routes X-rays to cxr's AE title by C-STORE. Each radiograph (Modality CR, DX or DR, frontal) is written to
 a spool folder before its C-STORE is acknowledged, then a worker thread predicts it (with the population check),
-makes its structured report and Grad-CAM Secondary Capture (`dicom_results`) and sends both back by C-STORE to
-`--send-to`, and/or writes them to `--output-dir`. A result that can't be sent after a few tries is kept in
+makes its structured report and Grad-CAM Secondary Capture (`dicom_results`) and sends both back to `--send-to`
+(by C-STORE, or STOW-RS to a DICOMweb service: `nodes`), and/or writes them to `--output-dir`. A result that can't be sent after a few tries is kept in
 `--output-dir`/unsent/ and sent again when the listener next starts; a spooled image is deleted only once its
 result is stored somewhere, and the spool is worked through again at start: a killed listener loses nothing.
 
@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr.commands.nodes import TIMEOUT_S, parse_node
 from cxr.errors import UserError
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
@@ -29,7 +30,6 @@ MAX_QUEUED = 200  # images acknowledged but not yet answered; past this the SCP 
 SEND_TRIES = 3
 SPOOL_TRIES = 3  # tries at answering a spooled image (one per start, or more) before it is moved to failed/
 RETRY_WAIT_S = 2.0  # doubled after every failed try
-TIMEOUT_S = 30  # ACSE, DIMSE and network timeouts, both as SCP and as SCU
 # Bounds on what one peer can hold (docs/pacs.md, "Limits"): the 30 s above apply to each read, so a peer trickling a
 # byte every 10 s would keep its association slot forever, and a message is buffered as it arrives
 MAX_PDU_BYTES = 1 << 20  # one PDU: cxr asks for 16 kB PDUs; an association request with every context fits in 64 kB
@@ -47,31 +47,10 @@ def image_key(sop_instance_uid):
     return hashlib.sha256(str(sop_instance_uid).encode("ascii", "replace")).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class Destination:
-    """A DICOM node to send results to: AE title, host and port."""
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text):
-        """'AE@HOST:PORT' -> Destination; UserError saying the form otherwise."""
-        ae, at, address = text.partition("@")
-        host, colon, port = address.rpartition(":")
-        if not (at and colon and ae and host and port.isdigit() and 0 < int(port) < 65536 and len(ae) <= 16):
-            raise UserError(f"--send-to {text!r}: give the PACS as AE@HOST:PORT (an AE title of at most 16 "
-                            "characters), e.g. ORTHANC@127.0.0.1:4242")
-        return cls(ae, host.strip("[]"), int(port))
-
-    def __str__(self):
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
 class Listener:
     """The SCP, its spool and the worker that answers what it received.
 
-    `model`: a loaded `SavedModel`; `send_to`: a `Destination` or None; `output_dir`: where results (when given),
+    `model`: a loaded `SavedModel`; `send_to`: a `nodes.DimseNode`, a `nodes.DicomWebService` or None; `output_dir`: where results (when given),
     unsent results and the spool go.
     """
 
@@ -246,30 +225,16 @@ class Listener:
             f"in {self.unsent}/, sent again when cxr listen next starts (or send them with any DICOM sender)")
 
     def send(self, datasets):
-        """C-STORE `datasets` to --send-to, up to SEND_TRIES times; None when every one was stored, else why not."""
-        from pynetdicom import AE
-
+        """Store `datasets` at --send-to (C-STORE, or STOW-RS for a DICOMweb URL), up to SEND_TRIES times; None
+        when every one was stored, else why not."""
         wait, failure = RETRY_WAIT_S, None
         for attempt in range(SEND_TRIES):
             if attempt:
                 time.sleep(wait)
                 wait *= 2
-            ae = AE(ae_title=self.ae_title)
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
-            for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-                ae.add_requested_context(sop_class)
-            assoc = ae.associate(self.send_to.host, self.send_to.port, ae_title=self.send_to.ae_title)
-            if not assoc.is_established:
-                failure = "the association was rejected or the PACS did not answer"
-                continue
-            try:
-                statuses = [assoc.send_c_store(ds) for ds in datasets]
-            finally:
-                assoc.release()
-            bad = [s for s in statuses if not s or s.Status not in (0x0000, 0xB000, 0xB006, 0xB007)]
-            if not bad:
+            failure = self.send_to.store(datasets, self.ae_title)
+            if failure is None:
                 return None
-            failure = ("no answer to a C-STORE" if not bad[0] else f"C-STORE status 0x{bad[0].Status:04X}")
         return failure
 
     def resend_unsent(self):
@@ -483,19 +448,29 @@ class Node:
     metrics_port: int = None
 
 
-def listen(model_path, send_to=None, output_dir=None, node=Node(), precision="auto", monitor_db=None):
-    """Run `cxr listen` as `node` until interrupted. UserError for bad options, an unusable model or a port in
-    use."""
-    from cxr.errors import warn
+def listen(model_path, send_to=None, output_dir=None, node=Node(), precision="auto", monitor_db=None, codes=None):
+    """Run `cxr listen` as `node` until interrupted, coding findings with the model's codes and those of the
+    `codes` CSV (`data.vocabulary.read_codes`). UserError for bad options, an unusable model or a port in use."""
     from cxr.bundle.saved_model import SavedModel
+    from cxr.data.vocabulary import read_codes, site_codes, uncoded_warning
+    from cxr.errors import warn
 
     host, port, ae_title, max_associations = node.host, node.port, node.ae_title, node.max_associations
     if send_to is None and output_dir is None:
-        raise UserError("give --send-to AE@HOST:PORT (the PACS that stores the results), --output-dir DIR, or both")
+        raise UserError("give --send-to AE@HOST:PORT or a DICOMweb URL (the PACS that stores the results), "
+                        "--output-dir DIR, or both")
     if not 0 < len(ae_title) <= 16 or not ae_title.isascii() or "\\" in ae_title:
         raise UserError(f"--ae-title {ae_title!r}: an AE title is 1 to 16 ASCII characters, without backslashes")
-    destination = Destination.parse(send_to) if send_to else None
+    destination = parse_node(send_to, "--send-to") if send_to else None
+    own = read_codes(codes) if codes is not None else {}
     model = SavedModel.load(model_path, precision)
+    matched, strangers = site_codes(model.class_names, own)
+    if strangers:
+        raise UserError(f"--codes {codes}: {', '.join(strangers)} is not a class of the model "
+                        f"({', '.join(model.class_names)}); give codes for its classes")
+    model.codes = model.codes | matched
+    if uncoded := uncoded_warning(model.class_names, model.codes):
+        warn(uncoded)
     if model.population is None:
         warn(model.population_note)
     pynetdicom_log = logging.getLogger("pynetdicom")

@@ -22,6 +22,7 @@ Nothing here reads an image; a path that does not exist is refused with its line
 """
 
 import csv
+import dataclasses
 import io
 import re
 from collections import Counter
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr.data import cohort
 from cxr.data.dataset import Dataset
 from cxr.errors import UserError, warn
 
@@ -127,6 +129,10 @@ def read_table(csv_path, images_dir, options=LabelOptions()):
         raise UserError(f"{images_dir}: no such folder; give --images the folder that the CSV's image paths are "
                         "relative to")
     header, rows = read_rows(csv_path)
+    if cohort.key_column(header) and not any(c.lower() in PATH_COLUMNS for c in header) and not options.path_column:
+        header, rows = cohort.keyed_rows(csv_path, header, rows, images_dir)  # a `cxr pull` folder's labels
+        options = dataclasses.replace(options, path_column="path", patient_column=options.patient_column or
+                                      "patient_key", view_column=options.view_column or "view")
     fmt = options.label_format or detect_format(header)
     if fmt not in FORMATS:
         raise UserError(f"--label-format must be one of {', '.join(FORMATS)}, got {fmt!r}")
