@@ -236,3 +236,43 @@ def test_a_pulled_cohort_is_evaluated_with_labels_keyed_by_sop_instance_uid_or_a
         warnings[labels] = result.stderr
     assert f"{by_uid}: 1 row names no image in {folder}/manifest.csv" in warnings[by_uid]
     assert "names no image" not in warnings[by_accession]
+
+
+def test_a_bearer_token_from_the_environment_goes_to_the_dicomweb_service_and_a_refusal_says_so(monkeypatch):
+    """Orthanc has no bearer tokens: a real HTTP server on loopback records what cxr sends, and refuses it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cxr.commands.nodes import DicomWebService
+
+    seen = []
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_POST(self):
+            if self.headers["Content-Length"]:
+                self.rfile.read(int(self.headers["Content-Length"]))
+            else:  # chunked
+                while size := int(self.rfile.readline().strip() or b"0", 16):
+                    self.rfile.read(size + 2)
+                self.rfile.readline()
+            seen.append((self.path, self.headers["Authorization"], self.headers["Content-Type"]))
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("CXR_DICOMWEB_TOKEN", "a-token")
+        monkeypatch.setenv("CXR_DICOMWEB_USER", "ignored-when-a-token-is-given")
+        service = DicomWebService(f"http://127.0.0.1:{server.server_port}/dicom-web")
+        ds = pydicom.dcmread(REAL_DICOM)
+        failure = service.store([ds])
+    finally:
+        server.shutdown()
+    assert failure.startswith("STOW-RS answered HTTP 401 (check the credentials")
+    assert seen == [("/dicom-web/studies", "Bearer a-token", seen[0][2])]
+    assert seen[0][2].startswith("multipart/related") and 'type="application/dicom"' in seen[0][2]
