@@ -28,11 +28,19 @@ def write_image(path, seed=0, size=40, mode="RGB"):
     return path
 
 
+@pytest.fixture(scope="session")
+def litert_cache(tmp_path_factory):
+    """The suite's one cache folder ($XDG_CACHE_HOME): LiteRT conversions are keyed by the model file's hash, so
+    every test and command that runs one of the session's trained models converts it once (a training writes
+    its conversions there too), not once per test."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_run(tmp_path, monkeypatch):
-    """Caches (LiteRT conversions) go into the test's folder, not the user's home, and a run's global dtype
+def isolated_run(litert_cache, monkeypatch):
+    """Caches (LiteRT conversions) go into the suite's folder, not the user's home, and a run's global dtype
     policy (`--mixed-precision`) doesn't leak into the next test."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(litert_cache))
     yield
     if "keras" in sys.modules:
         sys.modules["keras"].mixed_precision.set_global_policy("float32")
@@ -83,7 +91,7 @@ TINY = ["--img-size", "32", "--epochs", "1", "--batch-size", "8", "--backbone", 
 
 
 @pytest.fixture(scope="session")
-def tiny_training(tmp_path_factory):
+def tiny_training(tmp_path_factory, litert_cache):
     """(root, the finished process) of the suite's one tiny two-class training: the seed's entry point
     (train_cnn.py) on 14 real X-rays per class, with --port on a port that is taken. root/data holds the raw
     folder and the splits; root/outputs the run's outputs."""
@@ -101,7 +109,7 @@ def tiny_training(tmp_path_factory):
                                  str(root / "data"), "--output-dir", str(root / "outputs"), "--port",
                                  str(taken.getsockname()[1]), "--bootstrap", "50", *TINY],
                                 capture_output=True, text=True, timeout=600,
-                                env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
+                                env=os.environ | {"XDG_CACHE_HOME": str(litert_cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     return root, result
 
@@ -116,7 +124,7 @@ KERMANY_TRAIN = NIH.parents[0] / "chest_xray" / "train"
 
 
 @pytest.fixture(scope="session")
-def kermany_run(tmp_path_factory):
+def kermany_run(tmp_path_factory, litert_cache):
     """The root (data/, outputs/) of a small `cxr train` on 120 real pediatric X-rays per class of the Kermany
     train folder, at 64 px from Lite0's ImageNet weights, float32: a model whose features are real, as int8 and
     the population check meet them in practice (a tiny model from random weights has neither)."""
@@ -133,7 +141,7 @@ def kermany_run(tmp_path_factory):
                              "--false-flag-rate", "0.05", "--precision", "float32",
                              "--population-check", "always"],  # its 36 validation images are below the 99 needed
                             capture_output=True, text=True, timeout=900,
-                            env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
+                            env=os.environ | {"XDG_CACHE_HOME": str(litert_cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 
@@ -172,7 +180,7 @@ SITE_CODES = ["class,code,meaning,scheme", "Pleural_Thickening,PT1,Pleural thick
 
 
 @pytest.fixture(scope="session")
-def tiny_multilabel(tmp_path_factory):
+def tiny_multilabel(tmp_path_factory, litert_cache):
     """(outputs folder, an evaluation CSV of other images) of one tiny `cxr train --labels` on 80 NIH images, with a
     site's own code for Pleural_Thickening (SITE_CODES), the one NIH finding cxr's vocabulary has no code for."""
     if not NIH_CSV.is_file():
@@ -185,7 +193,7 @@ def tiny_multilabel(tmp_path_factory):
                              str(NIH_IMAGES), "--output-dir", str(root / "outputs"), *TINY, "--bootstrap", "30",
                              "--codes", str(codes)],
                             capture_output=True, text=True, timeout=600,
-                            env=os.environ | {"XDG_CACHE_HOME": str(root / "cache")})
+                            env=os.environ | {"XDG_CACHE_HOME": str(litert_cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mean AUC" in result.stdout
     assert "no SNOMED CT code" not in result.stderr  # every finding has a code: the vocabulary's or the site's

@@ -8,6 +8,12 @@ from cxr.model.networks import build_classifier, split_at_frozen_prefix
 from cxr.bundle.saved_model import TAPS, SavedModel
 
 
+@pytest.fixture(autouse=True)
+def own_cache(isolated_run, tmp_path, monkeypatch):
+    """These tests look into the cache: each starts with an empty one of its own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def model():
     return build_classifier("efficientnet-lite0", 2, weights="none", img_size=32)

@@ -14,7 +14,7 @@ from tests.conftest import SAMPLE, TINY
 
 
 @pytest.fixture(scope="module")
-def imagenet_run(tmp_path_factory):
+def imagenet_run(tmp_path_factory, litert_cache):
     """The outputs of a 64 px Lite0 from ImageNet weights, one epoch on the 120 sample X-rays: a model whose
     features are real, as int8 meets them in practice (a tiny model from random weights is not). Not conftest's
     kermany_run: on that model (240 images) int8's calibrated probabilities moved by up to 0.47, against 0.05 here
@@ -26,19 +26,19 @@ def imagenet_run(tmp_path_factory):
             (root / "data" / "raw" / name / f.name).write_bytes(f.read_bytes())
     result = cxr("train", "--data-dir", root / "data", "--output-dir", root / "outputs", "--img-size", "64", "--epochs",
                  "1", "--batch-size", "16", "--backbone", "efficientnet-lite0", "--bootstrap", "20", "--precision",
-                 "float32", cache=root / "cache")
+                 "float32", cache=litert_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "outputs"
 
 
-def test_a_model_of_the_readme_sample_has_no_population_check_and_each_answer_says_why(imagenet_run, tmp_path):
+def test_a_model_of_the_readme_sample_has_no_population_check_and_each_answer_says_why(imagenet_run, litert_cache):
     """Issue 46: the 120-image sample's model (18 validation images) flagged 22 % of its own test images."""
     info = json.loads((imagenet_run / "models" / "class_names.json").read_text())
     assert "its validation split had 18 images, and at least 99 are needed" in info["population_unavailable"]
     assert not (imagenet_run / "models" / "population.npz").exists()
     test = [r["path"] for r in csv.DictReader(open(imagenet_run / "reports" / "splits.csv")) if r["split"] == "test"]
     result = cxr("predict", *test, "--model", imagenet_run / "models" / "model.h5", "--format", "json",
-                 cache=tmp_path / "cache")
+                 cache=litert_cache)
     assert result.returncode == 0, result.stderr[-2000:]
     assert all(r["in_distribution"] is None for r in json.loads(result.stdout))
     assert "population check is unavailable for this model: its validation split had 18 images" in result.stderr
@@ -115,16 +115,32 @@ def sample_dataset(size):
     return dataset
 
 
-def test_the_guard_serves_float32_when_int8_fails_it_and_says_why(imagenet_run, tiny_run):
+@pytest.fixture(scope="module")
+def black_choice(imagenet_run, litert_cache):
+    """(model, record) of `precision.choose` "auto" for the ImageNet run's model with int8 calibrated on black
+    images, so that int8 can represent no X-ray and fails its guard; float32 is served, with the views on demand
+    wherever they pass their own guard (MIN_SPEEDUP 0: as fast is fast enough here)."""
+    from cxr.bundle import precision, views_on_demand
+    from cxr.bundle.saved_model import SavedModel
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(litert_cache))
+        patch.setattr(views_on_demand, "MIN_SPEEDUP", 0.0)
+        model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
+        model.predictor()
+        record = precision.choose(model, sample_dataset(64), "auto", seed=0, calibration=BLACK)
+    return model, record
+
+
+BLACK = np.zeros((16, 64, 64, 3), np.uint8)  # calibrated on black images, int8 can represent no X-ray
+
+
+def test_the_guard_serves_float32_when_int8_fails_it_and_says_why(black_choice, imagenet_run, tiny_run):
     from cxr.bundle import precision
     from cxr.bundle.saved_model import SavedModel
 
-    dataset = sample_dataset(64)
-    assert len(dataset.splits["val"]) >= precision.MIN_VALIDATION_IMAGES
-    black = np.zeros((16, 64, 64, 3), np.uint8)  # calibrated on black images, int8 can represent no X-ray
-    model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
-    model.predictor()
-    record = precision.choose(model, dataset, "auto", seed=0, calibration=black)
+    assert len(sample_dataset(64).splits["val"]) >= precision.MIN_VALIDATION_IMAGES
+    model, record = black_choice
     # float32, with or without the views on demand (whose own guard decides them)
     assert record["precision"] == "float32" and model.engine.startswith("litert") and "int8" not in model.engine
     failed = ("lower than float32's", "differ from float32's", "not faster")
@@ -140,7 +156,7 @@ def test_the_guard_serves_float32_when_int8_fails_it_and_says_why(imagenet_run, 
     # asked for int8 all the same, it is served, with the guard's verdict kept
     forced = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
     forced.predictor()
-    record = precision.choose(forced, dataset, "int8", seed=0, calibration=black)
+    record = precision.choose(forced, sample_dataset(64), "int8", seed=0, calibration=BLACK)
     assert record["precision"] == "int8" and forced.engine == "litert int8"
     assert any(f in record["guard"]["reason"] for f in failed)
 
@@ -296,26 +312,27 @@ def test_views_on_demand_give_back_every_view_where_the_first_is_uncertain(image
                   - predict_outputs(findings.predictor(), small)).max() < 1e-5
 
 
-def test_views_on_demand_are_guarded_recorded_and_served_by_predict(imagenet_run, tmp_path, monkeypatch):
-    from cxr.bundle import fidelity, model_card, precision, views_on_demand
+def test_views_on_demand_are_guarded_recorded_and_served_by_predict(black_choice, imagenet_run, tmp_path,
+                                                                     monkeypatch):
+    from cxr.bundle import fidelity, model_card, views_on_demand
     from cxr.bundle.saved_model import SavedModel
 
     dataset = sample_dataset(64)
-    black = np.zeros((16, 64, 64, 3), np.uint8)  # int8 fails its guard: float32 is served, with views on demand
-    with monkeypatch.context() as slower:  # ... unless, as timed, they are not faster
+    rows, y = dataset.split("val")
+    # not served where, as timed, they are not faster
+    with monkeypatch.context() as slower:
         slower.setattr(views_on_demand, "MIN_SPEEDUP", 1e9)
         slower.setattr(views_on_demand, "best_speedup", lambda views, share: float("inf"))
         slow = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
         slow.predictor()
-        record = precision.choose(slow, dataset, "auto", seed=0, calibration=black)["views_on_demand"]
+        record = views_on_demand.choose(slow, dataset, rows, y, slow.raw_outputs(dataset.images, rows)[0])
     assert record["margin"] is None and "as fast on this machine" in record["reason"], record
     assert slow.engine == "litert" and record["rebuilt_difference"] < 1e-5
     assert [t["margin"] for t in record["trials"]] == list(views_on_demand.MARGINS)
 
-    monkeypatch.setattr(views_on_demand, "MIN_SPEEDUP", 0.0)
-    model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
-    model.predictor()
-    record = precision.choose(model, dataset, "auto", seed=0, calibration=black)["views_on_demand"]
+    # where int8 fails its guard, precision.choose lets the views on demand's own guard decide (black_choice)
+    model, chosen = black_choice
+    record = chosen["views_on_demand"]
     assert record["margin"] in views_on_demand.MARGINS and model.engine == "litert, views on demand", record
     assert record["val_auc_every_view"] - record["val_auc_on_demand"] <= fidelity.AUC_TOLERANCE / 2
     assert record["max_calibrated_probability_difference"] <= fidelity.PROBABILITY_TOLERANCE / 2
@@ -331,34 +348,8 @@ def test_views_on_demand_are_guarded_recorded_and_served_by_predict(imagenet_run
         SavedModel.load(tmp_path / "models" / "model.h5", "float32"))["inference"]["served"]
 
     # a margin that sends every image to every view saves nothing, however the timing of a few images falls out
-    monkeypatch.undo()
     monkeypatch.setattr(views_on_demand, "MARGINS", (-1.0,))
     everything = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
     everything.predictor()
-    record = views_on_demand.choose(everything, dataset, *dataset.split("val"), everything.raw_outputs(
-        dataset.images, dataset.splits["val"])[0])
+    record = views_on_demand.choose(everything, dataset, rows, y, everything.raw_outputs(dataset.images, rows)[0])
     assert record["margin"] is None and "at most 1.00x as fast" in record["reason"], record
-    assert everything.engine == "litert"
-
-    # tolerances no margin can meet: every view stays
-    monkeypatch.setattr(fidelity, "AUC_TOLERANCE", -1.0)
-    refused = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
-    refused.predictor()
-    record = views_on_demand.choose(refused, dataset, *dataset.split("val"), refused.raw_outputs(
-        dataset.images, dataset.splits["val"])[0])
-    assert record["margin"] is None and record["reason"].startswith("no margin keeps") and refused.engine == "litert"
-
-    images = sorted((SAMPLE / "NORMAL").iterdir())[:3] + sorted((SAMPLE / "PNEUMONIA").iterdir())[-3:]
-    answers = {}
-    for asked in ("auto", "float32"):
-        result = cxr("predict", *images, "--model", tmp_path / "models" / "model.h5", "--format", "json",
-                     "--precision", asked, cache=tmp_path / "cache")
-        assert result.returncode == 0, result.stderr[-2000:]
-        answers[asked] = np.array([row["p_PNEUMONIA"] for row in json.loads(result.stdout)])
-    assert np.abs(answers["auto"] - answers["float32"]).max() <= fidelity.PROBABILITY_TOLERANCE
-    # with the views' conversions cached, serving them needs neither TensorFlow nor Keras
-    loaded = subprocess.run([sys.executable, "-c", "import sys; from cxr.bundle.saved_model import SavedModel; "
-                             "m = SavedModel.load(sys.argv[1]); m.predictor(); print(m.engine, 'keras' in sys.modules)",
-                             str(tmp_path / "models" / "model.h5")], capture_output=True, text=True, timeout=300,
-                            env=os.environ | {"XDG_CACHE_HOME": str(tmp_path / "cache")})
-    assert loaded.stdout.strip() == "litert, views on demand False", loaded.stdout + loaded.stderr[-2000:]
