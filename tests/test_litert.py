@@ -115,13 +115,13 @@ def test_a_damaged_cached_conversion_is_rebuilt(model, tmp_path, capsys):
     model_path = tmp_path / "model.keras"
     model.save(model_path)
     (tmp_path / "class_names.json").write_text('{"class_names": ["A", "B"]}')
-    cached = litert.cache_path(model_path, tag=TAPS)
+    cached = litert.cache_path(model_path, tag=f"2-{TAPS}")  # the conversion as a model of 2 classes
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(b"not a flatbuffer")
     saved = SavedModel.load(model_path)
     saved.predictor()
     assert saved.engine == "litert" and "damaged LiteRT conversion" in capsys.readouterr().err
-    assert litert.cached_conversion(model_path, tag=TAPS) is not None  # replaced by a good one
+    assert litert.cached_conversion(model_path, tag=f"2-{TAPS}") is not None  # replaced by a good one
 
 
 def test_the_conversion_made_in_training_is_cached_for_the_saved_model_file(model, tmp_path, monkeypatch):

@@ -53,7 +53,9 @@ def test_a_model_from_another_run_is_refused(saved, tmp_path):
 
 
 def test_output_count_must_match_the_class_names(saved, tmp_path):
+    """Also when the model file's conversion is cached, as the one of 2 classes."""
     folder, _ = saved
+    SavedModel.load(folder / "model.h5").predictor()
     (tmp_path / "model.h5").write_bytes((folder / "model.h5").read_bytes())
     (tmp_path / "class_names.json").write_text(json.dumps({"class_names": ["A", "B", "C"]}))
     with pytest.raises(UserError, match="2 outputs but class_names.json names 3 classes"):

@@ -231,6 +231,9 @@ class SavedModel:
         LiteRT cache: its cached conversion, without loading Keras, or what `litert.fast_inference` decides."""
         from cxr.bundle import litert
 
+        # the conversion of this file as a model of this many classes: a class_names.json naming another count is
+        # checked against the Keras model's outputs (`_check_outputs`), never answered from the cache
+        tag = f"{len(self.class_names)}-{tag}"
         cached = litert.cached_conversion(self.path, self.sha256, tag) if self.path is not None else None
         if cached is not None:
             return cached, "litert"

@@ -21,8 +21,11 @@ import csv
 import os
 import queue
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cxr.atomic import atomic_path, write_bytes
 
 from cxr.commands.nodes import TIMEOUT_S, DicomWebService, parse_node
 from cxr.data.cohort import COLUMNS, MANIFEST, folder_secret, pseudonym, read_manifest
@@ -266,12 +269,60 @@ class Appended:
         self.file.close()
 
 
+class Cohort:
+    """The folder a pull writes into: each instance de-identified, written atomically, then its manifest row (and
+    its mapping row, with --keep-mapping) added; counts of what happened, and why what was not pulled was not.
+    Safe to call from several threads."""
+
+    def __init__(self, folder, keep_mapping, done):
+        self.folder, self.lock = Path(folder), threading.Lock()
+        self.secret = folder_secret(self.folder, create=True)
+        # rewritten whole (atomically) with the rows a kill kept, then appended to row by row
+        with atomic_path(self.folder / MANIFEST) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows({c: r[c] for c in COLUMNS} for r in done)
+        for partial in (self.folder / "images").glob("*/.*.partial.dcm"):  # a write a kill cut short
+            partial.unlink()
+        self.manifest = Appended(self.folder / MANIFEST, COLUMNS)
+        self.mapping = Appended(keep_mapping, MAPPING_COLUMNS, private=True) if keep_mapping else None
+        self.pulled, self.reasons = 0, Counter()
+
+    def add(self, instance, ds):
+        """Write the de-identified `ds` of `instance` and its rows; BurnedInAnnotation when it can't be."""
+        from cxr.commands.dicom_results import to_bytes
+        from cxr.data.deidentify import deidentify
+
+        clean = deidentify(ds, self.secret)
+        patient = str(clean.PatientID)
+        relative = Path("images") / patient / f"{pseudonym(self.secret, instance.sop, 'I')}.dcm"
+        write_bytes(self.folder / relative, to_bytes(clean))
+        accession = str(ds.get("AccessionNumber", ""))
+        row = {"sop_instance_uid": instance.sop, "patient_key": patient,
+               "accession_key": pseudonym(self.secret, accession, "A") if accession else "",
+               "view": str(ds.get("ViewPosition", "")).upper(), "path": relative.as_posix()}
+        with self.lock:
+            if self.mapping is not None:  # first: a row in the manifest always has its mapping
+                self.mapping.add({"patient_key": patient, "PatientID": str(ds.get("PatientID", "")),
+                                  "accession_key": row["accession_key"], "AccessionNumber": accession,
+                                  "sop_instance_uid": instance.sop})
+            self.manifest.add(row)
+            self.pulled += 1
+
+    def not_pulled(self, why):
+        with self.lock:
+            self.reasons[why] += 1
+
+    def close(self):
+        self.manifest.close()
+        if self.mapping is not None:
+            self.mapping.close()
+
+
 def pull(source, output_dir, options=PullOptions()):
     """Pull what `options` asks for from `source` (AE@HOST:PORT or a DICOMweb URL) into `output_dir`; returns
     {"found", "pulled", "already", "skipped", "failed"} counts. UserError for bad options or a PACS that refuses."""
-    from cxr.atomic import atomic_path, write_bytes
-    from cxr.commands.dicom_results import to_bytes
-    from cxr.data.deidentify import BurnedInAnnotation, deidentify
+    from cxr.data.deidentify import BurnedInAnnotation
     from cxr.progress import progress
 
     node = parse_node(source, "--from")
@@ -287,85 +338,49 @@ def pull(source, output_dir, options=PullOptions()):
     found = find_instances(node, options.query, accessions, options.ae_title)
     instances = [i for i in found if i.radiograph]
     folder.mkdir(parents=True, exist_ok=True)
-    secret = folder_secret(folder, create=True)
-    rows = read_manifest(folder)
-    done = {r["sop_instance_uid"] for r in rows}
-    todo = [i for i in instances if i.sop not in done]
-    counts = {"found": len(found), "pulled": 0, "already": len(instances) - len(todo),
-              "skipped": len(found) - len(instances), "failed": 0}
-    others = f" ({counts['skipped']} not radiographs: left out)" if counts["skipped"] else ""
-    print(f"{len(found)} instances match at {node}{others}; {counts['already']} already in {folder}/, "
-          f"{len(todo)} to pull", flush=True)
-    # the manifest is rewritten whole (atomically) with the rows a kill kept, then appended to row by row
-    with atomic_path(folder / MANIFEST) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows({c: r[c] for c in COLUMNS} for r in rows)
-    for partial in (folder / "images").glob("*/.*.partial.dcm"):  # a write a kill cut short
-        partial.unlink()
-    jobs, lock = queue.Queue(), threading.Lock()
-    for instance in todo:
-        jobs.put(instance)
-    manifest = Appended(folder / MANIFEST, COLUMNS)
-    mapping = Appended(options.keep_mapping, MAPPING_COLUMNS, private=True) if options.keep_mapping else None
-    bar = progress(total=len(todo), desc="Pulling", unit="instance")
-    reasons = {}
+    done = read_manifest(folder)
+    pulled = {r["sop_instance_uid"] for r in done}
+    todo = queue.Queue()
+    for instance in instances:
+        if instance.sop not in pulled:
+            todo.put(instance)
+    left_out = len(found) - len(instances)
+    print(f"{len(found)} instances match at {node}" + (f" ({left_out} not radiographs: left out)" if left_out else "")
+          + f"; {len(instances) - todo.qsize()} already in {folder}/, {todo.qsize()} to pull", flush=True)
+    cohort, bar, errors = Cohort(folder, options.keep_mapping, done), None, []
+    failed = Counter()
 
     def work():
+        """Fetch and add instances until none is left, on this thread's own association or session."""
         fetcher = Fetcher(node, options.ae_title)
         try:
             while True:
                 try:
-                    instance = jobs.get_nowait()
+                    instance = todo.get_nowait()
                 except queue.Empty:
                     return
                 try:
-                    ds = fetcher.fetch(instance)
-                    clean = deidentify(ds, secret)
-                    patient = str(clean.PatientID)
-                    relative = Path("images") / patient / f"{pseudonym(secret, instance.sop, 'I')}.dcm"
-                    write_bytes(folder / relative, to_bytes(clean))
-                    row = {"sop_instance_uid": instance.sop, "patient_key": patient,
-                           "accession_key": pseudonym(secret, ds.get("AccessionNumber", ""), "A")
-                           if ds.get("AccessionNumber") else "",
-                           "view": str(ds.get("ViewPosition", "")).upper(), "path": relative.as_posix()}
-                    with lock:
-                        if mapping is not None:  # first: a row in the manifest always has its mapping
-                            mapping.add({"patient_key": patient, "PatientID": str(ds.get("PatientID", "")),
-                                         "accession_key": row["accession_key"],
-                                         "AccessionNumber": str(ds.get("AccessionNumber", "")),
-                                         "sop_instance_uid": instance.sop})
-                        manifest.add(row)
-                        counts["pulled"] += 1
+                    cohort.add(instance, fetcher.fetch(instance))
                 except BurnedInAnnotation as error:
-                    with lock:
-                        counts["skipped"] += 1
-                        reasons.setdefault(str(error), 0)
-                        reasons[str(error)] += 1
-                except UserError:
-                    raise
+                    cohort.not_pulled(str(error))
                 except Exception as error:  # noqa: BLE001 - one instance that can't be had must not stop the rest
-                    with lock:
-                        counts["failed"] += 1
-                        why = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
-                        reasons[why] = reasons.get(why, 0) + 1
+                    if isinstance(error, UserError):  # the PACS refused this thread's association: stop
+                        errors.append(error)
+                        return
+                    why = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                    cohort.not_pulled(why)
+                    with cohort.lock:
+                        failed[why] += 1
                     fetcher.close()
-                    fetcher = Fetcher(node, options.ae_title)
+                    fetcher = Fetcher(node, options.ae_title)  # a fresh association after a failure
                 finally:
-                    with lock:
+                    with cohort.lock:
                         bar.update(1)
         finally:
             fetcher.close()
 
-    errors = []
-
-    def guarded():
-        try:
-            work()
-        except UserError as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=guarded, daemon=True) for _ in range(max(1, min(options.workers, len(todo))))]
+    bar = progress(total=todo.qsize(), desc="Pulling", unit="instance")
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(options.workers, todo.qsize())))]
     try:
         for t in threads:
             t.start()
@@ -373,11 +388,11 @@ def pull(source, output_dir, options=PullOptions()):
             t.join()
     finally:
         bar.close()
-        manifest.close()
-        if mapping is not None:
-            mapping.close()
+        cohort.close()
     if errors:
         raise errors[0]
-    for why, n in reasons.items():
+    for why, n in cohort.reasons.items():
         warn(f"{n} instance{'s' if n > 1 else ''} not pulled: {why}")
-    return counts
+    not_pulled = sum(cohort.reasons.values())
+    return {"found": len(found), "pulled": cohort.pulled, "already": len(pulled & {i.sop for i in instances}),
+            "skipped": left_out + not_pulled - sum(failed.values()), "failed": sum(failed.values())}
