@@ -3,9 +3,10 @@
 A PACS routes X-rays to cxr's AE title by C-STORE. Each radiograph (Modality CR, DX or DR, frontal) is written to
 a spool folder before its C-STORE is acknowledged, then a worker thread predicts it (with the population check),
 makes its structured report and Grad-CAM Secondary Capture (`dicom_results`) and sends both back to `--send-to`
-(by C-STORE, or STOW-RS to a DICOMweb service: `nodes`), and/or writes them to `--output-dir`. A result that can't be sent after a few tries is kept in
-`--output-dir`/unsent/ and sent again when the listener next starts; a spooled image is deleted only once its
-result is stored somewhere, and the spool is worked through again at start: a killed listener loses nothing.
+(by C-STORE, or STOW-RS to a DICOMweb service: `nodes`), and/or writes them to `--output-dir`. A result that
+can't be sent after a few tries is kept in `--output-dir`/unsent/ and sent again when the listener next starts;
+a spooled image is deleted only once its result is stored somewhere, and the spool is worked through again at
+start: a killed listener loses nothing.
 
 What gets no result is still acknowledged as the standard says (Success: the SCP accepted the object) and the
 reason logged: other modalities (a CT), lateral views, cxr's own results routed back to it. A dataset that
@@ -30,7 +31,7 @@ MAX_QUEUED = 200  # images acknowledged but not yet answered; past this the SCP 
 SEND_TRIES = 3
 SPOOL_TRIES = 3  # tries at answering a spooled image (one per start, or more) before it is moved to failed/
 RETRY_WAIT_S = 2.0  # doubled after every failed try
-# Bounds on what one peer can hold (docs/pacs.md, "Limits"): the 30 s above apply to each read, so a peer trickling a
+# Bounds on what one peer can hold (docs/pacs.md, "Limits"): TIMEOUT_S's 30 s apply to each read, so a peer trickling a
 # byte every 10 s would keep its association slot forever, and a message is buffered as it arrives
 MAX_PDU_BYTES = 1 << 20  # one PDU: cxr asks for 16 kB PDUs; an association request with every context fits in 64 kB
 PDU_SECONDS = 10  # from a PDU's first byte to its last
@@ -50,8 +51,8 @@ def image_key(sop_instance_uid):
 class Listener:
     """The SCP, its spool and the worker that answers what it received.
 
-    `model`: a loaded `SavedModel`; `send_to`: a `nodes.DimseNode`, a `nodes.DicomWebService` or None; `output_dir`: where results (when given),
-    unsent results and the spool go.
+    `model`: a loaded `SavedModel`; `send_to`: a `nodes.DimseNode`, a `nodes.DicomWebService` or None;
+    `output_dir`: where results (when given), unsent results and the spool go.
     """
 
     def __init__(self, model, ae_title, send_to, output_dir, keep_results, max_associations=4):
