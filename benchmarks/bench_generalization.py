@@ -148,11 +148,11 @@ def trained(run_dir, config):
 
 def with_other_views(trained_dir, run_dir, config):
     """Save into `run_dir` the model of the run in `trained_dir` as a run with `config` would have saved it:
-    the same weights with `config.test_time_scales`, served at `config.precision` (`precision.choose`), its
+    the same weights with `config.test_time_scales`, served at `config.precision` (`serving.choose`), its
     operating point fitted on the same validation split and evaluated on the same test split, as `cxr.training.run.train`
     does after training (its summary.json keeps the metrics, and the training time of the run it came from)."""
     from cxr.model import networks
-    from cxr.bundle import precision
+    from cxr.bundle import precision, serving
     from cxr.data.split import prepare_splits
     from cxr.evaluate import EvaluationOptions, evaluate_model
     from cxr.training.run import fit_on_validation
@@ -166,7 +166,7 @@ def with_other_views(trained_dir, run_dir, config):
     model.predictor()
     fit_point = precision.default_point_fitter(model.class_names, False, trained_model.operating_point["positive_class"],
                                                config.target_sensitivity)
-    precision.choose(model, dataset, config.precision, config.seed, fit_point)
+    serving.choose(model, dataset, config.precision, config.seed, fit_point)
     model.operating_point, (model.population, _) = fit_on_validation(model, dataset, fit_point, config)
     evaluation = evaluate_model(model, dataset, "test", EvaluationOptions(bootstrap=0, seed=config.seed))
     (run_dir / "models").mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def main():
 
     from cxr.data.decode import decode_image
     from cxr.model.inference import predict_outputs
-    from cxr.bundle.precision import calibrated, images_per_second, mean_auc
+    from cxr.bundle.fidelity import calibrated, images_per_second, mean_auc
     from cxr.bundle.saved_model import SavedModel
 
     model = SavedModel.load(args.run / "models" / "model.h5", "float32")
@@ -84,7 +84,7 @@ def main():
     reference = model.raw_outputs(images)[0]
     timed = images[np.linspace(0, len(images) - 1, min(256, len(images))).astype(int)]
     print(f"model {args.run / 'models' / 'model.h5'}: {len(images)} validation images, int8 calibrated on "
-          f"{len(calibration)} training images; float32 validation AUC {mean_auc(y, reference, False, classes):.5f}")
+          f"{len(calibration)} training images; float32 validation AUC {mean_auc(y, reference, model.task):.5f}")
     print("| variant | validation AUC | logit shift | logit noise (sd) | max / p99 / p95 calibrated difference "
           "| images/s int8 vs float32 |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -93,12 +93,13 @@ def main():
         int8 = litert.LiteRTModel(convert(model.tapped_model(), calibration, *VARIANTS[name]))
         seconds = time.perf_counter() - start
         outputs = predict_outputs(int8, images)[:, :classes]
-        difference = np.abs(calibrated(y, reference, outputs, False) - calibrated(y, reference, reference, False))
+        difference = np.abs(calibrated(y, reference, outputs, model.task)
+                            - calibrated(y, reference, reference, model.task))
         difference = difference[:, positive]
         shift = log_odds(outputs, positive) - log_odds(reference, positive)
         unsaturated = np.abs(log_odds(reference, positive)) < 20
         rates = images_per_second(int8, timed), images_per_second(model.predictor(), timed)
-        print(f"| {name} | {mean_auc(y, outputs, False, classes):.5f} | {np.median(shift[unsaturated]):+.3f} "
+        print(f"| {name} | {mean_auc(y, outputs, model.task):.5f} | {np.median(shift[unsaturated]):+.3f} "
               f"| {np.std(shift[unsaturated]):.3f} | {difference.max():.3f} / {np.quantile(difference, 0.99):.3f} / "
               f"{np.quantile(difference, 0.95):.3f} | {rates[0]:.0f} vs {rates[1]:.0f} |", flush=True)
         print(f"  ({name}: converted in {seconds:.0f} s)", file=sys.stderr)

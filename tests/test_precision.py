@@ -117,10 +117,10 @@ def sample_dataset(size):
 
 @pytest.fixture(scope="module")
 def black_choice(imagenet_run, litert_cache):
-    """(model, record) of `precision.choose` "auto" for the ImageNet run's model with int8 calibrated on black
+    """(model, record) of `serving.choose` "auto" for the ImageNet run's model with int8 calibrated on black
     images, so that int8 can represent no X-ray and fails its guard; float32 is served, with the views on demand
     wherever they pass their own guard (MIN_SPEEDUP 0: as fast is fast enough here)."""
-    from cxr.bundle import precision, views_on_demand
+    from cxr.bundle import serving, views_on_demand
     from cxr.bundle.saved_model import SavedModel
 
     with pytest.MonkeyPatch.context() as patch:
@@ -128,7 +128,7 @@ def black_choice(imagenet_run, litert_cache):
         patch.setattr(views_on_demand, "MIN_SPEEDUP", 0.0)
         model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
         model.predictor()
-        record = precision.choose(model, sample_dataset(64), "auto", seed=0, calibration=BLACK)
+        record = serving.choose(model, sample_dataset(64), "auto", seed=0, calibration=BLACK)
     return model, record
 
 
@@ -136,7 +136,7 @@ BLACK = np.zeros((16, 64, 64, 3), np.uint8)  # calibrated on black images, int8 
 
 
 def test_the_guard_serves_float32_when_int8_fails_it_and_says_why(black_choice, imagenet_run, tiny_run):
-    from cxr.bundle import precision
+    from cxr.bundle import precision, serving
     from cxr.bundle.saved_model import SavedModel
 
     assert len(sample_dataset(64).splits["val"]) >= precision.MIN_VALIDATION_IMAGES
@@ -150,14 +150,14 @@ def test_the_guard_serves_float32_when_int8_fails_it_and_says_why(black_choice, 
     # a tiny validation split can't tell 0.002 of AUC from chance: float32, saying so
     small = SavedModel.load(tiny_run / "models" / "model.h5")
     small.predictor()
-    few = precision.choose(small, run_dataset(tiny_run), "auto", seed=0)
+    few = serving.choose(small, run_dataset(tiny_run), "auto", seed=0)
     assert few["precision"] == "float32" and few["reason"].startswith("too few validation images")
 
     # asked for int8 all the same, it is served, with the guard's verdict kept
     forced = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
     forced.predictor()
-    record = precision.choose(forced, sample_dataset(64), "int8", seed=0, calibration=BLACK)
-    assert record["precision"] == "int8" and forced.engine == "litert int8"
+    record = serving.choose(forced, sample_dataset(64), "int8", seed=0, calibration=BLACK)
+    assert record["precision"] == "int8" and forced.engine == "litert int8" and forced.plan.precision == "int8"
     assert any(f in record["guard"]["reason"] for f in failed)
 
 
@@ -171,7 +171,7 @@ def guarded(make_int8, speeds=(100.0, 150.0)):
     are calibrated (labels drawn from them), and int8 logits `make_int8(logits, threshold)` (threshold: float32's
     operating point as a logit)."""
     from cxr.bundle import precision
-    from cxr.model.inference import calibrate_at
+    from cxr.model.task import Task
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 4, 1000)
@@ -184,12 +184,12 @@ def guarded(make_int8, speeds=(100.0, 150.0)):
         return np.stack([1 - p, p], axis=1)
 
     def served(raw):
-        return calibrate_at(fit(y, raw), raw, names, False)
+        return Task(names).calibrate(fit(y, raw), raw)
 
     point = fit(y, outputs(logits))
     threshold = np.log(point["threshold"] / (1 - point["threshold"])) * point["temperature"]
     int8 = make_int8(logits.copy(), threshold, rng)
-    return precision.guard(y, {"float32": outputs(logits), "int8": outputs(int8)}, served, False,
+    return precision.guard(y, {"float32": outputs(logits), "int8": outputs(int8)}, served, Task(names),
                            {"float32": speeds[0], "int8": speeds[1]})
 
 
@@ -285,7 +285,7 @@ def test_int8_asked_of_a_float32_model_is_one_clear_line(tiny_run, tmp_path):
 def test_views_on_demand_give_back_every_view_where_the_first_is_uncertain(imagenet_run, tiny_multilabel):
     from cxr.model.inference import predict_outputs
     from cxr.bundle.saved_model import SavedModel
-    from cxr.bundle.views_on_demand import ViewsOnDemand, uncertain
+    from cxr.bundle.views_on_demand import ViewsOnDemand
 
     images = sample_dataset(64).images
     model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
@@ -295,12 +295,13 @@ def test_views_on_demand_give_back_every_view_where_the_first_is_uncertain(image
     alone = predict_outputs(first, images)
     # the population check's features read the image as it is, in both
     assert np.abs(alone[:, 2:] - every_view[:, 2:]).max() < 1e-5
-    assert np.abs(predict_outputs(ViewsOnDemand(first, others, 2, False, -1), images) - every_view).max() < 1e-5
-    assert np.array_equal(predict_outputs(ViewsOnDemand(first, others, 2, False, 1), images), alone)
+    task = model.task
+    assert np.abs(predict_outputs(ViewsOnDemand(first, others, task, -1), images) - every_view).max() < 1e-5
+    assert np.array_equal(predict_outputs(ViewsOnDemand(first, others, task, 1), images), alone)
     margin = float(np.median(1 - alone[:, :2].max(axis=1)))  # half the images need the other view
-    need = uncertain(alone[:, :2], False, margin)
+    need = task.uncertain(alone[:, :2], margin)
     assert 0 < need.sum() < len(images)
-    served = predict_outputs(ViewsOnDemand(first, others, 2, False, margin), images)
+    served = predict_outputs(ViewsOnDemand(first, others, task, margin), images)
     assert np.abs(served[need] - every_view[need]).max() < 1e-5
     assert np.array_equal(served[~need], alone[~need])
 
@@ -308,13 +309,14 @@ def test_views_on_demand_give_back_every_view_where_the_first_is_uncertain(image
     findings = SavedModel.load(tiny_multilabel[0] / "models" / "model.h5", "float32")
     small = sample_dataset(32).images[:12]
     first, others = findings.view_predictors()
-    assert np.abs(predict_outputs(ViewsOnDemand(first, others, len(findings.class_names), True, -1), small)
+    assert findings.task.multi_label
+    assert np.abs(predict_outputs(ViewsOnDemand(first, others, findings.task, -1), small)
                   - predict_outputs(findings.predictor(), small)).max() < 1e-5
 
 
 def test_views_on_demand_are_guarded_recorded_and_served_by_predict(black_choice, imagenet_run, tmp_path,
                                                                      monkeypatch):
-    from cxr.bundle import fidelity, model_card, views_on_demand
+    from cxr.bundle import fidelity, model_card, serving, views_on_demand
     from cxr.bundle.saved_model import SavedModel
 
     dataset = sample_dataset(64)
@@ -325,15 +327,16 @@ def test_views_on_demand_are_guarded_recorded_and_served_by_predict(black_choice
         slower.setattr(views_on_demand, "best_speedup", lambda views, share: float("inf"))
         slow = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
         slow.predictor()
-        record = views_on_demand.choose(slow, dataset, rows, y, slow.raw_outputs(dataset.images, rows)[0])
-    assert record["margin"] is None and "as fast on this machine" in record["reason"], record
+        record, on_demand = views_on_demand.choose(slow, dataset, rows, y, slow.raw_outputs(dataset.images, rows)[0])
+    assert record["margin"] is None and on_demand is None and "as fast on this machine" in record["reason"], record
     assert slow.engine == "litert" and record["rebuilt_difference"] < 1e-5
     assert [t["margin"] for t in record["trials"]] == list(views_on_demand.MARGINS)
 
-    # where int8 fails its guard, precision.choose lets the views on demand's own guard decide (black_choice)
+    # where int8 fails its guard, serving.choose lets the views on demand's own guard decide (black_choice)
     model, chosen = black_choice
     record = chosen["views_on_demand"]
     assert record["margin"] in views_on_demand.MARGINS and model.engine == "litert, views on demand", record
+    assert model.plan == serving.ServingPlan("float32", record["margin"], "auto")
     assert record["val_auc_every_view"] - record["val_auc_on_demand"] <= fidelity.AUC_TOLERANCE / 2
     assert record["max_calibrated_probability_difference"] <= fidelity.PROBABILITY_TOLERANCE / 2
     kept = [t["margin"] for t in record["trials"] if record["val_auc_every_view"] - t["val_auc"] <= 0.001
@@ -351,5 +354,5 @@ def test_views_on_demand_are_guarded_recorded_and_served_by_predict(black_choice
     monkeypatch.setattr(views_on_demand, "MARGINS", (-1.0,))
     everything = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
     everything.predictor()
-    record = views_on_demand.choose(everything, dataset, rows, y, everything.raw_outputs(dataset.images, rows)[0])
+    record, _ = views_on_demand.choose(everything, dataset, rows, y, everything.raw_outputs(dataset.images, rows)[0])
     assert record["margin"] is None and "at most 1.00x as fast" in record["reason"], record

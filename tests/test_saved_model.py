@@ -73,6 +73,54 @@ def test_a_model_saved_without_an_operating_point_uses_argmax(saved, tmp_path):
     np.testing.assert_array_equal(labels, probabilities.argmax(axis=1))
 
 
+def test_the_metadata_is_versioned_and_checked_against_its_schema(saved, tiny_run, tiny_multilabel, tmp_path):
+    """What training writes (two-class and multi-label) passes the shipped JSON Schema at the current version; a
+    version-1 file (no version, as saved before 2026-12-07) still loads; a newer version is refused."""
+    import jsonschema
+
+    from cxr.bundle.saved_model import METADATA_VERSION, metadata_schema
+
+    for models in (saved[0], tiny_run / "models", tiny_multilabel[0] / "models"):
+        info = json.loads((models / "class_names.json").read_text())
+        jsonschema.validate(info, metadata_schema())
+        assert info["metadata_version"] == METADATA_VERSION == 2
+    folder, _ = saved
+    (tmp_path / "model.h5").write_bytes((folder / "model.h5").read_bytes())
+    info = json.loads((folder / "class_names.json").read_text())
+    version_1 = {k: v for k, v in info.items() if k != "metadata_version"}
+    (tmp_path / "class_names.json").write_text(json.dumps(version_1))
+    assert SavedModel.load(tmp_path / "model.h5").operating_point["threshold"] == 0.3
+    (tmp_path / "class_names.json").write_text(json.dumps(info | {"metadata_version": 3}))
+    with pytest.raises(UserError, match="metadata version 3, written by a newer cxr .*; upgrade cxr"):
+        SavedModel.load(tmp_path / "model.h5")
+    (tmp_path / "class_names.json").write_text(json.dumps(info | {"inference": {"precision": "int4"}}))
+    with pytest.raises(UserError, match="inference must be training's serving choice"):
+        SavedModel.load(tmp_path / "model.h5")
+
+
+def test_the_serving_plan_is_resolved_once_from_trainings_choice_and_the_precision_asked(tmp_path):
+    from dataclasses import FrozenInstanceError
+
+    from cxr.bundle.serving import ServingPlan
+
+    on_demand = {"precision": "float32", "reason": "int8 was not faster", "views_on_demand": {"margin": 0.01}}
+    assert ServingPlan.resolve(on_demand) == ServingPlan("float32", 0.01, "auto")
+    assert ServingPlan.resolve(on_demand, "float32") == ServingPlan("float32", None, "float32")  # every view
+    assert ServingPlan.resolve(None) == ServingPlan("float32", None, "auto")  # trained before cxr chose
+    int8 = {"precision": "int8", "reason": "passed the guard"}
+    int8_file = tmp_path / "model.int8.tflite"
+    assert ServingPlan.resolve(int8, "auto", (int8_file, True)) == ServingPlan("int8", None, "auto")
+    assert ServingPlan.resolve(int8, "float32", (tmp_path / "model.int8.tflite", False)).precision == "float32"
+    with pytest.raises(UserError, match="model.int8.tflite: not found; use the files of one training run"):
+        ServingPlan.resolve(int8, "auto", (tmp_path / "model.int8.tflite", False))
+    with pytest.raises(UserError, match="m.h5: no int8 conversion beside it .*not faster.*--precision float32"):
+        ServingPlan.resolve(on_demand, "int8", (tmp_path / "model.int8.tflite", False), "m.h5")
+    with pytest.raises(FrozenInstanceError):
+        ServingPlan.resolve(on_demand).margin = None
+    assert "further than 0.01 from certain" in ServingPlan.resolve(on_demand).describe(2)
+    assert "every view for every image" in ServingPlan.resolve(on_demand, "float32").describe(2)
+
+
 def test_other_data_is_anything_outside_the_folders_the_operating_point_came_from(tmp_path):
     from cxr.model.inference import describe_fitted_on, fitted_on
 

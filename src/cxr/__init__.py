@@ -20,7 +20,7 @@ MOVED = {
     "backbones": ("model.backbones",), "lite0": ("model.lite0",), "models": ("model.networks",),
     "inference": ("model.inference",), "population": ("model.population",),
     "saved_model": ("bundle.saved_model", "model.inference"), "litert": ("bundle.litert",),
-    "precision": ("bundle.precision", "bundle.fidelity"), "views_on_demand": ("bundle.views_on_demand",),
+    "precision": ("bundle.precision", "bundle.fidelity", "bundle.serving"), "views_on_demand": ("bundle.views_on_demand",),
     "model_card": ("bundle.model_card",), "artifacts": ("bundle.artifacts",), "config": ("training.config",),
     "run": ("training.run", "commands.evaluate"), "train": ("training.loop",), "resume": ("training.resume",),
     "distribute": ("training.distribute",), "predict": ("commands.predict",), "serve": ("commands.serve",),

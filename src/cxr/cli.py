@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cxr
 from cxr.model.backbones import NAMES as BACKBONES
+from cxr.bundle.serving import PRECISIONS
 from cxr.training.config import MONITORS, Config
 from cxr.training.distribute import STRATEGIES
 from cxr.data.pipeline import AUGMENTATIONS
@@ -20,7 +21,6 @@ from cxr.monitor.drift import Thresholds
 from cxr.progress import QUIET_VARIABLE
 
 EXPORT_FORMATS = ("savedmodel", "tflite", "tflite-int8", "onnx")
-PRECISIONS = ("auto", "float32", "int8")
 CODES_OPTION_HELP = ("codes for the DICOM results' findings, where cxr's vocabulary has none or the site prefers "
                      "its own: a CSV with the columns class, code, meaning and optionally scheme (default SCT)")
 PRECISION_HELP = ("auto (default): as the model's training chose (int8 where it passed the accuracy guard; else "

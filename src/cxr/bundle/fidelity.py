@@ -17,15 +17,16 @@ def images_per_second(predictor, images):
     return len(x) / (time.perf_counter() - start)
 
 
-def mean_auc(y, outputs, multi_label, num_classes):
-    """The headline AUC of (n, classes) outputs: binary, macro one-vs-rest, or for a multi-label model the mean
-    over findings of each finding's AUC on its known labels (findings with one class known left out)."""
+def mean_auc(y, outputs, task):
+    """The headline AUC of (n, classes) outputs of a model of `task` (`cxr.model.task.Task`): binary, macro
+    one-vs-rest, or for a multi-label model the mean over findings of each finding's AUC on its known labels
+    (findings with one class known left out)."""
     from sklearn.metrics import roc_auc_score
 
     from cxr.evaluate.metrics import auc_score
 
-    if not multi_label:
-        return auc_score(y, outputs, num_classes)
+    if not task.multi_label:
+        return auc_score(y, outputs, task.outputs)
     aucs = []
     for k in range(outputs.shape[1]):
         known = ~np.isnan(y[:, k])
@@ -34,16 +35,23 @@ def mean_auc(y, outputs, multi_label, num_classes):
     return float(np.mean(aucs)) if aucs else None
 
 
-def calibrated(y, float_outputs, outputs, multi_label):
+def calibrated(y, float_outputs, outputs, task):
     """`outputs` at the temperature(s) fitted on the float32 outputs `float_outputs` of the same images."""
     from cxr.evaluate.metrics import fit_finding_temperature, fit_temperature
-    from cxr.model.inference import apply_finding_temperatures, apply_temperature
 
-    if not multi_label:
-        return apply_temperature(outputs, fit_temperature(y, float_outputs))
+    if not task.multi_label:
+        return task.temperature_scaled(outputs, fit_temperature(y, float_outputs))
     temperatures = []
     for k in range(float_outputs.shape[1]):
         known = ~np.isnan(y[:, k])
         temperatures.append(fit_finding_temperature(y[known, k] == 1, float_outputs[known, k])
                             if len(np.unique(y[known, k])) == 2 else 1.0)
-    return apply_finding_temperatures(outputs, temperatures)
+    return task.temperature_scaled(outputs, temperatures)
+
+
+def calibration_error(y, probabilities, task):
+    """The expected calibration error of calibrated (n, classes) probabilities; for a multi-label model over
+    every (image, finding) pair with a known label."""
+    from cxr.evaluate.metrics import expected_calibration_error, finding_calibration_error
+
+    return (finding_calibration_error if task.multi_label else expected_calibration_error)(y, probabilities)

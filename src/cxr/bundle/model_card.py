@@ -146,13 +146,7 @@ def inference_record(model):
     """Which engine, precision and views cxr serves the model with, and why (training's int8 accuracy guard and
     its guard of the views on demand)."""
     chosen = model.inference or {"precision": "float32", "reason": "trained before cxr had int8"}
-    served = model.served_precision()
-    margin = model.on_demand_margin()
-    views = ("" if len(model.test_time_scales) < 2 else
-             "; every view for every image" if margin is None else
-             f"; the views beyond the image as it is only where its answer is further than {margin:g} from certain")
-    return chosen | {"served": f"LiteRT {served} on CPU where LiteRT runs (Keras elsewhere){views}",
-                     "asked": model.precision}
+    return chosen | {"served": model.plan.describe(len(model.test_time_scales)), "asked": model.plan.asked}
 
 
 def decision_rule(point, class_names):

@@ -1,16 +1,16 @@
 """The precision a trained model is served at: float32 LiteRT, or int8 LiteRT where it holds up.
 
-At the end of training (`choose`), the model with its population taps is converted to int8
-(`litert.to_int8_flatbuffer`, calibrated on CALIBRATION_IMAGES seeded training images) and checked on the
-validation split against float32 (`guard`; with at least MIN_VALIDATION_IMAGES of them). int8 is judged as a
-model of its own, calibrated and thresholded on its own outputs, by what a clinician would see: its AUC, its
-calls at the operating point, its calibrated probabilities (99th percentile and worst image), its calibration
-error and its speed (the tolerances are this module's constants and `fidelity.AUC_TOLERANCE`). When it passes,
-int8 is what predict, evaluate, serve and listen run by default (`--precision auto`), and the operating point
-and the population check are fitted on its outputs, since those are what will be served. When it fails, the
-model is served in float32, and the reason is recorded in class_names.json ("inference") and the model card;
-a float32 model with several test-time views may then run the views beyond the first only for the images the
-first leaves uncertain, if that passes its own guard (`cxr.bundle.views_on_demand`).
+At the end of training (`guard_int8`, called by `cxr.bundle.serving.choose`), the model with its population taps is
+converted to int8 (`litert.to_int8_flatbuffer`, calibrated on CALIBRATION_IMAGES seeded training images) and checked
+on the validation split against float32 (`guard`; with at least MIN_VALIDATION_IMAGES of them). int8 is judged as a
+model of its own, calibrated and thresholded on its own outputs, by what a clinician would see: its AUC, its calls
+at the operating point, its calibrated probabilities (99th percentile and worst image), its calibration error and
+its speed (the tolerances are this module's constants and `fidelity.AUC_TOLERANCE`). When it passes, int8 is what
+predict, evaluate, serve and listen run by default (`--precision auto`), and the operating point and the population
+check are fitted on its outputs, since those are what will be served. When it fails, the model is served in float32,
+and the reason is recorded in class_names.json ("inference") and the model card; a float32 model with several
+test-time views may then run the views beyond the first only for the images the first leaves uncertain, if that
+passes its own guard (`cxr.bundle.views_on_demand`).
 """
 
 import contextlib
@@ -19,11 +19,9 @@ import io
 import numpy as np
 
 from cxr.bundle import fidelity
-from cxr.bundle.fidelity import images_per_second, mean_auc
+from cxr.bundle.fidelity import calibration_error, images_per_second, mean_auc
 from cxr.errors import warn
 
-PRECISIONS = ("auto", "float32", "int8")
-INT8_FILE = "model.int8.tflite"
 CALIBRATION_IMAGES = 200
 TIMED_IMAGES = 64
 MIN_VALIDATION_IMAGES = 100  # fewer, and an AUC difference of 0.002 can't be told from chance
@@ -41,23 +39,20 @@ PROBABILITY_MAX = 0.15  # ... and on any single image
 ECE_TOLERANCE = 0.01  # int8's expected calibration error above float32's, at most
 
 
-def guard(y, outputs, served, multi_label, speeds):
-    """(passed, record): whether int8 may replace float32, on the validation labels `y`, and the numbers that
-    decided it. `outputs`: {"float32": (n, classes), "int8": (n, classes)} raw outputs; `served(raw)`: the
-    (calibrated probabilities, calls) of raw outputs at an operating point fitted on them, since int8 is served as
-    a model of its own, calibrated and thresholded on its own outputs; `speeds`: {"float32": images/s, "int8":
-    images/s}, timed as they will be served.
+def guard(y, outputs, served, task, speeds):
+    """(passed, record): whether int8 may replace float32 for a model of `task` (`cxr.model.task.Task`), on the
+    validation labels `y`, and the numbers that decided it. `outputs`: {"float32": (n, classes), "int8": (n,
+    classes)} raw outputs; `served(raw)`: the (calibrated probabilities, calls) of raw outputs at an operating point
+    fitted on them, since int8 is served as a model of its own, calibrated and thresholded on its own outputs; `speeds`:
+    {"float32": images/s, "int8": images/s}, timed as they will be served.
 
     int8 passes when its AUC (mean over findings) is within AUC_TOLERANCE of float32's, its calls agree with
     float32's on at least CALL_AGREEMENT of the images (each finding), its calibrated probabilities are within
-    PROBABILITY_P99 of float32's at the 99th percentile and PROBABILITY_MAX on every image, its expected
-    calibration error is at most ECE_TOLERANCE above float32's, and it is faster: what a clinician sees, rather
-    than the single image on which two models differ most."""
-    from cxr.evaluate.metrics import expected_calibration_error, finding_calibration_error
-
+    PROBABILITY_P99 of float32's at the 99th percentile and PROBABILITY_MAX on every image, its expected calibration
+    error is at most ECE_TOLERANCE above float32's, and it is faster: what a clinician sees, rather than the single
+    image on which two models differ most."""
     float_outputs, int8_outputs = outputs["float32"], outputs["int8"]
-    num_classes = float_outputs.shape[1]
-    auc_float, auc_int8 = (mean_auc(y, o, multi_label, num_classes) for o in (float_outputs, int8_outputs))
+    auc_float, auc_int8 = (mean_auc(y, o, task) for o in (float_outputs, int8_outputs))
     record = {"validation_images": len(y), "val_auc_float32": auc_float, "val_auc_int8": auc_int8,
               "images_per_second": {k: round(v, 1) for k, v in speeds.items()},
               "tolerances": {"auc": fidelity.AUC_TOLERANCE, "call_agreement": CALL_AGREEMENT,
@@ -70,19 +65,19 @@ def guard(y, outputs, served, multi_label, speeds):
         with contextlib.redirect_stderr(io.StringIO()):  # a finding it can't fit is said once, by training
             (p_float, calls_float), (p_int8, calls_int8) = served(float_outputs), served(int8_outputs)
         difference = np.abs(p_int8 - p_float).ravel()
-        agree = calls_float == calls_int8
-        agreement = float(np.min(agree.mean(axis=0))) if multi_label else float(agree.mean())
-        ece = (finding_calibration_error if multi_label else expected_calibration_error)
+        agreement = task.agreement(calls_float, calls_int8)
         record |= {"call_agreement": round(agreement, 4),
                    "calibrated_probability_difference": {"p99": round(float(np.percentile(difference, 99)), 4),
                                                          "max": round(float(difference.max()), 4)},
-                   "ece_float32": round(ece(y, p_float), 4), "ece_int8": round(ece(y, p_int8), 4)}
+                   "ece_float32": round(calibration_error(y, p_float, task), 4),
+                   "ece_int8": round(calibration_error(y, p_int8, task), 4)}
         if auc_float - auc_int8 > fidelity.AUC_TOLERANCE:
             reasons.append(f"its validation AUC is {auc_float - auc_int8:.4f} lower than float32's (at most "
                            f"{fidelity.AUC_TOLERANCE} allowed)")
         if agreement < CALL_AGREEMENT:
             reasons.append(f"its calls agree with float32's on {agreement:.1%} of validation images "
-                           f"{'(the least agreeing finding) ' if multi_label else ''}(at least {CALL_AGREEMENT:.0%} "
+                           f"{'(the least agreeing finding) ' if task.multi_label else ''}"
+                           f"(at least {CALL_AGREEMENT:.0%} "
                            "needed)")
         p99, largest = (record["calibrated_probability_difference"][k] for k in ("p99", "max"))
         if p99 > PROBABILITY_P99:
@@ -101,28 +96,28 @@ def guard(y, outputs, served, multi_label, speeds):
     return not reasons, record
 
 
-def choose(model, dataset, requested, seed, fit_point=None, calibration=None):
-    """Convert `model` (an in-memory `SavedModel` whose predictor is float32 LiteRT) to int8, guard it on the
-    validation split of `dataset` and, when it passes (or `requested` is "int8"), make int8 the model's
-    predictor. Records the choice in `model.inference`; `requested` "float32" skips the conversion.
-    `fit_point(y, raw)`: the operating point the run fits on validation outputs (by default the Youden threshold
-    on the default positive class); `calibration`: the images to calibrate on instead of the seeded training
-    sample (tests make a model fail this way)."""
+def guard_int8(model, dataset, requested, seed, fit_point=None, calibration=None):
+    """(record, int8 flatbuffer or None, float32's (n, classes) validation outputs or None): `model` (an in-memory
+    `SavedModel` whose predictor is float32 LiteRT) converted to int8 and guarded on the validation split of
+    `dataset`; the flatbuffer is given where int8 passes (or `requested` is "int8"), and the record says which
+    precision to serve and why. `requested` "float32" skips the conversion. `fit_point(y, raw)`: the operating
+    point the run fits on validation outputs (by default the Youden threshold on the default positive class);
+    `calibration`: the images to calibrate on instead of the seeded training sample (tests make a model fail
+    this way). `cxr.bundle.serving.choose` serves what it decides."""
     from cxr.bundle import litert
-    from cxr.model.inference import calibrate_at, predict_outputs
+    from cxr.model.inference import predict_outputs
 
     if requested == "float32" or model.engine != "litert":
-        model.inference = {"precision": "float32", "engine": model.engine,
-                           "reason": "float32 asked for" if requested == "float32" else
-                           f"int8 runs on LiteRT, and this run's predictor is {model.engine}"}
-        return model.inference
+        return {"precision": "float32", "engine": model.engine,
+                "reason": "float32 asked for" if requested == "float32" else
+                f"int8 runs on LiteRT, and this run's predictor is {model.engine}"}, None, None
     rows, y = dataset.split("val")
     if requested == "auto" and len(rows) < MIN_VALIDATION_IMAGES:
-        model.inference = {"precision": "float32", "engine": model.engine,
-                           "reason": f"too few validation images ({len(rows)}) to check int8 against float32 (at "
-                                     f"least {MIN_VALIDATION_IMAGES})"}
-        print(f"Inference precision: float32 ({model.inference['reason']})", flush=True)
-        return model.inference
+        record = {"precision": "float32", "engine": model.engine,
+                  "reason": f"too few validation images ({len(rows)}) to check int8 against float32 (at least "
+                            f"{MIN_VALIDATION_IMAGES})"}
+        print(f"Inference precision: float32 ({record['reason']})", flush=True)
+        return record, None, None
     if calibration is None:
         calibration = dataset.images[calibration_rows(dataset.splits["train"], seed)]
     flatbuffer = litert.to_int8_flatbuffer(model.tapped_model(), calibration)
@@ -135,23 +130,17 @@ def choose(model, dataset, requested, seed, fit_point=None, calibration=None):
     fit_point = fit_point or default_point_fitter(model.class_names, model.multi_label)
 
     def served(raw):
-        return calibrate_at(fit_point(y, raw), raw, model.class_names, model.multi_label)
+        return model.task.calibrate(fit_point(y, raw), raw)
 
-    passed, record = guard(y, {"float32": float_outputs, "int8": int8_outputs}, served, model.multi_label, speeds)
+    passed, guarded = guard(y, {"float32": float_outputs, "int8": int8_outputs}, served, model.task, speeds)
     precision = "int8" if passed or requested == "int8" else "float32"
-    model.inference = {"precision": precision, "engine": "litert"} | {"guard": record, "reason": record["reason"]}
-    if precision == "int8":
-        model.use_int8(flatbuffer)
-        if not passed:
-            warn(f"int8 served as asked (--precision int8), although it failed the accuracy guard: {record['reason']}")
-    print(f"Inference precision: {precision} ({record['reason']}; validation AUC float32 "
-          f"{_number(record['val_auc_float32'])}, int8 {_number(record['val_auc_int8'])}, "
+    record = {"precision": precision, "engine": "litert", "guard": guarded, "reason": guarded["reason"]}
+    if precision == "int8" and not passed:
+        warn(f"int8 served as asked (--precision int8), although it failed the accuracy guard: {guarded['reason']}")
+    print(f"Inference precision: {precision} ({guarded['reason']}; validation AUC float32 "
+          f"{_number(guarded['val_auc_float32'])}, int8 {_number(guarded['val_auc_int8'])}, "
           f"{speeds['float32']:.0f} vs {speeds['int8']:.0f} images/s)", flush=True)
-    if precision == "float32" and requested == "auto" and len(model.test_time_scales) > 1:
-        from cxr.bundle import views_on_demand
-
-        model.inference["views_on_demand"] = views_on_demand.choose(model, dataset, rows, y, float_outputs)
-    return model.inference
+    return record, flatbuffer if precision == "int8" else None, float_outputs
 
 
 def default_point_fitter(class_names, multi_label, positive=None, target_sensitivity=None):

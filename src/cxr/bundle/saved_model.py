@@ -13,75 +13,70 @@ from pathlib import Path
 
 
 from cxr.atomic import atomic_path, file_sha256, write_bytes, write_json
+from cxr.bundle.serving import INT8_FILE, ServingPlan
 from cxr.data.vocabulary import Code
 from cxr.errors import UserError
-from cxr.model.inference import calibrate_at, positive_class, predict_outputs
+from cxr.model.inference import predict_outputs
 from cxr.model.population import POPULATION_FILE, UNAVAILABLE, Population
+from cxr.model.task import Task
 
 CLASS_NAMES_FILE = "class_names.json"
+# the version of class_names.json this cxr writes (metadata.schema.json); a file without one is version 1
+METADATA_VERSION = 2
+SCHEMA_FILE = "metadata.schema.json"
 MODEL_FILE = "model.h5"
 # class_names.json keys that describe the model; every other key belongs to the operating point
 # ("distillation": the record of --distill, removed on 2026-12-07, in models saved before)
-MODEL_KEYS = ("class_names", "img_size", "backbone", "test_time_scales", "multi_label", "codes", "model_sha256", "inference",
-              "population_file", "population_unavailable", "distillation")
+MODEL_KEYS = ("metadata_version", "class_names", "img_size", "backbone", "test_time_scales", "multi_label", "codes",
+              "model_sha256", "inference", "population_file", "population_unavailable", "distillation")
 TAPS = "taps"  # the LiteRT cache's name for the network with the population taps (networks.with_population_taps)
 
 
+def metadata_schema():
+    """The JSON Schema of class_names.json (metadata.schema.json, shipped with cxr)."""
+    from importlib import resources
+
+    return json.loads(resources.files("cxr.bundle").joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
+
+
 def read_info(info_path):
-    """class_names.json as a dict, checked: UserError naming the file for anything cxr can't use."""
+    """class_names.json as a dict, checked against its JSON Schema (`metadata_schema`) and for what a schema
+    can't say (names that must be class names, a finding without its point): UserError naming the file and the
+    first fault. A file of an older version (the oldest: a list of class names) loads as it is."""
     fix = "use the class_names.json that training wrote beside this model, or train again"
     try:
         info = json.loads(Path(info_path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{info_path}: not readable as JSON ({str(error).splitlines()[0][:80]}); {fix}") from None
-    if isinstance(info, list):  # the oldest format: the class names alone
+    if isinstance(info, list):  # version 0: the class names alone
         info = {"class_names": info}
-    names = info.get("class_names") if isinstance(info, dict) else None
-    fewest = 1 if isinstance(info, dict) and info.get("multi_label") else 2  # one finding is a model; one class isn't
-    if (not isinstance(names, list) or len(names) < fewest or not all(isinstance(n, str) for n in names)
-            or len(set(names)) != len(names)):
-        raise UserError(f"{info_path}: needs \"class_names\", a list of {'one' if fewest == 1 else 'two'} or more "
-                        f"distinct names; {fix}")
-    temperature, threshold = info.get("temperature", 1.0), info.get("threshold")
-    number = (int, float)
-    if (not isinstance(temperature, number) or isinstance(temperature, bool) or not temperature > 0
-            or threshold is not None and (not isinstance(threshold, number) or isinstance(threshold, bool))):
-        raise UserError(f"{info_path}: temperature must be a positive number and threshold a number or null; {fix}")
-    scales = info.get("test_time_scales", [1.0])
-    if (not isinstance(scales, list) or not scales
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in scales)):
-        raise UserError(f"{info_path}: test_time_scales must be a list of positive numbers; {fix}")
-    codes = info.get("codes", {})
-    if not isinstance(codes, dict) or not all(
-            name in names and isinstance(code, dict) and all(isinstance(code.get(k), str) and code.get(k)
-                                                             for k in ("code", "scheme", "meaning"))
-            for name, code in codes.items()):
-        raise UserError(f"{info_path}: codes must map class names to {{\"code\", \"scheme\", \"meaning\"}}; {fix}")
-    if info.get("multi_label"):
-        return _check_finding_points(info, info_path, fix)
+    if not isinstance(info, dict):
+        raise UserError(f"{info_path}: not a JSON object; {fix}")
+    version = info.get("metadata_version", 1)
+    if isinstance(version, int) and not isinstance(version, bool) and version > METADATA_VERSION:
+        raise UserError(f"{info_path}: metadata version {version}, written by a newer cxr (this one reads up to "
+                        f"{METADATA_VERSION}); upgrade cxr")
+    import jsonschema
+
+    schema = metadata_schema()
+    fault = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(info))
+    if fault is not None:
+        key = fault.path[0] if fault.path else next(k for k in fault.validator_value if k not in info)
+        raise UserError(f"{info_path}: {key} {schema['properties'][key]['description']}; {fix}")
+    names = info["class_names"]
+    if len(names) < 2 and not info.get("multi_label"):  # one finding is a model; one class isn't
+        raise UserError(f"{info_path}: class_names {schema['properties']['class_names']['description']}; {fix}")
+    strangers = [n for n in (*info.get("codes", {}), *info.get("findings", {})) if n not in names]
     positive = info.get("positive_class")
     if positive is not None and positive not in names:
         raise UserError(f"{info_path}: positive_class {positive!r} is not one of its class_names "
                         f"({', '.join(names)}); {fix}")
+    if strangers:
+        raise UserError(f"{info_path}: {strangers[0]!r} (in codes or findings) is not one of its class_names; {fix}")
+    missing = [n for n in names if n not in info.get("findings", {})]
+    if info.get("multi_label") and missing:
+        raise UserError(f"{info_path}: \"findings\" needs a temperature and a threshold for {missing[0]!r}; {fix}")
     return info
-
-
-def _check_finding_points(info, info_path, fix):
-    """A multi-label model's class_names.json: "findings" gives every finding's temperature and threshold."""
-    points = info.get("findings", {})
-    number = (int, float)
-    for name in info["class_names"]:
-        point = points.get(name) if isinstance(points, dict) else None
-        if (not isinstance(point, dict) or not isinstance(point.get("temperature"), number)
-                or not point["temperature"] > 0 or not isinstance(point.get("threshold"), number)):
-            raise UserError(f"{info_path}: \"findings\" needs a temperature and a threshold for {name!r}; {fix}")
-    return info
-
-
-def default_finding_points(findings):
-    """The operating point of a multi-label model before one is fitted: every finding at 0.5, uncalibrated."""
-    return {"findings": {f: {"temperature": 1.0, "threshold": 0.5, "method": "default 0.5"} for f in findings},
-            "method": "default 0.5"}
 
 
 class SavedModel:
@@ -103,21 +98,19 @@ class SavedModel:
         self.backbone = info.get("backbone")
         self.test_time_scales = info.get("test_time_scales", [1.0])  # the zoomed views the model averages
         self.multi_label = bool(info.get("multi_label", False))
-        default = (default_finding_points(self.class_names) if self.multi_label else
-                   {"positive_class": positive_class(self.class_names), "temperature": 1.0, "threshold": None,
-                    "method": "argmax"})
-        self.operating_point = default | {k: v for k, v in info.items() if k not in MODEL_KEYS}
+        self.task = Task(self.class_names, self.multi_label)  # what its outputs mean
+        self.operating_point = self.task.default_point() | {k: v for k, v in info.items() if k not in MODEL_KEYS}
         self._keras_model = keras_model
         self._predictor, self.engine, self._tapped = None, None, None
         self._sha256 = None
         self.population = None
         self.population_note = UNAVAILABLE  # why there is no check, when there is none
-        # the precision chosen at training ({"precision": "int8" | "float32", "reason", "guard", ...}; None for
-        # models saved before cxr had int8) and the one asked for now: "auto" (the chosen one), "float32", "int8"
+        # how training chose to serve it ({"precision": "int8" | "float32", "reason", "guard", "views_on_demand",
+        # ...}; None for models saved before cxr had int8), and the plan resolved from it and --precision
         self.inference = info.get("inference")
+        self.plan = ServingPlan()  # float32, every view: as trained
         # the site's own codes for the DICOM results ({class: vocabulary.Code}, from --codes); others: the vocabulary's
         self.codes = {name: Code(c["code"], c["scheme"], c["meaning"]) for name, c in info.get("codes", {}).items()}
-        self.precision = "auto"
         self._int8 = None  # an int8 conversion still in memory (during training)
         self._conversions = {}  # {LiteRT cache tag: float32 flatbuffer} made before the model had a file
 
@@ -148,8 +141,8 @@ class SavedModel:
                 f"{path.parent / POPULATION_FILE} is missing: this model was saved with a population check, which is "
                 f"off until that file is copied back beside {path.name} (its answers can't say whether an image is "
                 "unlike its training images)")
-        model.precision = precision
-        model.served_precision()
+        on_disk = model.int8_path.is_file() and "int8_sha256" in (model.inference or {})
+        model.plan = ServingPlan.resolve(model.inference, precision, (model.int8_path, on_disk), path)
         return model
 
     @classmethod
@@ -210,14 +203,13 @@ class SavedModel:
 
         if self._predictor is not None:
             return self._predictor
-        if self.served_precision() == "int8":
+        if self.plan.precision == "int8":
             self._predictor, self.engine = litert.LiteRTModel(self._read_int8()), "litert int8"
-        elif self.on_demand_margin() is not None:
+        elif self.plan.margin is not None:
             from cxr.bundle.views_on_demand import ViewsOnDemand
 
             first, others = self.view_predictors(n_images)
-            self.serve_views_on_demand(ViewsOnDemand(first, others, len(self.class_names), self.multi_label,
-                                                     self.on_demand_margin()))
+            self._serve_views(ViewsOnDemand(first, others, self.task, self.plan.margin))
         else:
             self._predictor, self.engine = self._converted(TAPS, self.tapped_model, n_images)
         features = self._predictor.output_shape[-1] - len(self.class_names)
@@ -252,7 +244,8 @@ class SavedModel:
             from cxr.model import backbones, networks
 
             if taps:
-                return networks.with_population_taps(self.keras_model, backbones.population_taps(self.backbone), (scale,))
+                taps = backbones.population_taps(self.backbone)
+                return networks.with_population_taps(self.keras_model, taps, (scale,))
             return networks.with_test_time_scales(self.keras_model, (scale,))
 
         first = min(self.test_time_scales, key=lambda s: abs(s - 1))
@@ -260,48 +253,28 @@ class SavedModel:
                   if s != first]
         return self._converted(f"{TAPS}-view{first:g}", partial(view, first, taps=True), n_images)[0], others
 
-    def on_demand_margin(self):
-        """The margin at which the views beyond the first run (`cxr.bundle.views_on_demand`) when training chose to serve
-        them on demand and that is what is asked for ("auto", float32 served); None: every view runs."""
-        record = (self.inference or {}).get("views_on_demand") or {}
-        if self.precision != "auto" or self.served_precision() != "float32":
-            return None
-        return record.get("margin")
-
-    def serve_views_on_demand(self, predictor):
-        """Serve `predictor` (a `views_on_demand.ViewsOnDemand`) from now on."""
+    def _serve_views(self, predictor):
         from cxr.bundle.litert import LiteRTModel
 
         engine = "litert" if all(isinstance(p, LiteRTModel) for p in (predictor.first, *predictor.others)) else "keras"
         self._predictor, self.engine = predictor, f"{engine}, views on demand"
 
-    @property
-    def int8_path(self):
-        from cxr.bundle.precision import INT8_FILE
-
-        return self.path.parent / INT8_FILE if self.path is not None else None
-
-    def served_precision(self):
-        """"int8" or "float32": what `self.precision` asks for, "auto" being the precision training chose.
-        UserError for int8 asked of a model without an int8 conversion."""
-        chosen = (self.inference or {}).get("precision", "float32")
-        if self.precision == "float32" or self.precision == "auto" and chosen != "int8":
-            return "float32"
-        on_disk = self.int8_path is not None and self.int8_path.is_file() and "int8_sha256" in (self.inference or {})
-        if self._int8 is None and not on_disk:
-            if chosen == "int8":
-                raise UserError(f"{self.int8_path}: not found; use the files of one training run")
-            why = (self.inference or {}).get("reason", "it was trained before cxr had int8")
-            raise UserError(f"{self.path}: no int8 conversion beside it (training served it in float32: {why}); "
-                            "use --precision float32 or auto")
-        return "int8"
-
-    def use_int8(self, flatbuffer):
-        """Serve the int8 conversion `flatbuffer` (of `tapped_model`) from now on, and save it with the model."""
+    def serve(self, record, int8=None, predictor=None):
+        """Serve as training chose (`cxr.bundle.serving.choose`), from now on: `record` is the choice and what
+        decided it (saved as the metadata's "inference"); `int8` the int8 flatbuffer, where int8 is served (saved
+        beside the model); `predictor` the `views_on_demand.ViewsOnDemand` already built, where they are served."""
         from cxr.bundle import litert
 
-        self._int8, self.precision = flatbuffer, "int8"
-        self._predictor, self.engine = litert.LiteRTModel(flatbuffer), "litert int8"
+        self.inference, self._int8 = record, int8
+        self.plan = ServingPlan.resolve(record, "auto", (self.int8_path, int8 is not None), self.path)
+        if int8 is not None:
+            self._predictor, self.engine = litert.LiteRTModel(int8), "litert int8"
+        elif predictor is not None:
+            self._serve_views(predictor)
+
+    @property
+    def int8_path(self):
+        return self.path.parent / INT8_FILE if self.path is not None else None
 
     def _read_int8(self):
         if self._int8 is not None:
@@ -357,7 +330,7 @@ class SavedModel:
     def calibrate(self, raw):
         """(calibrated probabilities, labels) at the operating point, for (n, classes) raw outputs: labels are
         (n,) class indices, or for a multi-label model an (n, findings) 0/1 matrix of the findings called."""
-        return calibrate_at(self.operating_point, raw, self.class_names, self.multi_label)
+        return self.task.calibrate(self.operating_point, raw)
 
     def predict(self, images, rows=None, batch_size=32, tta=False):
         """(calibrated probabilities (n, classes), labels (n,) or (n, findings)) for `images[rows]`."""
@@ -388,8 +361,9 @@ class SavedModel:
             self.inference = self.inference | {"int8_sha256": hashlib.sha256(self._int8).hexdigest()}
         else:  # an earlier run's conversion would not be this model's
             self.int8_path.unlink(missing_ok=True)
-        self.info = {"class_names": self.class_names, "img_size": self.img_size, "backbone": self.backbone,
-                     "test_time_scales": self.test_time_scales, **({"multi_label": True} if self.multi_label else {}),
+        self.info = {"metadata_version": METADATA_VERSION, "class_names": self.class_names, "img_size": self.img_size,
+                     "backbone": self.backbone, "test_time_scales": self.test_time_scales,
+                     **({"multi_label": True} if self.multi_label else {}),
                      **({"codes": {name: {"code": c.value, "scheme": c.scheme, "meaning": c.meaning}
                                    for name, c in self.codes.items()}} if self.codes else {}),
                      **self.operating_point, "model_sha256": self.sha256,
@@ -414,7 +388,8 @@ class SavedModel:
             copy_file(self.path.parent / POPULATION_FILE, Path(models_dir) / POPULATION_FILE)
         if self.int8_path.is_file():
             copy_file(self.int8_path, Path(models_dir) / self.int8_path.name)
-        info = {k: v for k, v in self.info.items() if k in MODEL_KEYS} | operating_point | {"model_sha256": self.sha256}
+        info = ({k: v for k, v in self.info.items() if k in MODEL_KEYS} | operating_point
+                | {"metadata_version": METADATA_VERSION, "model_sha256": self.sha256})
         write_json(Path(models_dir) / CLASS_NAMES_FILE, info)
         copied = SavedModel(info, copy, keras_model=self._keras_model)
         copied.population = self.population

@@ -5,9 +5,10 @@ linear head, so its output is the activation of the mean of its views' logits, a
 one-view models whose outputs `combine` gives back exactly. The first view is the image as it is, with the
 population check's taps (`networks.with_population_taps`, whose features read that view alone), so it yields the
 features and a first answer for every image. The other views run only where that answer is uncertain
-(`uncertain`: a probability further than `margin` from both 0 and 1); elsewhere the first view's answer stands.
+(`Task.uncertain`: a probability further than `margin` from both 0 and 1); elsewhere the first view's answer
+stands, and where they run, `Task.combine` gives back the model's own output.
 
-At the end of training (`choose`, called by `precision.choose` when float32 is served), the largest margin of
+At the end of training (`choose`, called by `serving.choose` when float32 is served), the largest margin of
 MARGINS that keeps the validation split within half the int8 guard's tolerances of every view's outputs (mean AUC
 within AUC_TOLERANCE / 2, calibrated probabilities within PROBABILITY_TOLERANCE / 2) is kept, if serving that
 way is at least MIN_SPEEDUP times as fast on this machine, both in the arithmetic it saves (`best_speedup`: with
@@ -22,32 +23,6 @@ MARGINS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 MIN_SPEEDUP = 1.05  # a smaller gain is within the noise of timing a few dozen images
 REBUILD_TOLERANCE = 1e-4  # float32 rounding: the views give back the model's own outputs, or they are not its views
 TIMED_IMAGES = 128
-_TINY = 1e-12
-
-
-def view_logits(outputs, multi_label):
-    """(n, classes) logits, up to a constant per image for softmax outputs, of (n, classes) outputs."""
-    p = np.clip(np.asarray(outputs, dtype=np.float64), _TINY, 1 - _TINY)
-    return np.log(p) - np.log1p(-p) if multi_label else np.log(p)
-
-
-def combine(views, multi_label):
-    """(n, classes) the outputs of the mean of the views' logits, from a list of each view's (n, classes)
-    outputs: what the model with every view computes."""
-    mean = np.mean([view_logits(v, multi_label) for v in views], axis=0)
-    if multi_label:
-        return 1 / (1 + np.exp(-mean))
-    scaled = np.exp(mean - mean.max(axis=1, keepdims=True))
-    return scaled / scaled.sum(axis=1, keepdims=True)
-
-
-def uncertain(outputs, multi_label, margin):
-    """(n,) True for the images whose (n, classes) outputs leave the answer open: the top class's probability
-    below 1 - `margin`, or for a multi-label model any finding's probability further than `margin` from 0 and 1."""
-    p = np.asarray(outputs)
-    if multi_label:
-        return np.any(np.minimum(p, 1 - p) > margin, axis=1)
-    return 1 - p.max(axis=1) > margin
 
 
 def best_speedup(views, share_with_every_view):
@@ -61,55 +36,56 @@ class ViewsOnDemand:
     + features)) that runs the views other than the first only on the images `uncertain` picks.
 
     `first`: the first view's predictor, (n, S, S, 3) -> (n, classes + features); `others`: the other views'
-    predictors, (n, S, S, 3) -> (n, classes).
+    predictors, (n, S, S, 3) -> (n, classes); `task`: the model's `cxr.model.task.Task`.
     """
 
-    def __init__(self, first, others, classes, multi_label, margin):
-        self.first, self.others, self.classes = first, list(others), classes
-        self.multi_label, self.margin = multi_label, margin
+    def __init__(self, first, others, task, margin):
+        self.first, self.others, self.task, self.margin = first, list(others), task, margin
+        self.classes = task.outputs
         self.input_shape, self.output_shape = first.input_shape, first.output_shape
 
     def predict_on_batch(self, x):
         x = np.asarray(x, dtype=np.float32)
         outputs = np.array(self.first.predict_on_batch(x), dtype=np.float64)
         first = outputs[:, :self.classes]
-        need = uncertain(first, self.multi_label, self.margin)
+        need = self.task.uncertain(first, self.margin)
         if need.any():
             views = [first[need], *(np.asarray(o.predict_on_batch(x[need]))[:, :self.classes] for o in self.others)]
-            outputs[need, :self.classes] = combine(views, self.multi_label)
+            outputs[need, :self.classes] = self.task.combine(views)
         return outputs
 
 
 def choose(model, dataset, rows, y, all_views):
-    """Fit the margin on the validation rows `rows` (labels `y`) of `dataset` for `model` (an in-memory
-    `SavedModel` with several test-time scales, served in float32 with every view, whose (n, classes) outputs on
-    those rows are `all_views`), and serve the views on demand from now on if that passes. Returns the record."""
+    """(record, the `ViewsOnDemand` predictor or None): the margin fitted on the validation rows `rows` (labels
+    `y`) of `dataset` for `model` (a `SavedModel` with several test-time scales, served in float32 with every
+    view, whose (n, classes) outputs on those rows are `all_views`), and the predictor to serve where it passes
+    (`serving.choose` serves it)."""
     from cxr.model.inference import predict_outputs
     from cxr.bundle import fidelity
     from cxr.bundle.fidelity import calibrated, images_per_second, mean_auc
 
-    classes, multi_label = len(model.class_names), model.multi_label
+    task, classes = model.task, len(model.class_names)
     first_view, other_views = model.view_predictors()
     first_outputs = predict_outputs(first_view, dataset.images, rows)[:, :classes]
-    every_view = combine([first_outputs, *(predict_outputs(v, dataset.images, rows)[:, :classes]
-                                           for v in other_views)], multi_label)
+    every_view = task.combine([first_outputs, *(predict_outputs(v, dataset.images, rows)[:, :classes]
+                                                for v in other_views)])
     record = {"margin": None, "rebuilt_difference": float(np.max(np.abs(every_view - all_views))),
               "auc_tolerance": fidelity.AUC_TOLERANCE / 2, "probability_tolerance": fidelity.PROBABILITY_TOLERANCE / 2}
-    auc_all = mean_auc(y, all_views, multi_label, classes)
+    auc_all = mean_auc(y, all_views, task)
     if record["rebuilt_difference"] > REBUILD_TOLERANCE:
         return _refused(record, f"the views' outputs don't add up to the model's (by up to "
                                 f"{record['rebuilt_difference']:.1e})")
     if auc_all is None:
         return _refused(record, "the validation split holds one class, so AUC can't be compared")
-    reference = calibrated(y, all_views, all_views, multi_label)
+    reference = calibrated(y, all_views, all_views, task)
     trials = []
     for margin in MARGINS:
-        need = uncertain(first_outputs, multi_label, margin)
+        need = task.uncertain(first_outputs, margin)
         served = np.where(need[:, None], every_view, first_outputs)
         trials.append({"margin": margin, "share_with_every_view": round(float(need.mean()), 4),
-                       "val_auc": mean_auc(y, served, multi_label, classes),
+                       "val_auc": mean_auc(y, served, task),
                        "max_calibrated_probability_difference": round(float(np.max(np.abs(
-                           calibrated(y, all_views, served, multi_label) - reference))), 4)})
+                           calibrated(y, all_views, served, task) - reference))), 4)})
     record |= {"val_auc_every_view": auc_all, "trials": trials}
     kept = [t for t in trials if auc_all - t["val_auc"] <= fidelity.AUC_TOLERANCE / 2
             and t["max_calibrated_probability_difference"] <= fidelity.PROBABILITY_TOLERANCE / 2]
@@ -121,7 +97,7 @@ def choose(model, dataset, rows, y, all_views):
     if at_most < MIN_SPEEDUP:
         return _refused(record, f"at margin {best['margin']:g} {best['share_with_every_view']:.0%} of validation "
                                 f"images need every view, so it can be at most {at_most:.2f}x as fast")
-    on_demand = ViewsOnDemand(first_view, other_views, classes, multi_label, best["margin"])
+    on_demand = ViewsOnDemand(first_view, other_views, task, best["margin"])
     timed = dataset.images[rows[np.linspace(0, len(rows) - 1, min(TIMED_IMAGES, len(rows))).astype(int)]]
     speeds = {"every_view": images_per_second(model.predictor(), timed),
               "on_demand": images_per_second(on_demand, timed)}
@@ -135,13 +111,12 @@ def choose(model, dataset, rows, y, all_views):
                "max_calibrated_probability_difference": best["max_calibrated_probability_difference"],
                "reason": f"passed its guard: {best['share_with_every_view']:.0%} of validation images need every "
                          f"view, {speeds['on_demand'] / speeds['every_view']:.2f}x as fast"}
-    model.serve_views_on_demand(on_demand)
     print(f"Views on demand: every view only where the first view's answer is further than {best['margin']:g} from "
           f"certain ({record['reason']}; validation AUC every view {auc_all:.4f}, on demand {best['val_auc']:.4f})",
           flush=True)
-    return record
+    return record, on_demand
 
 
 def _refused(record, reason):
     print(f"Views on demand: not served ({reason}); every view runs for every image", flush=True)
-    return record | {"reason": reason}
+    return record | {"reason": reason}, None

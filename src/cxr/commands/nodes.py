@@ -14,6 +14,7 @@ TIMEOUT_S = 30  # ACSE, DIMSE and network timeouts, both as SCP and as SCU, and 
 TOKEN_VARIABLE, USER_VARIABLE, PASSWORD_VARIABLE = "CXR_DICOMWEB_TOKEN", "CXR_DICOMWEB_USER", "CXR_DICOMWEB_PASSWORD"
 # C-STORE statuses that mean stored: Success and the warnings (coercion, elements discarded, data set mismatch)
 STORED = (0x0000, 0xB000, 0xB006, 0xB007)
+CREDENTIALS_HINT = f"check the credentials in ${TOKEN_VARIABLE}, or ${USER_VARIABLE} and ${PASSWORD_VARIABLE}"
 
 
 @dataclass(frozen=True)
@@ -26,15 +27,21 @@ class DimseNode:
     def __str__(self):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
-    def store(self, datasets, calling_ae_title):
-        """C-STORE `datasets` in one association; None when every one was stored, else why not (one try)."""
+    def associate(self, calling_ae_title, contexts, roles=()):
+        """A pynetdicom association with this node as `calling_ae_title`, asking for `contexts` (each a SOP class
+        UID, or (a SOP class UID, its transfer syntaxes)) and SCP/SCU `roles`, with TIMEOUT_S; check
+        `is_established`."""
         from pynetdicom import AE
 
         ae = AE(ae_title=calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
-        for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-            ae.add_requested_context(sop_class)
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        for context in contexts:
+            ae.add_requested_context(*(context if isinstance(context, tuple) else (context,)))
+        return ae.associate(self.host, self.port, ae_title=self.ae_title, ext_neg=list(roles))
+
+    def store(self, datasets, calling_ae_title):
+        """C-STORE `datasets` in one association; None when every one was stored, else why not (one try)."""
+        assoc = self.associate(calling_ae_title, sorted({str(ds.SOPClassUID) for ds in datasets}))
         if not assoc.is_established:
             return "the association was rejected or the PACS did not answer"
         try:
@@ -82,8 +89,7 @@ class DicomWebService:
             answer = self.client().store_instances(list(datasets))
         except requests.HTTPError as error:
             status = error.response.status_code if error.response is not None else None
-            return f"STOW-RS answered HTTP {status}" + (" (check the credentials in $CXR_DICOMWEB_TOKEN or "
-                                                        "$CXR_DICOMWEB_USER/PASSWORD)" if status in (401, 403) else "")
+            return f"STOW-RS answered HTTP {status}" + (f" ({CREDENTIALS_HINT})" if status in (401, 403) else "")
         except requests.RequestException as error:
             return f"the DICOMweb service did not answer ({type(error).__name__})"
         failed = answer.get("FailedSOPSequence") if answer is not None else None

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cxr.atomic import atomic_path, write_bytes
 
-from cxr.commands.nodes import TIMEOUT_S, DicomWebService, parse_node
+from cxr.commands.nodes import CREDENTIALS_HINT, DicomWebService, parse_node
 from cxr.data.cohort import COLUMNS, MANIFEST, folder_secret, pseudonym, read_manifest
 from cxr.errors import UserError, warn
 
@@ -129,20 +129,13 @@ def _qido(service, query):
 
 def _http_refusal(service, error, what):
     status = error.response.status_code if error.response is not None else None
-    hint = ("check the credentials in $CXR_DICOMWEB_TOKEN, or $CXR_DICOMWEB_USER and $CXR_DICOMWEB_PASSWORD"
-            if status in (401, 403) else "check the URL and the query")
+    hint = CREDENTIALS_HINT if status in (401, 403) else "check the URL and the query"
     return f"{service}: {what} answered HTTP {status}; {hint}"
 
 
 def _association(node, ae_title, contexts, roles=()):
     """An established association with `node`; UserError naming it when it is refused or not answered."""
-    from pynetdicom import AE
-
-    ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
-    for context in contexts:  # a SOP class, or (a SOP class UID, its transfer syntaxes)
-        ae.add_requested_context(*(context if isinstance(context, tuple) else (context,)))
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, ext_neg=list(roles))
+    assoc = node.associate(ae_title, contexts, roles)
     if not assoc.is_established:
         why = "rejected the association" if assoc.is_rejected else "did not answer, or dropped the association"
         raise UserError(f"{node} {why}; check its AE title, host and port, and that it lets AE title {ae_title} "

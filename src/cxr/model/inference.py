@@ -71,18 +71,6 @@ def decide(probabilities, positive_index=None, threshold=None):
     return np.where(probabilities[:, positive_index] >= threshold, positive_index, negative_index)
 
 
-def calibrate_at(point, raw, class_names, multi_label):
-    """(calibrated probabilities, labels) of (n, classes) raw outputs at the operating point `point` (as
-    `fit_operating_point` or `fit_finding_points` returns it): labels are (n,) class indices, or for a multi-label
-    model an (n, findings) 0/1 matrix of the findings called."""
-    if multi_label:
-        findings = [point["findings"][f] for f in class_names]
-        probabilities = apply_finding_temperatures(raw, [f["temperature"] for f in findings])
-        return probabilities, decide_findings(probabilities, [f["threshold"] for f in findings])
-    probabilities = apply_temperature(raw, point["temperature"])
-    return probabilities, decide(probabilities, class_names.index(point["positive_class"]), point["threshold"])
-
-
 def fitted_on(description, data_dir, counts, same_data=None):
     """Where an operating point was fitted, stored as its "fitted_on": which data, how many images, when.
 

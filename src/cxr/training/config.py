@@ -15,6 +15,7 @@ from cxr.model import backbones
 from cxr.model.backbones import NAMES as BACKBONES
 from cxr.data.pipeline import AUGMENTATIONS
 from cxr.training.distribute import STRATEGIES
+from cxr.bundle.serving import PRECISIONS
 from cxr.errors import UserError
 
 MONITORS = ("val_accuracy", "val_auc", "val_loss")
@@ -95,7 +96,7 @@ class Config:
     # "auto": no population check where the validation split is too small for one worth its flags (fewer than 99
     # images, population.too_few_validation_images); "always": fit it anyway
     population_check: str = "auto"
-    precision: str = "auto"  # precision.PRECISIONS: int8 where it passes the accuracy guard on validation
+    precision: str = "auto"  # serving.PRECISIONS: int8 where it passes the accuracy guard on validation
     resume: bool = False  # go on with the killed run in output_dir (same options and data) from its last epoch
     strategy: str = "auto"  # distribute.STRATEGIES; --batch-size is the global batch across its replicas
 
@@ -176,7 +177,7 @@ class Config:
              f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}"),
             (self.bootstrap >= 0, f"--bootstrap must be 0 or more, got {self.bootstrap}"),
             (0 < self.false_flag_rate < 0.5, f"--false-flag-rate must be between 0 and 0.5, got {self.false_flag_rate}"),
-            (self.precision in ("auto", "float32", "int8"), f"--precision must be auto, float32 or int8, got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"--precision must be auto, float32 or int8, got {self.precision!r}"),
         ]
         for ok, message in checks:
             if not ok:

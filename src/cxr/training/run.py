@@ -103,7 +103,7 @@ def _train(config, output_dir, chief):
     distribution = setup_runtime(config, config.strategy)
     import keras
 
-    from cxr.bundle import artifacts, precision
+    from cxr.bundle import artifacts, precision, serving
 
     from cxr.model import networks
 
@@ -149,7 +149,7 @@ def _train(config, output_dir, chief):
     classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]) + FIT_IMAGES)
     fit_point = precision.default_point_fitter(class_names, dataset.multi_label, positive, config.target_sensitivity)
     # int8 is guarded as it would be served, at its own operating point; then fit and evaluate what is served
-    precision.choose(classifier, dataset, config.precision, config.seed, fit_point)
+    serving.choose(classifier, dataset, config.precision, config.seed, fit_point)
     val_rows, val_y = dataset.split("val")
     # computed once: what the operating point and the population check are fitted on, and the monitor's reference
     val_outputs = classifier.raw_outputs(dataset.images, val_rows, config.batch_size)
