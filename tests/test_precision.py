@@ -161,6 +161,54 @@ def test_the_guard_serves_float32_when_int8_fails_it_and_says_why(black_choice, 
     assert any(f in record["guard"]["reason"] for f in failed)
 
 
+def test_int8_is_converted_per_view_and_serves_the_views_on_demand(imagenet_run, tmp_path, monkeypatch):
+    """Issue 48: int8 as float32, one conversion per test-time view, the second view only where the first leaves
+    the answer uncertain (the margin fitted on validation against int8 with every view), chosen once by
+    `serving.choose` where int8 passes its guard, saved, and loaded as the same plan."""
+    from cxr.bundle import precision, serving, views_on_demand
+    from cxr.bundle.fidelity import mean_auc
+    from cxr.bundle.saved_model import SavedModel
+    from cxr.bundle.serving import ServingPlan
+    from cxr.errors import UserError
+    from cxr.model.inference import predict_outputs
+
+    dataset = sample_dataset(64)
+    rows, y = dataset.split("val")
+    model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
+    float_outputs = model.raw_outputs(dataset.images, rows)[0]
+    # int8 passes its guard here (on this CPU it is not faster, which decides nothing about what is tested)
+    real_guard = precision.guard
+    monkeypatch.setattr(precision, "guard", lambda *args: (True, real_guard(*args)[1] | {"reason": "passed"}))
+    monkeypatch.setattr(views_on_demand, "MIN_SPEEDUP", 0.0)
+    record = serving.choose(model, dataset, "auto", seed=0)
+    assert record["precision"] == "int8" and sorted(model._int8) == ["", "view0.9"]
+    on_demand = record["views_on_demand"]
+    assert on_demand["rebuilt_difference"] < 1e-5 and on_demand["margin"] in views_on_demand.MARGINS, on_demand
+    assert model.plan == ServingPlan("int8", on_demand["margin"], "auto")
+    assert model.engine == "litert int8, views on demand"
+    served = model.raw_outputs(dataset.images, rows)[0]
+    assert abs(mean_auc(y, served, model.task) - mean_auc(y, float_outputs, model.task)) < 0.02
+
+    model.save(tmp_path / "models")
+    assert sorted(p.name for p in (tmp_path / "models").glob("model.int8*")) == ["model.int8.tflite",
+                                                                               "model.int8.view0.9.tflite"]
+    loaded = SavedModel.load(tmp_path / "models" / "model.h5")
+    assert loaded.plan == model.plan and loaded.engine is None
+    np.testing.assert_allclose(loaded.raw_outputs(dataset.images, rows)[0], served, atol=1e-6)
+    assert loaded.engine == "litert int8, views on demand"
+    every_view = SavedModel.load(tmp_path / "models" / "model.h5", "int8")  # asked for: every view
+    assert every_view.plan == ServingPlan("int8", None, "int8")
+    every = every_view.raw_outputs(dataset.images, rows)[0]
+    first = predict_outputs(loaded.predictor().first, dataset.images, rows)[:, :2]
+    need = model.task.uncertain(first, on_demand["margin"])
+    assert 0 < need.sum() <= len(rows)
+    np.testing.assert_allclose(every[need], served[need], atol=1e-5)  # every view where the first is uncertain
+    np.testing.assert_allclose(first[~need], served[~need], atol=1e-6)  # the first view's answer elsewhere
+    (tmp_path / "models" / "model.int8.view0.9.tflite").unlink()
+    with pytest.raises(UserError, match="model.int8.view0.9.tflite: not found; use the files of one training run"):
+        SavedModel.load(tmp_path / "models" / "model.h5")
+
+
 def cxr(*args, cache):
     return subprocess.run([sys.executable, "-m", "cxr", *map(str, args)], capture_output=True, text=True,
                           timeout=900, env=os.environ | {"XDG_CACHE_HOME": str(cache)})
@@ -327,7 +375,8 @@ def test_views_on_demand_are_guarded_recorded_and_served_by_predict(black_choice
         slower.setattr(views_on_demand, "best_speedup", lambda views, share: float("inf"))
         slow = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
         slow.predictor()
-        record, on_demand = views_on_demand.choose(slow, dataset, rows, y, slow.raw_outputs(dataset.images, rows)[0])
+        record, on_demand = views_on_demand.choose(slow.task, (*slow.view_predictors(), slow.predictor()), dataset,
+                                                   slow.raw_outputs(dataset.images, rows)[0])
     assert record["margin"] is None and on_demand is None and "as fast on this machine" in record["reason"], record
     assert slow.engine == "litert" and record["rebuilt_difference"] < 1e-5
     assert [t["margin"] for t in record["trials"]] == list(views_on_demand.MARGINS)
@@ -354,5 +403,6 @@ def test_views_on_demand_are_guarded_recorded_and_served_by_predict(black_choice
     monkeypatch.setattr(views_on_demand, "MARGINS", (-1.0,))
     everything = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
     everything.predictor()
-    record, _ = views_on_demand.choose(everything, dataset, rows, y, everything.raw_outputs(dataset.images, rows)[0])
+    record, _ = views_on_demand.choose(everything.task, (*everything.view_predictors(), everything.predictor()),
+                                       dataset, everything.raw_outputs(dataset.images, rows)[0])
     assert record["margin"] is None and "at most 1.00x as fast" in record["reason"], record

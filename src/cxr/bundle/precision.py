@@ -20,6 +20,7 @@ import numpy as np
 
 from cxr.bundle import fidelity
 from cxr.bundle.fidelity import calibration_error, images_per_second, mean_auc
+from cxr.bundle.views_on_demand import int8_predictor
 from cxr.errors import warn
 
 CALIBRATION_IMAGES = 200
@@ -97,14 +98,14 @@ def guard(y, outputs, served, task, speeds):
 
 
 def guard_int8(model, dataset, requested, seed, fit_point=None, calibration=None):
-    """(record, int8 flatbuffer or None, float32's (n, classes) validation outputs or None): `model` (an in-memory
-    `SavedModel` whose predictor is float32 LiteRT) converted to int8 and guarded on the validation split of
-    `dataset`; the flatbuffer is given where int8 passes (or `requested` is "int8"), and the record says which
-    precision to serve and why. `requested` "float32" skips the conversion. `fit_point(y, raw)`: the operating
-    point the run fits on validation outputs (by default the Youden threshold on the default positive class);
-    `calibration`: the images to calibrate on instead of the seeded training sample (tests make a model fail
-    this way). `cxr.bundle.serving.choose` serves what it decides."""
-    from cxr.bundle import litert
+    """(record, int8 flatbuffers or None, {"float32", "int8": (n, classes) validation outputs} or None): `model` (an
+    in-memory `SavedModel` whose predictor is float32 LiteRT with every view) converted to int8 (`int8_views`) and
+    guarded, with every view, on the validation split of `dataset`; the flatbuffers are given where int8 passes (or
+    `requested` is "int8"), and the record says which precision to serve and why. `requested` "float32" skips
+    the conversion. `fit_point(y, raw)`: the operating point the run fits on validation outputs (by default the
+    Youden threshold on the default positive class); `calibration`: the images to calibrate on instead of the
+    seeded training sample (tests make a model fail this way). `cxr.bundle.serving.choose` serves what it
+    decides."""
     from cxr.model.inference import predict_outputs
 
     if requested == "float32" or model.engine != "litert":
@@ -120,8 +121,8 @@ def guard_int8(model, dataset, requested, seed, fit_point=None, calibration=None
         return record, None, None
     if calibration is None:
         calibration = dataset.images[calibration_rows(dataset.splits["train"], seed)]
-    flatbuffer = litert.to_int8_flatbuffer(model.tapped_model(), calibration)
-    int8 = litert.LiteRTModel(flatbuffer)
+    flatbuffers = int8_views(model, calibration)
+    int8 = int8_predictor(flatbuffers, model.task)
     classes = len(model.class_names)
     float_outputs = model.raw_outputs(dataset.images, rows)[0]
     int8_outputs = predict_outputs(int8, dataset.images, rows)[:, :classes]  # in batches, as float32's
@@ -140,7 +141,20 @@ def guard_int8(model, dataset, requested, seed, fit_point=None, calibration=None
     print(f"Inference precision: {precision} ({guarded['reason']}; validation AUC float32 "
           f"{_number(guarded['val_auc_float32'])}, int8 {_number(guarded['val_auc_int8'])}, "
           f"{speeds['float32']:.0f} vs {speeds['int8']:.0f} images/s)", flush=True)
-    return record, flatbuffer if precision == "int8" else None, float_outputs
+    return record, flatbuffers if precision == "int8" else None, {"float32": float_outputs, "int8": int8_outputs}
+
+
+def int8_views(model, calibration):
+    """{tag: int8 flatbuffer} of `model` (a `SavedModel`), calibrated on `calibration`: one conversion per
+    test-time view, so that the views beyond the first can run only where needed, as in float32 ("": the first
+    view's, with the population check's taps; "view0.9": another view's); a model of one view, "" alone."""
+    from cxr.bundle import litert
+
+    if len(model.test_time_scales) < 2:
+        return {"": litert.to_int8_flatbuffer(model.tapped_model(), calibration)}
+    first, others = model.view_scales()
+    return ({"": litert.to_int8_flatbuffer(model.view_model(first, taps=True), calibration)}
+            | {f"view{s:g}": litert.to_int8_flatbuffer(model.view_model(s), calibration) for s in others})
 
 
 def default_point_fitter(class_names, multi_label, positive=None, target_sensitivity=None):

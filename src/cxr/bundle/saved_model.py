@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 from cxr.atomic import atomic_path, file_sha256, write_bytes, write_json
-from cxr.bundle.serving import INT8_FILE, ServingPlan
+from cxr.bundle.serving import INT8_FILE, ServingPlan, int8_file
 from cxr.data.vocabulary import Code
 from cxr.errors import UserError
 from cxr.model.inference import predict_outputs
@@ -141,8 +141,9 @@ class SavedModel:
                 f"{path.parent / POPULATION_FILE} is missing: this model was saved with a population check, which is "
                 f"off until that file is copied back beside {path.name} (its answers can't say whether an image is "
                 "unlike its training images)")
-        on_disk = model.int8_path.is_file() and "int8_sha256" in (model.inference or {})
-        model.plan = ServingPlan.resolve(model.inference, precision, (model.int8_path, on_disk), path)
+        missing = next((p for p in model.int8_files().values() if not p.is_file()), None)
+        on_disk = missing is None and "int8_sha256" in (model.inference or {})
+        model.plan = ServingPlan.resolve(model.inference, precision, (missing or model.int8_path, on_disk), path)
         return model
 
     @classmethod
@@ -197,14 +198,13 @@ class SavedModel:
 
         A conversion cached for this model file is used without loading TensorFlow or Keras; otherwise
         `litert.fast_inference` decides (`n_images`: how many images it will see; None: convert if possible).
-        Where training chose to (`on_demand_margin`), the views beyond the first run only for uncertain images.
+        It runs `self.plan`: int8 or float32, and where training chose to (`plan.margin`), the views beyond the
+        first only for uncertain images.
         """
-        from cxr.bundle import litert
-
         if self._predictor is not None:
             return self._predictor
         if self.plan.precision == "int8":
-            self._predictor, self.engine = litert.LiteRTModel(self._read_int8()), "litert int8"
+            self._serve_int8(self._read_int8())
         elif self.plan.margin is not None:
             from cxr.bundle.views_on_demand import ViewsOnDemand
 
@@ -240,18 +240,22 @@ class SavedModel:
         views on demand (`cxr.bundle.views_on_demand`). Cached conversions are used without importing Keras."""
         from functools import partial
 
-        def view(scale, taps=False):
-            from cxr.model import backbones, networks
+        first, others = self.view_scales()
+        others = [self._converted(f"view{s:g}", partial(self.view_model, s), n_images)[0] for s in others]
+        return self._converted(f"{TAPS}-view{first:g}", partial(self.view_model, first, True), n_images)[0], others
 
-            if taps:
-                taps = backbones.population_taps(self.backbone)
-                return networks.with_population_taps(self.keras_model, taps, (scale,))
-            return networks.with_test_time_scales(self.keras_model, (scale,))
-
+    def view_scales(self):
+        """(the first view's scale: the one nearest the image as it is, [the other test-time views' scales])."""
         first = min(self.test_time_scales, key=lambda s: abs(s - 1))
-        others = [self._converted(f"view{s:g}", partial(view, s), n_images)[0] for s in self.test_time_scales
-                  if s != first]
-        return self._converted(f"{TAPS}-view{first:g}", partial(view, first, taps=True), n_images)[0], others
+        return first, [s for s in self.test_time_scales if s != first]
+
+    def view_model(self, scale, taps=False):
+        """The Keras model of one test-time view (`scale`), with the population check's taps if `taps`."""
+        from cxr.model import backbones, networks
+
+        if taps:
+            return networks.with_population_taps(self.keras_model, backbones.population_taps(self.backbone), (scale,))
+        return networks.with_test_time_scales(self.keras_model, (scale,))
 
     def _serve_views(self, predictor):
         from cxr.bundle.litert import LiteRTModel
@@ -259,32 +263,53 @@ class SavedModel:
         engine = "litert" if all(isinstance(p, LiteRTModel) for p in (predictor.first, *predictor.others)) else "keras"
         self._predictor, self.engine = predictor, f"{engine}, views on demand"
 
+    def _serve_int8(self, flatbuffers):
+        """Serve the int8 conversions `flatbuffers` ({"": the model with its taps, or its first view's; "view0.9":
+        another view's, ...}) by the plan: every view, or the views on demand at its margin."""
+        from cxr.bundle.views_on_demand import int8_predictor
+
+        self._predictor = int8_predictor(flatbuffers, self.task, self.plan.margin)
+        self.engine = "litert int8" + (", views on demand" if self.plan.margin is not None else "")
+
     def serve(self, record, int8=None, predictor=None):
         """Serve as training chose (`cxr.bundle.serving.choose`), from now on: `record` is the choice and what
-        decided it (saved as the metadata's "inference"); `int8` the int8 flatbuffer, where int8 is served (saved
-        beside the model); `predictor` the `views_on_demand.ViewsOnDemand` already built, where they are served."""
-        from cxr.bundle import litert
-
+        decided it (saved as the metadata's "inference"); `int8` the int8 flatbuffers ({"": the model with its
+        taps, or its first view's; "view0.9": another view's}), where int8 is served (saved beside the model);
+        `predictor` the `views_on_demand.ViewsOnDemand` already built, where the views are served on demand."""
         self.inference, self._int8 = record, int8
         self.plan = ServingPlan.resolve(record, "auto", (self.int8_path, int8 is not None), self.path)
-        if int8 is not None:
-            self._predictor, self.engine = litert.LiteRTModel(int8), "litert int8"
-        elif predictor is not None:
+        if predictor is not None:
             self._serve_views(predictor)
+            if int8 is not None:
+                self.engine = self.engine.replace("litert", "litert int8")
+        elif int8 is not None:
+            self._serve_int8(int8)
 
     @property
     def int8_path(self):
         return self.path.parent / INT8_FILE if self.path is not None else None
 
+    def int8_files(self):
+        """{tag: the int8 conversion's file}: INT8_FILE (the model with its taps, or its first view's) and, for a
+        model saved with one int8 conversion per view, each other view's."""
+        views = (self.inference or {}).get("int8_views", {})
+        return {"": self.int8_path} | {tag: self.path.parent / int8_file(tag) for tag in views}
+
     def _read_int8(self):
         if self._int8 is not None:
             return self._int8
-        data = self.int8_path.read_bytes()
-        recorded = (self.inference or {}).get("int8_sha256")
-        if recorded is not None and recorded != hashlib.sha256(data).hexdigest():
-            raise UserError(f"{self.int8_path}: not the int8 conversion {CLASS_NAMES_FILE} describes (its hash "
-                            "differs); use the files of one training run")
-        return data
+        recorded = {"": (self.inference or {}).get("int8_sha256")} | (self.inference or {}).get("int8_views", {})
+        flatbuffers = {}
+        for tag, path in self.int8_files().items():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                raise UserError(f"{path}: not found; use the files of one training run") from None
+            if recorded.get(tag) is not None and recorded[tag] != hashlib.sha256(data).hexdigest():
+                raise UserError(f"{path}: not the int8 conversion {CLASS_NAMES_FILE} describes (its hash "
+                                "differs); use the files of one training run")
+            flatbuffers[tag] = data
+        return flatbuffers
 
     def tapped_model(self):
         """The Keras model with the population check's taps: image -> [outputs | features]."""
@@ -356,11 +381,15 @@ class SavedModel:
             self.population.save(Path(models_dir) / POPULATION_FILE, self.sha256)
         else:  # an earlier run's check would not be this model's
             (Path(models_dir) / POPULATION_FILE).unlink(missing_ok=True)
+        for stale in Path(models_dir).glob(int8_file("*")):  # an earlier run's conversions would not be this model's
+            stale.unlink()
+        self.int8_path.unlink(missing_ok=True)
         if self._int8 is not None:
-            write_bytes(self.int8_path, self._int8)
-            self.inference = self.inference | {"int8_sha256": hashlib.sha256(self._int8).hexdigest()}
-        else:  # an earlier run's conversion would not be this model's
-            self.int8_path.unlink(missing_ok=True)
+            digests = {tag: hashlib.sha256(data).hexdigest() for tag, data in self._int8.items()}
+            for tag, data in self._int8.items():
+                write_bytes(self.int8_path if not tag else Path(models_dir) / int8_file(tag), data)
+            views = {tag: digest for tag, digest in digests.items() if tag}
+            self.inference = self.inference | {"int8_sha256": digests[""]} | ({"int8_views": views} if views else {})
         self.info = {"metadata_version": METADATA_VERSION, "class_names": self.class_names, "img_size": self.img_size,
                      "backbone": self.backbone, "test_time_scales": self.test_time_scales,
                      **({"multi_label": True} if self.multi_label else {}),
@@ -386,8 +415,9 @@ class SavedModel:
         copy_file(self.path, copy)
         if self.population is not None:
             copy_file(self.path.parent / POPULATION_FILE, Path(models_dir) / POPULATION_FILE)
-        if self.int8_path.is_file():
-            copy_file(self.int8_path, Path(models_dir) / self.int8_path.name)
+        for path in self.int8_files().values():
+            if path.is_file():
+                copy_file(path, Path(models_dir) / path.name)
         info = ({k: v for k, v in self.info.items() if k in MODEL_KEYS} | operating_point
                 | {"metadata_version": METADATA_VERSION, "model_sha256": self.sha256})
         write_json(Path(models_dir) / CLASS_NAMES_FILE, info)

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from cxr.errors import UserError
 
 PRECISIONS = ("auto", "float32", "int8")
-INT8_FILE = "model.int8.tflite"  # beside model.h5, where int8 is served
+INT8_FILE = "model.int8.tflite"  # beside model.h5, where int8 is served (with one conversion per view: the first)
+
+
+def int8_file(tag):
+    """The file name of the int8 conversion `tag` names ("view0.9": that view's; "*": a pattern for any view's)."""
+    return f"model.int8.{tag}.tflite" if tag else INT8_FILE
 
 
 @dataclass(frozen=True)
@@ -36,17 +41,18 @@ class ServingPlan:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {asked!r}")
         record = record or {}
         chosen = record.get("precision", "float32")
+        # the views on demand were guarded for the precision training chose, and are served with it alone
+        margin = (record.get("views_on_demand") or {}).get("margin") if asked == "auto" else None
         if asked == "float32" or asked == "auto" and chosen != "int8":
-            margin = (record.get("views_on_demand") or {}).get("margin") if asked == "auto" else None
             return cls("float32", margin, asked)
-        int8_file, available = int8 or (None, False)
+        path, available = int8 or (None, False)
         if not available:
             if chosen == "int8":
-                raise UserError(f"{int8_file}: not found; use the files of one training run")
+                raise UserError(f"{path}: not found; use the files of one training run")
             why = record.get("reason", "it was trained before cxr had int8")
             raise UserError(f"{model_path}: no int8 conversion beside it (training served it in float32: {why}); "
                             "use --precision float32 or auto")
-        return cls("int8", None, asked)
+        return cls("int8", margin, asked)
 
     def describe(self, views):
         """The plan in words, for a model of `views` test-time views."""
@@ -59,17 +65,21 @@ class ServingPlan:
 def choose(model, dataset, requested, seed, fit_point=None, calibration=None):
     """Choose how `model` (an in-memory `SavedModel` served in float32 with every view) is served, once, at the end
     of training, and serve it so from now on: int8 where it passes its guard on the validation split of `dataset`
-    (or `requested` is "int8"); else float32, with the views on demand where `requested` is "auto", the model has
-    several views and they pass their own guard. Returns the record saved as the metadata's "inference".
-    `fit_point` and `calibration`: as `precision.guard_int8` takes them."""
+    (or `requested` is "int8"), else float32; at that precision, the views beyond the first on demand where
+    `requested` is "auto", the model has several views and they pass their own guard. Returns the record saved as
+    the metadata's "inference". `fit_point` and `calibration`: as `precision.guard_int8` takes them."""
     from cxr.bundle import precision, views_on_demand
 
-    record, int8, float_outputs = precision.guard_int8(model, dataset, requested, seed, fit_point, calibration)
+    record, int8, outputs = precision.guard_int8(model, dataset, requested, seed, fit_point, calibration)
     on_demand = None
-    # float_outputs: None where int8 was not guarded (float32 asked for, no LiteRT, too few validation images)
-    if (record["precision"] == "float32" and requested == "auto" and len(model.test_time_scales) > 1
-            and float_outputs is not None):
-        rows, y = dataset.split("val")
-        record["views_on_demand"], on_demand = views_on_demand.choose(model, dataset, rows, y, float_outputs)
+    # outputs: None where int8 was not guarded (float32 asked for, no LiteRT, too few validation images)
+    if requested == "auto" and len(model.test_time_scales) > 1 and outputs is not None:
+        served = record["precision"]
+        if served == "int8":
+            int8_views = views_on_demand.int8_predictor(int8, model.task, views_on_demand.EVERY_VIEW)
+            views = (int8_views.first, int8_views.others, int8_views)
+        else:
+            views = (*model.view_predictors(), model.predictor())
+        record["views_on_demand"], on_demand = views_on_demand.choose(model.task, views, dataset, outputs[served])
     model.serve(record, int8=int8, predictor=on_demand)
     return record

@@ -8,18 +8,19 @@ features and a first answer for every image. The other views run only where that
 (`Task.uncertain`: a probability further than `margin` from both 0 and 1); elsewhere the first view's answer
 stands, and where they run, `Task.combine` gives back the model's own output.
 
-At the end of training (`choose`, called by `serving.choose` when float32 is served), the largest margin of
-MARGINS that keeps the validation split within half the int8 guard's tolerances of every view's outputs (mean AUC
-within AUC_TOLERANCE / 2, calibrated probabilities within PROBABILITY_TOLERANCE / 2) is kept, if serving that
-way is at least MIN_SPEEDUP times as fast on this machine, both in the arithmetic it saves (`best_speedup`: with
-most images needing every view there is nothing to gain, whatever a short timing says) and as timed. The choice
-goes into class_names.json ("inference" -> "views_on_demand") and the model card; `--precision float32` serves
-every view, as trained.
+At the end of training (`choose`, called by `serving.choose` at the precision served: float32, or int8 with one
+conversion per view), the largest margin of MARGINS that keeps the validation split within half the int8 guard's
+tolerances of every view's outputs at that precision (mean AUC within AUC_TOLERANCE / 2, calibrated probabilities
+within PROBABILITY_TOLERANCE / 2) is kept, if serving that way is at least MIN_SPEEDUP times as fast on this
+machine, both in the arithmetic it saves (`best_speedup`: with most images needing every view there is nothing to
+gain, whatever a short timing says) and as timed. The choice goes into class_names.json ("inference" ->
+"views_on_demand") and the model card; `--precision float32` or `int8` serves every view.
 """
 
 import numpy as np
 
 MARGINS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+EVERY_VIEW = -1.0  # a margin every answer is further than from certain: every view for every image
 MIN_SPEEDUP = 1.05  # a smaller gain is within the noise of timing a few dozen images
 REBUILD_TOLERANCE = 1e-4  # float32 rounding: the views give back the model's own outputs, or they are not its views
 TIMED_IMAGES = 128
@@ -55,17 +56,31 @@ class ViewsOnDemand:
         return outputs
 
 
-def choose(model, dataset, rows, y, all_views):
-    """(record, the `ViewsOnDemand` predictor or None): the margin fitted on the validation rows `rows` (labels
-    `y`) of `dataset` for `model` (a `SavedModel` with several test-time scales, served in float32 with every
-    view, whose (n, classes) outputs on those rows are `all_views`), and the predictor to serve where it passes
+def int8_predictor(flatbuffers, task, margin=None):
+    """The predictor of int8 conversions ({"": the model with its taps, or its first view's; "view0.9": another
+    view's, ...}): one LiteRT model, or the views combined, on demand at `margin` (None: every view)."""
+    from cxr.bundle.litert import LiteRTModel
+
+    first = LiteRTModel(flatbuffers[""])
+    others = [LiteRTModel(data) for tag, data in flatbuffers.items() if tag]
+    if not others:
+        return first
+    return ViewsOnDemand(first, others, task, EVERY_VIEW if margin is None else margin)
+
+
+def choose(task, views, dataset, all_views):
+    """(record, the `ViewsOnDemand` predictor or None): the margin fitted on the validation split of `dataset`
+    for a model of `task` (`cxr.model.task.Task`) with several test-time views served at one precision: `views` is
+    (its first view's predictor, [the other views' predictors], its predictor with every view), and `all_views`
+    its (n, classes) outputs with every view on the validation images. The predictor is given where it passes
     (`serving.choose` serves it)."""
     from cxr.model.inference import predict_outputs
     from cxr.bundle import fidelity
     from cxr.bundle.fidelity import calibrated, images_per_second, mean_auc
 
-    task, classes = model.task, len(model.class_names)
-    first_view, other_views = model.view_predictors()
+    rows, y = dataset.split("val")
+    classes = task.outputs
+    first_view, other_views, every = views
     first_outputs = predict_outputs(first_view, dataset.images, rows)[:, :classes]
     every_view = task.combine([first_outputs, *(predict_outputs(v, dataset.images, rows)[:, :classes]
                                                 for v in other_views)])
@@ -99,7 +114,7 @@ def choose(model, dataset, rows, y, all_views):
                                 f"images need every view, so it can be at most {at_most:.2f}x as fast")
     on_demand = ViewsOnDemand(first_view, other_views, task, best["margin"])
     timed = dataset.images[rows[np.linspace(0, len(rows) - 1, min(TIMED_IMAGES, len(rows))).astype(int)]]
-    speeds = {"every_view": images_per_second(model.predictor(), timed),
+    speeds = {"every_view": images_per_second(every, timed),
               "on_demand": images_per_second(on_demand, timed)}
     record["images_per_second"] = {k: round(v, 1) for k, v in speeds.items()}
     if speeds["on_demand"] < MIN_SPEEDUP * speeds["every_view"]:
