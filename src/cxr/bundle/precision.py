@@ -19,7 +19,7 @@ import io
 import numpy as np
 
 from cxr.bundle import fidelity
-from cxr.bundle.fidelity import calibration_error, images_per_second, mean_auc
+from cxr.bundle.fidelity import calibration_error, mean_auc, speeds
 from cxr.bundle.views_on_demand import int8_predictor
 from cxr.errors import warn
 
@@ -127,20 +127,20 @@ def guard_int8(model, dataset, requested, seed, fit_point=None, calibration=None
     float_outputs = model.raw_outputs(dataset.images, rows)[0]
     int8_outputs = predict_outputs(int8, dataset.images, rows)[:, :classes]  # in batches, as float32's
     timed = dataset.images[rows[:TIMED_IMAGES]]
-    speeds = {"float32": images_per_second(model.predictor(), timed), "int8": images_per_second(int8, timed)}
+    rates = speeds({"float32": model.predictor(), "int8": int8}, timed)
     fit_point = fit_point or default_point_fitter(model.class_names, model.multi_label)
 
     def served(raw):
         return model.task.calibrate(fit_point(y, raw), raw)
 
-    passed, guarded = guard(y, {"float32": float_outputs, "int8": int8_outputs}, served, model.task, speeds)
+    passed, guarded = guard(y, {"float32": float_outputs, "int8": int8_outputs}, served, model.task, rates)
     precision = "int8" if passed or requested == "int8" else "float32"
     record = {"precision": precision, "engine": "litert", "guard": guarded, "reason": guarded["reason"]}
     if precision == "int8" and not passed:
         warn(f"int8 served as asked (--precision int8), although it failed the accuracy guard: {guarded['reason']}")
     print(f"Inference precision: {precision} ({guarded['reason']}; validation AUC float32 "
           f"{_number(guarded['val_auc_float32'])}, int8 {_number(guarded['val_auc_int8'])}, "
-          f"{speeds['float32']:.0f} vs {speeds['int8']:.0f} images/s)", flush=True)
+          f"{rates['float32']:.0f} vs {rates['int8']:.0f} images/s)", flush=True)
     return record, flatbuffers if precision == "int8" else None, {"float32": float_outputs, "int8": int8_outputs}
 
 

@@ -76,7 +76,7 @@ def choose(task, views, dataset, all_views):
     (`serving.choose` serves it)."""
     from cxr.model.inference import predict_outputs
     from cxr.bundle import fidelity
-    from cxr.bundle.fidelity import calibrated, images_per_second, mean_auc
+    from cxr.bundle.fidelity import calibrated, mean_auc, speeds
 
     rows, y = dataset.split("val")
     classes = task.outputs
@@ -114,18 +114,17 @@ def choose(task, views, dataset, all_views):
                                 f"images need every view, so it can be at most {at_most:.2f}x as fast")
     on_demand = ViewsOnDemand(first_view, other_views, task, best["margin"])
     timed = dataset.images[rows[np.linspace(0, len(rows) - 1, min(TIMED_IMAGES, len(rows))).astype(int)]]
-    speeds = {"every_view": images_per_second(every, timed),
-              "on_demand": images_per_second(on_demand, timed)}
-    record["images_per_second"] = {k: round(v, 1) for k, v in speeds.items()}
-    if speeds["on_demand"] < MIN_SPEEDUP * speeds["every_view"]:
+    rates = speeds({"every_view": every, "on_demand": on_demand}, timed)
+    record["images_per_second"] = {k: round(v, 1) for k, v in rates.items()}
+    if rates["on_demand"] < MIN_SPEEDUP * rates["every_view"]:
         return _refused(record, f"at margin {best['margin']:g} ({best['share_with_every_view']:.0%} of validation "
                                 f"images need every view) it is not at least {MIN_SPEEDUP}x as fast on this machine "
-                                f"({speeds['on_demand']:.0f} vs {speeds['every_view']:.0f} images/s)")
+                                f"({rates['on_demand']:.0f} vs {rates['every_view']:.0f} images/s)")
     record |= {"margin": best["margin"], "share_with_every_view": best["share_with_every_view"],
                "val_auc_on_demand": best["val_auc"],
                "max_calibrated_probability_difference": best["max_calibrated_probability_difference"],
                "reason": f"passed its guard: {best['share_with_every_view']:.0%} of validation images need every "
-                         f"view, {speeds['on_demand'] / speeds['every_view']:.2f}x as fast"}
+                         f"view, {rates['on_demand'] / rates['every_view']:.2f}x as fast"}
     print(f"Views on demand: every view only where the first view's answer is further than {best['margin']:g} from "
           f"certain ({record['reason']}; validation AUC every view {auc_all:.4f}, on demand {best['val_auc']:.4f})",
           flush=True)
