@@ -36,7 +36,8 @@ def test_the_wheel_carries_the_served_page(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("cxr-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"cxr/static/index.html", "cxr/static/app.js", "cxr/static/style.css",
-            "cxr/static/swagger/swagger-ui-bundle.js", "cxr/static/swagger/swagger-ui.css"} <= names
+            "cxr/static/swagger/swagger-ui-bundle.js", "cxr/static/swagger/swagger-ui.css",
+            "cxr/bundle/metadata.schema.json", "cxr/data/findings.csv"} <= names
 
 
 def test_every_subcommand_has_its_help_in_the_docs_and_the_readme_stays_short():
