@@ -215,7 +215,7 @@ def _add_train_options(parser):
     add("--dropout", type=float, default=d.dropout)
     add("--backbone", choices=BACKBONES, default=None,
         help="default: efficientnet-lite0 (ImageNet weights ship with cxr); efficientnetb0 is the seed script's "
-             "(its weights are downloaded)")
+             "(its weights are downloaded); test-efficientnet is a small random-weight network for tests")
     add("--weights", default=d.weights, help="imagenet, none, or the path to a backbone weights file")
     add("--init-from", type=Path, help="start the backbone from another cxr model file of the same backbone (e.g. "
                                        "one trained on another dataset); the head starts anew")

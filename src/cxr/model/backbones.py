@@ -74,6 +74,16 @@ def _build_lite0_imagenet(input_shape, input_tensor):
     return lite0.load_imagenet_weights(_build_lite0(input_shape, input_tensor))
 
 
+def _build_test(input_shape, input_tensor):
+    from cxr.model import lite0
+
+    return lite0.build(input_shape, input_tensor=input_tensor, name="test_efficientnet", width=0.25, depth=0.5)
+
+
+def _no_imagenet(input_shape, input_tensor):
+    raise UserError("--backbone test-efficientnet has no ImageNet weights; give --weights none (it is for tests)")
+
+
 # The seed froze the first 200 layers of an ImageNet B0: fine-tuning starts inside block 6c, at its
 # squeeze-excitation; B0 keeps that point and the seed's augmentation. Lite0, cxr's own default, is where
 # issue 13's measurements led (bench_generalization.py in benchmarks/README.md, three seeds each): fine-tuning
@@ -92,6 +102,13 @@ REGISTRY = {backbone.name: backbone for backbone in (
     Backbone("efficientnetb0", _build_b0, _build_b0_imagenet, fine_tune_from="block6c_se_reduce"),
     Backbone("efficientnet-lite0", _build_lite0, _build_lite0_imagenet, fine_tune_from="block4a_expand_conv",
              augment="site-aspect", finetune_epochs=5, test_time_scales=(0.9, 1.0), feature_views=4),
+    # Lite0 a quarter as wide with half its blocks' repeats (98 layers, not 157; 0.18 M weights, not 3.4 M), with
+    # Lite0's defaults and block names: for tests of everything around the network, which then train, trace and
+    # convert in a fraction of Lite0's time (as timm's test_* models do). Random weights only; never a clinical
+    # model.
+    Backbone("test-efficientnet", _build_test, _no_imagenet, fine_tune_from="block4a_expand_conv",
+             augment="site-aspect", finetune_epochs=5, test_time_scales=(0.9, 1.0), feature_views=4,
+             population_taps=("block4b_add", "block5b_add", "block6b_add")),
 )}
 NAMES = tuple(REGISTRY)
 

@@ -24,13 +24,15 @@ _STORAGE_DTYPES = {"FloatStorage": np.float32, "LongStorage": np.int64, "IntStor
                    "HalfStorage": np.float16, "DoubleStorage": np.float64}
 
 
-def build(input_shape=(224, 224, 3), include_top=False, classes=1000, input_tensor=None, name="efficientnet_lite0"):
-    """An EfficientNet-Lite0 Keras model (random weights) that takes RGB 0-255 images."""
+def build(input_shape=(224, 224, 3), include_top=False, classes=1000, input_tensor=None, name="efficientnet_lite0",
+          width=1.0, depth=1.0):
+    """An EfficientNet-Lite0 Keras model (random weights) that takes RGB 0-255 images; `width` and `depth` scale
+    its channels and its blocks' repeats as EfficientNet's compound coefficients do (1.0: Lite0 itself)."""
     from keras.src.applications import efficientnet
 
     blocks = [dict(args, se_ratio=0.0) for args in efficientnet.DEFAULT_BLOCKS_ARGS]
     model = efficientnet.EfficientNet(
-        1.0, 1.0, 224, dropout_rate=0.2, activation="relu6", blocks_args=blocks, name=name,
+        width, depth, 224, dropout_rate=0.2, activation="relu6", blocks_args=blocks, name=name,
         include_top=include_top, weights=None, input_shape=input_shape, input_tensor=input_tensor, classes=classes,
     )
     return set_input_normalization(model)
