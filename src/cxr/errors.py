@@ -11,7 +11,7 @@ import threading
 
 # Set by `--verbose` (for this process and the ones it starts): native libraries' log lines stay on stderr
 VERBOSE_VARIABLE = "CXR_VERBOSE"
-_STDERR_LOCK = threading.Lock()
+_NATIVE_OUTPUT_LOCK = threading.Lock()
 
 
 class UserError(Exception):
@@ -39,20 +39,22 @@ def quiet_libraries():
 
 
 @contextlib.contextmanager
-def native_stderr_silenced():
-    """Drop what native code writes to file descriptor 2 meanwhile (LiteRT's "Created TensorFlow Lite XNNPACK
-    delegate" INFO line, which no setting turns off), unless --verbose. Python's own writes to sys.stderr are
-    flushed first; the window is the construction of an interpreter."""
+def native_output_silenced(fd=2):
+    """Drop what native code writes to file descriptor `fd` (stderr by default) meanwhile, unless --verbose:
+    LiteRT's "Created TensorFlow Lite XNNPACK delegate" INFO line on stderr, which no setting turns off, as an
+    interpreter is built; the quantizer's "fully_quantize: 0, inference_type: 6, ..." lines on stdout (fd 1), as
+    int8 is converted. Python's own buffered writes are flushed first."""
     if os.environ.get(VERBOSE_VARIABLE) == "1":
         yield
         return
-    with _STDERR_LOCK:
+    with _NATIVE_OUTPUT_LOCK:
+        sys.stdout.flush()
         sys.stderr.flush()
-        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
+        saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
+            os.dup2(saved, fd)
             os.close(saved)
             os.close(devnull)

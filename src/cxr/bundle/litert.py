@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.atomic import file_sha256, write_bytes
-from cxr.errors import native_stderr_silenced, warn
+from cxr.errors import native_output_silenced, warn
 
 BATCH_SIZE = 4  # images per LiteRT call: 4 ran fastest of 1-16 on this project's 2-core CPUs (benchmarks/README.md)
 CACHED_MODELS = 8
@@ -133,7 +133,8 @@ def to_int8_flatbuffer(model, calibration_images):
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=FLOAT_OPS)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    # the converter prints every variable it captures, and the quantizer its settings from C++
+    with native_output_silenced(1), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the debugger's own tf.lite.Interpreter deprecation notices
         debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative,
                                                              debug_options=options)
@@ -257,7 +258,7 @@ class LiteRTModel:
     def _runner(self, batch):
         """(interpreter, input index, output index) planned for `batch` images, made on first use."""
         if batch not in self._runners:
-            with native_stderr_silenced():
+            with native_output_silenced():
                 interpreter = _interpreter(self._flatbuffer, self._threads)
                 source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
                 interpreter.resize_tensor_input(source["index"], [batch, *source["shape_signature"][1:]])

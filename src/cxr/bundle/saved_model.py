@@ -209,7 +209,7 @@ class SavedModel:
             from cxr.bundle.views_on_demand import ViewsOnDemand
 
             first, others = self.view_predictors(n_images)
-            self._serve_views(ViewsOnDemand(first, others, self.task, self.plan.margin))
+            self._serve_views(ViewsOnDemand(first, others, self.task, self.plan.margin), "float32")
         else:
             self._predictor, self.engine = self._converted(TAPS, self.tapped_model, n_images)
         features = self._predictor.output_shape[-1] - len(self.class_names)
@@ -257,11 +257,12 @@ class SavedModel:
             return networks.with_population_taps(self.keras_model, backbones.population_taps(self.backbone), (scale,))
         return networks.with_test_time_scales(self.keras_model, (scale,))
 
-    def _serve_views(self, predictor):
+    def _serve_views(self, predictor, precision):
         from cxr.bundle.litert import LiteRTModel
 
         engine = "litert" if all(isinstance(p, LiteRTModel) for p in (predictor.first, *predictor.others)) else "keras"
-        self._predictor, self.engine = predictor, f"{engine}, views on demand"
+        self._predictor = predictor
+        self.engine = f"{engine}{' int8' if precision == 'int8' else ''}, views on demand"
 
     def _serve_int8(self, flatbuffers):
         """Serve the int8 conversions `flatbuffers` ({"": the model with its taps, or its first view's; "view0.9":
@@ -279,9 +280,7 @@ class SavedModel:
         self.inference, self._int8 = record, int8
         self.plan = ServingPlan.resolve(record, "auto", (self.int8_path, int8 is not None), self.path)
         if predictor is not None:
-            self._serve_views(predictor)
-            if int8 is not None:
-                self.engine = self.engine.replace("litert", "litert int8")
+            self._serve_views(predictor, self.plan.precision)
         elif int8 is not None:
             self._serve_int8(int8)
 

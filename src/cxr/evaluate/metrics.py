@@ -15,10 +15,9 @@ from sklearn.metrics import (accuracy_score, average_precision_score, balanced_a
 
 from cxr.errors import warn
 from cxr.progress import progress
-from cxr.model.inference import apply_finding_temperatures, apply_temperature, decide
+from cxr.model.inference import TINY, apply_finding_temperatures, apply_temperature, decide
 
 ECE_BINS = 15
-_TINY = 1e-12
 
 
 # --- calibration -------------------------------------------------------------------------------------------
@@ -32,7 +31,7 @@ def fit_temperature(y_true, probabilities):
     """The temperature minimising the negative log-likelihood of `y_true` (Guo et al., 2017)."""
     def nll(log_t):
         p = apply_temperature(probabilities, np.exp(log_t))
-        return -np.mean(np.log(np.clip(p[np.arange(len(y_true)), y_true], _TINY, 1.0)))
+        return -np.mean(np.log(np.clip(p[np.arange(len(y_true)), y_true], TINY, 1.0)))
 
     return _best_temperature(nll)
 
@@ -40,7 +39,7 @@ def fit_temperature(y_true, probabilities):
 def fit_finding_temperature(is_positive, probabilities):
     """The temperature T minimising the negative log-likelihood of sigmoid(logit(p) / T) for one finding."""
     def nll(log_t):
-        p = np.clip(apply_finding_temperatures(probabilities, np.exp(log_t)), _TINY, 1 - _TINY)
+        p = np.clip(apply_finding_temperatures(probabilities, np.exp(log_t)), TINY, 1 - TINY)
         return -np.mean(np.where(is_positive, np.log(p), np.log1p(-p)))
 
     return _best_temperature(nll)

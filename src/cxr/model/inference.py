@@ -13,7 +13,7 @@ import numpy as np
 from cxr.errors import UserError
 from cxr.progress import progress
 
-_TINY = 1e-12
+TINY = 1e-12  # probabilities are clipped to [TINY, 1 - TINY] before a log
 
 
 def predict_outputs(model, images, rows=None, batch_size=32, tta=False):
@@ -45,7 +45,7 @@ def positive_class(class_names, requested=None):
 
 def apply_temperature(probabilities, temperature):
     """softmax(log p / T): the model's logits up to a constant, so this is temperature scaling on its output."""
-    logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), _TINY, 1.0)) / temperature
+    logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), TINY, 1.0)) / temperature
     logits -= logits.max(axis=1, keepdims=True)
     scaled = np.exp(logits)
     return scaled / scaled.sum(axis=1, keepdims=True)
@@ -54,7 +54,7 @@ def apply_temperature(probabilities, temperature):
 def apply_finding_temperatures(probabilities, temperatures):
     """sigmoid(logit(p) / T) per finding: temperature scaling of (n, findings) sigmoid outputs, `temperatures`
     (findings,)."""
-    p = np.clip(np.asarray(probabilities, dtype=np.float64), _TINY, 1 - _TINY)
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), TINY, 1 - TINY)
     return 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p)) / np.asarray(temperatures, dtype=np.float64)))
 
 

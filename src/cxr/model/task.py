@@ -11,10 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxr.model.inference import (apply_finding_temperatures, apply_temperature, decide, decide_findings,
+from cxr.model.inference import (TINY, apply_finding_temperatures, apply_temperature, decide, decide_findings,
                                  positive_class)
-
-_TINY = 1e-12
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class Task:
 
     def logits(self, outputs):
         """(n, classes) logits of (n, classes) outputs (for a softmax, up to a constant per image)."""
-        p = np.clip(np.asarray(outputs, dtype=np.float64), _TINY, 1 - _TINY)
+        p = np.clip(np.asarray(outputs, dtype=np.float64), TINY, 1 - TINY)
         return np.log(p) - np.log1p(-p) if self.multi_label else np.log(p)
 
     def from_logits(self, logits):
