@@ -52,8 +52,8 @@ def test_twelve_bit_png_predicts_like_its_eight_bit_copy(tmp_path):
         eight = np.asarray(img.convert("L"), dtype=np.uint16)
     Image.fromarray(eight * 16).save(tmp_path / "twelve.png")
     Image.fromarray(eight.astype(np.uint8)).save(tmp_path / "eight.png")
-    keras_model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=64)
-    model = SavedModel.from_keras(keras_model, ["NORMAL", "PNEUMONIA"], 64, "efficientnet-lite0")
+    keras_model = build_classifier("test-efficientnet", 2, weights="none", img_size=64)
+    model = SavedModel.from_keras(keras_model, ["NORMAL", "PNEUMONIA"], 64, "test-efficientnet")
     model.save(tmp_path / "model")
     saved = SavedModel.load(tmp_path / "model" / "model.h5")
     x = np.stack([decode_image(tmp_path / name, 64) for name in ("twelve.png", "eight.png")])
@@ -187,7 +187,7 @@ def test_an_output_folder_inside_the_training_images_is_refused_before_anything_
             write_image(tmp_path / "data" / "train" / name / f"{name}{i}.png", seed=c * 10 + i)
     before = sorted(tmp_path.rglob("*"))
     assert main(["train", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "data/train/out"),
-                 "--weights", "none", "--backbone", "efficientnet-lite0"]) == 2
+                 "--weights", "none", "--backbone", "test-efficientnet"]) == 2
     assert "is inside the data's train/ folder" in capsys.readouterr().err
     assert sorted(tmp_path.rglob("*")) == before
 
@@ -214,7 +214,7 @@ def test_tensorboard_dies_with_a_killed_training_run(xray_raw, tmp_path):
         port = probe.getsockname()[1]
     child = subprocess.Popen([sys.executable, "-m", "cxr", "train", "--data-dir", str(xray_raw), "--output-dir",
                               str(tmp_path / "out"), "--port", str(port), "--img-size", "32", "--epochs", "50",
-                              "--patience", "50", "--weights", "none", "--backbone", "efficientnet-lite0"],
+                              "--patience", "50", "--weights", "none", "--backbone", "test-efficientnet"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
 
@@ -271,7 +271,7 @@ def test_a_read_only_raw_folder_is_one_error_line(shared_tmp):
     (shared_tmp / "out").mkdir()
     os.chown(shared_tmp / "out", 65534, 65534)
     result = as_unprivileged(["train", "--data-dir", str(shared_tmp / "data"), "--output-dir", str(shared_tmp / "out"),
-                              "--weights", "none", "--backbone", "efficientnet-lite0"], shared_tmp / "home")
+                              "--weights", "none", "--backbone", "test-efficientnet"], shared_tmp / "home")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("cxr: error:")]
     assert len(errors) == 1 and "can't write the train/val/test split" in errors[0]
@@ -290,7 +290,7 @@ def test_a_write_failure_after_training_is_one_line_naming_the_path(shared_tmp):
     (out / "reports").mkdir(mode=0o755)  # root's: the run can't write its reports
     result = as_unprivileged(["train", "--data-dir", str(shared_tmp / "data"), "--output-dir", str(out),
                               "--img-size", "32", "--epochs", "1", "--batch-size", "8", "--weights", "none",
-                              "--backbone", "efficientnet-lite0", "--bootstrap", "0"], shared_tmp / "home")
+                              "--backbone", "test-efficientnet", "--bootstrap", "0"], shared_tmp / "home")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("cxr: error:")]
     assert len(errors) == 1 and str(out / "reports") in errors[0] and "Permission denied" in errors[0], errors

@@ -268,7 +268,7 @@ def test_bad_option_value_exits_2_without_traceback(tmp_path):
 
 def test_user_error_from_the_command_line_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train_cnn.py"), "--data-dir", str(tmp_path / "none")],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)  # its default outputs/ there
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"cxr: error: {tmp_path / 'none'}: no such folder; point --data-dir at a folder " \
                                     "with train/<Class>/ or raw/<Class>/ (one subfolder of images per class, e.g. " \

@@ -16,7 +16,7 @@ def own_cache(isolated_run, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def model():
-    return build_classifier("efficientnet-lite0", 2, weights="none", img_size=32)
+    return build_classifier("test-efficientnet", 2, weights="none", img_size=32)
 
 
 def test_litert_gives_keras_numbers_for_any_batch_length(model):
@@ -31,7 +31,7 @@ def test_litert_gives_keras_numbers_for_any_batch_length(model):
 def test_head_bias_correction_takes_back_a_shift_in_the_logits():
     """A conversion whose head answers one logit off (as int8's accumulated rounding leaves it) is moved back to
     Keras' answers by `head_bias_corrected`, measured on the images it is given."""
-    model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=32)
+    model = build_classifier("test-efficientnet", 2, weights="none", img_size=32)
     head = model.get_layer("predictions")
     head.set_weights([head.get_weights()[0], np.float32([0.2, -0.2])])  # a trained head's bias is not all zeros
     x = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3)).astype(np.uint8)
@@ -51,7 +51,7 @@ def test_few_images_are_not_worth_a_conversion(model, monkeypatch):
 
 def test_a_model_trained_in_mixed_precision_stays_in_keras(tmp_path, monkeypatch):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    build_classifier("efficientnet-lite0", 2, weights="none", img_size=32).save(tmp_path / "mixed.keras")
+    build_classifier("test-efficientnet", 2, weights="none", img_size=32).save(tmp_path / "mixed.keras")
     keras.mixed_precision.set_global_policy("float32")  # as in `cxr predict`
     loaded = keras.models.load_model(tmp_path / "mixed.keras", compile=False)
     converted = []
@@ -61,7 +61,7 @@ def test_a_model_trained_in_mixed_precision_stays_in_keras(tmp_path, monkeypatch
 
 
 def test_frozen_prefix_runs_in_litert(model):
-    prefix = split_at_frozen_prefix(model, 132)[0]
+    prefix = split_at_frozen_prefix(model, 60)[0]
     predictor, engine = fast_inference(prefix)
     x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
     assert engine == "litert"
@@ -82,7 +82,7 @@ def test_conversion_is_cached_by_model_file(model, tmp_path, monkeypatch):
     assert fast_inference(model, model_path, n_images=1)[1] == "litert"  # converted already: always worth it
     monkeypatch.setattr(litert, "to_flatbuffer", convert)
 
-    (tmp_path / "class_names.json").write_text('{"class_names": ["A", "B"]}')
+    (tmp_path / "class_names.json").write_text('{"class_names": ["A", "B"], "backbone": "test-efficientnet"}')
     SavedModel.load(model_path).predictor()  # the model with the population check's taps, converted and cached
     tapped = tmp_path / "cache" / "cxr" / "litert"
     assert len(list(tapped.glob(f"model-*-{TAPS}.tflite"))) == 1
@@ -114,7 +114,7 @@ def test_unconvertible_model_falls_back_to_keras(model, monkeypatch, capsys):
 def test_a_damaged_cached_conversion_is_rebuilt(model, tmp_path, capsys):
     model_path = tmp_path / "model.keras"
     model.save(model_path)
-    (tmp_path / "class_names.json").write_text('{"class_names": ["A", "B"]}')
+    (tmp_path / "class_names.json").write_text('{"class_names": ["A", "B"], "backbone": "test-efficientnet"}')
     cached = litert.cache_path(model_path, tag=f"2-{TAPS}")  # the conversion as a model of 2 classes
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(b"not a flatbuffer")
@@ -128,7 +128,7 @@ def test_the_conversion_made_in_training_is_cached_for_the_saved_model_file(mode
     """Issue 46: the first `cxr predict` of a new model waited 43-59 s for the conversion training had already
     made."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    trained = SavedModel.from_keras(model, ["NORMAL", "PNEUMONIA"], 32, "efficientnet-lite0")
+    trained = SavedModel.from_keras(model, ["NORMAL", "PNEUMONIA"], 32, "test-efficientnet")
     trained.predictor(n_images=10_000)  # as training converts it, before the model has a file
     assert trained.engine == "litert"
     path = trained.save(tmp_path / "models")

@@ -13,7 +13,8 @@ def trainable_backbone_layers(model):
     return [i for i, layer in enumerate(backbone_layers(model)) if layer.trainable and layer.weights]
 
 
-@pytest.mark.parametrize("backbone, total", [("efficientnetb0", 237), ("efficientnet-lite0", 157)])
+@pytest.mark.parametrize("backbone, total", [("efficientnetb0", 237), ("efficientnet-lite0", 157),
+                                             ("test-efficientnet", 98)])
 def test_phases_freeze_the_right_layers(backbone, total):
     model = build_classifier(backbone, 3, weights="none", img_size=32)
     layers = backbone_layers(model)
@@ -118,7 +119,7 @@ def test_test_time_scales_average_the_logits_of_zoomed_views_and_survive_a_plain
     from cxr.model.networks import has_test_time_scales, with_test_time_scales
 
     keras.utils.set_random_seed(0)
-    model = build_classifier("efficientnet-lite0", 2, weights="none", img_size=64)
+    model = build_classifier("test-efficientnet", 2, weights="none", img_size=64)
     x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
     model.compile("adam", "categorical_crossentropy")
     model.fit(x, np.eye(2)[[0, 1, 0]], epochs=1, verbose=0)  # BatchNormalization statistics away from 0 and 1
@@ -177,3 +178,16 @@ def test_the_population_taps_leave_the_outputs_as_they_are(tmp_path):
             outputs = with_population_taps(source, taps, scales).predict(x, verbose=0)
             np.testing.assert_allclose(outputs[:, :2], expected, atol=1e-5)
             assert outputs.shape[1] == 2 + 80 + 112 + 192 + 1280  # Lite0's blocks 4c, 5c, 6d and last feature map
+
+
+def test_the_test_backbone_is_a_small_lite0_with_its_taps_and_no_imagenet_weights():
+    """The suite's network: Lite0's block names and defaults at a fraction of its weights."""
+    model = build_classifier("test-efficientnet", 2, weights="none", img_size=32)
+    assert model.count_params() < build_classifier("efficientnet-lite0", 2, weights="none", img_size=32).count_params() / 10
+    entry, lite = backbones.get("test-efficientnet"), backbones.get("efficientnet-lite0")
+    assert (entry.fine_tune_from, entry.test_time_scales, entry.augment) == (lite.fine_tune_from, lite.test_time_scales,
+                                                                               lite.augment)
+    for tap in entry.population_taps:
+        model.get_layer(tap)
+    with pytest.raises(UserError, match="--weights none"):
+        build_classifier("test-efficientnet", 2, weights="imagenet", img_size=32)

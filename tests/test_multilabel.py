@@ -436,7 +436,7 @@ def test_init_from_copies_another_models_backbone_and_leaves_the_head_new(tiny_r
     from cxr.model.networks import backbone_layers, build_classifier, init_from
 
     source = keras.models.load_model(tiny_run / "models/model.h5", compile=False)  # two classes, test-time scales
-    target = build_classifier("efficientnet-lite0", 5, "none", 48, multi_label=True)
+    target = build_classifier("test-efficientnet", 5, "none", 48, multi_label=True)
     head_before = target.get_layer("predictions").get_weights()
     copied = init_from(target, tiny_run / "models/model.h5")
     assert copied > 50

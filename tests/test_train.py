@@ -12,7 +12,7 @@ from cxr.training.loop import TrainingRun, default_phases, train
 def test_a_run_can_start_at_phase_2_and_a_later_epoch(xray_raw, tmp_path):
     # phase 2 runs to its own cap (--finetune-epochs 3), not phase 1's (--epochs 2)
     config = Config(data_dir=xray_raw, img_size=32, epochs=2, finetune_epochs=3, batch_size=8,
-                    backbone="efficientnet-lite0", weights="none", patience=5)
+                    backbone="test-efficientnet", weights="none", patience=5)
     dataset = prepare_splits(config)
     dataset.decode(config.img_size, tmp_path / "cache")
     builder = Builder()
@@ -36,7 +36,7 @@ def test_augmentation_reaches_training_views_only(augment, xray_raw, tmp_path):
     from cxr.model.networks import split_at_frozen_prefix
     from cxr.training.loop import CachedInputs
 
-    config = Config(data_dir=xray_raw, img_size=32, batch_size=8, backbone="efficientnet-lite0", weights="none",
+    config = Config(data_dir=xray_raw, img_size=32, batch_size=8, backbone="test-efficientnet", weights="none",
                     augment=augment, feature_views=1)
     dataset = prepare_splits(config)
     dataset.decode(config.img_size, tmp_path / "cache")
