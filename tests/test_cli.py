@@ -196,6 +196,7 @@ def test_html_report_renders_in_headless_chromium(trained, tmp_path):
     assert colourful > 0.0005 and pixels.std() > 20  # grey text alone scores ~0
 
 
+@pytest.mark.slow  # several trainings compared: CI runs it after the suite (README)
 def test_deterministic_runs_give_the_same_numbers(xray_raw, tmp_path, monkeypatch):
     """With LiteRT for the frozen layers and the evaluation, as on a full-size dataset. (Folded into the resume
     test, a LiteRT cache computed in another process moved val_loss in its 8th digit: kept apart.)"""

@@ -37,6 +37,7 @@ def options(xray_raw):
             "--epochs", "3", "--patience", "3", "--bootstrap", "20"]
 
 
+@pytest.mark.slow  # several trainings compared: CI runs it after the suite (README)
 def test_a_mirrored_run_writes_the_artifacts_predicts_and_resumes_after_a_kill_to_the_same_numbers(options, xray_raw,
                                                                                                     tmp_path):
     whole_run = on_two_cpus(*options, "--output-dir", str(tmp_path / "whole"))
@@ -122,6 +123,7 @@ def test_the_chief_is_the_chief_task_else_worker_0():
     assert role(cluster | {"chief": ["c:1"]}, "chief", 0) == (3, "chief 0", True)
 
 
+@pytest.mark.slow  # several trainings compared: CI runs it after the suite (README)
 def test_two_workers_leave_one_set_of_artifacts_match_one_worker_and_resume_after_a_kill(worker_options, xray_raw,
                                                                                           tmp_path):
     job = [*worker_options, "--strategy", "multiworker", "--epochs", "3", "--patience", "3"]

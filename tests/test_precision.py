@@ -115,6 +115,28 @@ def sample_dataset(size):
     return dataset
 
 
+@pytest.fixture(scope="module", autouse=True)
+def int8_conversions_made_once():
+    """This module's tests convert the same network with the same calibration images more than once (the guard's
+    verdict, then int8 asked for): each conversion is made once and answered again from memory."""
+    import hashlib
+
+    from cxr.bundle import litert
+
+    convert, made = litert.to_int8_flatbuffer, {}
+
+    def once(model, calibration_images):
+        key = hashlib.sha256(model.to_json().encode() + np.asarray(calibration_images).tobytes()
+                             + b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
+        if key not in made:
+            made[key] = convert(model, calibration_images)
+        return made[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(litert, "to_int8_flatbuffer", once)
+        yield
+
+
 @pytest.fixture(scope="module")
 def black_choice(imagenet_run, litert_cache):
     """(model, record) of `serving.choose` "auto" for the ImageNet run's model with int8 calibrated on black

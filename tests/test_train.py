@@ -50,6 +50,7 @@ def test_augmentation_reaches_training_views_only(augment, xray_raw, tmp_path):
     assert not np.allclose(views[:], plain("train"), rtol=1e-2, atol=1e-2)  # training: augmented
 
 
+@pytest.mark.slow  # several trainings compared: CI runs it after the suite (README)
 def test_a_run_killed_in_phase_2_resumes_to_the_numbers_of_an_uninterrupted_run(xray_raw, tmp_path, capsys):
     import json
     import os
