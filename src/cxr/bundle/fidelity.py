@@ -29,11 +29,6 @@ def speeds(predictors, images, rounds=TIMING_ROUNDS):
     return best
 
 
-def images_per_second(predictor, images):
-    """`predictor`'s images/s on `images`, as `speeds` times it."""
-    return speeds({"timed": predictor}, images)["timed"]
-
-
 def mean_auc(y, outputs, task):
     """The headline AUC of (n, classes) outputs of a model of `task` (`cxr.model.task.Task`): binary, macro
     one-vs-rest, or for a multi-label model the mean over findings of each finding's AUC on its known labels
