@@ -10,17 +10,9 @@ turn). The ratio decides the guard at MIN_SPEEDUP (1.05).
 
 import argparse
 import csv
-import time
 from pathlib import Path
 
 import numpy as np
-
-
-def once(predictor, x):
-    predictor.predict_on_batch(x[:4])
-    start = time.perf_counter()
-    predictor.predict_on_batch(x)
-    return len(x) / (time.perf_counter() - start)
 
 
 def main():
@@ -49,7 +41,7 @@ def main():
           f"on demand, ratio | passes {MIN_SPEEDUP}x (one / best of 3) |")
     print("| --- | --- | --- | --- |")
     for repetition in range(args.repeats):
-        single = once(every, x), once(on_demand, x)
+        single = [speeds({"timed": predictor}, x, rounds=1)["timed"] for predictor in (every, on_demand)]
         best = speeds({"every": every, "on_demand": on_demand}, x)
         ratios = single[1] / single[0], best["on_demand"] / best["every"]
         print(f"| {repetition + 1} | {single[0]:.1f}, {single[1]:.1f}, {ratios[0]:.2f}x | {best['every']:.1f}, "
