@@ -164,7 +164,7 @@ def with_other_views(trained_dir, run_dir, config):
     model = SavedModel.from_keras(networks.with_test_time_scales(trained_model.keras_model, config.test_time_scales),
                                   trained_model.class_names, config.img_size, config.backbone, config.test_time_scales)
     model.predictor()
-    fit_point = precision.default_point_fitter(model.class_names, False, trained_model.operating_point["positive_class"],
+    fit_point = precision.default_point_fitter(model.task, trained_model.operating_point["positive_class"],
                                                config.target_sensitivity)
     serving.choose(model, dataset, config.precision, config.seed, fit_point)
     model.operating_point, (model.population, _) = fit_on_validation(model, dataset, fit_point, config)

@@ -65,7 +65,8 @@ def main():
 
     from cxr.data.decode import decode_image
     from cxr.model.inference import predict_outputs
-    from cxr.bundle.fidelity import calibrated, mean_auc, speeds
+    from cxr.bundle.fidelity import calibrated, speeds
+    from cxr.evaluate.scoring import scoring
     from cxr.bundle.saved_model import SavedModel
 
     model = SavedModel.load(args.run / "models" / "model.h5", "float32")
@@ -84,7 +85,7 @@ def main():
     reference = model.raw_outputs(images)[0]
     timed = images[np.linspace(0, len(images) - 1, min(256, len(images))).astype(int)]
     print(f"model {args.run / 'models' / 'model.h5'}: {len(images)} validation images, int8 calibrated on "
-          f"{len(calibration)} training images; float32 validation AUC {mean_auc(y, reference, model.task):.5f}")
+          f"{len(calibration)} training images; float32 validation AUC {scoring(model.task).auc(y, reference):.5f}")
     print("| variant | validation AUC | logit shift | logit noise (sd) | max / p99 / p95 calibrated difference "
           "| images/s int8 vs float32 |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -100,7 +101,7 @@ def main():
         unsaturated = np.abs(log_odds(reference, positive)) < 20
         timings = speeds({"int8": int8, "float32": model.predictor()}, timed)  # the best of 3 rounds, in turn
         rates = timings["int8"], timings["float32"]
-        print(f"| {name} | {mean_auc(y, outputs, model.task):.5f} | {np.median(shift[unsaturated]):+.3f} "
+        print(f"| {name} | {scoring(model.task).auc(y, outputs):.5f} | {np.median(shift[unsaturated]):+.3f} "
               f"| {np.std(shift[unsaturated]):.3f} | {difference.max():.3f} / {np.quantile(difference, 0.99):.3f} / "
               f"{np.quantile(difference, 0.95):.3f} | {rates[0]:.0f} vs {rates[1]:.0f} |", flush=True)
         print(f"  ({name}: converted in {seconds:.0f} s)", file=sys.stderr)

@@ -138,10 +138,11 @@ def test_report_rows():
 def test_calibrating_on_a_site_refits_temperature_and_threshold_on_its_arrays():
     from cxr.commands.calibrate import refit_operating_point, small_classes
 
+    from cxr.model.task import Classes
+
     class Model:  # what refit_operating_point reads of a SavedModel
-        class_names = NAMES
+        task = Classes(NAMES)
         operating_point = {"positive_class": "PNEUMONIA", "temperature": 1.0, "threshold": 0.5}
-        multi_label = False
 
     # a site where the model's scores run high: every normal scores 0.6-0.7, every pneumonia 0.8-0.95
     y = np.array([0] * 30 + [1] * 30)

@@ -188,7 +188,7 @@ def test_int8_is_converted_per_view_and_serves_the_views_on_demand(imagenet_run,
     the answer uncertain (the margin fitted on validation against int8 with every view), chosen once by
     `serving.choose` where int8 passes its guard, saved, and loaded as the same plan."""
     from cxr.bundle import precision, serving, views_on_demand
-    from cxr.bundle.fidelity import mean_auc
+    from cxr.evaluate.scoring import scoring
     from cxr.bundle.saved_model import SavedModel
     from cxr.bundle.serving import ServingPlan
     from cxr.errors import UserError
@@ -209,7 +209,7 @@ def test_int8_is_converted_per_view_and_serves_the_views_on_demand(imagenet_run,
     assert model.plan == ServingPlan("int8", on_demand["margin"], "auto")
     assert model.engine == "litert int8, views on demand"
     served = model.raw_outputs(dataset.images, rows)[0]
-    assert abs(mean_auc(y, served, model.task) - mean_auc(y, float_outputs, model.task)) < 0.02
+    assert abs(scoring(model.task).auc(y, served) - scoring(model.task).auc(y, float_outputs)) < 0.02
 
     model.save(tmp_path / "models")
     assert sorted(p.name for p in (tmp_path / "models").glob("model.int8*")) == ["model.int8.tflite",
@@ -241,25 +241,25 @@ def guarded(make_int8, speeds=(100.0, 150.0)):
     are calibrated (labels drawn from them), and int8 logits `make_int8(logits, threshold)` (threshold: float32's
     operating point as a logit)."""
     from cxr.bundle import precision
-    from cxr.model.task import Task
+    from cxr.model.task import Classes
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 4, 1000)
     y = (rng.random(1000) < 1 / (1 + np.exp(-logits))).astype(int)
     names = ["NORMAL", "PNEUMONIA"]
-    fit = precision.default_point_fitter(names, False)
+    fit = precision.default_point_fitter(Classes(names))
 
     def outputs(z):
         p = 1 / (1 + np.exp(-z))
         return np.stack([1 - p, p], axis=1)
 
     def served(raw):
-        return Task(names).calibrate(fit(y, raw), raw)
+        return Classes(names).calibrate(fit(y, raw), raw)
 
     point = fit(y, outputs(logits))
     threshold = np.log(point["threshold"] / (1 - point["threshold"])) * point["temperature"]
     int8 = make_int8(logits.copy(), threshold, rng)
-    return precision.guard(y, {"float32": outputs(logits), "int8": outputs(int8)}, served, Task(names),
+    return precision.guard(y, {"float32": outputs(logits), "int8": outputs(int8)}, served, Classes(names),
                            {"float32": speeds[0], "int8": speeds[1]})
 
 

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from cxr.cli import main
 from cxr.data.split import read_labelled_folder
 from cxr.evaluate.subgroups import MIN_GROUP, Scored, age_band, groups_of, subgroup_analysis
+from cxr.model.task import Classes, Findings
 from tests.conftest import SAMPLE
 from tests.test_dicom import grey_xray, write_dicom
 from tests.conftest import NIH_IMAGES, nih_rows, write_lines
@@ -41,7 +42,7 @@ def two_groups(n_a=60, n_b=60, sensitivity_b=0.9, seed=0):
 
 def test_per_group_numbers_are_the_groups_own_and_a_real_gap_is_flagged():
     y, probabilities, called, group = two_groups(sensitivity_b=0.3)
-    result = subgroup_analysis({"site": group}, Scored(y, probabilities, called, ["N", "P"], positive_index=1),
+    result = subgroup_analysis({"site": group}, Scored(y, probabilities, called, Classes(["N", "P"]), positive_index=1),
                                np.arange(len(y)).astype(str), n_resamples=300, seed=0)["site"]
     for name in ("a", "b"):
         rows = group == name
@@ -62,7 +63,7 @@ def test_no_gap_is_flagged_where_there_is_none_and_small_groups_are_marked_not_h
     y, probabilities, called = np.concatenate([y, [1, 0]]), np.concatenate([probabilities, [[0.2, 0.8]] * 2]), \
         np.concatenate([called, [1, 1]])
     group = np.concatenate([group, ["tiny", "tiny"]])
-    result = subgroup_analysis({"site": group}, Scored(y, probabilities, called, ["N", "P"], positive_index=1),
+    result = subgroup_analysis({"site": group}, Scored(y, probabilities, called, Classes(["N", "P"]), positive_index=1),
                                np.arange(len(y)).astype(str), n_resamples=300, seed=0)["site"]
     assert not result["gaps"]["sensitivity"]["flagged"] and not result["gaps"]["specificity"]["flagged"]
     assert result["groups"]["tiny"]["small"] and result["groups"]["tiny"]["n_images"] == 2 < MIN_GROUP
@@ -77,7 +78,7 @@ def test_multi_label_groups_get_the_mean_auc_and_each_findings_sensitivity():
     scores = np.nan_to_num(scores, nan=0.5)
     called = (scores >= 0.5).astype(int)
     group = np.array(["x"] * 40 + ["y"] * 40, dtype=object)
-    result = subgroup_analysis({"sex": group}, Scored(labels, scores, called, ["A", "B"], multi_label=True),
+    result = subgroup_analysis({"sex": group}, Scored(labels, scores, called, Findings(["A", "B"])),
                                np.arange(80).astype(str), n_resamples=50)["sex"]["groups"]["x"]
     known = ~np.isnan(labels[:40, 1])
     auc_b = roc_auc_score(labels[:40][known, 1], scores[:40][known, 1])

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from cxr.model.task import Task
+from cxr.model.task import Classes, Findings, Task
 
 SOFTMAX = np.array([[0.9, 0.1], [0.4, 0.6], [0.5, 0.5]])
 SIGMOID = np.array([[0.99, 0.02, 0.5], [0.01, 0.98, 0.999]])
 
 
 def test_logits_give_back_the_outputs_and_views_combine_as_the_mean_of_their_logits():
-    single, multi = Task(["NORMAL", "PNEUMONIA"]), Task(["A", "B", "C"], multi_label=True)
+    single, multi = Classes(["NORMAL", "PNEUMONIA"]), Findings(["A", "B", "C"])
     np.testing.assert_allclose(single.from_logits(single.logits(SOFTMAX)), SOFTMAX, atol=1e-12)
     np.testing.assert_allclose(multi.from_logits(multi.logits(SIGMOID)), SIGMOID, atol=1e-9)
     np.testing.assert_allclose(single.combine([SOFTMAX, SOFTMAX]), SOFTMAX, atol=1e-12)
@@ -22,21 +22,21 @@ def test_logits_give_back_the_outputs_and_views_combine_as_the_mean_of_their_log
 
 
 def test_uncertain_answers_are_those_far_from_certain():
-    assert Task(["A", "B"]).uncertain(SOFTMAX, 0.2).tolist() == [False, True, True]
-    assert Task(["A", "B", "C"], True).uncertain(SIGMOID, 0.03).tolist() == [True, False]
-    assert Task(["A", "B"], True).uncertain(SIGMOID[:, :2], 0.03).tolist() == [False, False]
-    assert Task(["A", "B"], True).uncertain(SIGMOID[:, :2], 0.015).tolist() == [True, True]
+    assert Classes(["A", "B"]).uncertain(SOFTMAX, 0.2).tolist() == [False, True, True]
+    assert Findings(["A", "B", "C"]).uncertain(SIGMOID, 0.03).tolist() == [True, False]
+    assert Findings(["A", "B"]).uncertain(SIGMOID[:, :2], 0.03).tolist() == [False, False]
+    assert Findings(["A", "B"]).uncertain(SIGMOID[:, :2], 0.015).tolist() == [True, True]
 
 
 def test_calls_at_an_operating_point_and_the_default_point():
-    single = Task(["NORMAL", "PNEUMONIA"])
+    single = Classes(["NORMAL", "PNEUMONIA"])
     probabilities, calls = single.calibrate({"positive_class": "PNEUMONIA", "temperature": 1.0, "threshold": 0.55},
                                             SOFTMAX)
     np.testing.assert_allclose(probabilities, SOFTMAX)
     assert calls.tolist() == [0, 1, 0]
     assert single.default_point()["method"] == "argmax"
     assert single.calibrate(single.default_point(), SOFTMAX)[1].tolist() == [0, 1, 0]
-    multi = Task(["A", "B", "C"], multi_label=True)
+    multi = Findings(["A", "B", "C"])
     point = multi.default_point()
     assert set(point["findings"]) == {"A", "B", "C"} and point["findings"]["A"]["threshold"] == 0.5
     probabilities, calls = multi.calibrate(point, SIGMOID)
@@ -46,14 +46,28 @@ def test_calls_at_an_operating_point_and_the_default_point():
 
 
 def test_agreement_is_of_the_least_agreeing_finding():
-    assert Task(["A", "B"]).agreement([0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
+    assert Classes(["A", "B"]).agreement([0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
     a = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
     b = np.array([[1, 0], [0, 1], [0, 0], [0, 1]])
-    assert Task(["A", "B"], True).agreement(a, b) == 0.75
+    assert Findings(["A", "B"]).agreement(a, b) == 0.75
 
 
 def test_a_task_is_a_value():
-    task = Task(["A", "B"])
-    assert task == Task(("A", "B")) and task.outputs == 2 and hash(task) == hash(Task(("A", "B")))
+    task = Classes(["A", "B"])
+    assert task == Classes(("A", "B")) and task.outputs == 2 and hash(task) == hash(Classes(("A", "B")))
     with pytest.raises(AttributeError):
         task.multi_label = True
+
+
+def test_task_of_gives_the_kind_and_one_images_calls_read_alike():
+    single, multi = Task.of(["NORMAL", "PNEUMONIA"]), Task.of(["A", "B", "C"], multi_label=True)
+    assert isinstance(single, Classes) and isinstance(multi, Findings) and multi.multi_label
+    assert single != Findings(["NORMAL", "PNEUMONIA"])  # same names, another kind of model
+    assert single.called(1) == ["PNEUMONIA"] and single.label_text(0) == "NORMAL"
+    assert multi.called([1, 0, 1]) == ["A", "C"] and multi.called([1, 0, 1], [0.6, 0.1, 0.9]) == ["C", "A"]
+    assert multi.label_text([0, 0, 0]) == "none" and multi.label_text([1, 0, 1], [0.6, 0.1, 0.9]) == "C|A"
+    assert single.explained([0.3, 0.7], 0) == [0]  # the class called, not the most probable
+    assert multi.explained([0.6, 0.1, 0.9], [1, 0, 1]) == [2, 0] and multi.explained([0.2, 0.4, 0.1], [0, 0, 0]) == [1]
+    np.testing.assert_array_equal(single.labels_matrix([1, 0]), [[0, 1], [1, 0]])
+    point = {"positive_class": "PNEUMONIA", "temperature": 1.0, "threshold": 0.8}
+    assert single.thresholds(point) == [None, 0.8] and multi.thresholds(multi.default_point()) == [0.5] * 3

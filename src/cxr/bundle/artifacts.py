@@ -14,8 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from cxr.atomic import spreadsheet_safe, write_bytes, write_text
 from cxr.errors import UserError
 
@@ -170,16 +168,17 @@ def write_predictions(path, evaluation, paths, y):
     """predictions.csv: one row per evaluated image (`paths`, true labels `y`: class indices, or a labels matrix
     with NaN unknown): the truth, the call, every calibrated probability and the population check's flag.
     Cells a spreadsheet would run are neutralised, as in every CSV cxr writes."""
-    names = list(evaluation.class_names)
+    names, task = list(evaluation.class_names), evaluation.task
     flagged = evaluation.in_distribution
-    multi_label = np.asarray(evaluation.predictions).ndim == 2
-    header = ["path", *((f"true_{n}" for n in names) if multi_label else ["true"]),
-              *((f"called_{n}" for n in names) if multi_label else ["label"]), *(f"p_{n}" for n in names),
+    per_finding = task.multi_label  # a column per finding for the truth and the call, else the class named
+    header = ["path", *((f"true_{n}" for n in names) if per_finding else ["true"]),
+              *((f"called_{n}" for n in names) if per_finding else ["label"]), *(f"p_{n}" for n in names),
               "in_distribution"]
     rows = [header]
     for k, image in enumerate(paths):
-        truth = ["" if v != v else int(v) for v in y[k]] if multi_label else [names[int(y[k])]]
-        call = [int(v) for v in evaluation.predictions[k]] if multi_label else [names[int(evaluation.predictions[k])]]
+        truth = ["" if v != v else int(v) for v in y[k]] if per_finding else [names[int(y[k])]]
+        call = task.called_mask(evaluation.predictions[k]).astype(int).tolist() if per_finding else \
+            task.called(evaluation.predictions[k])
         rows.append([str(image), *truth, *call, *(f"{p:.6f}" for p in evaluation.probabilities[k]),
                      "" if flagged is None else bool(flagged[k])])
     write_csv(rows, path)

@@ -29,41 +29,9 @@ def speeds(predictors, images, rounds=TIMING_ROUNDS):
     return best
 
 
-def mean_auc(y, outputs, task):
-    """The headline AUC of (n, classes) outputs of a model of `task` (`cxr.model.task.Task`): binary, macro
-    one-vs-rest, or for a multi-label model the mean over findings of each finding's AUC on its known labels
-    (findings with one class known left out)."""
-    from sklearn.metrics import roc_auc_score
-
-    from cxr.evaluate.metrics import auc_score
-
-    if not task.multi_label:
-        return auc_score(y, outputs, task.outputs)
-    aucs = []
-    for k in range(outputs.shape[1]):
-        known = ~np.isnan(y[:, k])
-        if len(np.unique(y[known, k])) == 2:
-            aucs.append(roc_auc_score(y[known, k], outputs[known, k]))
-    return float(np.mean(aucs)) if aucs else None
-
-
 def calibrated(y, float_outputs, outputs, task):
-    """`outputs` at the temperature(s) fitted on the float32 outputs `float_outputs` of the same images."""
-    from cxr.evaluate.metrics import fit_finding_temperature, fit_temperature
+    """`outputs` at the temperature(s) fitted on the float32 outputs `float_outputs` of the same images, by a
+    model of `task` (`cxr.model.task.Task`)."""
+    from cxr.evaluate.scoring import scoring
 
-    if not task.multi_label:
-        return task.temperature_scaled(outputs, fit_temperature(y, float_outputs))
-    temperatures = []
-    for k in range(float_outputs.shape[1]):
-        known = ~np.isnan(y[:, k])
-        temperatures.append(fit_finding_temperature(y[known, k] == 1, float_outputs[known, k])
-                            if len(np.unique(y[known, k])) == 2 else 1.0)
-    return task.temperature_scaled(outputs, temperatures)
-
-
-def calibration_error(y, probabilities, task):
-    """The expected calibration error of calibrated (n, classes) probabilities; for a multi-label model over
-    every (image, finding) pair with a known label."""
-    from cxr.evaluate.metrics import expected_calibration_error, finding_calibration_error
-
-    return (finding_calibration_error if task.multi_label else expected_calibration_error)(y, probabilities)
+    return task.temperature_scaled(outputs, scoring(task).temperatures(y, float_outputs))

@@ -105,12 +105,8 @@ def describe(model):
                                    f"{model.img_size} x {model.img_size}, grey X-rays repeated into three channels"
                                    + views_note(model.test_time_scales)},
         "test_time_scales": model.test_time_scales,
-        "outputs": ({"class_names": model.class_names, "activation": "sigmoid",
-                     "calibration": "each finding's probability p is calibrated as sigmoid(logit(p) / temperature) with "
-                                    "its own temperature (operating_point.findings)"} if model.multi_label else
-                    {"class_names": model.class_names, "activation": "softmax",
-                     "calibration": f"probabilities p are calibrated as softmax(log(p) / temperature), temperature "
-                                    f"{point['temperature']:.4g}"}),
+        "outputs": {"class_names": model.class_names, "activation": model.task.activation,
+                    "calibration": model.task.calibration_rule(point)},
         "operating_point": point | {"fitted_on_description": describe_fitted_on(point)},
         "decision_rule": decision_rule(point, model.class_names),
         "population_check": population_record(model),

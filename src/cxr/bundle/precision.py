@@ -19,7 +19,7 @@ import io
 import numpy as np
 
 from cxr.bundle import fidelity
-from cxr.bundle.fidelity import calibration_error, mean_auc, speeds
+from cxr.bundle.fidelity import speeds
 from cxr.bundle.views_on_demand import int8_predictor
 from cxr.errors import warn
 
@@ -52,8 +52,11 @@ def guard(y, outputs, served, task, speeds):
     PROBABILITY_P99 of float32's at the 99th percentile and PROBABILITY_MAX on every image, its expected calibration
     error is at most ECE_TOLERANCE above float32's, and it is faster: what a clinician sees, rather than the single
     image on which two models differ most."""
+    from cxr.evaluate.scoring import scoring
+
     float_outputs, int8_outputs = outputs["float32"], outputs["int8"]
-    auc_float, auc_int8 = (mean_auc(y, o, task) for o in (float_outputs, int8_outputs))
+    scores = scoring(task)
+    auc_float, auc_int8 = (scores.auc(y, o) for o in (float_outputs, int8_outputs))
     record = {"validation_images": len(y), "val_auc_float32": auc_float, "val_auc_int8": auc_int8,
               "images_per_second": {k: round(v, 1) for k, v in speeds.items()},
               "tolerances": {"auc": fidelity.AUC_TOLERANCE, "call_agreement": CALL_AGREEMENT,
@@ -70,8 +73,8 @@ def guard(y, outputs, served, task, speeds):
         record |= {"call_agreement": round(agreement, 4),
                    "calibrated_probability_difference": {"p99": round(float(np.percentile(difference, 99)), 4),
                                                          "max": round(float(difference.max()), 4)},
-                   "ece_float32": round(calibration_error(y, p_float, task), 4),
-                   "ece_int8": round(calibration_error(y, p_int8, task), 4)}
+                   "ece_float32": round(scores.calibration_error(y, p_float), 4),
+                   "ece_int8": round(scores.calibration_error(y, p_int8), 4)}
         if auc_float - auc_int8 > fidelity.AUC_TOLERANCE:
             reasons.append(f"its validation AUC is {auc_float - auc_int8:.4f} lower than float32's (at most "
                            f"{fidelity.AUC_TOLERANCE} allowed)")
@@ -128,7 +131,7 @@ def guard_int8(model, dataset, requested, seed, fit_point=None, calibration=None
     int8_outputs = predict_outputs(int8, dataset.images, rows)[:, :classes]  # in batches, as float32's
     timed = dataset.images[rows[:TIMED_IMAGES]]
     rates = speeds({"float32": model.predictor(), "int8": int8}, timed)
-    fit_point = fit_point or default_point_fitter(model.class_names, model.multi_label)
+    fit_point = fit_point or default_point_fitter(model.task)
 
     def served(raw):
         return model.task.calibrate(fit_point(y, raw), raw)
@@ -157,15 +160,12 @@ def int8_views(model, calibration):
             | {f"view{s:g}": litert.to_int8_flatbuffer(model.view_model(s), calibration) for s in others})
 
 
-def default_point_fitter(class_names, multi_label, positive=None, target_sensitivity=None):
-    """fit_point(y, raw) -> the operating point a run fits on validation outputs (`cxr.evaluate.metrics`)."""
-    from cxr.evaluate.metrics import fit_finding_points, fit_operating_point
-    from cxr.model.inference import positive_class
+def default_point_fitter(task, positive=None, target_sensitivity=None):
+    """fit_point(y, raw) -> the operating point a run fits on validation outputs of a model of `task`
+    (`scoring(task).fit_point`)."""
+    from cxr.evaluate.scoring import scoring
 
-    if multi_label:
-        return lambda y, raw: fit_finding_points(y, raw, class_names, target_sensitivity)
-    positive = positive_class(class_names, positive)
-    return lambda y, raw: fit_operating_point(y, raw, class_names, positive, target_sensitivity)
+    return lambda y, raw: scoring(task).fit_point(y, raw, positive, target_sensitivity)
 
 
 def _number(value):

@@ -97,8 +97,7 @@ class SavedModel:
         self.img_size = info.get("img_size")
         self.backbone = info.get("backbone")
         self.test_time_scales = info.get("test_time_scales", [1.0])  # the zoomed views the model averages
-        self.multi_label = bool(info.get("multi_label", False))
-        self.task = Task(self.class_names, self.multi_label)  # what its outputs mean
+        self.task = Task.of(self.class_names, bool(info.get("multi_label", False)))  # what its outputs mean
         self.operating_point = self.task.default_point() | {k: v for k, v in info.items() if k not in MODEL_KEYS}
         self._keras_model = keras_model
         self._predictor, self.engine, self._tapped = None, None, None
@@ -158,6 +157,11 @@ class SavedModel:
         if self._sha256 is None and self.path is not None:
             self._sha256 = file_sha256(self.path)
         return self._sha256
+
+    @property
+    def multi_label(self):
+        """Whether the model has one sigmoid per finding (its task is `Findings`) rather than one softmax."""
+        return self.task.multi_label
 
     @property
     def positive_index(self):

@@ -76,7 +76,8 @@ def choose(task, views, dataset, all_views):
     (`serving.choose` serves it)."""
     from cxr.model.inference import predict_outputs
     from cxr.bundle import fidelity
-    from cxr.bundle.fidelity import calibrated, mean_auc, speeds
+    from cxr.bundle.fidelity import calibrated, speeds
+    from cxr.evaluate.scoring import scoring
 
     rows, y = dataset.split("val")
     classes = task.outputs
@@ -86,7 +87,7 @@ def choose(task, views, dataset, all_views):
                                                 for v in other_views)])
     record = {"margin": None, "rebuilt_difference": float(np.max(np.abs(every_view - all_views))),
               "auc_tolerance": fidelity.AUC_TOLERANCE / 2, "probability_tolerance": fidelity.PROBABILITY_TOLERANCE / 2}
-    auc_all = mean_auc(y, all_views, task)
+    auc_all = scoring(task).auc(y, all_views)
     if record["rebuilt_difference"] > REBUILD_TOLERANCE:
         return _refused(record, f"the views' outputs don't add up to the model's (by up to "
                                 f"{record['rebuilt_difference']:.1e})")
@@ -98,7 +99,7 @@ def choose(task, views, dataset, all_views):
         need = task.uncertain(first_outputs, margin)
         served = np.where(need[:, None], every_view, first_outputs)
         trials.append({"margin": margin, "share_with_every_view": round(float(need.mean()), 4),
-                       "val_auc": mean_auc(y, served, task),
+                       "val_auc": scoring(task).auc(y, served),
                        "max_calibrated_probability_difference": round(float(np.max(np.abs(
                            calibrated(y, all_views, served, task) - reference))), 4)})
     record |= {"val_auc_every_view": auc_all, "trials": trials}

@@ -23,11 +23,10 @@ def refit_operating_point(model, y, raw, target_sensitivity=None):
     Same rule as training (temperature by likelihood, then Youden's J or a sensitivity target on the
     calibrated probability), so a site's sample replaces the validation split.
     """
-    from cxr.evaluate.metrics import fit_finding_points, fit_operating_point
+    from cxr.evaluate.scoring import scoring
 
-    if model.multi_label:
-        return fit_finding_points(y, raw, model.class_names, target_sensitivity, keep=model.operating_point)
-    return fit_operating_point(y, raw, model.class_names, model.operating_point["positive_class"], target_sensitivity)
+    point = model.operating_point
+    return scoring(model.task).fit_point(y, raw, point.get("positive_class"), target_sensitivity, keep=point)
 
 
 def small_classes(counts):

@@ -53,18 +53,9 @@ class Result:
 def result_from_prediction(model, probabilities, label, population):
     """The `Result` of one image: `probabilities` (classes,) calibrated, `label` as `SavedModel.calibrate` gives
     it (a class index, or a multi-label model's (findings,) 0/1 row)."""
-    from cxr.commands.predict import NONE_CALLED, called_findings
-
-    names = model.class_names
-    if model.multi_label:
-        called = np.asarray(label, dtype=bool)
-        thresholds = model.finding_points("threshold")
-        shown = "|".join(called_findings(probabilities, called, names)) or NONE_CALLED
-    else:
-        called = np.arange(len(names)) == int(label)
-        point = model.operating_point
-        thresholds = [point["threshold"] if name == point["positive_class"] else None for name in names]
-        shown = names[int(label)]
+    names, task = model.class_names, model.task
+    called, thresholds = task.called_mask(label), task.thresholds(model.operating_point)
+    shown = task.label_text(label, probabilities)
     return Result(names, np.asarray(probabilities, dtype=float), called, thresholds, shown, population, model)
 
 

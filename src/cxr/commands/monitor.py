@@ -43,7 +43,7 @@ def monitor(db, model_path, output_dir, options=MonitorOptions()):
     if options.since is not None:
         query = query.where(predictions.c.time >= options.since)
     labels = read_labels(options.labels, salt, reference) if options.labels else None
-    positive = None if model.multi_label else model.operating_point["positive_class"]
+    positive = model.operating_point.get("positive_class")  # None for a model of findings
     thresholds = options.thresholds or drift.Thresholds()
     with engine.connect() as connection:  # rows streamed, one window in memory at a time
         rows = connection.execution_options(yield_per=10_000).execute(query).mappings()

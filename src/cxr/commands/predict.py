@@ -18,6 +18,7 @@ from cxr.atomic import spreadsheet_safe
 from cxr.errors import UserError, warn
 from cxr.progress import progress
 from cxr.bundle.saved_model import SavedModel
+from cxr.model.task import NONE_CALLED
 
 
 def list_inputs(paths):
@@ -124,15 +125,6 @@ def warn_population(check, n_images, unavailable):
              "ages, devices or views) or not chest X-rays")
 
 
-NONE_CALLED = "none"  # a multi-label model's label when no finding reaches its threshold
-
-
-def called_findings(probabilities, called, class_names):
-    """The findings called for one image ((findings,) calibrated probabilities and 0/1 calls), most probable
-    first."""
-    return [class_names[k] for k in np.argsort(-probabilities, kind="stable") if called[k]]
-
-
 POPULATION_FIELDS = ("in_distribution", "population_score", "population_percentile")
 
 
@@ -141,59 +133,54 @@ def population_fields(check, k):
     return check.record(k) if check is not None else dict.fromkeys(POPULATION_FIELDS)
 
 
-def format_predictions(predictions, class_names, fmt="table", multi_label=False, operating_point=None):
-    """One record per file of `predictions` (`Predictions`): the label, its probability and every class's
-    probability; for a multi-label model the findings called (`positive_findings`, joined by '|' as the label)
-    and every finding's probability. Each also carries the population check ("in_distribution", its score and
-    percentile; None without one), the image's warnings (csv: joined by '; ') and the rule that made the label
-    from the probabilities (`operating_point`: the model's; "threshold" and "rule", per finding for multi-label;
-    the table says it once, above the rows)."""
+def format_predictions(predictions, task, fmt="table", operating_point=None):
+    """One record per file of `predictions` (`Predictions`) of a model of `task` (`cxr.model.task.Task`): the
+    label, its probability and every class's probability; for a multi-label model the findings called
+    (`positive_findings`, joined by '|' as the label) and every finding's probability. Each also carries the
+    population check ("in_distribution", its score and percentile; None without one), the image's warnings (csv:
+    joined by '; ') and the rule that made the label from the probabilities (`operating_point`: the model's;
+    "threshold" and "rule", per finding for multi-label; the table says it once, above the rows)."""
     from cxr.bundle.model_card import decision_rule
 
-    point = operating_point or {"threshold": None}
-    if "findings" in point:
-        thresholds = {name: p["threshold"] for name, p in point["findings"].items()}
-        rules = "each finding is called when its calibrated probability reaches its threshold"
-    else:
-        thresholds, rules = point.get("threshold"), decision_rule(point, class_names)
+    point = operating_point or task.default_point()
+    names, per_finding = task.class_names, task.multi_label
+    rules = ("each finding is called when its calibrated probability reaches its threshold" if per_finding else
+             decision_rule(point, names))
+    thresholds = dict(zip(names, task.thresholds(point))) if per_finding else point.get("threshold")
     check, records = predictions.check, []
     for k, (p, prob, label, notes) in enumerate(zip(predictions.files, predictions.probabilities, predictions.labels,
                                                     predictions.warnings)):
-        if multi_label:
-            found = called_findings(prob, label, class_names)
-            record = {"path": str(p), "label": "|".join(found) or NONE_CALLED, "positive_findings": found}
-        else:
-            record = {"path": str(p), "label": class_names[label], "probability": float(prob[label])}
+        record = {"path": str(p), "label": task.label_text(label, prob)}
+        record |= ({"positive_findings": task.called(label, prob)} if per_finding else
+                   {"probability": float(prob[label])})
         records.append(record | population_fields(check, k) | {"warnings": notes}
-                       | {f"p_{name}": float(prob[i]) for i, name in enumerate(class_names)}
-                       | {("thresholds" if multi_label else "threshold"): thresholds, "rule": rules})
-    columns = ["path", "label", *([] if multi_label else ["probability", "threshold"]), *POPULATION_FIELDS,
+                       | {f"p_{name}": float(prob[i]) for i, name in enumerate(names)}
+                       | {("thresholds" if per_finding else "threshold"): thresholds, "rule": rules})
+    columns = ["path", "label", *([] if per_finding else ["probability", "threshold"]), *POPULATION_FIELDS,
                "warnings", "rule"]
     if fmt == "json":
         return json.dumps(records, indent=2)
+    threshold_columns = {f"threshold_{n}": t for n, t in thresholds.items()} if per_finding else {}
     if fmt == "csv":
         buffer = io.StringIO()
-        per_finding = [f"threshold_{n}" for n in class_names] if multi_label else []
-        writer = csv.DictWriter(buffer, fieldnames=[*columns, *(f"p_{n}" for n in class_names), *per_finding],
+        writer = csv.DictWriter(buffer, fieldnames=[*columns, *(f"p_{n}" for n in names), *threshold_columns],
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: spreadsheet_safe("; ".join(v) if k == "warnings" else v) for k, v in r.items()}
-                         | ({f"threshold_{n}": t for n, t in thresholds.items()} if multi_label else {})
-                         for r in records)
+                         | threshold_columns for r in records)
         return buffer.getvalue().rstrip("\n")
     width = max([len(r["path"]) for r in records] + [4])
 
     def population(r):
         return {None: "n/a", True: "ok", False: "FLAGGED: unlike its training images"}[r["in_distribution"]]
 
-    said = (f"Rule: {rules} (" + ", ".join(f"{f} {t:.3f}" for f, t in thresholds.items()) + ")") if multi_label \
-        else f"Rule: {rules}"
-    if multi_label:
-        lines = [said, f"{'path':{width}}  {'population':10}  findings called (calibrated probability)"]
+    if per_finding:
+        lines = [f"Rule: {rules} (" + ", ".join(f"{f} {t:.3f}" for f, t in thresholds.items()) + ")",
+                 f"{'path':{width}}  {'population':10}  findings called (calibrated probability)"]
         lines += [f"{r['path']:{width}}  {population(r)[:10]:10}  " + (", ".join(
-            f"{f} {r[f'p_{f}']:.3f}" for f in r["positive_findings"]) or NONE_CALLED) for r in records]
+            f"{f} {r[f'p_{f}']:.3f}" for f in r["positive_findings"]) or r["label"]) for r in records]
         return "\n".join(lines)
-    lines = [said, f"{'path':{width}}  {'label':12}  probability  population"]
+    lines = [f"Rule: {rules}", f"{'path':{width}}  {'label':12}  probability  population"]
     lines += [f"{r['path']:{width}}  {r['label']:12}  {r['probability']:.4f}       {population(r)}" for r in records]
     return "\n".join(lines)
 
@@ -229,7 +216,7 @@ def run_predict(paths, model_path, fmt="table", options=PredictOptions()):
         more = f" (every one listed in {skipped_list})" if skipped_list else "; --skipped-list FILE lists them all"
         raise UserError(f"none of the {len(files)} images could be predicted: {describe_skipped(predictions.skipped)}"
                         f"{more}")
-    return format_predictions(predictions, model.class_names, fmt, model.multi_label, model.operating_point)
+    return format_predictions(predictions, model.task, fmt, model.operating_point)
 
 
 def write_skipped(path, skipped):
@@ -242,18 +229,12 @@ def write_skipped(path, skipped):
         raise UserError(f"--skipped-list {path}: can't write it ({error.strerror}); choose another file") from None
 
 
-EXPLAINED_FINDINGS = 3  # a multi-label model's default: the findings called, most probable first, at most this many
-
-
 def explained_classes(model, probability, label, class_name=None):
-    """Class indices to map for one image: `class_name`; else the predicted class, or for a multi-label model
-    the findings called (most probable first, at most EXPLAINED_FINDINGS; the most probable if none is)."""
+    """Class indices to map for one image: `class_name`; else what `Task.explained` says (the predicted class, or
+    the findings called, most probable first)."""
     if class_name is not None:
         return [model.class_names.index(class_name)]
-    if not model.multi_label:
-        return [int(label)]
-    order = [int(k) for k in np.argsort(-probability, kind="stable")]
-    return [k for k in order if label[k]][:EXPLAINED_FINDINGS] or order[:1]
+    return model.task.explained(probability, label)
 
 
 def population_notice(check, k):
@@ -291,10 +272,10 @@ def run_explain(paths, model_path, output_dir, class_name=None, tta=False):
         maps = gradcam.heatmaps(model.keras_model, np.repeat(decode_image(path, size)[None], len(targets), 0), targets)
         shown = decode_image(path, max(size, 512))  # overlay on a sharper copy than the model's input
         if model.multi_label:
-            found = called_findings(prob, label, class_names)
-            title = f"{path.name}\nfindings called: {', '.join(found) or NONE_CALLED}"
+            title = f"{path.name}\nfindings called: {', '.join(model.task.called(label, prob)) or NONE_CALLED}"
+            thresholds = model.task.thresholds(model.operating_point)
             panels = [(gradcam.overlay(shown, m), f"map for {class_names[t]} (p = {prob[t]:.3f}, threshold "
-                                                  f"{model.finding_points('threshold')[t]:.3f})")
+                                                  f"{thresholds[t]:.3f})")
                       for t, m in zip(targets, maps)]
         else:
             title = f"{path.name}\npredicted {class_names[label]} (p = {prob[label]:.3f})"

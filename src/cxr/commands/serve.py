@@ -31,7 +31,7 @@ from cxr.data.decode import MAX_PIXELS, ImageTooLarge, RefusedImage, UnreadableI
 from cxr.data.dicom import is_dicom
 from cxr.errors import UserError, warn
 from cxr.bundle.model_card import describe, without_local_paths
-from cxr.commands.predict import NONE_CALLED, called_findings, explained_classes, population_fields
+from cxr.commands.predict import explained_classes, population_fields
 
 MAX_BATCH = 32
 MAX_FILES = 64  # per request
@@ -478,21 +478,17 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
         return image, image_warnings(image, model.img_size)
 
     def prediction_record(name, p, label, warnings):
-        point = model.operating_point
-        if model.multi_label:
-            found = called_findings(p, label, model.class_names)
-            thresholds = model.finding_points("threshold")
-            return {"filename": name, "label": "|".join(found) or NONE_CALLED, "positive_findings": found,
-                    "findings": [{"name": model.class_names[k], "probability": float(p[k]),
-                                  "threshold": thresholds[k], "positive": bool(label[k])}
-                                 for k in np.argsort(-p, kind="stable")],
-                    "probabilities": {c: float(v) for c, v in zip(model.class_names, p)},
-                    "decision_rule": card["decision_rule"], "warnings": warnings, "model_sha256": model.sha256}
-        return {"filename": name, "label": model.class_names[label],
-                "probabilities": {c: float(v) for c, v in zip(model.class_names, p)},
-                "positive_class": point["positive_class"], "threshold": point["threshold"],
-                "decision_rule": card["decision_rule"], "warnings": warnings,
-                "model_sha256": model.sha256}
+        point, task = model.operating_point, model.task
+        record = {"filename": name, "label": task.label_text(label, p),
+                  "probabilities": {c: float(v) for c, v in zip(model.class_names, p)},
+                  "decision_rule": card["decision_rule"], "warnings": warnings, "model_sha256": model.sha256}
+        if not task.multi_label:
+            return record | {"positive_class": point["positive_class"], "threshold": point["threshold"]}
+        thresholds, called = task.thresholds(point), task.called_mask(label)
+        return record | {"positive_findings": task.called(label, p),
+                         "findings": [{"name": model.class_names[k], "probability": float(p[k]),
+                                       "threshold": thresholds[k], "positive": bool(called[k])}
+                                      for k in np.argsort(-p, kind="stable")]}
 
     return app
 
@@ -544,9 +540,7 @@ class ServeMetrics:
         """Count a request's answered images, their calls and flags."""
         self.images.labels("200").inc(len(labels))
         for label in labels:
-            names = ([n for n, called in zip(model.class_names, label) if called] if model.multi_label else
-                     [model.class_names[int(label)]])
-            for name in names:
+            for name in model.task.called(label):
                 self.calls.labels(name).inc()
         if check is not None:
             self.flagged.inc(check.flagged)

@@ -17,8 +17,10 @@ from cxr.evaluate.metrics import (FINDING_METRICS, auc_score, classification, co
                                   expected_calibration_error, finding_calibration_error, finding_counts,
                                   few_cases, finding_metrics, headline_metrics, probability_bins,
                                   proportion_intervals, reliability_bins, roc_band)
+from cxr.evaluate.scoring import scoring
 from cxr.evaluate.shortcuts import shortcut_check
 from cxr.evaluate.subgroups import AGE_BANDS, Scored, groups_of, subgroup_analysis
+from cxr.model.task import Classes, Findings, Task
 
 SUBGROUP_RESAMPLES = 500  # at most: every group of every attribute is recomputed on each draw
 
@@ -37,7 +39,7 @@ class EvaluationOptions:
 
 @dataclass
 class Evaluation:
-    class_names: list
+    task: Task  # the model's class names and what they are (`cxr.model.task`)
     operating_point: dict  # as saved with the model: positive class, temperature, threshold, method, ...
     metrics: dict  # summary.json's "metrics": point values (None where undefined)
     confidence_intervals: dict  # {metric: [low, high]}
@@ -53,15 +55,25 @@ class Evaluation:
     in_distribution: np.ndarray = None  # (n,) bool, the population check's answer per image; None without a check
     cautions: list = field(default_factory=list)  # numbers resting on few positives or negatives, in words
 
+    @property
+    def class_names(self):
+        return list(self.task.class_names)
+
 
 def evaluate_model(model, dataset, split, options):
-    """Everything the reports need about `model` (a `SavedModel`) on `dataset`'s split `split`.
+    """Everything the reports need about `model` (a `SavedModel`) on `dataset`'s split `split`: its task's
+    evaluation (`evaluate_classes` or `evaluate_findings`).
 
     The probabilities come from `model.predictor()` (LiteRT or Keras); Grad-CAM needs gradients, so the
     gallery runs on the Keras model.
     """
-    if model.multi_label:
-        return evaluate_findings(model, dataset, split, options)
+    evaluate = {Classes: evaluate_classes, Findings: evaluate_findings}[type(model.task)]
+    return evaluate(model, dataset, split, options)
+
+
+def evaluate_classes(model, dataset, split, options):
+    """`evaluate_model` for a model of exclusive classes: the headline metrics of the positive class (binary) or
+    per class, with stratified bootstrap intervals, the confusion matrix and the classification report."""
     rows, y_true = dataset.split(split)
     raw, features = model.raw_outputs(dataset.images, rows, options.batch_size, options.tta)
     probabilities, y_pred = model.calibrate(raw)
@@ -90,7 +102,7 @@ def evaluate_model(model, dataset, split, options):
         for c, name in enumerate(class_names):
             intervals |= proportion_intervals(y_true == c, y_pred == c, prefix=f"{name} ")
         cautions = [few_cases(y_true == c, name) for c, name in enumerate(class_names)]
-    evaluation = Evaluation(class_names, model.operating_point, values, intervals, calibration, report,
+    evaluation = Evaluation(model.task, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, y_pred, cautions=[c for c in cautions if c])
     return with_checks(evaluation, model, dataset, split, options, Checks(features, metrics_of, figures))
 
@@ -144,8 +156,7 @@ def subgroups(model, dataset, split, evaluation, options):
     """The subgroup analysis of the evaluated images (`evaluate.subgroups`), at the saved operating point."""
     rows, y = dataset.split(split)
     groups = groups_of(dataset.metadata, rows, options.subgroups, options.age_bands)
-    scored = Scored(y, evaluation.probabilities, evaluation.predictions, model.class_names, model.multi_label,
-                    model.positive_index)
+    scored = Scored(y, evaluation.probabilities, evaluation.predictions, model.task, model.positive_index)
     return subgroup_analysis(groups, scored, dataset.patients(rows), min(options.bootstrap, SUBGROUP_RESAMPLES),
                              options.seed) if groups else {}
 
@@ -191,7 +202,7 @@ def evaluate_findings(model, dataset, split, options):
     report["macro avg"] = {k: float(np.mean([report[f][k] for f in findings])) for k in ("precision", "recall",
                                                                                          "f1-score")}
     report["macro avg"]["support"] = sum(report[f]["support"] for f in findings)
-    evaluation = Evaluation(findings, model.operating_point, values, intervals, calibration, report,
+    evaluation = Evaluation(model.task, model.operating_point, values, intervals, calibration, report,
                             probabilities, raw, called, cautions=[c for c in cautions if c])
     return with_checks(evaluation, model, dataset, split, options, Checks(features, metrics_of, finding_figures))
 
@@ -293,18 +304,10 @@ def gallery(model, dataset, split, evaluation):
     Each map explains the call made: the predicted class, or the finding.
     """
     rows, y_true = dataset.split(split)
-    y_pred = evaluation.predictions
-    if model.multi_label:
-        image, finding = np.nonzero(~np.isnan(y_true))
-        is_positive, said_positive = y_true[image, finding] == 1, y_pred[image, finding] == 1
-        p, explained = evaluation.probabilities[image, finding], finding
-        title = "Grad-CAM per finding (most confident first)"
-    else:
-        positive = model.positive_index
-        image, finding = np.arange(len(rows)), np.full(len(rows), positive)
-        is_positive, said_positive = y_true == positive, y_pred == positive
-        p, explained = evaluation.probabilities[:, positive], y_pred
-        title = f"Grad-CAM, positive class {model.class_names[positive]} (most confident first)"
+    image, finding, is_positive, said_positive, p, explained = scoring(model.task).pairs(
+        y_true, evaluation.predictions, evaluation.probabilities, model.positive_index)
+    title = ("Grad-CAM per finding (most confident first)" if model.positive_index is None else
+             f"Grad-CAM, positive class {model.class_names[model.positive_index]} (most confident first)")
     names = dataset.names(rows)
     groups = [("true positives", np.flatnonzero(is_positive & said_positive), -p),
               ("false positives", np.flatnonzero(~is_positive & said_positive), -p),

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from scipy.stats import rankdata
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, brier_score_loss,
                              classification_report, confusion_matrix, roc_auc_score, roc_curve)
 
@@ -161,6 +162,24 @@ def fit_finding_points(labels, probabilities, findings, target_sensitivity=None,
 
 
 # --- metrics -----------------------------------------------------------------------------------------------
+
+def rank_auc(is_positive, scores):
+    """ROC AUC by the Mann-Whitney statistic (ties count half, as scikit-learn's): NaN without both classes.
+    Thousands of bootstrap draws per subgroup need it faster than roc_auc_score."""
+    positives = int(is_positive.sum())
+    negatives = len(is_positive) - positives
+    if not positives or not negatives:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[is_positive].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def rates(is_positive, called):
+    """(sensitivity, specificity) of (n,) bool calls, NaN where a class is absent."""
+    positives, negatives = is_positive.sum(), (~is_positive).sum()
+    return (float((called & is_positive).sum() / positives) if positives else float("nan"),
+            float((~called & ~is_positive).sum() / negatives) if negatives else float("nan"))
+
 
 def _ratio(num, den):
     return float(num / den) if den else float("nan")

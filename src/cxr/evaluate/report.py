@@ -77,43 +77,15 @@ def render_html(context, evaluation, headline, figures):
     """
     e = html.escape
     title, subtitle, counts, config = context.title, context.subtitle, context.counts, context.settings
-    operating_point, calibration = evaluation.operating_point, evaluation.calibration
+    operating_point = evaluation.operating_point
     intervals = evaluation.confidence_intervals
     cautions = "".join(f'<p class="limits">Caution: {e(c)}</p>' for c in evaluation.cautions[:8])
-    multi_label = "findings" in operating_point
-    classes = list(next(iter(counts.values())))
-    total = (lambda per_class: "") if multi_label else (lambda per_class: f"<td>{sum(per_class.values())}</td>")
-    count_rows = "".join(
-        f"<tr><th>{e(split)}</th>{''.join(f'<td>{n}</td>' for n in per_class.values())}{total(per_class)}</tr>"
-        for split, per_class in counts.items())
-    count_header = "" if multi_label else "<th>total</th>"
-    if multi_label:  # findings down the page, splits across: 15 findings across made the page 1,800 px wide
-        count_table = ("<table><tr><th>finding</th>" + "".join(f"<th>{e(s)}</th>" for s in counts) + "</tr>" +
-                       "".join(f"<tr><th>{e(c)}</th>" + "".join(f"<td>{per_class[c]}</td>" for per_class in
-                                                                counts.values()) + "</tr>" for c in classes)
-                       + "</table>")
-    else:
-        count_table = (f"<table><tr><th>split</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}{count_header}</tr>"
-                       f"{count_rows}</table>")
+    layout = (_finding_layout if evaluation.task.multi_label else _class_layout)(evaluation, counts)
     metric_rows_html = "".join(
         f"<tr><th>{e(name)}</th><td>{_number(value, 3) or 'n/a'}</td><td>{_interval(intervals.get(name))}</td></tr>"
-        for name, value in headline.items() if not multi_label or name.startswith("mean") or name == "ece")
-    threshold = operating_point.get("threshold")
-    if multi_label:
-        point = (f"One sigmoid output per finding, each with its own temperature and threshold "
-                 f"({e(operating_point['method'])}; table below), fitted on {e(describe_fitted_on(operating_point))}. "
-                 f"Expected calibration error over every (image, finding) pair {calibration['ece_before']:.3f} before "
-                 f"scaling, {calibration['ece_after']:.3f} after.")
-    else:
-        point = (f"Positive class <b>{e(operating_point['positive_class'])}</b>; "
-                 + (f"threshold <b>{threshold:.4f}</b> on the calibrated probability ({e(operating_point['method'])})"
-                    if threshold is not None else "multi-class: the most probable class")
-                 + f". Temperature and threshold were fitted on {e(describe_fitted_on(operating_point))}"
-                 + f". Temperature {calibration['temperature']:.3f}: expected calibration error "
-                 f"{calibration['ece_before']:.3f} before, {calibration['ece_after']:.3f} after.")
-    wide = {"gradcam_gallery", "subgroups"} | ({"roc"} if multi_label else set())  # panels: shown at full size
+        for name, value in headline.items() if layout.shows(name))
     figure_html = "".join(
-        f"<figure{' class=wide' if name in wide else ''}><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        f"<figure{' class=wide' if name in layout.wide else ''}><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         f"<figcaption>{e(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>"
         for name, png in figures.items())
     defaults = context.defaults or {}
@@ -147,14 +119,13 @@ figcaption {{ font-size: 0.9em; color: #555; max-width: 520px; }}
 <p>{e(subtitle)}</p>
 <section class="limits"><h2>Limits of use</h2><ul>{limits}</ul></section>
 <h2>Images</h2>
-{'<p>Positive images per finding (and images in all) per split.</p>' if multi_label else ''}
-{count_table}
+{layout.count_table}
 <h2>Operating point and calibration</h2>
-<p>{point}</p>{f'<p class="limits">{e(context.note)}</p>' if context.note else ''}{cautions}
-<h2>Metrics on {e(context.data)} (95% {'patient-level' if multi_label else 'stratified'} bootstrap confidence
+<p>{layout.point}</p>{f'<p class="limits">{e(context.note)}</p>' if context.note else ''}{cautions}
+<h2>Metrics on {e(context.data)} (95% {layout.bootstrap} bootstrap confidence
 intervals; exact intervals for sensitivity, specificity, PPV and NPV)</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metric_rows_html}</table>
-{finding_section(evaluation) if multi_label else ''}
+{layout.findings}
 {shortcut_section(evaluation.shortcuts, evaluation.class_names, operating_point.get('positive_class'))}
 {population_section(evaluation.population)}
 {subgroup_section(evaluation.subgroups)}
@@ -166,6 +137,54 @@ intervals; exact intervals for sensitivity, specificity, PPV and NPV)</h2>
 <table>{about_rows}</table>
 </body></html>
 """
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parts of the report page that differ with the model's task: the image counts, the headline metrics
+    shown (`shows(name)`), the operating point in words, the figures shown at full width, the kind of bootstrap and
+    the per-finding table ("" for exclusive classes)."""
+    count_table: str
+    shows: object
+    point: str
+    wide: frozenset
+    bootstrap: str
+    findings: str = ""
+
+
+def _class_layout(evaluation, counts):
+    """A model of exclusive classes: a row of class counts per split; its positive class's threshold."""
+    e, point, calibration = html.escape, evaluation.operating_point, evaluation.calibration
+    classes = list(next(iter(counts.values())))
+    rows = "".join(f"<tr><th>{e(split)}</th>{''.join(f'<td>{n}</td>' for n in per_class.values())}"
+                   f"<td>{sum(per_class.values())}</td></tr>" for split, per_class in counts.items())
+    threshold = point.get("threshold")
+    described = (f"Positive class <b>{e(point['positive_class'])}</b>; "
+                 + (f"threshold <b>{threshold:.4f}</b> on the calibrated probability ({e(point['method'])})"
+                    if threshold is not None else "multi-class: the most probable class")
+                 + f". Temperature and threshold were fitted on {e(describe_fitted_on(point))}"
+                 + f". Temperature {calibration['temperature']:.3f}: expected calibration error "
+                 f"{calibration['ece_before']:.3f} before, {calibration['ece_after']:.3f} after.")
+    return Layout(f"<table><tr><th>split</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}<th>total</th></tr>"
+                  f"{rows}</table>", lambda name: True, described, frozenset({"gradcam_gallery", "subgroups"}),
+                  "stratified")
+
+
+def _finding_layout(evaluation, counts):
+    """A model of findings: findings down the page and splits across (15 findings across made the page 1,800 px
+    wide); the means over findings as headline; each finding's own point, in the table of findings."""
+    e, point, calibration = html.escape, evaluation.operating_point, evaluation.calibration
+    findings = list(next(iter(counts.values())))
+    table = ("<p>Positive images per finding (and images in all) per split.</p>"
+             "<table><tr><th>finding</th>" + "".join(f"<th>{e(s)}</th>" for s in counts) + "</tr>" +
+             "".join(f"<tr><th>{e(c)}</th>" + "".join(f"<td>{per_class[c]}</td>" for per_class in counts.values())
+                     + "</tr>" for c in findings) + "</table>")
+    described = (f"One sigmoid output per finding, each with its own temperature and threshold "
+                 f"({e(point['method'])}; table below), fitted on {e(describe_fitted_on(point))}. "
+                 f"Expected calibration error over every (image, finding) pair {calibration['ece_before']:.3f} before "
+                 f"scaling, {calibration['ece_after']:.3f} after.")
+    return Layout(table, lambda name: name.startswith("mean") or name == "ece", described,
+                  frozenset({"gradcam_gallery", "subgroups", "roc"}), "patient-level", finding_section(evaluation))
 
 
 def finding_section(evaluation):

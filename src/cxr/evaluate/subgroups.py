@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scipy.stats import rankdata
-
 from cxr.evaluate.metrics import patient_resamples
+from cxr.evaluate.scoring import scoring
 
 AGE_BANDS = (18, 40, 60, 80)  # band edges: 0-17, 18-39, 40-59, 60-79, 80+
 MIN_GROUP = 20  # below this many images a group's numbers are shown but marked as unstable
@@ -69,63 +68,21 @@ def groups_of(metadata, rows, extra=(), edges=AGE_BANDS):
     return result
 
 
-def rank_auc(is_positive, scores):
-    """ROC AUC by the Mann-Whitney statistic (ties count half, as scikit-learn's): NaN without both classes.
-    Thousands of bootstrap draws per group need it faster than roc_auc_score."""
-    positives = int(is_positive.sum())
-    negatives = len(is_positive) - positives
-    if not positives or not negatives:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[is_positive].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def _rates(is_positive, called):
-    """(sensitivity, specificity), NaN where a class is absent."""
-    positives, negatives = is_positive.sum(), (~is_positive).sum()
-    return (float((called & is_positive).sum() / positives) if positives else float("nan"),
-            float((~called & ~is_positive).sum() / negatives) if negatives else float("nan"))
-
-
-def _numbers(y, probabilities, calls, multi_label, positive_index, findings):
-    """The numbers a subgroup gets: count, prevalence, AUC, sensitivity and specificity at the saved operating
-    point; for a multi-label model their means over findings, and each finding's AUC and sensitivity."""
-    if not multi_label:
-        is_positive = y == positive_index
-        sensitivity, specificity = _rates(is_positive, calls == positive_index)
-        return {"n_images": int(len(y)), "prevalence": float(is_positive.mean()) if len(y) else float("nan"),
-                "auc_roc": rank_auc(is_positive, probabilities[:, positive_index]), "sensitivity": sensitivity,
-                "specificity": specificity}
-    per = {}
-    for k, name in enumerate(findings):
-        known = ~np.isnan(y[:, k])
-        is_positive = y[known, k] == 1
-        sensitivity, specificity = _rates(is_positive, calls[known, k] == 1)
-        per[name] = (rank_auc(is_positive, probabilities[known, k]), sensitivity, specificity)
-    known = ~np.isnan(y)
-    mean = [float(np.nanmean([v[i] for v in per.values()])) for i in range(3)]
-    return {"n_images": int(len(y)), "prevalence": float(np.mean(y[known])) if known.any() else float("nan"),
-            "auc_roc": mean[0], "sensitivity": mean[1], "specificity": mean[2],
-            **{f"{name} auc_roc": v[0] for name, v in per.items()},
-            **{f"{name} sensitivity": v[1] for name, v in per.items()}}
-
-
 @dataclass(frozen=True)
 class Scored:
     """A model's answers on n labelled images, as `evaluate_model` has them: `y` (class indices, or a labels
-    matrix for a `multi_label` model), `probabilities` (n, classes), `calls` (n,) or (n, findings), the class or
-    finding names, and the positive class's index (binary models)."""
+    matrix for a model of findings), `probabilities` (n, classes), `calls` (n,) or (n, findings), the model's
+    `task` (`cxr.model.task.Task`) and the positive class's index (binary models)."""
     y: np.ndarray
     probabilities: np.ndarray
     calls: np.ndarray
-    findings: list
-    multi_label: bool = False
+    task: object
     positive_index: int = None
 
     def numbers(self, rows):
-        """The subgroup numbers (`_numbers`) of the images `rows`."""
-        return _numbers(self.y[rows], self.probabilities[rows], self.calls[rows], self.multi_label,
-                        self.positive_index, self.findings)
+        """The subgroup numbers of the images `rows` (`scoring(task).group_numbers`)."""
+        return scoring(self.task).group_numbers(self.y[rows], self.probabilities[rows], self.calls[rows],
+                                                self.positive_index)
 
 
 def subgroup_analysis(groups, scored, patients, n_resamples=1000, seed=0, level=0.95):

@@ -179,8 +179,8 @@ def realized(rows, reference, labels, positive_class, alerts, thresholds=Thresho
         positive = np.array([t for _, t in truth], dtype=bool)
         called = np.array([name in r["calls"] for r, _ in truth], dtype=bool)
         scores = np.array([r["probabilities"][name] for r, _ in truth])
-        ref_truth = (reference.labels[:, k] if reference.multi_label else reference.labels == k)
-        ref_known = ~np.isnan(ref_truth.astype(np.float64))
+        ref_truth = reference.task.labels_matrix(reference.labels)[:, k]
+        ref_known = ~np.isnan(ref_truth)
         ref_positive, ref_called = ref_truth[ref_known] == 1, reference.calls[ref_known, k] == 1
         numbers = {"positives": int(positive.sum()), "negatives": int((~positive).sum())}
         for metric, among, ref_among, want in (("sensitivity", positive, ref_positive, True),

@@ -182,8 +182,8 @@ def answer_row(model, probabilities, label, population, image=None):
     `population` (the population check's fields, None where there is no check) and, when known, the decoded
     `image` (a `data.decode.DecodedImage`: its size and mode)."""
     names = model.class_names
-    calls = [names[k] for k in range(len(names)) if label[k]] if model.multi_label else [names[int(label)]]
-    row = {"model_sha256": model.sha256, "label": "|".join(calls) or "none", "calls": calls,
+    calls = model.task.called(label)  # in the order of the model's outputs
+    row = {"model_sha256": model.sha256, "label": model.task.label_text(label), "calls": calls,
            "probabilities": {c: round(float(v), 6) for c, v in zip(names, probabilities)},
            "population_score": population.get("population_score"), "in_distribution": population.get("in_distribution")}
     if image is not None:

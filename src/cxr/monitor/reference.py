@@ -13,6 +13,7 @@ import numpy as np
 
 from cxr.atomic import atomic_path
 from cxr.errors import UserError
+from cxr.model.task import Task
 
 REFERENCE_FILE = "reference.npz"
 
@@ -29,6 +30,10 @@ class Reference:
     model_sha256: str
     inputs: dict = field(default_factory=dict)  # {property: {category: validation images}}; {} in older references
 
+    @property
+    def task(self):
+        return Task.of(self.class_names, self.multi_label)
+
     @classmethod
     def of_validation(cls, model, images, rows, labels, paths=()):
         """The reference of `model` (a `SavedModel` with its operating point) on `images[rows]` with `labels`
@@ -41,8 +46,7 @@ class Reference:
         with `labels` (training has them already: its validation split's), read from `paths`."""
 
         probabilities, label = model.calibrate(raw)
-        calls = (np.asarray(label, np.int8) if model.multi_label else
-                 np.eye(len(model.class_names), dtype=np.int8)[np.asarray(label)])
+        calls = model.task.labels_matrix(label).astype(np.int8)
         check = model.check_population(features)
         return cls(list(model.class_names), model.multi_label, probabilities.astype(np.float32), calls,
                    np.asarray(labels), np.zeros(0, np.float32) if check is None else check.scores.astype(np.float32),

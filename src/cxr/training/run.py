@@ -147,7 +147,7 @@ def _train(config, output_dir, chief):
                                        multi_label=dataset.multi_label)
     classifier.codes = own_codes
     classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]) + FIT_IMAGES)
-    fit_point = precision.default_point_fitter(class_names, dataset.multi_label, positive, config.target_sensitivity)
+    fit_point = precision.default_point_fitter(classifier.task, positive, config.target_sensitivity)
     # int8 is guarded as it would be served, at its own operating point; then fit and evaluate what is served
     serving.choose(classifier, dataset, config.precision, config.seed, fit_point)
     val_rows, val_y = dataset.split("val")
