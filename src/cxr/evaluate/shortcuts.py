@@ -63,7 +63,7 @@ def shortcut_check(model, images, rows, y_true, seed=0, batch_size=32):
     chosen = np.sort(rng.choice(len(y_true), min(SAMPLE, len(y_true)), replace=False))
     x, y = np.asarray(images[np.asarray(rows)[chosen]]), np.asarray(y_true)[chosen]
     negative = y != model.positive_index
-    binary = model.positive_index is not None and model.task.outputs == 2 and negative.any()
+    binary = model.positive_index is not None and len(model.class_names) == 2 and negative.any()
 
     def called_positive(calls):
         return float(np.mean(calls[negative] == model.positive_index)) if binary else None
