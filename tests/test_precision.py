@@ -309,7 +309,9 @@ def test_int8_within_every_tolerance_passes_the_guard_with_its_numbers_recorded(
                                     "probability_max": 0.15, "ece": 0.01}
 
 
-def test_the_choice_is_recorded_saved_and_used_by_predict_and_export(tmp_path):
+def test_the_choice_is_recorded_saved_and_used_by_predict_and_export(tmp_path, monkeypatch, capsys):
+    from cxr.cli import main
+
     data = tmp_path / "data"
     for name in ("NORMAL", "PNEUMONIA"):
         (data / "raw" / name).mkdir(parents=True)
@@ -326,19 +328,20 @@ def test_the_choice_is_recorded_saved_and_used_by_predict_and_export(tmp_path):
     assert (out / "models" / "model.int8.tflite").is_file()
     assert json.loads((out / "reports" / "summary.json").read_text())["inference"] == "litert int8"
 
+    # the training's output is checked from its process; predict and export run here, in the same cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    capsys.readouterr()
     image = sorted((SAMPLE / "PNEUMONIA").iterdir())[-1]
     answers = {}
     for precision in ("auto", "float32"):
-        result = cxr("predict", image, "--model", out / "models" / "model.h5", "--format", "json", "--precision",
-                     precision, cache=tmp_path / "cache")
-        assert result.returncode == 0, result.stderr[-2000:]
-        answers[precision] = json.loads(result.stdout)[0]["p_PNEUMONIA"]
+        assert main(["predict", str(image), "--model", str(out / "models" / "model.h5"), "--format", "json",
+                     "--precision", precision]) == 0, capsys.readouterr().err[-2000:]
+        answers[precision] = json.loads(capsys.readouterr().out)[0]["p_PNEUMONIA"]
     assert answers["auto"] != answers["float32"]  # auto serves int8, and int8 is not float32
     assert abs(answers["auto"] - answers["float32"]) < 0.2
 
-    exported = cxr("export", "--model", out / "models" / "model.h5", "--format", "tflite-int8", "--output-dir",
-                   tmp_path / "exported", cache=tmp_path / "cache")
-    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert main(["export", "--model", str(out / "models" / "model.h5"), "--format", "tflite-int8", "--output-dir",
+                 str(tmp_path / "exported")]) == 0, capsys.readouterr().err[-2000:]
     card = json.loads((tmp_path / "exported" / "model-card.json").read_text())
     assert card["inference"]["precision"] == "int8"
     assert card["exports"]["tflite-int8"]["calibration_images"] == len(

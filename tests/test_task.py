@@ -66,8 +66,8 @@ def test_task_of_gives_the_kind_and_one_images_calls_read_alike():
     assert single.called(1) == ["PNEUMONIA"] and single.label_text(0) == "NORMAL"
     assert multi.called([1, 0, 1]) == ["A", "C"] and multi.called([1, 0, 1], [0.6, 0.1, 0.9]) == ["C", "A"]
     assert multi.label_text([0, 0, 0]) == "none" and multi.label_text([1, 0, 1], [0.6, 0.1, 0.9]) == "C|A"
-    assert single.explained([0.3, 0.7], 0) == [0]  # the class called, not the most probable
-    assert multi.explained([0.6, 0.1, 0.9], [1, 0, 1]) == [2, 0] and multi.explained([0.2, 0.4, 0.1], [0, 0, 0]) == [1]
+    assert single.explained(0, [0.3, 0.7]) == [0]  # the class called, not the most probable
+    assert multi.explained([1, 0, 1], [0.6, 0.1, 0.9]) == [2, 0] and multi.explained([0, 0, 0], [0.2, 0.4, 0.1]) == [1]
     np.testing.assert_array_equal(single.labels_matrix([1, 0]), [[0, 1], [1, 0]])
     point = {"positive_class": "PNEUMONIA", "temperature": 1.0, "threshold": 0.8}
     assert single.thresholds(point) == [None, 0.8] and multi.thresholds(multi.default_point()) == [0.5] * 3

@@ -234,7 +234,7 @@ def explained_classes(model, probability, label, class_name=None):
     the findings called, most probable first)."""
     if class_name is not None:
         return [model.class_names.index(class_name)]
-    return model.task.explained(probability, label)
+    return model.task.explained(label, probability)
 
 
 def population_notice(check, k):

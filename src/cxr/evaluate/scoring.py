@@ -1,4 +1,5 @@
-"""The numbers of a task: its headline AUC, its temperatures, its calibration error and its operating point.
+"""The numbers of a task: its headline AUC, its temperatures, its calibration error, its operating point, a
+subgroup's numbers and the pairs a Grad-CAM gallery picks from.
 
 A model of exclusive classes (`cxr.model.task.Classes`) is scored on class indices; a model of findings
 (`Findings`) on a labels matrix (1 / 0 / NaN unknown), each finding on its known labels. `scoring(task)` gives
@@ -36,7 +37,8 @@ class ClassScoring:
 
     def fit_point(self, y, raw, positive=None, target_sensitivity=None, keep=None):
         """The operating point fitted on (n, classes) raw outputs: the temperature, then for two classes the
-        threshold on `positive` (the default positive class when None) by Youden's J or a sensitivity target."""
+        threshold on `positive` (the default positive class when None) by Youden's J or a sensitivity target.
+        Every class gets a new point, so `keep` (a previous point, for findings without both classes) is unused."""
         names = list(self.task.class_names)
         return fit_operating_point(y, raw, names, positive_class(names, positive), target_sensitivity)
 

@@ -55,9 +55,10 @@ class Task:
         """One image's call in words: the class, or the findings called joined by '|' ("none" for none)."""
         return "|".join(self.called(label, probabilities)) or NONE_CALLED
 
-    def explained(self, probabilities, label):
-        """Class indices a Grad-CAM map explains for one image by default: the class called, or the findings
-        called (most probable first, at most EXPLAINED_FINDINGS; the most probable if none is)."""
+    def explained(self, label, probabilities):
+        """Class indices a Grad-CAM map explains by default for one image whose call is `label`, with (classes,)
+        calibrated `probabilities`: the class called, or the findings called (most probable first, at most
+        EXPLAINED_FINDINGS; the most probable if none is)."""
         order = [int(k) for k in np.argsort(-np.asarray(probabilities), kind="stable")]
         mask = self.called_mask(label)
         return [k for k in order if mask[k]][:EXPLAINED_FINDINGS] or order[:1]
