@@ -436,15 +436,15 @@ def create_app(model, api_key=None, max_upload_bytes=20 * 2 ** 20, max_pixels=MA
     def record_answers(usable, probabilities, labels, check, image_ids, seconds):
         """A prediction log row per answered image, keyed by the image_id the client sent with it, else by a
         DICOM's SOP Instance UID, else by its pixels."""
-        from cxr.data.dicom import header_values
         from cxr.monitor.log import answer_row, header_fields
 
         for k, ((sent, (_, data), (image, warnings)), p, label) in enumerate(zip(usable, probabilities, labels)):
             image_id = image_ids[sent] if sent < len(image_ids) else None
-            uid = header_values(data, {"uid": "SOPInstanceUID"})["uid"] if sniff(data) == DICOM else None
+            fields = header_fields(data, also={"uid": "SOPInstanceUID"})  # {} for a file that isn't DICOM
+            uid = fields.pop("uid", None)
             key = (log.key("id", image_id) if image_id else log.key("uid", uid) if uid else
                    log.key("pixels", image.pixels.tobytes()))
-            log.record(answer_row(model, p, label, population_fields(check, k), image) | header_fields(data)
+            log.record(answer_row(model, p, label, population_fields(check, k), image) | fields
                        | {"image_key": key, "warnings": warnings, "latency_ms": 1000 * seconds / len(usable)})
 
     async def read_uploads(request):

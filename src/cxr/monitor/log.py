@@ -226,15 +226,16 @@ def file_properties(path):
         return {}
 
 
-def header_fields(source):
+def header_fields(source, also=None):
     """The DICOM header's input properties for the log (modality, view, manufacturer and model, sex, age band);
-    {} for other files. `source`: a path or the file's bytes."""
+    {} for other files. `source`: a path or the file's bytes; `also`: {key: DICOM keyword} of more tags whose
+    values to return, read in the same pass over the header."""
     from cxr.data import dicom
     from cxr.data.decode import is_dicom_file
     from cxr.evaluate.subgroups import age_band
 
-    if not (dicom.has_dicom_marker(source) if isinstance(source, (bytes, bytearray)) else is_dicom_file(source)):
+    if not (dicom.is_dicom(source) if isinstance(source, (bytes, bytearray)) else is_dicom_file(source)):
         return {}
-    tags = dicom.header_values(source, dicom.SUBGROUP_TAGS | {"modality": "Modality"})
+    tags = dicom.header_values(source, dicom.SUBGROUP_TAGS | {"modality": "Modality"} | (also or {}))
     return {key: (tags[key] or "")[:width] or None for key, width in LOGGED_TAGS.items()} | {
-        "age_band": age_band(tags["age"])}
+        "age_band": age_band(tags["age"])} | {key: tags[key] for key in also or {}}
