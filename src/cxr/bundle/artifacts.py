@@ -177,8 +177,7 @@ def write_predictions(path, evaluation, paths, y):
     rows = [header]
     for k, image in enumerate(paths):
         truth = ["" if v != v else int(v) for v in y[k]] if per_finding else [names[int(y[k])]]
-        call = task.called_mask(evaluation.predictions[k]).astype(int).tolist() if per_finding else \
-            task.called(evaluation.predictions[k])
+        call = [int(v) for v in evaluation.predictions[k]] if per_finding else task.called(evaluation.predictions[k])
         rows.append([str(image), *truth, *call, *(f"{p:.6f}" for p in evaluation.probabilities[k]),
                      "" if flagged is None else bool(flagged[k])])
     write_csv(rows, path)

@@ -165,7 +165,8 @@ def default_point_fitter(task, positive=None, target_sensitivity=None):
     (`scoring(task).fit_point`)."""
     from cxr.evaluate.scoring import scoring
 
-    return lambda y, raw: scoring(task).fit_point(y, raw, positive, target_sensitivity)
+    scores = scoring(task)
+    return lambda y, raw: scores.fit_point(y, raw, positive, target_sensitivity)
 
 
 def _number(value):

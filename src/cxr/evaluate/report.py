@@ -5,6 +5,7 @@ import datetime
 import html
 import importlib.metadata
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cxr.model.inference import describe_fitted_on
@@ -145,7 +146,7 @@ class Layout:
     shown (`shows(name)`), the operating point in words, the figures shown at full width, the kind of bootstrap and
     the per-finding table ("" for exclusive classes)."""
     count_table: str
-    shows: object
+    shows: Callable  # (headline metric name) -> whether the headline table shows it
     point: str
     wide: frozenset
     bootstrap: str
