@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -142,17 +141,17 @@ class Orthanc:
 
 class Listener:
     """`cxr listen` in a subprocess on a free port, started once it says it is ready; `stderr` once stopped.
-    It runs in `cache`'s parent folder, where its default ./cxr-listen/ goes (never in the repository)."""
+    It runs in the test's own folder (conftest's isolated_run), where its default ./cxr-listen/ goes, with the
+    suite's LiteRT cache."""
 
-    def __init__(self, model, port=None, send_to=None, output_dir=None, cache=None, extra=(), env=None):
+    def __init__(self, model, port=None, send_to=None, output_dir=None, extra=(), env=None):
         self.port = port or free_port()
         command = [sys.executable, "-m", "cxr", "listen", "--model", str(Path(model).resolve()), "--port",
                    str(self.port), *extra]
         command += ["--send-to", send_to] if send_to else []
         command += ["--output-dir", str(output_dir)] if output_dir else []
-        env = os.environ | ({"XDG_CACHE_HOME": str(cache)} if cache else {}) | (env or {})
-        folder = Path(cache).parent if cache else Path(tempfile.mkdtemp(prefix="cxr-listen-"))
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, bufsize=1, cwd=folder)
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}),
+                                        bufsize=1)
         self.lines = []
         deadline = time.monotonic() + 180
         while True:

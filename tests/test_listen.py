@@ -117,7 +117,7 @@ def test_pacs_gets_a_report_and_an_overlay_in_the_study_a_ct_none_and_the_listen
     model_path = tiny_run / "models" / "model.h5"
     db = tmp_path / "log.sqlite"
     metrics = f"http://127.0.0.1:{free_port()}/metrics"
-    listener = Listener(model_path, port=port, send_to=orthanc.destination, cache=tmp_path / "cache",
+    listener = Listener(model_path, port=port, send_to=orthanc.destination,
                         extra=("--monitor-db", str(db), "--metrics-port", metrics.split(":")[-1].split("/")[0]))
     try:
         # Orthanc routes the real adult X-ray to cxr; the results come back into its study
@@ -202,7 +202,7 @@ def test_results_that_cannot_be_sent_are_kept_and_sent_at_the_next_start(routing
     orthanc, port = routing_orthanc_and_port
     model_path, out = tiny_run / "models" / "model.h5", tmp_path / "results"
     nobody = f"ORTHANC@127.0.0.1:{free_port()}"  # nothing listens there
-    listener = Listener(model_path, port=port, send_to=nobody, output_dir=out, cache=tmp_path / "cache")
+    listener = Listener(model_path, port=port, send_to=nobody, output_dir=out)
     try:
         uploaded = orthanc.upload(REAL_DICOM.read_bytes())  # docs/pacs.md's script routes it to cxr
         listener.wait_for_log("could not send the results")
@@ -215,7 +215,7 @@ def test_results_that_cannot_be_sent_are_kept_and_sent_at_the_next_start(routing
     # an X-ray acknowledged by a listener that was stopped before answering it waits in the spool
     spooled = copy_with_new_uids(REAL_DICOM)
     spooled.save_as(out / ".spool" / "1-waiting.dcm", enforce_file_format=True)
-    listener = Listener(model_path, port=port, send_to=orthanc.destination, output_dir=out, cache=tmp_path / "cache")
+    listener = Listener(model_path, port=port, send_to=orthanc.destination, output_dir=out)
     try:
         orthanc.wait_for_series(uploaded["ParentStudy"], 3)
         listener.wait_for_log("structured report and overlay stored")
@@ -242,8 +242,7 @@ def test_results_go_to_a_dicomweb_service_by_stow_rs_and_a_refused_login_keeps_t
     credentials = {"CXR_DICOMWEB_USER": USER[0], "CXR_DICOMWEB_PASSWORD": "not-the-password"}
     listener = None
     try:
-        listener = Listener(model_path, port=port, send_to=orthanc.dicomweb_url, output_dir=out,
-                            cache=tmp_path / "cache", env=credentials)
+        listener = Listener(model_path, port=port, send_to=orthanc.dicomweb_url, output_dir=out, env=credentials)
         uploaded = orthanc.upload(REAL_DICOM.read_bytes())
         assert orthanc.send_to_cxr([uploaded["ID"]])["FailedInstancesCount"] == 0
         listener.wait_for_log("could not send the results")
@@ -253,7 +252,7 @@ def test_results_go_to_a_dicomweb_service_by_stow_rs_and_a_refused_login_keeps_t
         assert len(orthanc.series_of_study(uploaded["ParentStudy"])) == 1  # nothing was stored
 
         listener = Listener(model_path, port=port, send_to=orthanc.dicomweb_url, output_dir=out,
-                            cache=tmp_path / "cache", env=credentials | {"CXR_DICOMWEB_PASSWORD": USER[1]})
+                            env=credentials | {"CXR_DICOMWEB_PASSWORD": USER[1]})
         assert "sent 2 results kept from an earlier run to http://127.0.0.1" in listener.stderr
         found = results_by_kind(orthanc, orthanc.wait_for_series(uploaded["ParentStudy"], 3))
         assert found["sr"].StudyInstanceUID == found["source"].StudyInstanceUID
@@ -375,7 +374,7 @@ def test_a_bad_window_and_rle_are_answered_and_an_oversized_image_refused_before
     if not REAL_DICOM.is_file():
         pytest.skip("../shared/data/dicom is not here")
     out = tmp_path / "results"
-    listener = Listener(tiny_run / "models" / "model.h5", output_dir=out, cache=tmp_path / "cache")
+    listener = Listener(tiny_run / "models" / "model.h5", output_dir=out)
     try:
         no_window = copy_with_new_uids(REAL_DICOM)
         no_window.WindowCenter, no_window.WindowWidth = None, None  # present, empty

@@ -140,7 +140,7 @@ def test_a_served_answer_is_logged_under_the_id_its_client_sent(kermany_run, tmp
     from cxr.monitor.log import image_key, open_database
 
     db = tmp_path / "served.sqlite"
-    server = Server(kermany_run / "outputs/models/model.h5", tmp_path / "cache", "--monitor-db", str(db))
+    server = Server(kermany_run / "outputs/models/model.h5", "--monitor-db", str(db))
     try:
         image = held_out(kermany_run)[0]["path"]
         with open(image, "rb") as f:
@@ -245,7 +245,7 @@ def test_two_servers_on_one_postgres_lose_no_row_and_the_monitor_alerts_on_adult
     dicom = tmp_path / "Doe_Jane_1980.dcm"
     write_dicom(dicom, grey_xray(), PatientSex="F", PatientAge="044Y", StudyDate="20261201",
                 AccessionNumber="ACC-778899")
-    servers = [Server(model, tmp_path / f"cache{k}", "--monitor-db", postgres.url) for k in range(2)]
+    servers = [Server(model, "--monitor-db", postgres.url) for _ in range(2)]
     try:
         for images in (test, adults):  # the two replicas answer at once, half of the images each
             with ThreadPoolExecutor(2) as pool:
@@ -282,7 +282,7 @@ def logged_rows(url):
 def test_postgres_stopped_mid_stream_costs_rows_never_answers(kermany_run, postgres, tmp_path):
     model = kermany_run / "outputs/models/model.h5"
     images = [row["path"] for row in held_out(kermany_run)][:6]
-    server = Server(model, tmp_path / "cache", "--monitor-db", postgres.url)
+    server = Server(model, "--monitor-db", postgres.url)
     try:
         for image in images[:2]:
             post(server, image)

@@ -456,7 +456,7 @@ def test_serve_answers_with_every_finding_and_the_page_lists_them(tiny_multilabe
 
     outputs, _ = tiny_multilabel
     info = json.loads((outputs / "models/class_names.json").read_text())
-    server = Server(outputs / "models/model.h5", tmp_path / "cache")
+    server = Server(outputs / "models/model.h5")
     try:
         image = sorted(NIH_IMAGES.iterdir())[0]
         answer = requests.post(server.url + "/v1/predict", params={"explain": "true"}, timeout=120,

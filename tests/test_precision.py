@@ -60,30 +60,38 @@ def run_dataset(run, size=32):
     return dataset
 
 
+def training_images(run, size):
+    """(the run's splits as a Dataset, its training images): what int8 is calibrated on, as training does."""
+    dataset = run_dataset(run, size)
+    return dataset, dataset.images[dataset.splits["train"]]
+
+
 def test_int8_probabilities_stay_close_to_float32_on_real_xrays(imagenet_run):
-    from cxr.bundle import litert
+    from cxr.bundle import litert, precision
     from cxr.bundle.fidelity import PROBABILITY_TOLERANCE
     from cxr.bundle.saved_model import SavedModel
+    from cxr.bundle.views_on_demand import int8_predictor
 
     model = SavedModel.load(imagenet_run / "models" / "model.h5", "float32")
-    dataset = run_dataset(imagenet_run, 64)
-    flatbuffer = litert.to_int8_flatbuffer(model.tapped_model(), dataset.images[dataset.splits["train"]])
-    int8 = litert.LiteRTModel(flatbuffer)
-    # the convolutions of the stem and blocks 1a and 2 stay float32, the backbone's others are int8
-    convolutions = conv_output_types(flatbuffer)
-    first = {name: any(part.startswith(("stem_", "block1a_", "block2")) for part in name.split(";")[0].split("/"))
-             for name in convolutions}
-    # per view: the stem's convolution, block 1a's depthwise and projection, and blocks 2a and 2b's expansion,
-    # depthwise and projection
-    views = sum(first.values()) / 9
-    assert views >= 1 and views == int(views), convolutions
-    assert all(t == (np.float32 if first[name] else np.int8) for name, t in convolutions.items()), convolutions
+    dataset, calibration = training_images(imagenet_run, 64)
+    flatbuffers = precision.int8_views(model, calibration)  # as training converts it: one conversion per view
+    assert sorted(flatbuffers) == ["", "view0.9"]
+    for flatbuffer in flatbuffers.values():
+        # the convolutions of the stem and blocks 1a and 2 stay float32, the backbone's others are int8: the
+        # stem's convolution, block 1a's depthwise and projection, and blocks 2a and 2b's expansion, depthwise
+        # and projection
+        convolutions = conv_output_types(flatbuffer)
+        first = {name: any(part.startswith(("stem_", "block1a_", "block2")) for part in name.split(";")[0].split("/"))
+                 for name in convolutions}
+        assert sum(first.values()) == 9, convolutions
+        assert all(t == (np.float32 if first[name] else np.int8) for name, t in convolutions.items()), convolutions
     rows = np.concatenate([dataset.splits["val"], dataset.splits["test"]])
     images = dataset.images[rows]
     float_p, float_labels = model.calibrate(model.raw_outputs(images)[0])
-    int8_raw = int8.predict_on_batch(images.astype(np.float32))[:, :2]
+    int8_raw = int8_predictor(flatbuffers, model.task).predict_on_batch(images)[:, :2]  # every view
     # the float32 probabilities leave int8 as they are, not rounded to int8's steps of 1/256 on the way out
-    assert np.abs(int8_raw * 256 - np.round(int8_raw * 256)).max() > 0.01, int8_raw
+    first_view = litert.LiteRTModel(flatbuffers[""]).predict_on_batch(images.astype(np.float32))[:, :2]
+    assert np.abs(first_view * 256 - np.round(first_view * 256)).max() > 0.01, first_view
     int8_p, int8_labels = model.calibrate(int8_raw)
     difference = np.abs(int8_p - float_p).max()
     assert difference <= PROBABILITY_TOLERANCE, (difference, float_p[:, 1], int8_p[:, 1])
@@ -202,7 +210,8 @@ def test_int8_is_converted_per_view_and_serves_the_views_on_demand(imagenet_run,
     real_guard = precision.guard
     monkeypatch.setattr(precision, "guard", lambda *args: (True, real_guard(*args)[1] | {"reason": "passed"}))
     monkeypatch.setattr(views_on_demand, "MIN_SPEEDUP", 0.0)
-    record = serving.choose(model, dataset, "auto", seed=0)
+    # calibrated on the run's training images, as the test above converts it (int8_conversions_made_once)
+    record = serving.choose(model, dataset, "auto", seed=0, calibration=training_images(imagenet_run, 64)[1])
     assert record["precision"] == "int8" and sorted(model._int8) == ["", "view0.9"]
     on_demand = record["views_on_demand"]
     assert on_demand["rebuilt_difference"] < 1e-5 and on_demand["margin"] in views_on_demand.MARGINS, on_demand

@@ -28,8 +28,8 @@ XRAY = sorted((SAMPLE / "NORMAL").iterdir())[0]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, tmp_path_factory):
-    running = Server(tiny_run / "models/model.h5", tmp_path_factory.mktemp("cache"), "--max-upload-mb", "20")
+def server(tiny_run, litert_cache):
+    running = Server(tiny_run / "models/model.h5", "--max-upload-mb", "20", cache=litert_cache)
     yield running
     running.stop()
 
@@ -305,7 +305,7 @@ def test_a_body_shorter_than_its_content_length_is_answered_and_logged_in_one_li
     Python object; its log line then failed on the disconnect's empty message."""
     import socket
 
-    running = Server(tiny_run / "models/model.h5", tmp_path / "cache")
+    running = Server(tiny_run / "models/model.h5")
     try:
         host, port = running.url.removeprefix("http://").split(":")
         for content_type, body in (("image/jpeg", b"\xff\xd8\xffxxxx"),

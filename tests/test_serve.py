@@ -29,14 +29,16 @@ def free_port():
 
 
 class Server:
-    """`cxr serve` in a subprocess; `url`, and the text it wrote to stderr once stopped."""
+    """`cxr serve` in a subprocess; `url`, and the text it wrote to stderr once stopped. Its LiteRT cache is the
+    suite's (conftest's isolated_run sets it for a test; a module's fixture, which runs before that, names it as
+    `cache`), where the session's models are converted once, not once per server."""
 
-    def __init__(self, model, cache, *options):
+    def __init__(self, model, *options, cache=None):
         self.url = f"http://127.0.0.1:{free_port()}"
         port = self.url.rsplit(":", 1)[1]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cxr", "serve", "--model", str(model), "--port", port, *options],
-            stderr=subprocess.PIPE, text=True, env=os.environ | {"XDG_CACHE_HOME": str(cache)})
+            stderr=subprocess.PIPE, text=True, env=os.environ | ({"XDG_CACHE_HOME": str(cache)} if cache else {}))
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.process.stderr.read()[-3000:]
@@ -55,9 +57,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, tmp_path_factory):
-    running = Server(tiny_run / "models/model.h5", tmp_path_factory.mktemp("cache"),
-                     "--max-upload-mb", str(MAX_UPLOAD_MB))
+def server(tiny_run, litert_cache):
+    running = Server(tiny_run / "models/model.h5", "--max-upload-mb", str(MAX_UPLOAD_MB), cache=litert_cache)
     yield running
     running.stop()
 
@@ -177,7 +178,7 @@ def test_an_oversized_body_is_refused_before_it_is_sent(server):
 
 
 def test_api_key_guards_the_api_but_not_the_health_checks(tiny_run, tmp_path):
-    guarded = Server(tiny_run / "models/model.h5", tmp_path / "cache", "--api-key", "s3cret")
+    guarded = Server(tiny_run / "models/model.h5", "--api-key", "s3cret")
     try:
         assert requests.get(guarded.url + "/health/live", timeout=10).status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -263,7 +264,7 @@ def test_the_page_shows_the_apis_answer_and_the_overlay_in_chromium(server, tmp_
     assert (pixels.max(axis=-1) - pixels.min(axis=-1) > 80).mean() > 0.01  # the coloured heatmap is on screen
 
 
-def test_the_page_puts_the_population_notice_above_a_flagged_photos_label(kermany_run, litert_cache, tmp_path):
+def test_the_page_puts_the_population_notice_above_a_flagged_photos_label(kermany_run, tmp_path):
     """A photo is not an X-ray: the notice stands above its label. On the Kermany model, whose features are
     ImageNet's (test_population: it flags photos); a tiny model from random weights flags them or not by chance."""
     from selenium.webdriver.common.by import By
@@ -271,7 +272,7 @@ def test_the_page_puts_the_population_notice_above_a_flagged_photos_label(kerman
     from skimage import data
 
     Image.fromarray(data.astronaut()).save(tmp_path / "photo.png")
-    server = Server(kermany_run / "outputs/models/model.h5", litert_cache)
+    server = Server(kermany_run / "outputs/models/model.h5")
     browser = headless_browser(tmp_path)
     try:
         assert predict(server, [tmp_path / "photo.png"]).json()["predictions"][0]["in_distribution"] is False

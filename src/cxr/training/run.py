@@ -146,7 +146,7 @@ def _train(config, output_dir, chief):
     classifier = SavedModel.from_keras(model, class_names, config.img_size, config.backbone, scales,
                                        multi_label=dataset.multi_label)
     classifier.codes = own_codes
-    classifier.predictor(n_images=len(dataset.splits["val"]) + len(dataset.splits["test"]) + FIT_IMAGES)
+    classifier.predictor(n_images=images_to_serve(dataset, config))
     fit_point = precision.default_point_fitter(classifier.task, positive, config.target_sensitivity)
     # int8 is guarded as it would be served, at its own operating point; then fit and evaluate what is served
     serving.choose(classifier, dataset, config.precision, config.seed, fit_point)
@@ -196,6 +196,22 @@ def positive_weights(dataset, config):
     labels = dataset.labels[dataset.splits["train"]]
     positives, negatives = np.sum(labels == 1, axis=0), np.sum(labels == 0, axis=0)
     return [float(w) for w in np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0)]
+
+
+def images_to_serve(dataset, config):
+    """How many images the trained model will see before training ends, for `SavedModel.predictor` to judge
+    whether its LiteRT conversion pays (`litert.MIN_IMAGES_TO_CONVERT`): the validation and test splits and the
+    population check's sample of the training split where it is fitted; None (convert) where int8 is to be
+    guarded, since int8 runs on LiteRT. The README's 120-image sample thus skips a conversion that takes longer
+    than its evaluation (the sample was counted as FIT_IMAGES, whatever the training split held)."""
+    from cxr.bundle import precision
+    from cxr.model import population
+
+    val, test, train = (len(dataset.splits[s]) for s in ("val", "test", "train"))
+    if config.precision == "int8" or config.precision == "auto" and val >= precision.MIN_VALIDATION_IMAGES:
+        return None
+    fitted = config.population_check == "always" or population.too_few_validation_images(val) is None
+    return val + test + (min(FIT_IMAGES, train) if fitted else 0)
 
 
 def fit_population(model, dataset, config, val_features):
