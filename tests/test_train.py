@@ -83,3 +83,43 @@ def test_a_run_killed_in_phase_2_resumes_to_the_numbers_of_an_uninterrupted_run(
         whole["operating_point"]["threshold"]
     assert not (tmp_path / "cut/models/.staging").exists()
     assert main(["train", *options, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 2  # nothing left to resume
+
+
+@pytest.mark.parametrize("monitor, patience", [("val_accuracy", 2), ("val_loss", 3), ("val_accuracy", 6),
+                                               ("val_loss", 1)])
+def test_phase_control_decides_as_the_seeds_keras_callbacks(tmp_path, monitor, patience):
+    """PhaseControl owns what EarlyStopping (best weights restored), ReduceLROnPlateau and ModelCheckpoint
+    (save_best_only) decided, so that a resumed run sets back one plain Progress: the same history (learning rate
+    included), final weights and checkpoint as those three callbacks, with early stops and learning-rate cuts."""
+    from types import SimpleNamespace
+
+    import keras
+
+    from cxr.training.loop import PhaseControl
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = keras.utils.to_categorical((x[:, 0] + rng.normal(0, 2, 64) > 0).astype(int), 2)
+
+    def fit(callbacks_of):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(2, activation="softmax")])
+        model.compile(keras.optimizers.Adam(0.05), "categorical_crossentropy", metrics=["accuracy"])
+        history = model.fit(x[:48], y[:48], validation_data=(x[48:], y[48:]), epochs=25, batch_size=16,
+                            shuffle=False, callbacks=callbacks_of(model), verbose=0).history
+        return history, model.get_weights(), keras.models.load_model(tmp_path / "best.keras").get_weights()
+
+    mode = "min" if monitor == "val_loss" else "max"
+    seeds = fit(lambda model: [
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=max(1, patience // 2),
+                                          min_lr=1e-7),
+        keras.callbacks.ModelCheckpoint(tmp_path / "best.keras", monitor=monitor, mode=mode, save_best_only=True)])
+    own = fit(lambda model: [PhaseControl(SimpleNamespace(monitor=monitor, patience=patience),
+                                          tmp_path / "best.keras", model)])
+    assert own[0] == seeds[0] and len(own[0]["loss"]) < 25
+    for mine, theirs in zip(own[1:], seeds[1:]):
+        assert all(np.array_equal(a, b) for a, b in zip(mine, theirs))
+    if (monitor, patience) == ("val_accuracy", 2):
+        assert len(set(own[0]["learning_rate"])) > 1  # the plateau cut the learning rate

@@ -1,8 +1,10 @@
 """Training as a loop over phases: phase 1 trains the head on a frozen backbone; phase 2 fine-tunes the upper
 backbone at a low learning rate. A run can start at any phase and any epoch (`TrainingRun`).
 
-Each phase has EarlyStopping on `--monitor` (the seed's val_accuracy; best weights restored),
-ReduceLROnPlateau on val_loss, ModelCheckpoint of the best full image model and TensorBoard logs.
+After each epoch of a phase, `PhaseControl` decides what the seed's Keras callbacks decided: early stopping on
+`--monitor` (the seed's val_accuracy; best weights restored), the learning rate cut on a val_loss plateau, and a
+checkpoint of the best full image model; TensorBoard logs it. Those decisions are one plain `Progress`, so the
+state a killed run resumes from (`resume`) is one checkpoint: weights, optimizer, `Progress` and the history.
 
 By default no epoch runs the frozen part of the network. The backbone layers that stay frozen in both phases
 (the first `--frozen-layers`, up to the start of their block) are run once per training image and augmented
@@ -67,36 +69,69 @@ class TrainResult:
     final_phase: int = 2
 
 
-class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
-    """ModelCheckpoint whose file appears complete or not at all: Keras writes the file in place, so a full disk
-    left a corrupt zip under the checkpoint's name; this one writes `.NAME.partial.keras` and renames it."""
-
-    def _get_file_path(self, epoch, batch, logs):
-        self._final_path = Path(super()._get_file_path(epoch, batch, logs))
-        return str(self._partial())
-
-    def _save_model(self, epoch, batch, logs):
-        try:
-            super()._save_model(epoch, batch, logs)
-        except BaseException:
-            self._partial().unlink(missing_ok=True)
-            raise
-        if self._partial().exists():  # saved this epoch (save_best_only saves only an improvement)
-            self._partial().replace(self._final_path)
-
-    def _partial(self):
-        return self._final_path.with_name(f".{self._final_path.stem}.partial{self._final_path.suffix}")
+PLATEAU_FACTOR, PLATEAU_MIN_DELTA, MIN_LR = 0.2, 1e-4, 1e-7  # the learning rate's cut, as the seed's ReduceLROnPlateau
 
 
-class CheckpointOf(AtomicCheckpoint):
-    """ModelCheckpoint that saves `target` while another model that shares its layers trains."""
+@dataclass
+class Progress:
+    """What a phase has decided after its epochs so far: with the weights and the optimizer's state, all that a
+    killed phase needs to go on (`resume` saves it as a plain dict)."""
 
-    def __init__(self, target, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._target = target
+    best: float | None = None  # the best --monitor value so far: early stopping's and the checkpoint's reference
+    best_epoch: int = 0
+    wait: int = 0  # epochs since the best (early stopping)
+    plateau_best: float | None = None  # the lowest val_loss, by at least PLATEAU_MIN_DELTA (the learning rate's cut)
+    plateau_wait: int = 0
+    stopped: bool = False  # early stopping ended the phase
 
-    def set_model(self, model):
-        super().set_model(self._target)
+
+class PhaseControl(keras.callbacks.Callback):
+    """After every epoch, what the seed's EarlyStopping (restore_best_weights), ReduceLROnPlateau and ModelCheckpoint
+    (save_best_only) decided, with their defaults: early stopping on `config.monitor` after `config.patience` epochs
+    without a strictly better value, the best weights put back at the end; the learning rate cut by PLATEAU_FACTOR
+    (down to MIN_LR) after half as many epochs without a val_loss PLATEAU_MIN_DELTA lower; the best epoch's full
+    image model saved to `checkpoint` (atomically: a full disk leaves no corrupt file). Owned here, so that the
+    state is one `Progress` (and the best weights), not three callbacks' private counters.
+
+    `image_model`: the full image model, which shares its layers with the model that trains (`self.model`: the
+    head alone, or the layers past the frozen prefix); `progress` and `best_weights`: a resumed phase's."""
+
+    def __init__(self, config, checkpoint, image_model, progress=None, best_weights=None):
+        super().__init__()
+        self.monitor, self.sign = config.monitor, 1 if monitor_mode(config.monitor) == "max" else -1
+        self.patience, self.plateau_patience = config.patience, max(1, config.patience // 2)
+        self.checkpoint, self.image_model = Path(checkpoint), image_model
+        self.progress, self.best_weights = progress or Progress(), best_weights or None
+
+    def on_epoch_end(self, epoch, logs=None):
+        progress, optimizer = self.progress, self.model.optimizer
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))  # this epoch's, for the history
+        if self.best_weights is None:
+            self.best_weights, progress.best_epoch = self.model.get_weights(), epoch
+        progress.wait += 1
+        current = float(logs[self.monitor])
+        improved = progress.best is None or self.sign * current > self.sign * progress.best
+        if improved:
+            progress.best, progress.best_epoch, progress.wait = current, epoch, 0
+            self.best_weights = self.model.get_weights()
+        elif progress.wait >= self.patience and epoch > 0:
+            progress.stopped = self.model.stop_training = True
+        loss = float(logs["val_loss"])
+        if progress.plateau_best is None or loss < progress.plateau_best - PLATEAU_MIN_DELTA:
+            progress.plateau_best, progress.plateau_wait = loss, 0
+        else:
+            progress.plateau_wait += 1
+            rate = logs["learning_rate"]
+            if progress.plateau_wait >= self.plateau_patience and rate > np.float32(MIN_LR):
+                optimizer.learning_rate = max(rate * PLATEAU_FACTOR, MIN_LR)
+                progress.plateau_wait = 0
+        if improved:
+            with atomic_path(self.checkpoint) as tmp:
+                self.image_model.save(tmp)
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
 
 
 def start_tensorboard(log_dir, port):
@@ -135,22 +170,6 @@ def class_weights(labels, num_classes, mode):
 
 def monitor_mode(monitor):
     return "min" if monitor == "val_loss" else "max"
-
-
-def phase_callbacks(config, checkpoint_path, log_dir, checkpoint_target=None):
-    mode = monitor_mode(config.monitor)
-    checkpoint_args = dict(filepath=str(checkpoint_path), monitor=config.monitor, mode=mode, save_best_only=True)
-    checkpoint = (CheckpointOf(checkpoint_target, **checkpoint_args) if checkpoint_target is not None
-                  else AtomicCheckpoint(**checkpoint_args))
-    return [
-        keras.callbacks.EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience,
-                                      restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=max(1, config.patience // 2),
-                                          min_lr=1e-7),
-        checkpoint,
-        keras.callbacks.TensorBoard(log_dir=str(log_dir)),
-        keras.callbacks.TerminateOnNaN(),
-    ]
 
 
 def _epochs(history, phase, initial_epoch=0):
@@ -335,23 +354,24 @@ def train(model, dataset, config, run):
         trainable, train_ds, val_ds, steps = inputs.for_phase(phase, initial_epoch)
         print(f"Phase {phase.number}: {phase.title}", flush=True)
         run.builder.compile(trainable, phase.learning_rate)
-        callbacks = phase_callbacks(config, run.staging_dir / phase.checkpoint, run.log_dir / f"phase{phase.number}",
-                                    checkpoint_target=model if trainable is not model else None)
-        saver = resume.Save(run.staging_dir, model, callbacks,
+        control = PhaseControl(config, run.staging_dir / phase.checkpoint, model,
+                               *((Progress(**state.info["progress"]), state.list_of("best")) if resuming else ()))
+        control.set_model(trainable)
+        saver = resume.Save(run.staging_dir, model, control,
                             {"fingerprint": run.fingerprint, "phase": phase.number, "history": result.history,
                              "seconds": result.seconds, "best_of": best_of},
                             weights_of, lambda before=seconds_before, began=start: before + time.perf_counter() - began)
-        with run.builder.scope():  # the optimizer's variables are built here: under the strategy, if any
-            restore = [state.restore(model, trainable, callbacks)] if resuming else []
-        if resuming and (state.info["stopped"] or initial_epoch >= phase.epochs):
-            best = state.list_of("early-best")  # the phase had ended: finish it as EarlyStopping would have
-            if best:
-                trainable.set_weights(best)
+        if resuming:
+            with run.builder.scope():  # the optimizer's variables are built here: under the strategy, if any
+                state.restore(model, trainable)
+        if resuming and (control.progress.stopped or initial_epoch >= phase.epochs):
+            control.on_train_end()  # the phase had ended: finish it as its last epoch did
         else:
+            callbacks = [control, keras.callbacks.TensorBoard(log_dir=str(run.log_dir / f"phase{phase.number}")),
+                         keras.callbacks.TerminateOnNaN(), saver]
             history = trainable.fit(
                 train_ds, steps_per_epoch=steps, epochs=phase.epochs, initial_epoch=initial_epoch,
-                validation_data=val_ds, class_weight=weights,
-                callbacks=callbacks + [saver] + restore, shuffle=False,
+                validation_data=val_ds, class_weight=weights, callbacks=callbacks, shuffle=False,
                 verbose=1 if sys.stdout.isatty() and not quiet() else 2)  # a bar per epoch on a terminal, else a line
             if not np.isfinite(history.history["loss"][-1]):
                 raise UserError(f"training diverged in phase {phase.number}: the loss became NaN at learning rate "
