@@ -105,7 +105,8 @@ class PhaseControl(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         progress, optimizer = self.progress, self.model.optimizer
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))  # this epoch's, for the history
+        # this epoch's learning rate, in the history as ReduceLROnPlateau put it there
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
         if self.best_weights is None:
             self.best_weights, progress.best_epoch = self.model.get_weights(), epoch
         progress.wait += 1
