@@ -1,5 +1,7 @@
 """Training as a loop over phases: a run can start at any phase and epoch."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -52,7 +54,6 @@ def test_augmentation_reaches_training_views_only(augment, xray_raw, tmp_path):
 
 @pytest.mark.slow  # several trainings compared: CI runs it after the suite (README)
 def test_a_run_killed_in_phase_2_resumes_to_the_numbers_of_an_uninterrupted_run(xray_raw, tmp_path, capsys):
-    import json
     import os
     import subprocess
     import sys
@@ -123,3 +124,17 @@ def test_phase_control_decides_as_the_seeds_keras_callbacks(tmp_path, monitor, p
         assert all(np.array_equal(a, b) for a, b in zip(mine, theirs))
     if (monitor, patience) == ("val_accuracy", 2):
         assert len(set(own[0]["learning_rate"])) > 1  # the plateau cut the learning rate
+
+
+def test_a_state_saved_by_an_earlier_version_is_refused_in_one_line(tmp_path):
+    """An unfinished run saved with Keras callbacks' counters (before PhaseControl) has no Progress to go on from."""
+    from cxr.errors import UserError
+    from cxr.training.resume import RunState
+
+    folder = tmp_path / "out" / "models" / ".staging" / "resume"
+    folder.mkdir(parents=True)
+    np.savez(folder / "epoch-2-1.npz", **{"model-0": np.zeros(3)})
+    (folder / "state.json").write_text(json.dumps({"fingerprint": {}, "phase": 2, "epoch": 1, "arrays": "epoch-2-1.npz",
+                                                   "callbacks": {"early": {"wait": 0}}}))
+    with pytest.raises(UserError, match="saved by an earlier version of cxr; run without --resume to start over"):
+        RunState.load(folder.parent, {"options": {}, "data": None})
