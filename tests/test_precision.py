@@ -331,7 +331,7 @@ def test_the_choice_is_recorded_saved_and_used_by_predict_and_export(tmp_path, m
                   cache=tmp_path / "cache")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "Inference precision: int8" in trained.stdout
-    assert "fully_quantize" not in trained.stdout  # the quantizer's settings, printed from C++, are not output
+    assert "fully_quantize" not in trained.stdout + trained.stderr  # the quantizer's settings, printed from C++
     info = json.loads((out / "models" / "class_names.json").read_text())
     assert info["inference"]["precision"] == "int8" and info["inference"]["guard"]["validation_images"] > 0
     assert (out / "models" / "model.int8.tflite").is_file()

@@ -39,22 +39,25 @@ def quiet_libraries():
 
 
 @contextlib.contextmanager
-def native_output_silenced(fd=2):
-    """Drop what native code writes to file descriptor `fd` (stderr by default) meanwhile, unless --verbose:
-    LiteRT's "Created TensorFlow Lite XNNPACK delegate" INFO line on stderr, which no setting turns off, as an
-    interpreter is built; the quantizer's "fully_quantize: 0, inference_type: 6, ..." lines on stdout (fd 1), as
-    int8 is converted. Python's own buffered writes are flushed first."""
+def native_output_silenced(*fds):
+    """Drop what native code writes to the file descriptors `fds` (stderr alone by default) meanwhile, unless
+    --verbose: LiteRT's "Created TensorFlow Lite XNNPACK delegate" INFO line on stderr, which no setting turns off,
+    as an interpreter is built; the quantizer's "fully_quantize: 0, inference_type: 6, ..." lines on stdout and
+    stderr (fds 1 and 2), as int8 is converted. Python's own buffered writes are flushed first."""
     if os.environ.get(VERBOSE_VARIABLE) == "1":
         yield
         return
+    fds = fds or (2,)
     with _NATIVE_OUTPUT_LOCK:
         sys.stdout.flush()
         sys.stderr.flush()
-        saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
+        saved, devnull = [os.dup(fd) for fd in fds], os.open(os.devnull, os.O_WRONLY)
+        for fd in fds:
+            os.dup2(devnull, fd)
         try:
             yield
         finally:
-            os.dup2(saved, fd)
-            os.close(saved)
+            for fd, kept in zip(fds, saved):
+                os.dup2(kept, fd)
+                os.close(kept)
             os.close(devnull)

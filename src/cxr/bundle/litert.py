@@ -134,7 +134,7 @@ def to_int8_flatbuffer(model, calibration_images):
     converter.representative_dataset = representative
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=FLOAT_OPS)
     # the converter prints every variable it captures, and the quantizer its settings from C++
-    with native_output_silenced(1), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with native_output_silenced(1, 2), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the debugger's own tf.lite.Interpreter deprecation notices
         debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative,
                                                              debug_options=options)
