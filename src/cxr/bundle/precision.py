@@ -40,6 +40,12 @@ PROBABILITY_MAX = 0.15  # ... and on any single image
 ECE_TOLERANCE = 0.01  # int8's expected calibration error above float32's, at most
 
 
+def converts_int8(requested, n_val):
+    """Whether training converts its model to int8 when `requested` (--precision) with `n_val` validation images:
+    int8 asked for, or "auto" with enough images to guard it."""
+    return requested == "int8" or requested == "auto" and n_val >= MIN_VALIDATION_IMAGES
+
+
 def guard(y, outputs, served, task, speeds):
     """(passed, record): whether int8 may replace float32 for a model of `task` (`cxr.model.task.Task`), on the
     validation labels `y`, and the numbers that decided it. `outputs`: {"float32": (n, classes), "int8": (n,
@@ -116,7 +122,7 @@ def guard_int8(model, dataset, requested, seed, fit_point=None, calibration=None
                 "reason": "float32 asked for" if requested == "float32" else
                 f"int8 runs on LiteRT, and this run's predictor is {model.engine}"}, None, None
     rows, y = dataset.split("val")
-    if requested == "auto" and len(rows) < MIN_VALIDATION_IMAGES:
+    if not converts_int8(requested, len(rows)):
         record = {"precision": "float32", "engine": model.engine,
                   "reason": f"too few validation images ({len(rows)}) to check int8 against float32 (at least "
                             f"{MIN_VALIDATION_IMAGES})"}

@@ -202,16 +202,21 @@ def images_to_serve(dataset, config):
     """How many images the trained model will see before training ends, for `SavedModel.predictor` to judge
     whether its LiteRT conversion pays (`litert.MIN_IMAGES_TO_CONVERT`): the validation and test splits and the
     population check's sample of the training split where it is fitted; None (convert) where int8 is to be
-    guarded, since int8 runs on LiteRT. The README's 120-image sample thus skips a conversion that takes longer
-    than its evaluation (the sample was counted as FIT_IMAGES, whatever the training split held)."""
+    converted, since int8 runs on LiteRT."""
     from cxr.bundle import precision
-    from cxr.model import population
 
     val, test, train = (len(dataset.splits[s]) for s in ("val", "test", "train"))
-    if config.precision == "int8" or config.precision == "auto" and val >= precision.MIN_VALIDATION_IMAGES:
+    if precision.converts_int8(config.precision, val):
         return None
-    fitted = config.population_check == "always" or population.too_few_validation_images(val) is None
+    fitted = population_unavailable(config, val) is None
     return val + test + (min(FIT_IMAGES, train) if fitted else 0)
+
+
+def population_unavailable(config, n_val):
+    """Why the population check is not fitted for a run of `n_val` validation images (None: it is)."""
+    from cxr.model import population
+
+    return population.too_few_validation_images(n_val) if config.population_check == "auto" else None
 
 
 def fit_population(model, dataset, config, val_features):
@@ -222,8 +227,8 @@ def fit_population(model, dataset, config, val_features):
 
     from cxr.model import population
 
-    reason = population.too_few_validation_images(len(val_features))
-    if reason is not None and config.population_check == "auto":
+    reason = population_unavailable(config, len(val_features))
+    if reason is not None:
         warn(reason)
         return None, reason
     train_rows = dataset.splits["train"]
