@@ -279,7 +279,7 @@ def logged_rows(url):
     return count
 
 
-def test_postgres_stopped_mid_stream_costs_rows_never_answers(kermany_run, postgres, tmp_path):
+def test_postgres_stopped_mid_stream_costs_rows_never_answers(kermany_run, postgres):
     model = kermany_run / "outputs/models/model.h5"
     images = [row["path"] for row in held_out(kermany_run)][:6]
     server = Server(model, "--monitor-db", postgres.url)

@@ -300,7 +300,7 @@ def test_training_on_a_full_disk_leaves_no_corrupt_checkpoint(xray_raw, small_di
     assert list((small_disk / "out/models").rglob("*.keras")) == []
 
 
-def test_a_body_shorter_than_its_content_length_is_answered_and_logged_in_one_line(tiny_run, tmp_path):
+def test_a_body_shorter_than_its_content_length_is_answered_and_logged_in_one_line(tiny_run):
     """Fault 10 (in part): a request body shorter than its Content-Length was answered with a detail showing a
     Python object; its log line then failed on the disconnect's empty message."""
     import socket

@@ -177,7 +177,7 @@ def test_an_oversized_body_is_refused_before_it_is_sent(server):
     assert reply.startswith("HTTP/1.1 413") and "too_large" in reply and "--max-upload-mb" in reply
 
 
-def test_api_key_guards_the_api_but_not_the_health_checks(tiny_run, tmp_path):
+def test_api_key_guards_the_api_but_not_the_health_checks(tiny_run):
     guarded = Server(tiny_run / "models/model.h5", "--api-key", "s3cret")
     try:
         assert requests.get(guarded.url + "/health/live", timeout=10).status_code == 200
